@@ -1,0 +1,11 @@
+"""Fused kernels for DRRho-CLIP: CLIP training steered by a reference model (arXiv 2505.06699).
+
+Public API: :func:`drrho_clip_loss` (functional, pure), :class:`DRRhoCLIPLoss` (module owning the
+per-sample state) and :func:`available_backends`. Importing touches no GPU.
+"""
+from .backends import available_backends
+from .functional import drrho_clip_loss
+from .module import DRRhoCLIPLoss
+
+__all__ = ["drrho_clip_loss", "DRRhoCLIPLoss", "available_backends"]
+__version__ = "0.1.0"

@@ -1,0 +1,114 @@
+"""Small shared formulas of SPEC.md, each written once.
+
+Everything here works on per-row vectors ``[B]`` or scalars, never on a ``[B, N]``
+matrix, so every backend (torch, Triton, C++) calls into it for the parts that
+are not inside a kernel: the moving-average rule for ``u``, the gamma schedule,
+the ``log(eps + g)`` from online log-sum-exp statistics, and the assembly of the
+scalar loss from the per-row sums the kernels return.
+
+The Triton and C++ kernels fuse the moving-average rule into their epilogue; they
+state the same rule in their own language and the tests check that all of them
+agree with :func:`ma_update`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "accumulation_dtype",
+    "is_unset",
+    "ma_update",
+    "log_eps_plus_mean_exp",
+    "gamma_at_epoch",
+    "pair_margin",
+    "assemble_loss",
+]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else accumulates in float32 (SPEC: Numerics)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def is_unset(u: torch.Tensor) -> torch.Tensor:
+    """A stored ``u_i`` is unset when it is exactly 0, +-inf or NaN (the authors' state starts at 0)."""
+    return (u == 0) | ~torch.isfinite(u)
+
+
+def ma_update(u_old: torch.Tensor, l_new: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Log-domain moving average of SPEC.md.
+
+    ``u <- l`` if ``gamma == 1`` or ``u`` is unset, else
+    ``u <- log((1 - gamma) exp(u) + gamma exp(l))`` computed with ``logaddexp``.
+    ``u_old`` is cast to the dtype of ``l_new`` (the accumulation dtype).
+    """
+    u_old = u_old.to(l_new.dtype)
+    if gamma == 1.0:
+        return l_new.clone()
+    blended = torch.logaddexp(u_old + math.log1p(-gamma), l_new + math.log(gamma))
+    return torch.where(is_unset(u_old), l_new, blended)
+
+
+def log_eps_plus_mean_exp(row_max: torch.Tensor, row_sumexp: torch.Tensor, n_columns: int,
+                          eps: float) -> torch.Tensor:
+    """``l = log(eps + (1/N) sum_j exp(d_j))`` from online statistics.
+
+    ``row_max`` is the running maximum of the ``d_j`` and ``row_sumexp = sum_j exp(d_j - row_max)``,
+    so ``(1/N) sum_j exp(d_j) = exp(row_max + log(row_sumexp) - log(N))``; adding ``eps`` is a
+    ``logaddexp`` with ``log(eps)``. No exponential of an unshifted number is formed.
+    """
+    log_mean = row_max + torch.log(row_sumexp) - math.log(n_columns)
+    return torch.logaddexp(log_mean, torch.full_like(log_mean, math.log(eps)))
+
+
+def gamma_at_epoch(epoch: int, gamma: float, schedule: str, decay_epochs: int) -> float:
+    """The moving-average rate used during ``epoch``.
+
+    ``"cosine"`` follows the authors' ``adjust_gamma``: epoch 0 uses 1.0 (``u`` is set from scratch),
+    epochs ``1 .. decay_epochs - 1`` decay from 1 to ``gamma`` along a half cosine, later epochs use
+    ``gamma``. ``"constant"`` always uses ``gamma``.
+    """
+    if schedule == "constant":
+        return float(gamma)
+    if schedule != "cosine":
+        raise ValueError(f"gamma_schedule: expected 'cosine' or 'constant', got {schedule!r}")
+    if epoch <= 0:
+        return 1.0
+    if epoch >= decay_epochs:
+        return float(gamma)
+    return 0.5 * (1.0 + math.cos(math.pi * epoch / decay_epochs)) * (1.0 - gamma) + gamma
+
+
+def pair_margin(img: torch.Tensor, txt: torch.Tensor, ref_img: torch.Tensor | None,
+                ref_txt: torch.Tensor | None, chunk_rows: int = 4096) -> torch.Tensor:
+    """``<x_i, t_i> - <xr_i, tr_i>`` per row, accumulated in float32 (float64 for float64).
+
+    Rows are processed in chunks so that half inputs never need a full float32 copy.
+    Returned detached: the margin enters the weights, which are constants for autograd.
+    """
+    acc = accumulation_dtype(img.dtype)
+    out = torch.empty(img.shape[0], dtype=acc, device=img.device)
+    with torch.no_grad():
+        for r0 in range(0, img.shape[0], chunk_rows):
+            r1 = min(r0 + chunk_rows, img.shape[0])
+            m = (img[r0:r1].to(acc) * txt[r0:r1].to(acc)).sum(-1)
+            if ref_img is not None:
+                m -= (ref_img[r0:r1].to(acc) * ref_txt[r0:r1].to(acc)).sum(-1)
+            out[r0:r1] = m
+    return out
+
+
+def assemble_loss(phi: torch.Tensor, logit_scale: torch.Tensor, u_img_new: torch.Tensor,
+                  u_txt_new: torch.Tensor, rho: float, n_columns: int) -> torch.Tensor:
+    """The scalar loss of SPEC.md from ``phi = sum_ij (w^I_ij d^I_ij + w^T_ij d^T_ij)``.
+
+    ``L = phi / (s_ B (N-1)) + rho / s + sum_i (u^I_i + u^T_i) / (2 B s)`` with ``s_ = s.detach()``
+    and ``u`` constant. ``phi`` must carry the autograd graph of ``sum w d`` with ``w`` held constant
+    (its derivative in ``s`` is ``phi / s``); then autograd gives exactly the closed forms of SPEC.md.
+    """
+    batch = u_img_new.shape[0]
+    scale = logit_scale.reshape(()).to(phi.dtype)
+    u_sum = (u_img_new.detach() + u_txt_new.detach()).sum()
+    return phi / (scale.detach() * (batch * (n_columns - 1))) + rho / scale + u_sum / (2 * batch * scale)

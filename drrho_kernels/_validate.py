@@ -1,0 +1,272 @@
+"""Every argument check of the public entry points, and its message.
+
+:func:`validate` is called once by :func:`drrho_kernels.drrho_clip_loss` (and so by the module and
+the distributed layer) before any kernel runs. It returns a :class:`Problem`: the checked,
+normalised arguments that the backends receive and never re-check.
+
+Messages name the argument, what was expected and what was given. Shape, dtype and device
+checks are free and always run. Value checks (positive and finite ``logit_scale``, finite
+embeddings, sample indices in range) read tensor data: they run on CPU tensors; on accelerator
+tensors the embedding and scale checks would cost a device synchronisation per step, so there a
+non-finite embedding or a non-positive scale propagates into a NaN loss and NaN ``u`` (which the
+moving-average rule treats as unset at the next step) instead of raising. Under
+``torch.compile`` the data-dependent checks are skipped so that the graph has no break.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from ._math import accumulation_dtype
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+STATE_DTYPES = (torch.float32, torch.float64)
+BACKENDS = ("auto", "torch", "triton", "cpp", "reference")
+
+
+@dataclass
+class Problem:
+    """Checked inputs of one loss evaluation (SPEC.md notation in brackets)."""
+
+    img: torch.Tensor                   # [B, d]   x
+    txt: torch.Tensor                   # [B, d]   t
+    img_all: torch.Tensor               # [N, d]   X (is ``img`` when ``columns_are_rows``)
+    txt_all: torch.Tensor               # [N, d]   T
+    ref_img: torch.Tensor | None        # [B, dr]  xr
+    ref_txt: torch.Tensor | None        # [B, dr]  tr
+    ref_img_all: torch.Tensor | None    # [N, dr]  Xr
+    ref_txt_all: torch.Tensor | None    # [N, dr]  Tr
+    logit_scale: torch.Tensor           # 0-dim    s
+    u_img: torch.Tensor                 # [B]      u^I before the step
+    u_txt: torch.Tensor                 # [B]      u^T before the step
+    offset: int                         # row i is global column offset + i
+    gamma: float
+    eps: float
+    rho: float
+    columns_are_rows: bool              # single process: X = x, T = t, N = B, offset = 0
+    backend: str
+
+    @property
+    def batch(self) -> int:
+        return self.img.shape[0]
+
+    @property
+    def n_columns(self) -> int:
+        return self.img_all.shape[0]
+
+    @property
+    def has_ref(self) -> bool:
+        return self.ref_img is not None
+
+    @property
+    def acc_dtype(self) -> torch.dtype:
+        return accumulation_dtype(self.img.dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.img.device
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"Tensor(shape={tuple(x.shape)}, dtype={x.dtype}, device={x.device})"
+    return f"{type(x).__name__} {x!r}"
+
+
+def _data_checks_enabled(t: torch.Tensor) -> bool:
+    """Value checks read data: only on the CPU, and never inside a torch.compile graph."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def check_tensor(name: str, x, *, ndim: int, dtypes=FLOAT_DTYPES) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {_describe(x)}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got {_describe(x)}")
+    if x.dtype not in dtypes:
+        names = ", ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name}: expected dtype in ({names}), got {_describe(x)}")
+    return x
+
+
+def check_same_device(reference_name: str, reference: torch.Tensor, **tensors) -> None:
+    for name, x in tensors.items():
+        if x is not None and x.device != reference.device:
+            raise ValueError(f"{name}: expected a tensor on {reference.device} (the device of "
+                             f"{reference_name}), got {_describe(x)}")
+
+
+def check_finite(name: str, x: torch.Tensor) -> None:
+    if _data_checks_enabled(x) and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name}: expected finite values, got {bad} non-finite entries in {_describe(x)}")
+
+
+def check_real(name: str, value, *, low: float, high: float = math.inf, low_open: bool,
+               high_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {_describe(value)}")
+    value = float(value)
+    lo_ok = value > low if low_open else value >= low
+    hi_ok = value < high if high_open else value <= high
+    if math.isnan(value) or not (lo_ok and hi_ok):
+        lb = "(" if low_open else "["
+        hb = ")" if high_open else "]"
+        raise ValueError(f"{name}: expected a value in {lb}{low}, {high}{hb}, got {value!r}")
+    return value
+
+
+def _check_pair(name_a: str, a, name_b: str, b):
+    if (a is None) != (b is None):
+        given, missing = (name_a, name_b) if a is not None else (name_b, name_a)
+        raise ValueError(f"{given} and {missing}: expected both or neither, got {given} without {missing}")
+
+
+def _check_rows(name: str, x: torch.Tensor, rows: int, width: int, width_name: str) -> None:
+    if x.shape[0] != rows or x.shape[1] != width:
+        raise ValueError(f"{name}: expected shape ({rows}, {width}) (rows x {width_name}), "
+                         f"got {_describe(x)}")
+
+
+def check_logit_scale(logit_scale, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(logit_scale, numbers.Real) and not isinstance(logit_scale, bool):
+        value = check_real("logit_scale", logit_scale, low=0.0, low_open=True)
+        return torch.tensor(value, dtype=accumulation_dtype(dtype), device=device)
+    if not isinstance(logit_scale, torch.Tensor):
+        raise TypeError(f"logit_scale: expected a positive float or a 1-element floating tensor, "
+                        f"got {_describe(logit_scale)}")
+    if logit_scale.numel() != 1 or not logit_scale.is_floating_point():
+        raise ValueError(f"logit_scale: expected a 1-element floating tensor, got {_describe(logit_scale)}")
+    if logit_scale.device != device:
+        raise ValueError(f"logit_scale: expected a tensor on {device} (the device of img) or a "
+                         f"Python float, got {_describe(logit_scale)}")
+    if _data_checks_enabled(logit_scale):
+        value = float(logit_scale.detach().reshape(()))
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"logit_scale: expected a finite value > 0 (s = 1/tau), got {value!r}")
+    return logit_scale.reshape(())
+
+
+def check_state(name: str, u, batch: int, device: torch.device) -> torch.Tensor:
+    u = check_tensor(name, u, ndim=1, dtypes=STATE_DTYPES)
+    if u.shape[0] != batch:
+        raise ValueError(f"{name}: expected shape ({batch},) (one entry per row of img), got {_describe(u)}")
+    if u.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the device of img), got {_describe(u)}")
+    return u
+
+
+def validate(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_txt=None, img_all=None,
+             txt_all=None, ref_img_all=None, ref_txt_all=None, offset=0, gamma=0.8, eps=1e-14,
+             rho=8.0, backend="auto") -> Problem:
+    """Check every argument of :func:`drrho_kernels.drrho_clip_loss`; return a :class:`Problem`."""
+    img = check_tensor("img", img, ndim=2)
+    txt = check_tensor("txt", txt, ndim=2)
+    batch, width = img.shape
+    if batch < 1 or width < 1:
+        raise ValueError(f"img: expected at least one row and one feature, got {_describe(img)}")
+    _check_rows("txt", txt, batch, width, "d of img")
+    if txt.dtype != img.dtype:
+        raise TypeError(f"txt: expected dtype {img.dtype} (the dtype of img), got {_describe(txt)}")
+    check_same_device("img", img, txt=txt)
+
+    _check_pair("img_all", img_all, "txt_all", txt_all)
+    _check_pair("ref_img", ref_img, "ref_txt", ref_txt)
+    _check_pair("ref_img_all", ref_img_all, "ref_txt_all", ref_txt_all)
+    columns_are_rows = img_all is None
+    if columns_are_rows:
+        if ref_img_all is not None:
+            raise ValueError("ref_img_all and ref_txt_all: expected None when img_all and txt_all are "
+                             "not given (the columns are then the rows), got tensors")
+        n_columns = batch
+    else:
+        img_all = check_tensor("img_all", img_all, ndim=2)
+        txt_all = check_tensor("txt_all", txt_all, ndim=2)
+        n_columns = img_all.shape[0]
+        _check_rows("img_all", img_all, n_columns, width, "d of img")
+        _check_rows("txt_all", txt_all, n_columns, width, "d of img")
+        for name, x in (("img_all", img_all), ("txt_all", txt_all)):
+            if x.dtype != img.dtype:
+                raise TypeError(f"{name}: expected dtype {img.dtype} (the dtype of img), got {_describe(x)}")
+        check_same_device("img", img, img_all=img_all, txt_all=txt_all)
+    if n_columns < 2:
+        what = "img_all" if not columns_are_rows else "img"
+        raise ValueError(f"{what}: expected N >= 2 columns (each anchor needs a negative), got N = {n_columns}")
+
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral):
+        raise TypeError(f"offset: expected an int, got {_describe(offset)}")
+    offset = int(offset)
+    if not 0 <= offset <= n_columns - batch:
+        raise ValueError(f"offset: expected 0 <= offset <= N - B = {n_columns - batch} "
+                         f"(N = {n_columns} columns, B = {batch} rows), got {offset}")
+
+    if ref_img is not None:
+        ref_img = check_tensor("ref_img", ref_img, ndim=2)
+        ref_txt = check_tensor("ref_txt", ref_txt, ndim=2)
+        ref_width = ref_img.shape[1]
+        if ref_width < 1:
+            raise ValueError(f"ref_img: expected at least one feature, got {_describe(ref_img)}")
+        _check_rows("ref_img", ref_img, batch, ref_width, "dr")
+        _check_rows("ref_txt", ref_txt, batch, ref_width, "dr of ref_img")
+        check_same_device("img", img, ref_img=ref_img, ref_txt=ref_txt)
+        if columns_are_rows:
+            ref_img_all, ref_txt_all = ref_img, ref_txt
+        else:
+            if ref_img_all is None:
+                raise ValueError("ref_img_all and ref_txt_all: expected [N, dr] reference columns when "
+                                 "img_all and txt_all are given with ref_img and ref_txt, got None")
+            ref_img_all = check_tensor("ref_img_all", ref_img_all, ndim=2)
+            ref_txt_all = check_tensor("ref_txt_all", ref_txt_all, ndim=2)
+            _check_rows("ref_img_all", ref_img_all, n_columns, ref_width, "dr of ref_img")
+            _check_rows("ref_txt_all", ref_txt_all, n_columns, ref_width, "dr of ref_img")
+            check_same_device("img", img, ref_img_all=ref_img_all, ref_txt_all=ref_txt_all)
+        # The reference model gets no gradient and is computed in the embeddings' precision.
+        ref_img, ref_txt, ref_img_all, ref_txt_all = (
+            r.detach().to(img.dtype) for r in (ref_img, ref_txt, ref_img_all, ref_txt_all))
+    elif ref_img_all is not None:
+        raise ValueError("ref_img_all and ref_txt_all: expected None without ref_img and ref_txt, got tensors")
+
+    logit_scale = check_logit_scale(logit_scale, img.device, img.dtype)
+    u_img = check_state("u_img", u_img, batch, img.device)
+    u_txt = check_state("u_txt", u_txt, batch, img.device)
+    gamma = check_real("gamma", gamma, low=0.0, high=1.0, low_open=True)
+    eps = check_real("eps", eps, low=0.0, low_open=True, high_open=True)
+    rho = check_real("rho", rho, low=0.0, low_open=False, high_open=True)
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+
+    for name, x in (("img", img), ("txt", txt), ("img_all", img_all), ("txt_all", txt_all),
+                    ("ref_img", ref_img), ("ref_txt", ref_txt), ("ref_img_all", ref_img_all),
+                    ("ref_txt_all", ref_txt_all)):
+        if x is not None and not (columns_are_rows and name.endswith("_all")):
+            check_finite(name, x)
+
+    if columns_are_rows:
+        img_all, txt_all = img, txt
+    return Problem(img=img, txt=txt, img_all=img_all, txt_all=txt_all, ref_img=ref_img, ref_txt=ref_txt,
+                   ref_img_all=ref_img_all, ref_txt_all=ref_txt_all, logit_scale=logit_scale,
+                   u_img=u_img, u_txt=u_txt, offset=offset, gamma=gamma, eps=eps, rho=rho,
+                   columns_are_rows=columns_are_rows, backend=backend)
+
+
+def check_index(index, batch: int, data_size: int) -> torch.Tensor:
+    """Dataset indices of a batch for :class:`drrho_kernels.DRRhoCLIPLoss`: ``[B]`` integers in range, no repeats."""
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"index: expected an integer torch.Tensor of shape ({batch},), got {_describe(index)}")
+    if index.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"index: expected an integer dtype (int64 or int32), got {_describe(index)}")
+    if index.dim() != 1 or index.shape[0] != batch:
+        raise ValueError(f"index: expected shape ({batch},) (one dataset index per row of img), "
+                         f"got {_describe(index)}")
+    if not torch.compiler.is_compiling() and index.numel() > 0:
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= data_size:
+            bad = lo if lo < 0 else hi
+            raise IndexError(f"index: expected dataset indices in [0, {data_size}) (data_size), got {bad}")
+        if torch.unique(index).numel() != index.numel():
+            raise ValueError("index: expected distinct dataset indices within a batch (each sample has "
+                             "one u entry), got repeated indices")
+    return index.long()
