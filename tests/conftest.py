@@ -14,3 +14,9 @@ def _seed():
     random.seed(0)
     torch.manual_seed(0)
     yield
+
+# The benchmarks package (measurement harness) lives beside the tests.
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

@@ -1,0 +1,95 @@
+"""Baselines every benchmark compares with, in one place.
+
+- :func:`unfused_drrho_loss`: the DRRho-CLIP loss computed the way the authors' released
+  ``SogCLRLoss.forward`` (Optimization-AI/DRRho-CLIP, ``src/fast_clip/loss.py``) computes it in one
+  process: it materializes the target and reference similarity matrices of both directions, the
+  one-hot mask and its complement, the shifted differences, the log-sum-exp inputs, the weights and
+  the weighted products, about a dozen ``[B, N]`` matrices, and lets autograd differentiate.
+  Written here from their sequence of operations (no code copied).
+- :func:`clip_cross_entropy`: plain CLIP loss (open_clip's ``ClipLoss``: symmetric cross-entropy of
+  ``s x t^T``), which materializes the logits.
+- :func:`gemm_floor`: the six ``[B, d] x [d, N]``-sized matrix products a DRRho-CLIP step cannot do
+  without (forward target and reference similarities, their recomputation, the two weighted
+  products), timed through torch: the arithmetic floor.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def unfused_drrho_loss(img, txt, logit_scale, u_img, u_txt, ref_img=None, ref_txt=None, *, img_all=None,
+                       txt_all=None, ref_img_all=None, ref_txt_all=None, offset=0, gamma=0.8, eps=1e-14,
+                       rho=8.0):
+    """Returns ``(loss, u_img_new, u_txt_new)`` like ``SogCLRLoss`` with ``multiply_tau``.
+
+    Columns default to the rows (one process); with ``img_all``/``txt_all`` the rows are compared
+    with the gathered global batch as in the authors' distributed forward.
+    """
+    img_all = img if img_all is None else img_all
+    txt_all = txt if txt_all is None else txt_all
+    ref_img_all = ref_img if ref_img_all is None else ref_img_all
+    ref_txt_all = ref_txt if ref_txt_all is None else ref_txt_all
+    B, N = img.shape[0], img_all.shape[0]
+    sim_image = img @ txt_all.T
+    sim_text = txt @ img_all.T
+    diag_sim = (img * txt).sum(-1, keepdim=True)
+    diff_image = (sim_image - diag_sim) * logit_scale
+    diff_text = (sim_text - diag_sim) * logit_scale
+    if ref_img is not None:
+        ref_sim_image = ref_img @ ref_txt_all.T
+        ref_sim_text = ref_txt @ ref_img_all.T
+        ref_diag = (ref_img * ref_txt).sum(-1, keepdim=True)
+        diff_image = diff_image - (ref_sim_image - ref_diag) * logit_scale
+        diff_text = diff_text - (ref_sim_text - ref_diag) * logit_scale
+    u_img, u_txt = u_img.reshape(-1, 1).to(diff_image.dtype), u_txt.reshape(-1, 1).to(diff_image.dtype)
+    with torch.no_grad():
+        mask_inv = F.one_hot(torch.arange(B, device=img.device) + offset, N).to(diff_image.dtype)
+        mask = 1 - mask_inv
+        shift = math.log(eps * N)
+        lse_image = torch.logsumexp(diff_image + mask_inv * shift - shift, dim=-1, keepdim=True) + math.log(eps)
+        lse_text = torch.logsumexp(diff_text + mask_inv * shift - shift, dim=-1, keepdim=True) + math.log(eps)
+    if gamma == 1.0:
+        u_img, u_txt = lse_image, lse_text
+    else:
+        def update(u, lse):
+            unset = (u == 0) | u.isinf() | u.isnan()
+            gap = u + math.log(1 - gamma) - (lse + math.log(gamma))
+            new = torch.where(gap > 0, u + math.log(1 - gamma) + torch.log(1 + torch.exp(-gap)),
+                              lse + math.log(gamma) + torch.log(1 + torch.exp(gap)))
+            return torch.where(unset, lse, new)
+        u_img, u_txt = update(u_img, lse_image), update(u_txt, lse_text)
+    with torch.no_grad():
+        weight_image = torch.exp(diff_image - u_img)
+        weight_text = torch.exp(diff_text - u_txt)
+    loss_image = (diff_image * weight_image * mask).sum(-1, keepdim=True) / (N - 1)
+    loss_text = (diff_text * weight_text * mask).sum(-1, keepdim=True) / (N - 1)
+    loss = (loss_image + loss_text).mean()
+    loss = loss / logit_scale.detach() + rho / logit_scale + (u_img + u_txt).mean() / 2 / logit_scale
+    return loss, u_img.reshape(-1), u_txt.reshape(-1)
+
+
+def clip_cross_entropy(img, txt, logit_scale):
+    """open_clip's ClipLoss in one process: mean of the two cross-entropies of ``s x t^T``."""
+    logits = logit_scale * img @ txt.T
+    labels = torch.arange(img.shape[0], device=img.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def gemm_floor(img, txt, ref_img, ref_txt):
+    """The six GEMM-sized products of one step, through torch: the arithmetic floor.
+
+    Forward target and reference similarities ``[B, N]``, their recomputation in the backward, and
+    the two weighted products ``P T`` ``[B, d]`` and ``P^T x`` ``[N, d]``. Without a reference the
+    reference products are skipped (four products). ``img``/``ref_img`` are the rows, ``txt``/``ref_txt``
+    the columns.
+    """
+    sim = img @ txt.T
+    if ref_img is not None:
+        ref_sim = ref_img @ ref_txt.T
+    sim = img @ txt.T
+    if ref_img is not None:
+        ref_sim = ref_img @ ref_txt.T        # noqa: F841 (timed, not used)
+    return sim @ txt, sim.T @ img

@@ -1,0 +1,46 @@
+"""Small test utilities shared by the test files (no package logic here)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import drrho_kernels as dk
+from spec_oracle import Case, oracle
+
+
+def run_backend(case: Case, backend: str, dtype=torch.float64, scale_grad=True):
+    """Evaluate the public API on a case; return the loss, u and all gradients as float64 NumPy."""
+    kw = case.kwargs(dtype=dtype, requires_grad=True)
+    img, txt = kw.pop("img"), kw.pop("txt")
+    u_img, u_txt = kw.pop("u_img"), kw.pop("u_txt")
+    if dtype == torch.float64:
+        u_img, u_txt = u_img.double(), u_txt.double()
+    s = torch.tensor(case.logit_scale, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                     requires_grad=scale_grad)
+    loss, u_img_new, u_txt_new = dk.drrho_clip_loss(img, txt, s, u_img, u_txt, backend=backend, **kw)
+    leaves = [img, txt, s]
+    if kw["img_all"] is not None:
+        leaves += [kw["img_all"], kw["txt_all"]]
+    grads = torch.autograd.grad(loss, leaves)
+    out = dict(loss=loss.item(), u_img=u_img_new.double().numpy(), u_txt=u_txt_new.double().numpy(),
+               d_img=grads[0].double().numpy(), d_txt=grads[1].double().numpy(), d_s=grads[2].item(),
+               loss_dtype=loss.dtype, grad_dtype=grads[0].dtype, u_dtype=u_img_new.dtype)
+    if len(grads) > 3:
+        out.update(d_img_all=grads[3].double().numpy(), d_txt_all=grads[4].double().numpy())
+    return out
+
+
+def rel_err(got, want) -> float:
+    """Norm-wise relative error (absolute where the reference is ~0)."""
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def compare(result: dict, case: Case, *, loss_tol: float, grad_tol: float, u_tol: float) -> dict:
+    """Assert a backend result matches the oracle; return the errors for reporting."""
+    want = oracle(case)
+    errs = {k: rel_err(result[k], want[k]) for k in want if k in result}
+    for key, err in errs.items():
+        tol = loss_tol if key == "loss" else u_tol if key.startswith("u_") else grad_tol
+        assert err <= tol, f"{key}: relative error {err:.3e} > {tol:.1e} (all: {errs})"
+    return errs

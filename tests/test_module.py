@@ -1,0 +1,158 @@
+"""DRRhoCLIPLoss: state handling, gamma schedule, checkpoints, failed steps."""
+import io
+
+import pytest
+import torch
+
+import drrho_kernels as dk
+from spec_oracle import make_case, oracle
+
+
+def batch(B=6, d=5, dr=4, seed=0, ref=True):
+    g = torch.Generator().manual_seed(seed)
+    f = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g), dim=1)  # noqa: E731
+    out = dict(img=f(B, d), txt=f(B, d))
+    if ref:
+        out.update(ref_img=f(B, dr), ref_txt=f(B, dr))
+    return out
+
+
+def test_step_uses_and_writes_state_like_the_functional():
+    crit = dk.DRRhoCLIPLoss(20, gamma=0.5, gamma_schedule="constant", rho=2.0, backend="torch")
+    crit.u_img[[1, 5, 7]] = torch.tensor([0.3, -0.2, 0.0])   # 7 stays unset
+    index = torch.tensor([7, 1, 5, 11, 2, 19])
+    b = batch()
+    before_u = crit.u_img[index].clone(), crit.u_txt[index].clone()
+    loss = crit(b["img"], b["txt"], index, torch.tensor(4.0), b["ref_img"], b["ref_txt"])
+    want, u_img, u_txt = dk.drrho_clip_loss(b["img"], b["txt"], 4.0, *before_u, ref_img=b["ref_img"],
+                                            ref_txt=b["ref_txt"], gamma=0.5, rho=2.0, backend="torch")
+    assert torch.equal(loss, want)
+    assert torch.equal(crit.u_img[index], u_img) and torch.equal(crit.u_txt[index], u_txt)
+    others = torch.ones(20, dtype=torch.bool)
+    others[index] = False
+    assert torch.equal(crit.u_txt[others], torch.zeros(int(others.sum())))
+
+
+def test_matches_oracle_over_steps():
+    """Two steps on overlapping samples: the second reads the state the first wrote."""
+    crit = dk.DRRhoCLIPLoss(10, gamma=0.6, gamma_schedule="constant", backend="torch")
+    state = torch.zeros(10, dtype=torch.float64), torch.zeros(10, dtype=torch.float64)
+    for step, index in enumerate([torch.tensor([0, 3, 4, 9]), torch.tensor([4, 9, 1, 2])]):
+        case = make_case(B=4, d=5, seed=20 + step, u=(state[0][index].float(), state[1][index].float()), gamma=0.6)
+        loss = crit(case.img.float(), case.txt.float(), index, torch.tensor(case.logit_scale),
+                    case.ref_img.float(), case.ref_txt.float())
+        want = oracle(case)
+        assert loss.item() == pytest.approx(want["loss"], rel=1e-5)
+        state[0][index] = torch.from_numpy(want["u_img"])
+        state[1][index] = torch.from_numpy(want["u_txt"])
+        torch.testing.assert_close(crit.u_img.double(), state[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(crit.u_txt.double(), state[1], rtol=1e-5, atol=1e-6)
+
+
+def test_gamma_schedule_and_epoch():
+    crit = dk.DRRhoCLIPLoss(4, gamma=0.8, gamma_decay_epochs=10)
+    assert crit.gamma == 1.0                     # before any set_epoch: epoch 0
+    crit.set_epoch(5)
+    assert crit.gamma == pytest.approx(0.9)
+    crit.set_epoch(25)
+    assert crit.gamma == pytest.approx(0.8)
+    assert dk.DRRhoCLIPLoss(4, gamma=0.3, gamma_schedule="constant").gamma == 0.3
+    with pytest.raises(ValueError, match="epoch"):
+        crit.set_epoch(-1)
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(data_size=0), "data_size"), (dict(data_size=4, gamma=0.0), "gamma"),
+    (dict(data_size=4, gamma_schedule="linear"), "gamma_schedule"), (dict(data_size=4, gamma_decay_epochs=0), "gamma_decay_epochs"),
+    (dict(data_size=4, rho=-1.0), "rho"), (dict(data_size=4, eps=0.0), "eps"), (dict(data_size=4, backend="gpu"), "backend"),
+])
+def test_constructor_checks(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        dk.DRRhoCLIPLoss(**kwargs)
+
+
+BAD_STEPS = [
+    ("index-out-of-range", dict(index=torch.tensor([0, 1, 2, 3, 4, 20])), IndexError, "[0, 20)"),
+    ("index-negative", dict(index=torch.tensor([0, 1, 2, 3, 4, -1])), IndexError, "got -1"),
+    ("index-float", dict(index=torch.arange(6.0)), TypeError, "integer dtype"),
+    ("index-length", dict(index=torch.arange(5)), ValueError, "(6,)"),
+    ("index-repeated", dict(index=torch.tensor([0, 1, 1, 3, 4, 5])), ValueError, "distinct"),
+    ("index-list", dict(index=[0, 1, 2, 3, 4, 5]), TypeError, "index"),
+    ("bad-scale", dict(logit_scale=torch.tensor(-1.0)), ValueError, "logit_scale"),
+    ("bad-txt", dict(txt=torch.randn(6, 4)), ValueError, "txt"),
+    ("nan-img", dict(img=torch.full((6, 5), float("nan"))), ValueError, "finite"),
+    ("ref-alone", dict(ref_txt=None), ValueError, "ref_img"),
+]
+
+
+@pytest.mark.parametrize("name,changes,exc,words", BAD_STEPS, ids=[b[0] for b in BAD_STEPS])
+def test_failed_step_leaves_state_bit_identical(name, changes, exc, words):
+    crit = dk.DRRhoCLIPLoss(20, backend="torch")
+    b = batch()
+    crit(b["img"], b["txt"], torch.arange(6), torch.tensor(5.0), b["ref_img"], b["ref_txt"])
+    snapshot = {k: v.clone() for k, v in crit.state_dict().items() if isinstance(v, torch.Tensor)}
+    args = dict(img=b["img"], txt=b["txt"], index=torch.arange(6) + 2, logit_scale=torch.tensor(5.0),
+                ref_img=b["ref_img"], ref_txt=b["ref_txt"])
+    args.update(changes)
+    with pytest.raises(exc) as info:
+        crit(**args)
+    assert words in str(info.value)
+    for k, v in crit.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, snapshot[k]), k
+
+
+def train(crit, steps, start=0):
+    losses = []
+    for step in range(start, start + steps):
+        crit.set_epoch(step // 2)
+        b = batch(seed=100 + step)
+        index = torch.randperm(30, generator=torch.Generator().manual_seed(step))[:6]
+        losses.append(crit(b["img"], b["txt"], index, torch.tensor(7.0), b["ref_img"], b["ref_txt"]))
+    return losses
+
+
+def test_state_dict_round_trip_resumes_bit_exact():
+    straight = dk.DRRhoCLIPLoss(30, gamma_decay_epochs=3, backend="torch")
+    straight_losses = train(straight, 6)
+    first = dk.DRRhoCLIPLoss(30, gamma_decay_epochs=3, backend="torch")
+    train(first, 3)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = dk.DRRhoCLIPLoss(30, gamma_decay_epochs=3, backend="torch")
+    resumed.load_state_dict(torch.load(buffer))
+    assert resumed.epoch == first.epoch == 1
+    resumed_losses = train(resumed, 3, start=3)
+    for a, b in zip(resumed_losses, straight_losses[3:]):
+        assert torch.equal(a, b)
+    assert torch.equal(resumed.u_img, straight.u_img) and torch.equal(resumed.u_txt, straight.u_txt)
+    assert set(straight.state_dict()) == {"u_img", "u_txt", "_extra_state"}
+
+
+def test_state_stays_float32_and_pinned():
+    crit = dk.DRRhoCLIPLoss(8, state_device="cpu")
+    crit.u_img.fill_(1.0 + 2 ** -20)          # not representable in float16
+    crit.half()
+    assert crit.u_img.dtype == torch.float32 and crit.u_img[0].item() == 1.0 + 2 ** -20
+    crit.to("meta")
+    assert crit.u_img.device.type == "cpu"    # pinned: state_device wins over .to()
+    follower = dk.DRRhoCLIPLoss(8).to("meta")
+    assert follower.u_img.device.type == "meta" and follower.u_img.dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_state_moves_to_the_first_batch_device():
+    crit = dk.DRRhoCLIPLoss(8, backend="torch")
+    b = batch(B=4, ref=False)
+    crit(b["img"].cuda(), b["txt"].cuda(), torch.arange(4), 5.0)
+    assert crit.u_img.device.type == "cuda" and (crit.u_img[:4] != 0).all()
+    pinned = dk.DRRhoCLIPLoss(8, backend="torch", state_device="cpu")
+    pinned(b["img"].cuda(), b["txt"].cuda(), torch.arange(4).cuda(), 5.0)
+    assert pinned.u_img.device.type == "cpu" and (pinned.u_img[:4] != 0).all()
+
+
+def test_repr_names_the_settings():
+    text = repr(dk.DRRhoCLIPLoss(5, rho=11.0, backend="torch"))
+    assert "data_size=5" in text and "rho=11.0" in text and "backend='torch'" in text
