@@ -28,6 +28,12 @@ class DRRhoCLIPLoss(nn.Module):
         state_device: where the state lives. ``None``: the device of the first batch (and it follows
             ``.to()``); ``"cpu"`` keeps it in host memory for huge datasets (1B samples is 8 GB),
             gathered and scattered each step.
+        process_group: ``None`` (default): one process. ``"world"`` (the default group, looked up at each
+            call) or a ``torch.distributed`` ``ProcessGroup``: data-parallel training, the loss of this
+            process's anchors against the global batch of all processes, and every process's state
+            updated for all samples of the global batch (see :mod:`drrho_kernels.distributed`).
+        distributed_scheme: ``"gather_u"`` (default: features gathered without gradient plus the new
+            ``u``, no collective in the backward) or ``"gather_grad"`` (all-gather with gradient).
 
     Shape:
         ``img, txt``: ``[B, d]``; ``index``: ``[B]`` distinct dataset indices; ``ref_img, ref_txt``:
@@ -47,7 +53,7 @@ class DRRhoCLIPLoss(nn.Module):
 
     def __init__(self, data_size: int, *, gamma: float = 0.8, gamma_schedule: str = "cosine",
                  gamma_decay_epochs: int = 10, rho: float = 8.0, eps: float = 1e-14, backend: str = "auto",
-                 state_device=None):
+                 state_device=None, process_group=None, distributed_scheme: str = "gather_u"):
         super().__init__()
         if isinstance(data_size, bool) or not isinstance(data_size, int) or data_size < 1:
             raise ValueError(f"data_size: expected a positive int, got {data_size!r}")
@@ -65,6 +71,10 @@ class DRRhoCLIPLoss(nn.Module):
         self.gamma_decay_epochs = gamma_decay_epochs
         self.backend = backend
         self.state_device = None if state_device is None else torch.device(state_device)
+        from .distributed import check_distributed_args
+        check_distributed_args(process_group, distributed_scheme)
+        self.process_group = process_group
+        self.distributed_scheme = distributed_scheme
         self._epoch = 0
         device = self.state_device or "cpu"
         self.register_buffer("u_img", torch.zeros(data_size, dtype=torch.float32, device=device))
@@ -107,6 +117,9 @@ class DRRhoCLIPLoss(nn.Module):
             self.u_txt = self.u_txt.to(device)
 
     def forward(self, img, txt, index, logit_scale, ref_img=None, ref_txt=None):
+        if self.process_group is not None:
+            from .distributed import module_forward
+            return module_forward(self, img, txt, index, logit_scale, ref_img, ref_txt)
         img = check_tensor("img", img, ndim=2)
         index = check_index(index, img.shape[0], self.data_size)
         self._state_for(img.device)

@@ -1,0 +1,485 @@
+"""Data-parallel DRRho-CLIP loss: W processes, B pairs each, one global batch of N = W * B columns.
+
+SPEC.md, "Distributed contract": every process returns its own ``L_r`` over its ``B`` anchors against
+all ``N`` columns; the data-parallel mean ``(1/W) sum_r L_r`` and its gradient with respect to every
+sample's embeddings equal the single-process ``L`` of the concatenated batch, and every process ends
+with the same updated ``u``. Two schemes meet it:
+
+``"gather_grad"``
+    All-gather the features *with* gradient. Each process runs :func:`drrho_kernels.drrho_clip_loss`
+    with ``img_all``/``txt_all`` = the gathered features and ``offset = rank * B``; the backward of the
+    gather reduce-scatters (sums) the column gradients to the processes that own the samples. Works
+    with every backend, ``"reference"`` included. One collective in the backward.
+
+``"gather_u"`` (the default; the FastCLIP scheme of the authors' code)
+    All-gather the features *without* gradient, run the backend's fused forward op on them, then
+    all-gather the already-updated ``u`` (and the pair margins) of every process. The backward calls
+    the fused backward op in "fold" mode with the gathered ``u`` and margins: it adds, to the
+    gradient of each local sample, the column terms of *every* anchor of the global batch. No
+    collective in the backward, and the ``[N, d]`` column gradients never exist.
+
+    This equals what ``"gather_grad"`` delivers provided every process back-propagates the same
+    scaling of its loss (``L_r.backward()``, or the same factor on every process, e.g. an AMP grad
+    scaler or a gradient-accumulation divisor shared by all ranks): the column terms of process
+    ``r``'s anchors are computed on the owner with the owner's own upstream gradient. That is the
+    normal DDP setup. The gradient w.r.t. ``logit_scale`` is the local ``d L_r / d s`` in both schemes
+    (DDP averages it). Needs a fused backend (torch, triton, cpp); with ``backend="reference"`` the
+    loss falls back to ``"gather_grad"``. With half-precision embeddings it is also the more exact
+    scheme: row and column terms are summed in float32 before the single rounding to the input dtype,
+    as in one process, while ``"gather_grad"`` rounds the column gradients before the reduce-scatter.
+
+Communication per step and per process (``k = W - 1``; ``e`` bytes per element of the embeddings'
+dtype, the reference embeddings are sent in that dtype too; ``a`` = 4, or 8 for float64 inputs; ``su``
+bytes per element of the state ``u`` (4 for the module's float32 state); ``dr = 0`` without a
+reference model). A rank's "bytes" are the bytes it receives in the all-gathers and reduce-scatters;
+a ring or tree implementation sends about as many::
+
+                                   gather_grad            gather_u
+    forward   meta (shape check)   k * 13 * 8             k * 13 * 8
+              indices (if given)   k * B * 8              k * B * 8
+              features x, t        k * B * 2d * e         k * B * 2d * e
+              reference xr, tr     k * B * 2dr * e        k * B * 2dr * e
+              new u (+ margins)    k * B * 2 * su         k * B * 3 * a
+    backward  column gradients     k * B * 2d * e         0
+
+:func:`bytes_per_step` evaluates this table; :func:`count_bytes` records what the code actually
+passes to the collectives (the tests check that they agree).
+
+Usage with DDP (every process; the loss module is not wrapped, the model is)::
+
+    dist.init_process_group("nccl")                     # or "gloo" on the CPU
+    model = DDP(model)
+    crit = DRRhoCLIPLoss(len(dataset), process_group="world")           # distributed_scheme="gather_u"
+    for epoch in ...:
+        crit.set_epoch(epoch)
+        for img, txt, index in loader:                   # this process's B pairs and dataset indices
+            x, t, s = model(img, txt)
+            loss = crit(x, t, index, s, ref_img=ref_model.encode_image(img), ref_txt=...)
+            loss.backward()                              # DDP averages the gradients over processes
+
+Errors: before any other collective, every process all-gathers a small metadata vector (whether its
+own arguments passed the checks, ``B``, ``d``, ``dr``, dtypes, reference present or not, scheme,
+gamma, eps, rho). A mismatch between processes, or a bad argument on any process, raises on *every*
+process (a ``ValueError`` naming the argument and the per-rank values; the process whose own input
+was bad raises its own error), never a hang and never a corrupted state. A failure *after* these
+checks on one process only (say, out of memory in a kernel) is like any collective failure: the
+other processes wait in the next collective until the process group's timeout.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from . import backends
+from ._math import accumulation_dtype, assemble_loss
+from ._validate import FLOAT_DTYPES, STATE_DTYPES, check_index, check_tensor, validate
+from .functional import drrho_clip_loss
+
+__all__ = ["SCHEMES", "DistributedLoss", "distributed_drrho_clip_loss", "bytes_per_step", "bytes_table",
+           "count_bytes", "resolve_group", "check_distributed_args"]
+
+SCHEMES = ("gather_u", "gather_grad")
+META_LEN = 13          # entries of the metadata vector (float64) all-gathered first
+_META_FIELDS = ("ok", "B", "d", "has_ref", "dr", "dtype", "u_dtype", "has_index", "scheme",
+                "gamma", "eps", "rho", "reserved")
+_DTYPES = FLOAT_DTYPES + tuple(d for d in STATE_DTYPES if d not in FLOAT_DTYPES)
+
+
+class DistributedLoss(NamedTuple):
+    """Result of :func:`distributed_drrho_clip_loss` on one process."""
+
+    loss: torch.Tensor          # 0-dim L_r of this process's B anchors against all N columns
+    u_img_new: torch.Tensor     # [B] new state of this process's anchors (dtype of u_img)
+    u_txt_new: torch.Tensor     # [B]
+    u_img_all: torch.Tensor     # [N] new state of the whole global batch, rank order (identical on all ranks)
+    u_txt_all: torch.Tensor     # [N]
+    index_all: torch.Tensor | None   # [N] gathered dataset indices (when ``index`` was given)
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectives, through one thin layer that can count the bytes.
+
+_byte_logs: list[list[dict]] = []
+
+
+@contextlib.contextmanager
+def count_bytes():
+    """Record every collective of this module while the block runs.
+
+    Yields a list that fills with one dict per collective: ``op`` (``"all_gather"`` or
+    ``"reduce_scatter"``), ``what`` (meta, index, features, reference, state, column_grads),
+    ``phase`` (forward or backward), ``local_bytes`` (this process's ``[B, ...]`` piece) and
+    ``bytes`` (``(W - 1) * local_bytes``: what this process receives).
+    """
+    log: list[dict] = []
+    _byte_logs.append(log)
+    try:
+        yield log
+    finally:
+        _byte_logs.remove(log)
+
+
+def _record(op: str, what: str, phase: str, piece: torch.Tensor, world: int) -> None:
+    if _byte_logs:
+        local = piece.numel() * piece.element_size()
+        entry = dict(op=op, what=what, phase=phase, local_bytes=local, bytes=(world - 1) * local)
+        for log in _byte_logs:
+            log.append(entry)
+
+
+def _all_gather(x: torch.Tensor, group, what: str, phase: str = "forward") -> torch.Tensor:
+    """Concatenate the equally-shaped ``[B, ...]`` pieces of all ranks: ``[W * B, ...]`` (rank order)."""
+    world = dist.get_world_size(group)
+    x = x.contiguous()
+    out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+    _record("all_gather", what, phase, x, world)
+    dist.all_gather_single(out, x, group=group)
+    return out
+
+
+def _reduce_scatter(x: torch.Tensor, group, what: str, phase: str = "backward") -> torch.Tensor:
+    """Sum ``[W * B, ...]`` over ranks and keep this rank's ``[B, ...]`` block."""
+    world = dist.get_world_size(group)
+    x = x.contiguous()
+    out = x.new_empty((x.shape[0] // world, *x.shape[1:]))
+    _record("reduce_scatter", what, phase, out, world)
+    dist.reduce_scatter_single(out, x, group=group)
+    return out
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward reduce-scatters: every process's column gradient reaches the owner."""
+
+    @staticmethod
+    def forward(ctx, x, group, what):
+        ctx.group = group
+        ctx.what = what
+        return _all_gather(x, group, what)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.group, ctx.what + "_grad"), None, None
+
+
+class _GatherUFold(torch.autograd.Function):
+    """Fused forward on gathered (detached) columns, all-gather of the new u and margins, and a
+    backward that folds every global anchor's column terms into the local rows (no collective)."""
+
+    @staticmethod
+    def forward(ctx, img, txt, logit_scale, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt_all,
+                u_img, u_txt, offset, gamma, eps, ops, group):
+        fwd, bwd = ops
+        phi, u_img_new, u_txt_new, margin, wsum_img, wsum_txt = fwd(
+            img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt_all, logit_scale,
+            u_img, u_txt, offset, gamma, eps, False)
+        packed = torch.stack([u_img_new, u_txt_new, margin.to(u_img_new.dtype)], dim=1)
+        gathered = _all_gather(packed, group, "state")
+        col_u_img, col_u_txt, col_margin = (gathered[:, k].contiguous() for k in range(3))
+        ctx.bwd = bwd
+        ctx.offset = offset
+        ctx.save_for_backward(img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt_all,
+                              logit_scale, phi, u_img_new, u_txt_new, margin, wsum_img, wsum_txt,
+                              col_u_img, col_u_txt, col_margin)
+        ctx.mark_non_differentiable(u_img_new, u_txt_new, col_u_img, col_u_txt)
+        return phi, u_img_new, u_txt_new, col_u_img, col_u_txt
+
+    @staticmethod
+    def backward(ctx, grad_phi, *_unused):
+        (img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt_all, logit_scale, phi,
+         u_img_new, u_txt_new, margin, wsum_img, wsum_txt, col_u_img, col_u_txt, col_margin) = ctx.saved_tensors
+        grads = [None] * 16
+        if grad_phi is None:
+            return tuple(grads)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            d_img, d_txt, _, _ = ctx.bwd(
+                grad_phi, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt_all,
+                logit_scale, u_img_new, u_txt_new, margin, wsum_img, wsum_txt, col_u_img, col_u_txt,
+                col_margin, ctx.offset, False, False)
+            grads[0], grads[1] = d_img, d_txt
+        if ctx.needs_input_grad[2]:
+            # phi = sum w * s * a with w constant: d phi / d s = phi / s.
+            grads[2] = (grad_phi * phi / logit_scale.to(phi.dtype)).to(logit_scale.dtype)
+        return tuple(grads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks: local first, then one metadata all-gather so that every rank agrees before anything else.
+
+def resolve_group(process_group):
+    """``"world"`` or None: the default group; a ``ProcessGroup``: itself. Needs an initialised group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("distributed DRRho-CLIP loss: torch.distributed is not initialised; call "
+                           "torch.distributed.init_process_group first (or use process_group=None for "
+                           "a single process)")
+    if process_group is None or (isinstance(process_group, str) and process_group == "world"):
+        return dist.group.WORLD
+    if isinstance(process_group, str):
+        raise ValueError(f"process_group: expected None, 'world' or a ProcessGroup, got {process_group!r}")
+    return process_group
+
+
+def check_distributed_args(process_group, scheme) -> None:
+    """Constructor-time checks of :class:`drrho_kernels.DRRhoCLIPLoss`'s distributed arguments."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"distributed_scheme: expected one of {SCHEMES}, got {scheme!r}")
+    if process_group is None or (isinstance(process_group, str) and process_group == "world"):
+        return
+    if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+        raise TypeError(f"process_group: expected None, 'world' or a torch.distributed ProcessGroup, "
+                        f"got {type(process_group).__name__} {process_group!r}")
+
+
+def _comm_device(group, img) -> torch.device:
+    if isinstance(img, torch.Tensor):
+        return img.device
+    if dist.get_backend(group) == "nccl" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _local_check(img, txt, logit_scale, u_img, u_txt, ref_img, ref_txt, index, data_size, gamma, eps,
+                 rho, backend, scheme):
+    """Every check that needs only this process's arguments; returns the metadata vector (list)."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"distributed_scheme: expected one of {SCHEMES}, got {scheme!r}")
+    img = check_tensor("img", img, ndim=2)
+    batch = img.shape[0]
+    cols = {}
+    if batch == 1:
+        # validate() needs N >= 2 columns; the real columns are only known after the gather.
+        cols = dict(img_all=img.detach().expand(2, -1), txt_all=img.detach().expand(2, -1))
+        if isinstance(ref_img, torch.Tensor) and isinstance(ref_txt, torch.Tensor):
+            cols.update(ref_img_all=ref_img.detach().expand(2, -1), ref_txt_all=ref_txt.detach().expand(2, -1))
+    p = validate(img, txt, logit_scale, u_img, u_txt, ref_img=ref_img, ref_txt=ref_txt, gamma=gamma, eps=eps,
+                 rho=rho, backend=backend, **cols)
+    name = backends.resolve(p.backend, p.device)
+    if scheme == "gather_u" and name != "reference":
+        backends.fused_ops(name)
+    if index is not None:
+        check_index(index, batch, data_size if data_size is not None else 2 ** 62)
+    return [1.0, batch, img.shape[1], float(p.has_ref), p.ref_img.shape[1] if p.has_ref else -1,
+            _DTYPES.index(img.dtype), _DTYPES.index(p.u_img.dtype), float(index is not None),
+            SCHEMES.index(scheme), p.gamma, p.eps, p.rho, 0.0]
+
+
+def _describe_values(values, ranks) -> str:
+    return ", ".join(f"{v} on rank {r}" for v, r in zip(values, ranks))
+
+
+def _agree(meta: torch.Tensor, rank: int, local_error: BaseException | None) -> None:
+    """Raise on every rank if any rank's checks failed or the ranks disagree; ``meta`` is ``[W, META_LEN]``."""
+    ok = meta[:, 0] > 0
+    if local_error is not None:
+        raise local_error
+    if not bool(ok.all()):
+        bad = [r for r in range(meta.shape[0]) if not bool(ok[r])]
+        raise ValueError(f"distributed DRRho-CLIP loss: the arguments of rank(s) {bad} failed their checks "
+                         f"(see the error raised there); every rank stops, no state was changed")
+    ranks = list(range(meta.shape[0]))
+
+    def differs(field):
+        col = meta[:, _META_FIELDS.index(field)]
+        return bool((col != col[0]).any()), col.tolist()
+
+    checks = [
+        ("B", "img", "the same batch size B (rows of img) on every rank (N = W * B)", int),
+        ("d", "img", "the same embedding width d on every rank", int),
+        ("has_ref", "ref_img", "a reference model on every rank or on none (ref_img given)",
+         lambda v: "given" if v else "None"),
+        ("dr", "ref_img", "the same reference width dr on every rank", int),
+        ("dtype", "img", "the same dtype on every rank", lambda v: str(_DTYPES[int(v)])),
+        ("u_dtype", "u_img", "the same state dtype on every rank", lambda v: str(_DTYPES[int(v)])),
+        ("has_index", "index", "sample indices on every rank or on none", lambda v: "given" if v else "None"),
+        ("scheme", "distributed_scheme", "the same scheme on every rank", lambda v: repr(SCHEMES[int(v)])),
+        ("gamma", "gamma", "the same gamma on every rank", float),
+        ("eps", "eps", "the same eps on every rank", float),
+        ("rho", "rho", "the same rho on every rank", float),
+    ]
+    for field, arg, expected, fmt in checks:
+        bad, values = differs(field)
+        if bad:
+            raise ValueError(f"{arg}: expected {expected}, got {_describe_values([fmt(v) for v in values], ranks)} "
+                             f"(raised on every rank; this is rank {rank})")
+
+
+def _step(img, txt, logit_scale, u_img, u_txt, *, ref_img, ref_txt, index, data_size, gamma, eps, rho,
+          backend, scheme, group, local_error=None) -> DistributedLoss:
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    meta_row = [0.0] * META_LEN
+    if local_error is None:
+        try:
+            meta_row = _local_check(img, txt, logit_scale, u_img, u_txt, ref_img, ref_txt, index, data_size,
+                                    gamma, eps, rho, backend, scheme)
+        except Exception as exc:        # re-raised after every rank has heard of it
+            local_error = exc
+    if local_error is not None:
+        meta_row = [0.0] * META_LEN
+    device = _comm_device(group, img)
+    meta = _all_gather(torch.tensor([meta_row], dtype=torch.float64, device=device), group, "meta")
+    _agree(meta, rank, local_error)
+
+    batch = img.shape[0]
+    n_columns = world * batch
+    offset = rank * batch
+    if n_columns < 2:
+        raise ValueError(f"img: expected N = W * B >= 2 columns (each anchor needs a negative), got "
+                         f"W = {world}, B = {batch}")
+    index_all = None
+    if index is not None:
+        index_all = _all_gather(index.to(device=device, dtype=torch.int64), group, "index")
+        if torch.unique(index_all).numel() != n_columns:
+            raise ValueError("index: expected distinct dataset indices across the global batch (each sample "
+                             "has one u entry), got a sample on more than one rank or twice "
+                             f"(raised on every rank; this is rank {rank})")
+    has_ref = ref_img is not None
+    refs = (ref_img.detach().to(img.dtype), ref_txt.detach().to(img.dtype)) if has_ref else (None, None)
+    name = backends.resolve(backend, img.device)
+    if scheme == "gather_u" and name == "reference":
+        scheme = "gather_grad"    # the dense reference has no fused op pair to fold with
+
+    if scheme == "gather_grad":
+        img_all = _AllGatherWithGrad.apply(img, group, "features")
+        txt_all = _AllGatherWithGrad.apply(txt, group, "features")
+        ref_all = [_all_gather(r, group, "reference") for r in refs] if has_ref else [None, None]
+        loss, u_img_new, u_txt_new = drrho_clip_loss(
+            img, txt, logit_scale, u_img, u_txt, ref_img=refs[0], ref_txt=refs[1], img_all=img_all,
+            txt_all=txt_all, ref_img_all=ref_all[0], ref_txt_all=ref_all[1], offset=offset, gamma=gamma,
+            eps=eps, rho=rho, backend=name)
+        u_all = _all_gather(torch.stack([u_img_new, u_txt_new], dim=1), group, "state")
+        u_img_all, u_txt_all = u_all[:, 0].contiguous(), u_all[:, 1].contiguous()
+    else:
+        img_all = _all_gather(img.detach(), group, "features")
+        txt_all = _all_gather(txt.detach(), group, "features")
+        ref_all = [_all_gather(r, group, "reference") for r in refs] if has_ref else [None, None]
+        p = validate(img, txt, logit_scale, u_img, u_txt, ref_img=refs[0], ref_txt=refs[1], img_all=img_all,
+                     txt_all=txt_all, ref_img_all=ref_all[0], ref_txt_all=ref_all[1], offset=offset,
+                     gamma=gamma, eps=eps, rho=rho, backend=name)
+        phi, u_img_acc, u_txt_acc, u_img_all, u_txt_all = _GatherUFold.apply(
+            p.img, p.txt, p.logit_scale, p.img_all, p.txt_all, p.ref_img, p.ref_txt, p.ref_img_all,
+            p.ref_txt_all, p.u_img, p.u_txt, p.offset, p.gamma, p.eps, backends.fused_ops(name), group)
+        loss = assemble_loss(phi, p.logit_scale, u_img_acc, u_txt_acc, p.rho, n_columns)
+        u_img_new, u_txt_new = u_img_acc.to(p.u_img.dtype), u_txt_acc.to(p.u_txt.dtype)
+        u_img_all, u_txt_all = u_img_all.to(p.u_img.dtype), u_txt_all.to(p.u_txt.dtype)
+    return DistributedLoss(loss, u_img_new.detach(), u_txt_new.detach(), u_img_all.detach(),
+                           u_txt_all.detach(), index_all)
+
+
+def distributed_drrho_clip_loss(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_txt=None,
+                                index=None, data_size=None, gamma=0.8, eps=1e-14, rho=8.0, backend="auto",
+                                scheme="gather_u", group=None) -> DistributedLoss:
+    """The DRRho-CLIP loss of this process's ``B`` anchors against the global batch of all processes.
+
+    Every process of ``group`` must call it at the same step with the same ``B``, ``d``, ``dr``, dtypes,
+    ``gamma``, ``eps``, ``rho`` and scheme (checked: a mismatch raises on every process). The global
+    batch is the concatenation of the processes' batches in rank order, so this process's row ``i`` is
+    column ``rank * B + i``. The mean of the returned losses over processes, and its gradient, equal
+    :func:`drrho_kernels.drrho_clip_loss` on the concatenated batch (SPEC.md, "Distributed contract").
+
+    Args:
+        img, txt, logit_scale, u_img, u_txt, ref_img, ref_txt, gamma, eps, rho, backend: as in
+            :func:`drrho_kernels.drrho_clip_loss`, for this process's ``B`` pairs (no ``*_all``: the
+            columns are gathered here).
+        index: optional ``[B]`` dataset indices of the pairs; gathered (``index_all`` of the result) and
+            checked to be distinct across the global batch. data_size: their range, for the check.
+        scheme: ``"gather_u"`` (default, no collective in the backward; needs a fused backend) or
+            ``"gather_grad"`` (all-gather with gradient); see the module docstring.
+        group: the process group (None: the default group).
+
+    Returns:
+        :class:`DistributedLoss`: this process's loss, its anchors' new ``u``, and the new ``u`` of the
+        whole global batch (``[N]``, identical on every process) with the gathered indices.
+    """
+    group = resolve_group(group)
+    return _step(img, txt, logit_scale, u_img, u_txt, ref_img=ref_img, ref_txt=ref_txt, index=index,
+                 data_size=data_size, gamma=gamma, eps=eps, rho=rho, backend=backend, scheme=scheme,
+                 group=group)
+
+
+def module_forward(module, img, txt, index, logit_scale, ref_img=None, ref_txt=None):
+    """:meth:`DRRhoCLIPLoss.forward` with a process group: the global batch's loss, state of all N samples.
+
+    Reads this process's ``u`` entries, runs :func:`distributed_drrho_clip_loss` and writes the new ``u``
+    of *every* sample of the global batch into the module's buffers, so that all processes hold the
+    same state and a checkpoint saved by any of them resumes the run.
+    """
+    group = resolve_group(module.process_group)
+    error = None
+    u_img = u_txt = None
+    try:
+        img = check_tensor("img", img, ndim=2)
+        index = check_index(index, img.shape[0], module.data_size)
+        module._state_for(img.device)
+        state_index = index.to(module.u_img.device)
+        u_img = module.u_img[state_index].to(img.device)
+        u_txt = module.u_txt[state_index].to(img.device)
+    except Exception as exc:            # raised after every rank has heard of it
+        error = exc
+    out = _step(img, txt, logit_scale, u_img, u_txt, ref_img=ref_img, ref_txt=ref_txt, index=index,
+                data_size=module.data_size, gamma=module.gamma, eps=module.eps, rho=module.rho,
+                backend=module.backend, scheme=module.distributed_scheme, group=group, local_error=error)
+    with torch.no_grad():
+        state_index = out.index_all.to(module.u_img.device)
+        module.u_img[state_index] = out.u_img_all.to(device=module.u_img.device, dtype=module.u_img.dtype)
+        module.u_txt[state_index] = out.u_txt_all.to(device=module.u_txt.device, dtype=module.u_txt.dtype)
+    return out.loss
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def bytes_per_step(batch: int, world_size: int, dim: int, ref_dim: int | None = None, *,
+                   scheme: str = "gather_u", dtype: torch.dtype = torch.float32,
+                   state_dtype: torch.dtype = torch.float32, index: bool = True) -> dict:
+    """Bytes one process receives per step in the collectives of ``scheme`` (the table of the module doc).
+
+    Args:
+        batch: ``B``, pairs per process. world_size: ``W`` (``N = W * B``). dim: ``d``.
+        ref_dim: ``dr``, or None without a reference model. dtype: the embeddings' dtype (the
+            reference embeddings are sent in it too). state_dtype: dtype of ``u`` (the module: float32).
+        index: whether dataset indices are gathered (the module does; the functional only with ``index``).
+
+    Returns:
+        a dict with ``forward``, ``backward``, ``total`` and the parts ``meta``, ``index``, ``features``,
+        ``reference``, ``state``, ``column_grads``.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
+    k = world_size - 1
+    e = _element_size(dtype)
+    a = _element_size(accumulation_dtype(dtype))
+    parts = dict(
+        meta=k * META_LEN * 8,
+        index=k * batch * 8 if index else 0,
+        features=k * batch * 2 * dim * e,
+        reference=k * batch * 2 * ref_dim * e if ref_dim else 0,
+        state=k * batch * (3 * a if scheme == "gather_u" else 2 * _element_size(state_dtype)),
+        column_grads=0 if scheme == "gather_u" else k * batch * 2 * dim * e,
+    )
+    forward = parts["meta"] + parts["index"] + parts["features"] + parts["reference"] + parts["state"]
+    return dict(parts, forward=forward, backward=parts["column_grads"], total=forward + parts["column_grads"])
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n}"  # pragma: no cover
+
+
+def bytes_table(batch: int, world_size: int, dim: int, ref_dim: int | None = None, *,
+                dtype: torch.dtype = torch.bfloat16) -> str:
+    """A Markdown table of :func:`bytes_per_step` for both schemes (README-ready)."""
+    rows = ["| scheme | forward | backward | total per step |", "| --- | --- | --- | --- |"]
+    for scheme in SCHEMES:
+        b = bytes_per_step(batch, world_size, dim, ref_dim, scheme=scheme, dtype=dtype)
+        rows.append(f"| {scheme} | {_fmt_bytes(b['forward'])} | {_fmt_bytes(b['backward'])} | "
+                    f"{_fmt_bytes(b['total'])} |")
+    return "\n".join(rows)
+
+
+assert len(_META_FIELDS) == META_LEN
