@@ -50,12 +50,14 @@ def make_step(impl: str, B: int, N: int, d: int = 512, dr: int = 512, dtype: str
     output_bytes = grads if backward else 0
 
     def leaves():
-        x = rows["img"].clone().requires_grad_(backward)
-        t = rows["txt"].clone().requires_grad_(backward)
+        # detach(): new leaf objects sharing the inputs' storage, so every step allocates fresh
+        # gradients but neither copies nor counts the inputs (a clone would add 2 B d elements).
+        x = rows["img"].detach().requires_grad_(backward)
+        t = rows["txt"].detach().requires_grad_(backward)
         if not distributed:
             return x, t, {}
-        X = cols["img_all"].clone().requires_grad_(backward)
-        T = cols["txt_all"].clone().requires_grad_(backward)
+        X = cols["img_all"].detach().requires_grad_(backward)
+        T = cols["txt_all"].detach().requires_grad_(backward)
         return x, t, {"img_all": X, "txt_all": T}
 
     refs = {k: v for k, v in rows.items() if k.startswith("ref_")}
