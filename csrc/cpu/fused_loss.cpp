@@ -1,0 +1,791 @@
+// DRRho-CLIP fused forward and backward on CPU tensors (SPEC.md; docs/DESIGN.md for the op pair).
+//
+// Math (per anchor row i, column j, positive column p(i) = offset + i excluded by index):
+//
+//   S^I_ij = <x_i, T_j> - <xr_i, Tr_j>,   S^T_ij = <t_i, X_j> - <tr_i, Xr_j>,   m_i = <x_i,t_i> - <xr_i,tr_i>
+//   d_ij   = s (S_ij - m_i)
+//   forward:  M_i = max_j d_ij,  E_i = sum_j exp(d_ij - M_i),  F_i = sum_j exp(d_ij - M_i) d_ij
+//             l_i = logaddexp(log eps, M_i + log E_i - log N),  u_i <- MA(u_i, l_i)
+//             wsum_i = exp(M_i - u_i) E_i,  phi = sum_i exp(M_i - u_i) F_i   (both directions)
+//   backward: P^x_ij = exp(s (S^I_ij - m_i) - u^I_i) + [fold] exp(s (S^I_ij - mc_j) - uc^T_j)
+//             d x_i = coef (sum_j P^x_ij T_j - (wsum^I_i + wsum^T_i) t_i)       coef = grad_phi * s
+//             d t_i = coef (sum_j P^t_ij X_j - (wsum^I_i + wsum^T_i) x_i)
+//             d T_j = coef sum_i w^I_ij x_i,  d X_j = coef sum_i w^T_ij t_i   (column_grads)
+//
+// Tiling: rows are processed in chunks of R rows, R x N about `chunk_bytes` (4 MiB) per worker, so
+// no [B, N] matrix is ever held. The chunks are handed out dynamically to one worker per thread
+// (see run_chunks): a worker computes its chunk's similarity with one or two ATen GEMMs (mm, then
+// addmm for the reference), single-threaded, and then, on the same core, a single fused pass does
+// all the exp/reduction work of the chunk with the multiversioned SIMD loops of vec_loops.cpp; the
+// backward's weighted products are two more GEMMs on the chunk.
+//
+// Single process (columns_are_rows: X = x, T = t): S^T = (S^I)^T, so one similarity chunk serves
+// both directions. The forward reduces each chunk along rows (image anchors) and along columns
+// (text anchors: column j of the chunk is text anchor j over image columns i); the backward forms
+// P = W^I + (W^T)^T once and gives d x_c = P_c t and d t += P_c^T x_c. Six GEMM-sized products per
+// step (2 forward, 2 recomputed, 2 weighted), the floor.
+//
+// Reproducibility: row statistics and row gradients are computed by one worker in a fixed order.
+// Sums over rows (the text anchors' statistics in one process, d t in one process, the column
+// gradients) add the chunks' contributions in the order the workers finish them, so with more
+// than one thread they are reproducible to rounding, not bitwise.
+#include "fused_loss.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <ctime>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+#include "vec_loops.h"
+
+namespace drrho::cpu {
+namespace {
+
+constexpr int64_t kDefaultChunkBytes = int64_t(4) << 20;   // one worker's [R, N] chunk: 4 MiB
+constexpr int64_t kDefaultColBlock = 256;                  // R x 256 floats = 256 KiB at R = 256: L2
+constexpr int64_t kDefaultSpreadRows = 64;                 // smallest chunk made to spread work over threads
+
+std::atomic<int64_t> g_chunk_bytes{kDefaultChunkBytes};
+std::atomic<int64_t> g_col_block{kDefaultColBlock};
+std::atomic<int64_t> g_spread_rows{kDefaultSpreadRows};
+
+// Optional phase timing (set_profiling): thread CPU time spent in each phase, summed over workers.
+enum Phase { kSimilarityGemm, kForwardPass, kBackwardPass, kWeightedGemm, kPhaseCount };
+constexpr const char* kPhaseNames[kPhaseCount] = {"similarity_gemm", "forward_exp_pass", "backward_exp_pass",
+                                                  "weighted_gemm"};
+std::atomic<bool> g_profiling{false};
+std::atomic<int64_t> g_phase_ns[kPhaseCount];
+
+// CPU time of the calling thread (wall time where POSIX thread clocks are missing): a worker that
+// the OS suspends does not count as busy.
+int64_t thread_ns() {
+#if defined(CLOCK_THREAD_CPUTIME_ID)
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+#else
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+#endif
+}
+
+class PhaseTimer {
+ public:
+  explicit PhaseTimer(Phase phase) : phase_(phase), on_(g_profiling.load(std::memory_order_relaxed)) {
+    if (on_) start_ = thread_ns();
+  }
+  ~PhaseTimer() {
+    if (on_) g_phase_ns[phase_].fetch_add(thread_ns() - start_, std::memory_order_relaxed);
+  }
+  PhaseTimer(const PhaseTimer&) = delete;
+  PhaseTimer& operator=(const PhaseTimer&) = delete;
+
+ private:
+  Phase phase_;
+  bool on_;
+  int64_t start_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks. The public API validates everything before calling the op (same messages for
+// every backend); these guard direct calls of the op and name the argument.
+
+void check_matrix(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, ": expected a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, ": expected a 2-D tensor, got shape ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+              ": expected a floating dtype, got ", t.scalar_type());
+}
+
+void check_shape(const char* op, const char* name, const at::Tensor& t, int64_t rows, int64_t cols) {
+  check_matrix(op, name, t);
+  TORCH_CHECK(t.size(0) == rows && t.size(1) == cols, op, ": ", name, ": expected shape (", rows, ", ",
+              cols, "), got ", t.sizes());
+}
+
+void check_vector(const char* op, const char* name, const at::Tensor& t, int64_t n) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, ": expected a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, ": expected shape (", n, "), got ",
+              t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+              ": expected a floating dtype, got ", t.scalar_type());
+}
+
+void check_scalar(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, ": expected a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.numel() == 1 && at::isFloatingType(t.scalar_type()), op, ": ", name,
+              ": expected a 1-element floating tensor, got shape ", t.sizes(), " dtype ", t.scalar_type());
+}
+
+struct Shapes {
+  int64_t B, N, d, dr;
+  bool ref;
+};
+
+Shapes check_embeddings(const char* op, const at::Tensor& img, const at::Tensor& txt,
+                        const at::Tensor& img_all, const at::Tensor& txt_all, const OptTensor& ref_img,
+                        const OptTensor& ref_txt, const OptTensor& ref_img_all,
+                        const OptTensor& ref_txt_all, int64_t offset, bool columns_are_rows) {
+  check_matrix(op, "img", img);
+  const int64_t B = img.size(0), d = img.size(1);
+  check_shape(op, "txt", txt, B, d);
+  TORCH_CHECK(txt.scalar_type() == img.scalar_type(), op, ": txt: expected dtype ", img.scalar_type(),
+              " (the dtype of img), got ", txt.scalar_type());
+  check_matrix(op, "img_all", img_all);
+  const int64_t N = img_all.size(0);
+  check_shape(op, "img_all", img_all, N, d);
+  check_shape(op, "txt_all", txt_all, N, d);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"img_all", &img_all},
+                                {"txt_all", &txt_all}}) {
+    TORCH_CHECK(t->scalar_type() == img.scalar_type(), op, ": ", name, ": expected dtype ",
+                img.scalar_type(), " (the dtype of img), got ", t->scalar_type());
+  }
+  TORCH_CHECK(0 <= offset && offset <= N - B, op, ": offset: expected 0 <= offset <= N - B = ", N - B,
+              " (N = ", N, " columns, B = ", B, " rows), got ", offset);
+  TORCH_CHECK(!columns_are_rows || (N == B && offset == 0), op,
+              ": columns_are_rows: expected img_all of the shape of img (N = B, offset = 0), got N = ", N,
+              ", B = ", B, ", offset = ", offset);
+  TORCH_CHECK(ref_img.has_value() == ref_txt.has_value(), op,
+              ": ref_img and ref_txt: expected both or neither");
+  TORCH_CHECK(ref_img_all.has_value() == ref_img.has_value() && ref_txt_all.has_value() == ref_img.has_value(),
+              op, ": ref_img_all and ref_txt_all: expected tensors exactly when ref_img and ref_txt are given");
+  int64_t dr = 0;
+  if (ref_img.has_value()) {
+    check_matrix(op, "ref_img", *ref_img);
+    dr = ref_img->size(1);
+    check_shape(op, "ref_img", *ref_img, B, dr);
+    check_shape(op, "ref_txt", *ref_txt, B, dr);
+    check_shape(op, "ref_img_all", *ref_img_all, N, dr);
+    check_shape(op, "ref_txt_all", *ref_txt_all, N, dr);
+  }
+  return {B, N, d, dr, ref_img.has_value()};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers.
+
+template <typename T>
+constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+
+// Inputs in the accumulation dtype, contiguous (no copy when they already are), detached (the
+// kernels' ATen calls are plain computations, also on the worker threads).
+at::Tensor as_acc(const at::Tensor& t, at::ScalarType acc) { return t.detach().to(acc).contiguous(); }
+
+at::Tensor opt_acc(const OptTensor& t, at::ScalarType acc) {
+  return t.has_value() ? as_acc(*t, acc) : at::Tensor();
+}
+
+// Rows per chunk: as many as fit in chunk_bytes, but no more than it takes to give every thread two
+// chunks, as long as chunks keep at least spread_rows rows (smaller GEMMs lose efficiency).
+int64_t chunk_rows(int64_t B, int64_t N, int64_t elem_size) {
+  const int64_t per_row = std::max<int64_t>(1, N) * elem_size;
+  int64_t rows = std::clamp<int64_t>(g_chunk_bytes.load() / per_row, 1, std::max<int64_t>(B, 1));
+  const int64_t spread = g_spread_rows.load();
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  if (spread > 0 && threads > 1) {
+    const int64_t balanced = std::max<int64_t>(spread, (B + 2 * threads - 1) / (2 * threads));
+    rows = std::min(rows, balanced);
+  }
+  return rows;
+}
+
+template <typename T>
+T log_add_exp(T a, T b) {
+  if (a == kNegInf<T>) return b;
+  if (b == kNegInf<T>) return a;
+  const T top = std::max(a, b);
+  return top + std::log1p(std::exp(-std::abs(a - b)));
+}
+
+// Online statistics of a set of entries: max, sum exp(d - max), sum exp(d - max) d. An empty set has
+// e == 0 (a non-empty one has e >= 1: its maximum contributes exp(0)).
+template <typename T>
+struct Stats {
+  T top, e, f;
+};
+
+template <typename T>
+void merge_into(T& top, T& e, T& f, T top2, T e2, T f2) {
+  if (e2 == T(0)) return;
+  if (e == T(0)) {
+    top = top2, e = e2, f = f2;
+    return;
+  }
+  const T m = std::max(top, top2);
+  const T a = std::exp(top - m), b = std::exp(top2 - m);
+  e = e * a + e2 * b;
+  f = f * a + f2 * b;
+  top = m;
+}
+
+// The similarity chunk S = rows cols^T - ref_rows ref_cols^T into `out` [R, N].
+void similarity(at::Tensor& out, const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& ref_rows,
+                const at::Tensor& ref_cols) {
+  PhaseTimer timer(kSimilarityGemm);
+  at::mm_out(out, rows, cols.t());
+  if (ref_rows.defined()) out.addmm_(ref_rows, ref_cols.t(), /*beta=*/1, /*alpha=*/-1);
+}
+
+at::Tensor rows_of(const at::Tensor& t, int64_t r0, int64_t rows) {
+  return t.defined() ? t.narrow(0, r0, rows) : t;
+}
+
+// Margins m_i = <x_i, t_i> - <xr_i, tr_i>.
+template <typename T>
+void pair_margin(const at::Tensor& x, const at::Tensor& t, const at::Tensor& xr, const at::Tensor& tr,
+                 T* out) {
+  const int64_t B = x.size(0), d = x.size(1);
+  const T* px = x.data_ptr<T>();
+  const T* pt = t.data_ptr<T>();
+  const T* pxr = xr.defined() ? xr.data_ptr<T>() : nullptr;
+  const T* ptr = xr.defined() ? tr.data_ptr<T>() : nullptr;
+  const int64_t dr = xr.defined() ? xr.size(1) : 0;
+  at::parallel_for(0, B, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      T m = dot(px + i * d, pt + i * d, d);
+      if (pxr != nullptr) m -= dot(pxr + i * dr, ptr + i * dr, dr);
+      out[i] = m;
+    }
+  });
+}
+
+// Work distribution. The row chunks are handed out dynamically (an atomic counter) to `workers`
+// workers, one per thread, in a single parallel region per pass: each worker runs a chunk's GEMMs
+// itself (the BLAS runs single-threaded inside a parallel region) and then the chunk's fused
+// exp/reduction pass, on the same core, with no barrier between chunks. A thread that is slowed
+// down (other processes on the machine) simply takes fewer chunks. With one worker (one thread, or
+// one chunk) the body runs on the calling thread and its ATen calls and at::parallel_for loops use
+// all threads.
+int64_t worker_count(int64_t n_chunks) {
+  if (at::in_parallel_region()) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_chunks));
+}
+
+template <typename F>
+void run_chunks(int64_t n_chunks, int64_t workers, const F& body) {
+  if (workers <= 1) {
+    for (int64_t c = 0; c < n_chunks; ++c) body(c, int64_t(0));
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    // Thread-local dispatch state is not inherited by the pool's threads: set it here too.
+    at::AutoDispatchBelowADInplaceOrView guard;
+    for (int64_t w = w0; w < w1; ++w) {
+      for (int64_t c = next.fetch_add(1); c < n_chunks; c = next.fetch_add(1)) body(c, w);
+    }
+  });
+}
+
+// out [n, d] += alpha P^T a (P [r, n], a [r, d]) from several workers at once: the rows of `out` are
+// split in blocks, each with a lock; a worker updates the blocks in its own rotation and skips a
+// busy block for later, so workers rarely wait. (The order in which chunks reach a block then
+// depends on timing: with more than one worker the sums are reproducible to rounding, not bitwise.)
+class LockedAccumulator {
+ public:
+  LockedAccumulator(at::Tensor out, int64_t workers) : out_(std::move(out)), workers_(std::max<int64_t>(1, workers)) {
+    const int64_t n = out_.size(0);
+    blocks_ = workers_ == 1 ? 1 : std::clamp<int64_t>(4 * workers_, 1, std::max<int64_t>(1, n / 64));
+    locks_ = std::make_unique<std::mutex[]>(static_cast<size_t>(blocks_));
+  }
+
+  void add(const at::Tensor& P, const at::Tensor& a, double alpha, int64_t worker) {
+    std::vector<char> done(static_cast<size_t>(blocks_), 0);
+    int64_t left = blocks_;
+    const int64_t start = (worker % workers_) * blocks_ / workers_;
+    while (left > 0) {
+      bool progress = false;
+      for (int64_t k = 0; k < blocks_; ++k) {
+        const int64_t b = (start + k) % blocks_;
+        if (done[b]) continue;
+        std::unique_lock<std::mutex> lock(locks_[b], std::try_to_lock);
+        if (!lock.owns_lock()) continue;
+        update(b, P, a, alpha);
+        done[b] = 1, --left, progress = true;
+      }
+      if (!progress) {   // every remaining block is busy: wait for one
+        int64_t b = 0;
+        while (done[b]) ++b;
+        std::lock_guard<std::mutex> lock(locks_[b]);
+        update(b, P, a, alpha);
+        done[b] = 1, --left;
+      }
+    }
+  }
+
+ private:
+  void update(int64_t b, const at::Tensor& P, const at::Tensor& a, double alpha) {
+    const int64_t n = out_.size(0);
+    const int64_t j0 = b * n / blocks_, j1 = (b + 1) * n / blocks_;
+    if (j1 == j0) return;
+    out_.narrow(0, j0, j1 - j0).addmm_(P.narrow(1, j0, j1 - j0).t(), a, /*beta=*/1, /*alpha=*/alpha);
+  }
+
+  at::Tensor out_;
+  int64_t workers_, blocks_;
+  std::unique_ptr<std::mutex[]> locks_;
+};
+
+// The forward's fused pass over one similarity chunk S [rows, N] (rows r0 .. r0 + rows of the batch):
+// for every row anchor, its online statistics over all columns (written to row_*, complete); with
+// `col_*` given (columns_are_rows), also every column anchor's statistics over the chunk's rows
+// (merged into col_*). Work is split in column blocks of a fixed width: a block owns its columns
+// (the column statistics need no synchronisation) and leaves per-row partials, merged in block
+// order, so the result does not depend on how blocks are spread over threads. Inside a worker the
+// at::parallel_for loops below run serially; on the calling thread they use all threads.
+template <typename T>
+void chunk_stats(const T* S, int64_t rows, int64_t N, int64_t r0, int64_t offset, const T* margin, T scale,
+                 T* row_top, T* row_e, T* row_f, T* col_top, T* col_e, T* col_f) {
+  PhaseTimer timer(kForwardPass);
+  const bool cols = col_top != nullptr;
+  const int64_t block = std::max<int64_t>(1, g_col_block.load());
+  const int64_t nblk = (N + block - 1) / block;
+  std::vector<Stats<T>> partial(static_cast<size_t>(nblk * rows));
+  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> cmax(cols ? block : 0), ctop(cols ? block : 0), ce(cols ? block : 0),
+        cf(cols ? block : 0), rmax(rows);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c0 = b * block, c1 = std::min(N, c0 + block), w = c1 - c0;
+      if (cols) std::fill(cmax.begin(), cmax.begin() + w, kNegInf<T>);
+      // The (up to two) segments of row i inside [c0, c1) that exclude its positive column p.
+      auto segments = [&](int64_t i, auto&& fn) {
+        const int64_t p = offset + r0 + i;
+        const T* srow = S + i * N;
+        if (p > c0) fn(srow, c0, std::min(p, c1));
+        const int64_t start = std::max(p + 1, c0);
+        if (start < c1) fn(srow, start, c1);
+      };
+      // Pass 1: maxima of S (d = s (S - m) is increasing in S, so its maxima follow).
+      for (int64_t i = 0; i < rows; ++i) {
+        T m = kNegInf<T>;
+        segments(i, [&](const T* srow, int64_t a, int64_t z) {
+          m = seg_max(srow + a, z - a, m, cols ? cmax.data() + (a - c0) : nullptr);
+        });
+        rmax[i] = m;
+      }
+      if (cols) {
+        for (int64_t k = 0; k < w; ++k) {
+          ctop[k] = cmax[k] == kNegInf<T> ? kNegInf<T> : (cmax[k] - margin[c0 + k]) * scale;
+          ce[k] = T(0);
+          cf[k] = T(0);
+        }
+      }
+      // Pass 2: the exponential sums, rows and columns in one sweep over the block.
+      for (int64_t i = 0; i < rows; ++i) {
+        const T rm = margin[r0 + i];
+        const T top = rmax[i] == kNegInf<T> ? kNegInf<T> : (rmax[i] - rm) * scale;
+        T e = T(0), f = T(0);
+        segments(i, [&](const T* srow, int64_t a, int64_t z) {
+          const int64_t k = a - c0;
+          seg_sums(srow + a, z - a, scale, rm, top, &e, &f, cols ? margin + a : nullptr,
+                   cols ? ctop.data() + k : nullptr, cols ? ce.data() + k : nullptr,
+                   cols ? cf.data() + k : nullptr);
+        });
+        partial[static_cast<size_t>(b * rows + i)] = {top, e, f};
+      }
+      if (cols) {
+        for (int64_t k = 0; k < w; ++k) {
+          merge_into(col_top[c0 + k], col_e[c0 + k], col_f[c0 + k], ctop[k], ce[k], cf[k]);
+        }
+      }
+    }
+  });
+  for (int64_t i = 0; i < rows; ++i) {
+    T top = kNegInf<T>, e = T(0), f = T(0);
+    for (int64_t b = 0; b < nblk; ++b) {
+      const auto& p = partial[static_cast<size_t>(b * rows + i)];
+      merge_into(top, e, f, p.top, p.e, p.f);
+    }
+    row_top[r0 + i] = top, row_e[r0 + i] = e, row_f[r0 + i] = f;
+  }
+}
+
+// From each anchor's statistics: the new state u, wsum = sum_j w_ij, and sum_j w_ij d_ij (returned
+// summed, a term of phi, in double).
+template <typename T>
+double finish_anchors(const T* top, const T* e, const T* f, const T* u_old, int64_t B, int64_t N, double gamma,
+                      double eps, T* u_new, T* wsum) {
+  const T log_eps = static_cast<T>(std::log(eps));
+  const T log_n = static_cast<T>(std::log(static_cast<double>(N)));
+  const T log_keep = static_cast<T>(std::log1p(-gamma));   // -inf when gamma == 1 (then unused)
+  const T log_gamma = static_cast<T>(std::log(gamma));
+  std::vector<double> wdsum(static_cast<size_t>(B));
+  at::parallel_for(0, B, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const T log_mean = e[i] > T(0) ? top[i] + std::log(e[i]) - log_n : kNegInf<T>;
+      const T l = log_add_exp(log_mean, log_eps);
+      const T uo = u_old[i];
+      const bool unset = uo == T(0) || !std::isfinite(uo);
+      const T un = (gamma == 1.0 || unset) ? l : log_add_exp(uo + log_keep, l + log_gamma);
+      const T w = e[i] > T(0) ? std::exp(top[i] - un) : T(0);
+      u_new[i] = un;
+      wsum[i] = w * e[i];
+      wdsum[static_cast<size_t>(i)] = static_cast<double>(w * f[i]);
+    }
+  });
+  double total = 0.0;
+  for (double v : wdsum) total += v;   // fixed order
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward.
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_impl(
+    const Shapes& sh, at::ScalarType acc, const at::Tensor& img, const at::Tensor& txt,
+    const at::Tensor& img_all, const at::Tensor& txt_all, const OptTensor& ref_img, const OptTensor& ref_txt,
+    const OptTensor& ref_img_all, const OptTensor& ref_txt_all, const at::Tensor& logit_scale,
+    const at::Tensor& u_img, const at::Tensor& u_txt, int64_t offset, double gamma, double eps,
+    bool columns_are_rows) {
+  const int64_t B = sh.B, N = sh.N;
+  const auto opts = img.options().dtype(acc);
+  const at::Tensor x = as_acc(img, acc), t = as_acc(txt, acc);
+  const at::Tensor xr = opt_acc(ref_img, acc), tr = opt_acc(ref_txt, acc);
+  // Single process: the columns are the rows (same values), use the rows' buffers.
+  const at::Tensor X = columns_are_rows ? x : as_acc(img_all, acc);
+  const at::Tensor Tc = columns_are_rows ? t : as_acc(txt_all, acc);
+  const at::Tensor Xr = columns_are_rows ? xr : opt_acc(ref_img_all, acc);
+  const at::Tensor Tr = columns_are_rows ? tr : opt_acc(ref_txt_all, acc);
+  const T scale = static_cast<T>(logit_scale.item<double>());
+  const at::Tensor uo_img = as_acc(u_img, acc), uo_txt = as_acc(u_txt, acc);
+
+  at::Tensor margin = at::empty({B}, opts);
+  T* pm = margin.data_ptr<T>();
+  pair_margin<T>(x, t, xr, tr, pm);
+
+  // Online statistics (max, sum exp, sum exp * d) of the image anchors and the text anchors.
+  std::vector<T> img_top(B), img_e(B), img_f(B), txt_top(B), txt_e(B), txt_f(B);
+
+  const int64_t R = chunk_rows(B, N, sizeof(T));
+  const int64_t n_chunks = (B + R - 1) / R;
+  const int64_t workers = worker_count(n_chunks);
+  std::vector<at::Tensor> buffers(static_cast<size_t>(workers));
+  // Single process: each worker's column (text anchor) statistics over the chunks it took.
+  std::vector<std::vector<T>> col_stats(static_cast<size_t>(columns_are_rows ? workers : 0));
+  run_chunks(n_chunks, workers, [&](int64_t c, int64_t w) {
+    const int64_t r0 = c * R, rows = std::min(R, B - r0);
+    at::Tensor& buffer = buffers[static_cast<size_t>(w)];
+    if (!buffer.defined()) buffer = at::empty({R, N}, opts);
+    at::Tensor S = buffer.narrow(0, 0, rows);
+    // Image anchors against text columns: S^I = x_c T^T - xr_c Tr^T.
+    similarity(S, rows_of(x, r0, rows), Tc, rows_of(xr, r0, rows), Tr);
+    if (columns_are_rows) {
+      // Column j of S^I is text anchor j over image columns i: S^T = (S^I)^T.
+      auto& cs = col_stats[static_cast<size_t>(w)];
+      if (cs.empty()) {
+        cs.assign(static_cast<size_t>(3 * N), T(0));
+        std::fill(cs.begin(), cs.begin() + N, kNegInf<T>);
+      }
+      chunk_stats<T>(S.data_ptr<T>(), rows, N, r0, offset, pm, scale, img_top.data(), img_e.data(),
+                     img_f.data(), cs.data(), cs.data() + N, cs.data() + 2 * N);
+    } else {
+      chunk_stats<T>(S.data_ptr<T>(), rows, N, r0, offset, pm, scale, img_top.data(), img_e.data(),
+                     img_f.data(), nullptr, nullptr, nullptr);
+      // Text anchors against image columns: S^T = t_c X^T - tr_c Xr^T.
+      similarity(S, rows_of(t, r0, rows), X, rows_of(tr, r0, rows), Xr);
+      chunk_stats<T>(S.data_ptr<T>(), rows, N, r0, offset, pm, scale, txt_top.data(), txt_e.data(),
+                     txt_f.data(), nullptr, nullptr, nullptr);
+    }
+  });
+  buffers.clear();
+  if (columns_are_rows) {   // the text anchors' statistics: the workers' column statistics merged
+    at::parallel_for(0, N, 512, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        T top = kNegInf<T>, e = T(0), f = T(0);
+        for (const auto& cs : col_stats) {
+          if (!cs.empty()) merge_into(top, e, f, cs[j], cs[N + j], cs[2 * N + j]);
+        }
+        txt_top[j] = top, txt_e[j] = e, txt_f[j] = f;
+      }
+    });
+  }
+
+  at::Tensor u_img_new = at::empty({B}, opts), u_txt_new = at::empty({B}, opts);
+  at::Tensor wsum_img = at::empty({B}, opts), wsum_txt = at::empty({B}, opts);
+  double phi = finish_anchors<T>(img_top.data(), img_e.data(), img_f.data(), uo_img.data_ptr<T>(), B, N,
+                                 gamma, eps, u_img_new.data_ptr<T>(), wsum_img.data_ptr<T>());
+  phi += finish_anchors<T>(txt_top.data(), txt_e.data(), txt_f.data(), uo_txt.data_ptr<T>(), B, N, gamma,
+                           eps, u_txt_new.data_ptr<T>(), wsum_txt.data_ptr<T>());
+  at::Tensor phi_t = at::empty({}, opts);
+  phi_t.fill_(phi);
+  return {phi_t, u_img_new, u_txt_new, margin, wsum_img, wsum_txt};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward.
+
+// The weights of one chunk, in place: S [rows, N] becomes P_ij = exp(s (S_ij - m_i) - u_i)
+// + [col_u] exp(s (S_ij - col_m_j) - col_u_j), with the positives set to 0.
+template <typename T>
+void chunk_weights(T* S, int64_t rows, int64_t N, int64_t r0, int64_t offset, const T* margin, const T* u,
+                   T scale, const T* col_margin, const T* col_u) {
+  PhaseTimer timer(kBackwardPass);
+  at::parallel_for(0, rows, 4, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      T* row = S + i * N;
+      seg_weights(row, N, scale, margin[r0 + i], u[r0 + i], col_margin, col_u);
+      row[offset + r0 + i] = T(0);
+    }
+  });
+}
+
+// g_i <- coef (g_i - w_i partner_i) for rows r0 .. r0 + rows.
+template <typename T>
+void finish_rows(at::Tensor& g, const at::Tensor& partner, const T* w, T coef, int64_t r0, int64_t rows) {
+  const int64_t d = g.size(1);
+  T* pg = g.data_ptr<T>();
+  const T* pp = partner.data_ptr<T>();
+  at::parallel_for(r0, r0 + rows, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) axpby_rows(pg + i * d, pp + i * d, d, w[i], coef);
+  });
+}
+
+// A gradient in the layout torch.empty_like(like) has (what the fake implementation promises).
+at::Tensor like_input(const at::Tensor& grad, const at::Tensor& like) {
+  if (like.is_contiguous()) return grad.to(like.scalar_type());
+  at::Tensor out = at::empty_like(like);
+  out.copy_(grad);
+  return out;
+}
+
+// One direction of the general backward: anchors `rows` against columns `cols`.
+struct Direction {
+  const at::Tensor &rows, &ref_rows, &partner, &cols, &ref_cols, &u, &col_u;
+  at::Tensor& out;
+  LockedAccumulator* out_cols;
+};
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
+    const Shapes& sh, at::ScalarType acc, const at::Tensor& grad_phi, const at::Tensor& img,
+    const at::Tensor& txt, const at::Tensor& img_all, const at::Tensor& txt_all, const OptTensor& ref_img,
+    const OptTensor& ref_txt, const OptTensor& ref_img_all, const OptTensor& ref_txt_all,
+    const at::Tensor& logit_scale, const at::Tensor& u_img_new, const at::Tensor& u_txt_new,
+    const at::Tensor& margin, const at::Tensor& wsum_img, const at::Tensor& wsum_txt,
+    const OptTensor& col_u_img, const OptTensor& col_u_txt, const OptTensor& col_margin, int64_t offset,
+    bool columns_are_rows, bool column_grads) {
+  const int64_t B = sh.B, N = sh.N, d = sh.d;
+  const auto opts = img.options().dtype(acc);
+  const bool fold = col_u_img.has_value();
+  const T scale = static_cast<T>(logit_scale.item<double>());
+  const T coef = static_cast<T>(grad_phi.item<double>()) * scale;   // d phi / d x = s * [SPEC bracket]
+
+  const at::Tensor x = as_acc(img, acc), t = as_acc(txt, acc);
+  const at::Tensor xr = opt_acc(ref_img, acc), tr = opt_acc(ref_txt, acc);
+  const at::Tensor uI = as_acc(u_img_new, acc), uT = as_acc(u_txt_new, acc), m = as_acc(margin, acc);
+  const at::Tensor wsum = as_acc(wsum_img, acc) + as_acc(wsum_txt, acc);   // both directions' row sums
+  const at::Tensor cuI = opt_acc(col_u_img, acc), cuT = opt_acc(col_u_txt, acc), cm = opt_acc(col_margin, acc);
+  const T* pm = m.data_ptr<T>();
+  const T* pw = wsum.data_ptr<T>();
+
+  // The transpose trick needs P^t = (P^x)^T: the fold terms must use the rows' own state.
+  const bool transpose = columns_are_rows && fold && !column_grads && at::equal(cuI, uI) &&
+                         at::equal(cuT, uT) && at::equal(cm, m);
+
+  const int64_t R = chunk_rows(B, N, sizeof(T));
+  const int64_t n_chunks = (B + R - 1) / R;
+  const int64_t workers = worker_count(n_chunks);
+  std::vector<at::Tensor> buffers(static_cast<size_t>(workers)), spares(static_cast<size_t>(workers));
+  auto buffer_of = [&](std::vector<at::Tensor>& pool, int64_t w, int64_t rows) {
+    at::Tensor& b = pool[static_cast<size_t>(w)];
+    if (!b.defined()) b = at::empty({R, N}, opts);
+    return b.narrow(0, 0, rows);
+  };
+  at::Tensor d_img = at::empty({B, d}, opts);
+  at::Tensor d_txt, d_img_all, d_txt_all;
+
+  if (transpose) {
+    // P = W^I + (W^T)^T on each chunk of S = S^I; d x_c = P_c t, d t += P_c^T x_c.
+    d_txt = at::zeros({B, d}, opts);
+    LockedAccumulator dt(d_txt, workers);
+    run_chunks(n_chunks, workers, [&](int64_t c, int64_t w) {
+      const int64_t r0 = c * R, rows = std::min(R, B - r0);
+      at::Tensor P = buffer_of(buffers, w, rows);
+      const at::Tensor xc = x.narrow(0, r0, rows);
+      similarity(P, xc, t, rows_of(xr, r0, rows), tr);
+      chunk_weights<T>(P.data_ptr<T>(), rows, N, r0, offset, pm, uI.data_ptr<T>(), scale, pm,
+                       uT.data_ptr<T>());
+      {
+        PhaseTimer timer(kWeightedGemm);
+        at::Tensor dx = d_img.narrow(0, r0, rows);
+        at::mm_out(dx, P, t);
+        finish_rows<T>(d_img, t, pw, coef, r0, rows);
+        dt.add(P, xc, 1.0, w);
+      }
+    });
+    finish_rows<T>(d_txt, x, pw, coef, 0, B);
+  } else {
+    // Two similarity matrices; each direction's weighted product, plus the column gradients.
+    const at::Tensor X = as_acc(img_all, acc), Tc = as_acc(txt_all, acc);
+    const at::Tensor Xr = opt_acc(ref_img_all, acc), Tr = opt_acc(ref_txt_all, acc);
+    d_txt = at::empty({B, d}, opts);
+    std::optional<LockedAccumulator> dX, dT;
+    if (column_grads) {
+      d_img_all = at::zeros({N, d}, opts);
+      d_txt_all = at::zeros({N, d}, opts);
+      dX.emplace(d_img_all, workers);
+      dT.emplace(d_txt_all, workers);
+    }
+    const Direction dirs[2] = {{x, xr, t, Tc, Tr, uI, cuT, d_img, column_grads ? &*dT : nullptr},
+                               {t, tr, x, X, Xr, uT, cuI, d_txt, column_grads ? &*dX : nullptr}};
+    const T* col_m = fold ? cm.data_ptr<T>() : nullptr;
+    run_chunks(n_chunks, workers, [&](int64_t c, int64_t w) {
+      const int64_t r0 = c * R, rows = std::min(R, B - r0);
+      for (const Direction& dir : dirs) {
+        at::Tensor P = buffer_of(buffers, w, rows);
+        const at::Tensor rc = dir.rows.narrow(0, r0, rows);
+        similarity(P, rc, dir.cols, rows_of(dir.ref_rows, r0, rows), dir.ref_cols);
+        const T* col_u = fold ? dir.col_u.data_ptr<T>() : nullptr;
+        if (dir.out_cols != nullptr) {
+          // With fold, the columns get this direction's anchors' weights only: keep a copy of S.
+          at::Tensor Q;
+          if (fold) {
+            Q = buffer_of(spares, w, rows);
+            Q.copy_(P);
+          }
+          chunk_weights<T>(P.data_ptr<T>(), rows, N, r0, offset, pm, dir.u.data_ptr<T>(), scale, nullptr,
+                           nullptr);
+          {
+            PhaseTimer timer(kWeightedGemm);
+            dir.out_cols->add(P, rc, static_cast<double>(coef), w);   // d cols_j += coef sum_i w_ij rows_i
+          }
+          if (fold) {
+            chunk_weights<T>(Q.data_ptr<T>(), rows, N, r0, offset, pm, dir.u.data_ptr<T>(), scale, col_m,
+                             col_u);
+            P = Q;
+          }
+        } else {
+          chunk_weights<T>(P.data_ptr<T>(), rows, N, r0, offset, pm, dir.u.data_ptr<T>(), scale, col_m, col_u);
+        }
+        PhaseTimer timer(kWeightedGemm);
+        at::Tensor out = dir.out.narrow(0, r0, rows);
+        at::mm_out(out, P, dir.cols);
+        finish_rows<T>(dir.out, dir.partner, pw, coef, r0, rows);
+      }
+    });
+  }
+  buffers.clear();
+  spares.clear();
+  if (column_grads) {
+    return {like_input(d_img, img), like_input(d_txt, txt), like_input(d_img_all, img_all),
+            like_input(d_txt_all, txt_all)};
+  }
+  return {like_input(d_img, img), like_input(d_txt, txt), img.new_empty({0, d}), txt.new_empty({0, d})};
+}
+
+at::ScalarType acc_dtype(const at::Tensor& img) {
+  return img.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_fwd(
+    const at::Tensor& img, const at::Tensor& txt, const at::Tensor& img_all, const at::Tensor& txt_all,
+    const OptTensor& ref_img, const OptTensor& ref_txt, const OptTensor& ref_img_all,
+    const OptTensor& ref_txt_all, const at::Tensor& logit_scale, const at::Tensor& u_img,
+    const at::Tensor& u_txt, int64_t offset, double gamma, double eps, bool columns_are_rows) {
+  constexpr const char* op = "drrho::cpp_fwd";
+  const Shapes sh = check_embeddings(op, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all,
+                                     ref_txt_all, offset, columns_are_rows);
+  check_scalar(op, "logit_scale", logit_scale);
+  check_vector(op, "u_img", u_img, sh.B);
+  check_vector(op, "u_txt", u_txt, sh.B);
+  TORCH_CHECK(gamma > 0.0 && gamma <= 1.0, op, ": gamma: expected a value in (0, 1], got ", gamma);
+  TORCH_CHECK(eps > 0.0, op, ": eps: expected a value > 0, got ", eps);
+  // Nested ATen calls (mm, addmm) are plain computations: keep autograd out of them.
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const at::ScalarType acc = acc_dtype(img);
+  if (sh.B == 0) {   // nothing to reduce: phi = 0, empty per-row outputs
+    const auto opts = img.options().dtype(acc);
+    return {at::zeros({}, opts), at::empty({0}, opts), at::empty({0}, opts), at::empty({0}, opts),
+            at::empty({0}, opts), at::empty({0}, opts)};
+  }
+  if (acc == at::kDouble) {
+    return fwd_impl<double>(sh, acc, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt_all,
+                            logit_scale, u_img, u_txt, offset, gamma, eps, columns_are_rows);
+  }
+  return fwd_impl<float>(sh, acc, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt_all,
+                         logit_scale, u_img, u_txt, offset, gamma, eps, columns_are_rows);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_bwd(
+    const at::Tensor& grad_phi, const at::Tensor& img, const at::Tensor& txt, const at::Tensor& img_all,
+    const at::Tensor& txt_all, const OptTensor& ref_img, const OptTensor& ref_txt,
+    const OptTensor& ref_img_all, const OptTensor& ref_txt_all, const at::Tensor& logit_scale,
+    const at::Tensor& u_img_new, const at::Tensor& u_txt_new, const at::Tensor& margin,
+    const at::Tensor& wsum_img, const at::Tensor& wsum_txt, const OptTensor& col_u_img,
+    const OptTensor& col_u_txt, const OptTensor& col_margin, int64_t offset, bool columns_are_rows,
+    bool column_grads) {
+  constexpr const char* op = "drrho::cpp_bwd";
+  const Shapes sh = check_embeddings(op, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all,
+                                     ref_txt_all, offset, columns_are_rows);
+  check_scalar(op, "grad_phi", grad_phi);
+  check_scalar(op, "logit_scale", logit_scale);
+  check_vector(op, "u_img_new", u_img_new, sh.B);
+  check_vector(op, "u_txt_new", u_txt_new, sh.B);
+  check_vector(op, "margin", margin, sh.B);
+  check_vector(op, "wsum_img", wsum_img, sh.B);
+  check_vector(op, "wsum_txt", wsum_txt, sh.B);
+  const bool fold = col_u_img.has_value();
+  TORCH_CHECK(col_u_txt.has_value() == fold && col_margin.has_value() == fold, op,
+              ": col_u_img, col_u_txt and col_margin: expected all three or none");
+  if (fold) {
+    check_vector(op, "col_u_img", *col_u_img, sh.N);
+    check_vector(op, "col_u_txt", *col_u_txt, sh.N);
+    check_vector(op, "col_margin", *col_margin, sh.N);
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const at::ScalarType acc = acc_dtype(img);
+  if (sh.B == 0) {   // no anchors: every gradient is zero
+    auto cols = column_grads ? std::pair{at::zeros_like(img_all), at::zeros_like(txt_all)}
+                             : std::pair{img.new_empty({0, sh.d}), txt.new_empty({0, sh.d})};
+    return {at::empty_like(img), at::empty_like(txt), cols.first, cols.second};
+  }
+  if (acc == at::kDouble) {
+    return bwd_impl<double>(sh, acc, grad_phi, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all,
+                            ref_txt_all, logit_scale, u_img_new, u_txt_new, margin, wsum_img, wsum_txt,
+                            col_u_img, col_u_txt, col_margin, offset, columns_are_rows, column_grads);
+  }
+  return bwd_impl<float>(sh, acc, grad_phi, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all,
+                         ref_txt_all, logit_scale, u_img_new, u_txt_new, margin, wsum_img, wsum_txt, col_u_img,
+                         col_u_txt, col_margin, offset, columns_are_rows, column_grads);
+}
+
+void set_profiling(bool enabled) { g_profiling.store(enabled); }
+
+std::vector<std::pair<std::string, double>> read_profile(bool reset) {
+  std::vector<std::pair<std::string, double>> out;
+  for (int p = 0; p < kPhaseCount; ++p) {
+    const int64_t ns = reset ? g_phase_ns[p].exchange(0) : g_phase_ns[p].load();
+    out.emplace_back(kPhaseNames[p], static_cast<double>(ns) * 1e-9);
+  }
+  return out;
+}
+
+Tiling default_tiling() { return {kDefaultChunkBytes, kDefaultColBlock, kDefaultSpreadRows}; }
+
+Tiling get_tiling() { return {g_chunk_bytes.load(), g_col_block.load(), g_spread_rows.load()}; }
+
+void set_tiling(int64_t chunk_bytes, int64_t col_block, int64_t spread_rows) {
+  TORCH_CHECK(chunk_bytes >= 0, "set_tiling: chunk_bytes: expected >= 0 (0: default), got ", chunk_bytes);
+  TORCH_CHECK(col_block >= 0, "set_tiling: col_block: expected >= 0 (0: default), got ", col_block);
+  TORCH_CHECK(spread_rows >= -1, "set_tiling: spread_rows: expected >= -1 (0: default, -1: off), got ",
+              spread_rows);
+  g_chunk_bytes.store(chunk_bytes == 0 ? kDefaultChunkBytes : chunk_bytes);
+  g_col_block.store(col_block == 0 ? kDefaultColBlock : col_block);
+  g_spread_rows.store(spread_rows == 0 ? kDefaultSpreadRows : std::max<int64_t>(spread_rows, 0));
+}
+
+}  // namespace drrho::cpu

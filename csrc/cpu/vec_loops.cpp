@@ -1,0 +1,238 @@
+// Inner loops of the CPU kernels (declared in vec_loops.h), written as plain loops that the
+// compiler vectorizes (`omp simd`), compiled for three instruction sets with function
+// multiversioning: the dynamic loader picks the best clone for the CPU once (ifunc).
+//
+// This file includes no torch header on purpose: only the functions below are compiled for
+// AVX-512/AVX2, so no inline function shared with libtorch can end up with instructions the CPU
+// lacks.
+//
+// exp: the loops need an exponential that vectorizes (a call to libm's expf does not without
+// -ffast-math). `vexp` is the classic range reduction e^x = 2^n e^r, n = round(x / ln 2),
+// r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 split in two parts so that r is exact), e^r by its Taylor
+// polynomial (degree 7 in float: truncation < 6e-9; degree 13 in double: < 5e-18), and 2^n built
+// from its exponent bits. Inputs below the smallest normal result give 0, above the largest
+// finite give +inf, NaN stays NaN. Accuracy: a few ulp (tests/test_cpp.py checks it).
+#include "vec_loops.h"
+
+#include <array>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && defined(__linux__) && \
+    !defined(DRRHO_NO_MULTIVERSION)
+#define DRRHO_MULTIVERSION 1
+#define DRRHO_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DRRHO_MULTIVERSION 0
+#define DRRHO_CLONES
+#endif
+
+#define DRRHO_INLINE inline __attribute__((always_inline))
+
+namespace drrho::cpu {
+namespace {
+
+template <typename T>
+struct ExpConst;
+
+template <>
+struct ExpConst<float> {
+  using Bits = int32_t;
+  static constexpr float log2e = 1.44269504088896341f;
+  static constexpr float ln2_hi = 0.693359375f;        // exact in 9 bits: n * ln2_hi is exact
+  static constexpr float ln2_lo = -2.12194440054690583e-4f;
+  static constexpr float shift = 12582912.0f;          // 1.5 * 2^23: x + shift rounds x to an integer
+  static constexpr Bits shift_bits = 0x4B400000;       // bits of `shift`
+  static constexpr int mantissa = 23;
+  static constexpr Bits bias = 127;
+  static constexpr float lo = -87.0f;                  // exp(lo) > FLT_MIN
+  static constexpr float hi = 88.0f;                   // exp(hi) < FLT_MAX
+  static constexpr int degree = 7;
+};
+
+template <>
+struct ExpConst<double> {
+  using Bits = int64_t;
+  static constexpr double log2e = 1.44269504088896340736;
+  static constexpr double ln2_hi = 6.93147180369123816490e-01;   // 32 significant bits
+  static constexpr double ln2_lo = 1.90821492927058770002e-10;
+  static constexpr double shift = 6755399441055744.0;            // 1.5 * 2^52
+  static constexpr Bits shift_bits = 0x4338000000000000LL;
+  static constexpr int mantissa = 52;
+  static constexpr Bits bias = 1023;
+  static constexpr double lo = -708.0;
+  static constexpr double hi = 709.0;
+  static constexpr int degree = 13;
+};
+
+template <typename T, int D>
+constexpr std::array<T, D + 1> taylor_coefficients() {
+  std::array<T, D + 1> c{};
+  T inv_factorial = T(1);
+  for (int k = 0; k <= D; ++k) {
+    c[k] = inv_factorial;
+    inv_factorial /= T(k + 1);
+  }
+  return c;
+}
+
+template <typename T>
+DRRHO_INLINE T vexp(T x) {
+  using C = ExpConst<T>;
+  using Bits = typename C::Bits;
+  // Clamp without std::min/max so that NaN passes through (comparisons with NaN are false).
+  T xc = x < C::lo ? C::lo : x;
+  xc = xc > C::hi ? C::hi : xc;
+  const T t = xc * C::log2e + C::shift;
+  const T n = t - C::shift;                       // round(x / ln 2)
+  const T r = (xc - n * C::ln2_hi) - n * C::ln2_lo;
+  // Taylor polynomial of e^r, Horner form, coefficients 1/k!.
+  static constexpr auto c = taylor_coefficients<T, C::degree>();
+  T p = c[C::degree];
+  for (int k = C::degree - 1; k >= 0; --k) p = p * r + c[k];
+  const Bits nbits = std::bit_cast<Bits>(t) - C::shift_bits;       // n as an integer
+  const T two_n = std::bit_cast<T>(static_cast<Bits>((nbits + C::bias) << C::mantissa));
+  T y = p * two_n;
+  y = x < C::lo ? T(0) : y;
+  y = x > C::hi ? std::numeric_limits<T>::infinity() : y;
+  return y;
+}
+
+template <typename T>
+DRRHO_INLINE T seg_max_impl(const T* s, int64_t n, T row_max, T* col_max) {
+  T m = row_max;
+  if (col_max != nullptr) {
+#pragma omp simd reduction(max : m)
+    for (int64_t k = 0; k < n; ++k) {
+      const T v = s[k];
+      m = v > m ? v : m;
+      col_max[k] = v > col_max[k] ? v : col_max[k];
+    }
+  } else {
+#pragma omp simd reduction(max : m)
+    for (int64_t k = 0; k < n; ++k) {
+      const T v = s[k];
+      m = v > m ? v : m;
+    }
+  }
+  return m;
+}
+
+template <typename T>
+DRRHO_INLINE void seg_sums_impl(const T* s, int64_t n, T scale, T row_m, T row_top, T* row_e, T* row_f,
+                                const T* col_m, const T* col_top, T* col_e, T* col_f) {
+  T e_sum = T(0), f_sum = T(0);
+  if (col_e != nullptr) {
+#pragma omp simd reduction(+ : e_sum, f_sum)
+    for (int64_t k = 0; k < n; ++k) {
+      const T d = (s[k] - row_m) * scale;
+      const T e = vexp(d - row_top);
+      e_sum += e;
+      f_sum += e * d;
+      const T c = (s[k] - col_m[k]) * scale;
+      const T f = vexp(c - col_top[k]);
+      col_e[k] += f;
+      col_f[k] += f * c;
+    }
+  } else {
+#pragma omp simd reduction(+ : e_sum, f_sum)
+    for (int64_t k = 0; k < n; ++k) {
+      const T d = (s[k] - row_m) * scale;
+      const T e = vexp(d - row_top);
+      e_sum += e;
+      f_sum += e * d;
+    }
+  }
+  *row_e += e_sum;
+  *row_f += f_sum;
+}
+
+template <typename T>
+DRRHO_INLINE void seg_weights_impl(T* p, int64_t n, T scale, T row_m, T row_u, const T* col_m,
+                                   const T* col_u) {
+  if (col_u != nullptr) {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) {
+      const T v = p[k];
+      p[k] = vexp((v - row_m) * scale - row_u) + vexp((v - col_m[k]) * scale - col_u[k]);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) p[k] = vexp((p[k] - row_m) * scale - row_u);
+  }
+}
+
+template <typename T>
+DRRHO_INLINE T dot_impl(const T* a, const T* b, int64_t n) {
+  T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < n; ++k) acc += a[k] * b[k];
+  return acc;
+}
+
+template <typename T>
+DRRHO_INLINE void axpby_impl(T* g, const T* partner, int64_t n, T w, T coef) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) g[k] = coef * (g[k] - w * partner[k]);
+}
+
+template <typename T>
+DRRHO_INLINE void exp_array_impl(const T* x, T* y, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) y[k] = vexp(x[k]);
+}
+
+}  // namespace
+
+DRRHO_CLONES float seg_max(const float* s, int64_t n, float row_max, float* col_max) {
+  return seg_max_impl(s, n, row_max, col_max);
+}
+DRRHO_CLONES double seg_max(const double* s, int64_t n, double row_max, double* col_max) {
+  return seg_max_impl(s, n, row_max, col_max);
+}
+
+DRRHO_CLONES void seg_sums(const float* s, int64_t n, float scale, float row_m, float row_top, float* row_e,
+                           float* row_f, const float* col_m, const float* col_top, float* col_e,
+                           float* col_f) {
+  seg_sums_impl(s, n, scale, row_m, row_top, row_e, row_f, col_m, col_top, col_e, col_f);
+}
+DRRHO_CLONES void seg_sums(const double* s, int64_t n, double scale, double row_m, double row_top,
+                           double* row_e, double* row_f, const double* col_m, const double* col_top,
+                           double* col_e, double* col_f) {
+  seg_sums_impl(s, n, scale, row_m, row_top, row_e, row_f, col_m, col_top, col_e, col_f);
+}
+
+DRRHO_CLONES void seg_weights(float* p, int64_t n, float scale, float row_m, float row_u, const float* col_m,
+                              const float* col_u) {
+  seg_weights_impl(p, n, scale, row_m, row_u, col_m, col_u);
+}
+DRRHO_CLONES void seg_weights(double* p, int64_t n, double scale, double row_m, double row_u,
+                              const double* col_m, const double* col_u) {
+  seg_weights_impl(p, n, scale, row_m, row_u, col_m, col_u);
+}
+
+DRRHO_CLONES float dot(const float* a, const float* b, int64_t n) { return dot_impl(a, b, n); }
+DRRHO_CLONES double dot(const double* a, const double* b, int64_t n) { return dot_impl(a, b, n); }
+
+DRRHO_CLONES void axpby_rows(float* g, const float* partner, int64_t n, float w, float coef) {
+  axpby_impl(g, partner, n, w, coef);
+}
+DRRHO_CLONES void axpby_rows(double* g, const double* partner, int64_t n, double w, double coef) {
+  axpby_impl(g, partner, n, w, coef);
+}
+
+DRRHO_CLONES void exp_array(const float* x, float* y, int64_t n) { exp_array_impl(x, y, n); }
+DRRHO_CLONES void exp_array(const double* x, double* y, int64_t n) { exp_array_impl(x, y, n); }
+
+const char* simd_level() {
+#if DRRHO_MULTIVERSION
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return "avx512";
+  if (__builtin_cpu_supports("x86-64-v3")) return "avx2";
+#endif
+  return "default";
+}
+
+}  // namespace drrho::cpu

@@ -1,0 +1,52 @@
+// Inner loops of the CPU kernels: one row segment of a similarity chunk at a time.
+//
+// Plain C++ over raw pointers (no torch headers), compiled once per instruction set through
+// GCC/Clang function multiversioning (see vec_loops.cpp), so that one binary uses AVX-512 where the
+// CPU has it and still runs on any x86-64. Everything is declared for float and double; the
+// accumulation dtype of the kernels is one of the two.
+//
+// Notation (SPEC.md, docs/DESIGN.md): a row segment holds S_ij for one anchor row i and a range of
+// columns j; d = s (S - m), with m the anchor's margin <x_i, t_i> - <xr_i, tr_i>.
+#pragma once
+
+#include <cstdint>
+
+namespace drrho::cpu {
+
+// Running maxima of one row segment s[0:n]: returns max_k s[k] (or `row_max` if larger), and, when
+// `col_max` is not null, updates col_max[k] = max(col_max[k], s[k]).
+float seg_max(const float* s, int64_t n, float row_max, float* col_max);
+double seg_max(const double* s, int64_t n, double row_max, double* col_max);
+
+// Online log-sum-exp sums of one row segment, with the shifts fixed by the max pass:
+//   row anchor:  d = (s[k] - row_m) * scale,      e = exp(d - row_top),    E += e,  F += e d
+//   column k:    c = (s[k] - col_m[k]) * scale,  f = exp(c - col_top[k]),  col_e[k] += f, col_f[k] += f c
+// (the column part only when col_e is not null). E and F are added to *row_e, *row_f.
+void seg_sums(const float* s, int64_t n, float scale, float row_m, float row_top, float* row_e,
+              float* row_f, const float* col_m, const float* col_top, float* col_e, float* col_f);
+void seg_sums(const double* s, int64_t n, double scale, double row_m, double row_top, double* row_e,
+              double* row_f, const double* col_m, const double* col_top, double* col_e, double* col_f);
+
+// Backward weights of one row, in place: p[k] = exp((p[k] - row_m) scale - row_u)
+//   + exp((p[k] - col_m[k]) scale - col_u[k])   (the second term only when col_u is not null).
+void seg_weights(float* p, int64_t n, float scale, float row_m, float row_u, const float* col_m,
+                 const float* col_u);
+void seg_weights(double* p, int64_t n, double scale, double row_m, double row_u, const double* col_m,
+                 const double* col_u);
+
+// sum_k a[k] b[k]
+float dot(const float* a, const float* b, int64_t n);
+double dot(const double* a, const double* b, int64_t n);
+
+// g[k] = coef (g[k] - w partner[k])
+void axpby_rows(float* g, const float* partner, int64_t n, float w, float coef);
+void axpby_rows(double* g, const double* partner, int64_t n, double w, double coef);
+
+// exp through the same code as the loops (for tests of its accuracy), n values.
+void exp_array(const float* x, float* y, int64_t n);
+void exp_array(const double* x, double* y, int64_t n);
+
+// The instruction set the multiversioned loops run with on this CPU: "avx512", "avx2" or "default".
+const char* simd_level();
+
+}  // namespace drrho::cpu
