@@ -12,7 +12,6 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")   # before drrho_kernels is imported, here and in children
 
-import importlib.util  # noqa: E402
 import socket  # noqa: E402
 import time  # noqa: E402
 from datetime import timedelta  # noqa: E402
@@ -29,25 +28,11 @@ B, D, DR, SCALE, GAMMA, RHO = 3, 6, 4, 7.0, 0.8, 8.0
 WORLD_SIZES = (2, 4)
 
 
-def triton_backend_status() -> str | None:
-    """None when the triton backend can run here (interpreter on CPU), else why not."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    try:
-        if importlib.util.find_spec("drrho_kernels.backends.triton") is None:
-            return "drrho_kernels.backends.triton does not exist yet"
-        from drrho_kernels import backends
-        backends.fused_ops("triton")
-    except Exception as exc:  # noqa: BLE001 - any import failure means "not available yet"
-        return f"the triton backend is not importable: {type(exc).__name__}: {exc}"
-    return None
-
-
 def value_cases():
     cases = []
-    fused = [("torch", torch.float64)]
-    if triton_backend_status() is None:
-        fused.append(("triton", torch.float32))
+    fused = [("torch", torch.float64), ("triton", torch.float32)]   # triton: the interpreter, CPU tensors
+    if "cpp" in dk.available_backends("cpu"):
+        fused.append(("cpp", torch.float64))
     for backend, dtype in fused + [("reference", torch.float64)]:
         for scheme in ddk.SCHEMES:
             for ref in (True, False):
@@ -375,12 +360,6 @@ def test_group_still_works_after_the_errors(runs):
     want = _single(world, torch.float64, ref=True)["loss"]
     mean = sum(r["after_errors"] for r in results) / world
     assert abs(mean - want) <= 1e-9 * abs(want)
-
-
-def test_triton_parametrization_status():
-    why = triton_backend_status()
-    if why is not None:
-        pytest.skip(f"triton cases not run: {why}")
 
 
 def test_needs_an_initialised_group():

@@ -82,7 +82,7 @@ def make_checked_function(case, backend, distributed):
     return Checked.apply, inputs
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "reference"] + (["cpp"] if "cpp" in dk.available_backends("cpu") else []))
 @pytest.mark.parametrize("ref,distributed", [(True, False), (False, False), (True, True), (False, True)],
                          ids=["ref", "noref", "ref-dist-offset", "noref-dist-offset"])
 def test_gradcheck(backend, ref, distributed):

@@ -144,3 +144,23 @@ def test_fold_with_given_column_state_matches_column_gradients():
     split = torch_chunked.backward(one, *common, None, None, None, 0, False, True)
     torch.testing.assert_close(folded[0], split[0] + split[2], rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(folded[1], split[1] + split[3], rtol=1e-12, atol=1e-14)
+
+
+def test_backward_semantics_outside_the_autograd_path():
+    """Column gradients hold the row anchors' terms only, even with a fold; one process without a fold
+    gives the row terms only, like the general path."""
+    case = make_case(B=4, N=4, offset=0, seed=9)
+    X, T = case.img_all, case.txt_all
+    ref = (case.ref_img_all, case.ref_txt_all)
+    s = torch.tensor(case.logit_scale, dtype=torch.float64)
+    _, u_i, u_t, margin, ws_i, ws_t = torch_chunked.forward(X, T, X, T, *ref, *ref, s, case.u_img.double(),
+                                                            case.u_txt.double(), 0, 0.8, 1e-14, False)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    common = (X, T, X, T, *ref, *ref, s, u_i, u_t, margin, ws_i, ws_t)
+    plain = torch_chunked.backward(one, *common, None, None, None, 0, False, True)
+    fold_and_cols = torch_chunked.backward(one, *common, u_i, u_t, margin, 0, False, True)
+    torch.testing.assert_close(fold_and_cols[2], plain[2], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(fold_and_cols[3], plain[3], rtol=1e-12, atol=1e-14)
+    rows_only = torch_chunked.backward(one, *common, None, None, None, 0, True, False)
+    torch.testing.assert_close(rows_only[0], plain[0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(rows_only[1], plain[1], rtol=1e-12, atol=1e-14)

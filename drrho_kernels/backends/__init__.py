@@ -80,3 +80,7 @@ def fused_ops(name: str):
         from . import cpp
         return cpp.fused_ops()
     raise ValueError(f"backend: {name!r} has no fused ops")
+
+
+# Load the C++ extension now (no GPU involved), so that a missing or broken build is reported once, at import.
+from . import cpp as _cpp  # noqa: E402,F401

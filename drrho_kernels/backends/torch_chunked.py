@@ -127,15 +127,20 @@ def forward(img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt_a
     return phi, u_img_new, u_txt_new, margin, wsum_img, wsum_txt
 
 
-def _weights(sim, s, row_margin, row_u, col_margin, col_u):
-    """exp(s (sim - margin) - u) for the row anchors, plus the column anchors' weights if given.
-
-    With ``col_u`` given, entry [i, j] also gets ``w_{j, i}`` of column anchor j (the other modality)
-    over row i, which in ``sim`` reads ``s (sim_ij - col_margin_j) - col_u_j``.
-    """
+def _row_weights(sim, s, row_margin, row_u, positive):
+    """w_ij = exp(s (sim_ij - m_i) - u_i) of the row anchors, 0 at the positives (``sim`` is kept)."""
     w = (sim - row_margin[:, None]).mul_(s).sub_(row_u[:, None]).exp_()
-    if col_u is not None:
-        w += sim.sub_(col_margin[None, :]).mul_(s).sub_(col_u[None, :]).exp_()
+    w[positive] = 0.0
+    return w
+
+
+def _add_column_weights(w, sim, s, col_margin, col_u, positive):
+    """Add ``w_{j, i}`` of column anchor j (the other modality) over row i: exp(s (sim_ij - mc_j) - uc_j).
+
+    This is the fold of the column terms; ``sim`` is overwritten.
+    """
+    w += sim.sub_(col_margin[None, :]).mul_(s).sub_(col_u[None, :]).exp_()
+    w[positive] = 0.0
     return w
 
 
@@ -146,7 +151,8 @@ def backward(grad_phi, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all
     """Gradients of ``phi`` for img, txt (and img_all, txt_all when ``column_grads``).
 
     With ``col_u_img``/``col_u_txt``/``col_margin`` given, the column terms of every anchor are folded
-    into the row gradients (single process, or the distributed scheme that gathers ``u``).
+    into the row gradients (single process, or the distributed scheme that gathers ``u``). Column
+    gradients, when asked, hold the row anchors' terms only (the fold never enters them).
     """
     acc = margin.dtype
     B, N = img.shape[0], img_all.shape[0]
@@ -161,13 +167,18 @@ def backward(grad_phi, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all
     d_img = torch.empty_like(x_acc)
     d_txt = torch.empty_like(t_acc)
 
-    if columns_are_rows:
+    # One process with the columns' state equal to the rows' own (what the autograd glue passes):
+    # one similarity chunk gives both directions' weights, P = W^I + (W^T)^T.
+    transposed = (columns_are_rows and fold and not column_grads
+                  and (col_u_txt is u_txt_new or torch.equal(col_u_txt, u_txt_new)))
+    if transposed:
         d_txt.zero_()
         for r0 in range(0, B, R):
             r1 = min(r0 + R, B)
+            positive = _positive_entries(r0, r1, offset, img.device)
             sim = _similarity(img, T, ref_img, Tr, r0, r1, acc)
-            p = _weights(sim, s, margin[r0:r1], u_img_new[r0:r1], col_margin, col_u_txt)
-            p[_positive_entries(r0, r1, offset, p.device)] = 0.0
+            p = _row_weights(sim, s, margin[r0:r1], u_img_new[r0:r1], positive)
+            _add_column_weights(p, sim, s, col_margin, col_u_txt, positive)
             d_img[r0:r1] = p @ T
             d_txt.addmm_(p.T, x_acc[r0:r1])
         d_img.sub_(wsum[:, None] * t_acc).mul_(coef)
@@ -180,15 +191,17 @@ def backward(grad_phi, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all
     d_txt_all = torch.zeros_like(T) if column_grads else None
     for r0 in range(0, B, R):
         r1 = min(r0 + R, B)
+        positive = _positive_entries(r0, r1, offset, img.device)
         for rows, rows_acc, cols, ref_rows, ref_cols, u_row, col_u, out, out_cols in (
                 (img, x_acc, T, ref_img, Tr, u_img_new, col_u_txt, d_img, d_txt_all),
                 (txt, t_acc, X, ref_txt, Xr, u_txt_new, col_u_img, d_txt, d_img_all)):
             sim = _similarity(rows, cols, ref_rows, ref_cols, r0, r1, acc)
-            p = _weights(sim, s, margin[r0:r1], u_row[r0:r1], col_margin, col_u if fold else None)
-            p[_positive_entries(r0, r1, offset, p.device)] = 0.0
-            out[r0:r1] = p @ cols
-            if out_cols is not None:
+            p = _row_weights(sim, s, margin[r0:r1], u_row[r0:r1], positive)
+            if out_cols is not None:                 # column gradients: this process's anchors only
                 out_cols.addmm_(p.T, rows_acc[r0:r1])
+            if fold:
+                _add_column_weights(p, sim, s, col_margin, col_u, positive)
+            out[r0:r1] = p @ cols
             del sim, p
     d_img.sub_(wsum[:, None] * t_acc).mul_(coef)
     d_txt.sub_(wsum[:, None] * x_acc).mul_(coef)
