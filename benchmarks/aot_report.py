@@ -9,6 +9,8 @@ and input dtype for sm_80 (A100), sm_90 (H100/H200) and sm_100 (B200) with ``tri
 - shared memory per block (Triton's ``metadata.shared``) against the architecture's per-block limit,
 - tensor-core instructions in the PTX (``mma.sync`` on sm_80, ``wgmma.mma_async`` on sm_90,
   ``tcgen05.mma`` on sm_100) and the float32 dot precision in the TTIR (tf32x3 or ieee, never tf32),
+  for every kernel with a dot (``has_dot``: all but ``NO_DOT``, the one-process forward's margin and
+  merge kernels, memory-bound [B] passes with one fixed configuration),
 - an occupancy estimate (resident programs per SM from registers and shared memory).
 
 ``python -m benchmarks.aot_report`` writes ``benchmarks/results/triton_aot_<triton version>.json`` and
@@ -45,13 +47,18 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # slices at BD = 512), dr = 512 != d: the largest tiles every candidate uses for CLIP widths.
 VARIANTS = {
     "fwd": ("_fwd_kernel", "fwd", dict(HAS_REF=True, GAMMA_ONE=False)),
+    # one process: margins, the transposed forward (each tile once, both reductions), the merge
+    "fwd_t_margin": ("_margin_kernel", "margin", dict(HAS_REF=True)),
+    "fwd_t": ("_fwd_t_kernel", "fwdt", dict(HAS_REF=True)),
+    "fwd_t_merge": ("_fwd_t_merge_kernel", "merge", dict(GAMMA_ONE=False)),
     "bwd_row_fold": ("_bwd_kernel", "bwd", dict(HAS_REF=True, IS_ROW=True, FOLD=True)),
     "bwd_row": ("_bwd_kernel", "bwd", dict(HAS_REF=True, IS_ROW=True, FOLD=False)),
     "bwd_col": ("_bwd_kernel", "bwd", dict(HAS_REF=True, IS_ROW=False, FOLD=False)),
 }
+NO_DOT = {"fwd_t_margin", "fwd_t_merge"}     # no tensor-core product in these (memory-bound [B] passes)
 D, DR = 768, 512
 _EMBEDDING_ARGS = {"p_x", "p_t", "p_X", "p_T", "p_xr", "p_tr", "p_Xr", "p_Tr", "p_out_img", "p_out_txt"}
-_INT_ARGS = {"B", "N", "offset"}
+_INT_ARGS = {"B", "N", "offset", "n_groups", "n_splits", "panel_cols"}
 
 
 def jobs(archs=ARCHS, variants=tuple(VARIANTS), dtypes=tuple(DTYPES)):
@@ -123,10 +130,11 @@ def compile_one(job) -> dict:
     fn_name, kind, flags = VARIANTS[variant]
     fn = getattr(kernels, fn_name)
     row = {"kernel": variant, "config": tiles.name, "dtype": dt, "arch": f"sm_{cc}", "D": D, "DR": DR,
-           "num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
+           "num_warps": tiles.num_warps, "num_stages": tiles.num_stages, "has_dot": variant not in NO_DOT}
     constexprs = dict(D=D, DR=DR, **flags, **tiles.meta(), **launch.dot_flags(getattr(torch, DTYPES[dt])))
     if kind == "bwd":
         constexprs["SCALE_P"] = dt == "fp16"
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name.startswith("p_")}
     try:
         src = ASTSource(fn=fn, signature=_signature(fn, dt), constexprs=constexprs, attrs=attrs)
@@ -159,9 +167,9 @@ def problems(row: dict) -> list[str]:
         bad.append(f"spills: LOCAL {row['spill_local_bytes']} B, STACK {row['stack_bytes']} B")
     if row["shared_bytes"] > row["shared_limit_bytes"]:
         bad.append(f"shared memory {row['shared_bytes']} B > {row['shared_limit_bytes']} B")
-    if row["mma_count"] == 0:
+    if row["has_dot"] and row["mma_count"] == 0:
         bad.append(f"no {row['mma_instr']} (tensor-core) instruction")
-    if row["dtype"] == "fp32" and (not row["fp32_dot_precision"]
+    if row["has_dot"] and row["dtype"] == "fp32" and (not row["fp32_dot_precision"]
                                    or set(row["fp32_dot_precision"]) - {"tf32x3", "ieee"}):
         bad.append(f"float32 dots with precision {row['fp32_dot_precision']} (want tf32x3 or ieee)")
     return bad

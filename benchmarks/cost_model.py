@@ -4,9 +4,13 @@ Three models of the same step, for ``B`` rows against ``N`` columns (``N == B``:
 embedding widths ``d`` (target) and ``dr`` (reference), input ``dtype``:
 
 - :func:`triton_cost`: the fused backend as launched by ``drrho_kernels.backends.triton.launch``. Grids
-  and tile sizes are imported from there (``candidates``, ``fwd_grid``, ``bwd_grid``), so the FLOPs are
-  those the tensor cores execute, padding of partial tiles included, and the recomputation of the
-  score tiles for every d-slice of the backward (``cdiv(d, BD)`` slices) is counted.
+  and tile sizes are imported from there (``candidates``, ``fwd_grid``, ``bwd_grid``,
+  ``transposed_plan``), so the FLOPs are those the tensor cores execute, padding of partial tiles
+  included, and the recomputation of the score tiles for every d-slice of the backward (``cdiv(d, BD)``
+  slices) is counted. One process runs the transposed forward (each score tile once for both
+  directions; :func:`transposed_forward_kernels`, with its partial buffers' traffic), the distributed
+  shapes the two-direction forward. :func:`transposed_backward_alternative` prices the transpose trick
+  in the backward (not implemented: atomics or [., N, d] partials, and no FLOP saving).
 - :func:`unfused_cost`: ``benchmarks.baselines.unfused_drrho_loss`` (the authors' eager-PyTorch
   sequence), traced once at a small proxy shape with a dispatch mode that records every aten op's
   inputs and outputs; each dimension of the proxy maps to B, N, d or dr, so the same op list is
@@ -37,7 +41,7 @@ from pathlib import Path
 import torch
 
 H100 = dict(name="H100 SXM (dense)", bf16_flops=989.4e12, tf32_flops=494.7e12, hbm_bytes_per_s=3.35e12,
-            sms=132, clock_hz=1.83e9, mufu_exp_per_clk_sm=16)
+            sms=132, clock_hz=1.83e9, mufu_exp_per_clk_sm=16, l2_bytes=50 << 20)
 ELEM = {"bfloat16": 2, "float16": 2, "float32": 4}
 TORCH_DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -70,12 +74,58 @@ def _kernel_cost(name, *, grid, tiles, n_inner, d, dr, ref, weighted, exps_per_s
                 hbm_bytes=hbm)
 
 
+def transposed_forward_kernels(B, d, dr, dtype, ref, arch=90, programs_per_sm=1, sms=H100["sms"],
+                               l2_bytes=H100["l2_bytes"], tiles=None):
+    """The one-process forward of ``launch.forward_transposed``: margin kernel, ``_fwd_t_kernel`` on the
+    plan's (groups, splits) grid, merge kernel. Each [BM, BN] tile of S is computed once (two exps per
+    score: one per direction). HBM: the columns (t, tr) once (each belongs to one group's panel, which
+    the group's programs share in L2), the rows (x, xr) once per panel (the programs of a split read
+    the same row block at the same time), the partial buffers written once and read by the merge.
+    The per-tile read-modify-write of the column slots and the per-(panel, row block) one of the row
+    slots stay in L2: ``l2_partial_bytes``."""
+    launch = _launch()
+    dr_eff = dr if ref else 0
+    elem = ELEM[dtype]
+    tdtype = TORCH_DTYPE[dtype]
+    cands = launch.candidates("fwdt", d, dr_eff, tdtype, arch)
+    t = tiles or cands[0]
+    vec_bytes = (d + dr_eff) * elem
+    plan = launch.transposed_plan(B, max(c.BM for c in cands), max(c.BN for c in cands), vec_bytes,
+                                  sms, l2_bytes)
+    n_bm, n_bn = -(-B // t.BM), -(-B // t.BN)
+    group_blocks = -(-n_bn // plan.groups)                      # the largest group's column blocks
+    n_panels = -(-group_blocks // max(1, plan.panel_cols // t.BN))
+    k_pad = _padded(d, t.BK) + (_padded(dr, t.BKR) if ref else 0)
+    tiles_total = n_bm * n_bn
+    flops = tiles_total * 2 * t.BM * t.BN * k_pad
+    partial = plan.partial_bytes(B)
+    f32 = 4
+    programs = plan.groups * plan.splits
+    margin = dict(kernel="fwd_t_margin", grid=[-(-B // launch.MARGIN_TILES.BM)], tiles=launch.MARGIN_TILES.name,
+                  programs=-(-B // launch.MARGIN_TILES.BM), waves=1, flops=0, score_flops=0, weighted_flops=0,
+                  exps=0, hbm_bytes=2 * B * vec_bytes + f32 * B)
+    fwdt = dict(kernel="fwd_t", grid=list(plan.grid), tiles=t.name, programs=programs,
+                waves=-(-programs // (sms * programs_per_sm)), flops=flops, score_flops=flops, weighted_flops=0,
+                exps=2 * tiles_total * t.BM * t.BN,
+                hbm_bytes=B * vec_bytes + n_panels * B * vec_bytes + f32 * B + partial,
+                plan=dict(groups=plan.groups, splits=plan.splits, panel_cols=plan.panel_cols, panels=n_panels),
+                partial_bytes=partial,
+                l2_partial_bytes=2 * 3 * f32 * (tiles_total * t.BN + n_panels * plan.groups * n_bm * t.BM))
+    merge = dict(kernel="fwd_t_merge", grid=[-(-B // launch.MERGE_TILES.BM)], tiles=launch.MERGE_TILES.name,
+                 programs=-(-B // launch.MERGE_TILES.BM), waves=1, flops=0, score_flops=0, weighted_flops=0,
+                 exps=2 * (plan.groups + plan.splits) * B + 6 * B,
+                 hbm_bytes=partial + f32 * B * (2 + 6))
+    return [margin, fwdt, merge]
+
+
 def triton_kernels(B, N, d, dr=None, dtype="bfloat16", ref=True, column_grads=None, arch=90,
                    programs_per_sm=1, sms=H100["sms"], tiles=None):
     """Per-kernel costs of one forward + backward. ``column_grads`` (default: ``N != B``) selects the
     distributed scheme that gathers with gradient (row kernel without fold + column kernel); otherwise
     the row kernel folds the column anchors' terms (one process, or the scheme that gathers ``u``).
-    ``tiles``: ``{"fwd": Tiles, "bwd": Tiles}`` to override the default (first) candidates."""
+    One process (``N == B`` without column gradients) runs the transposed forward
+    (:func:`transposed_forward_kernels`), the distributed shapes the two-direction one.
+    ``tiles``: ``{"fwd": Tiles, "fwdt": Tiles, "bwd": Tiles}`` to override the default (first) candidates."""
     launch = _launch()
     dr = d if dr is None else dr
     dr_eff = dr if ref else 0
@@ -88,12 +138,16 @@ def triton_kernels(B, N, d, dr=None, dtype="bfloat16", ref=True, column_grads=No
     vec = lambda n: n * (d + dr_eff) * elem            # noqa: E731  target + reference vectors
     f32 = 4
     ks = []
-    grid = launch.fwd_grid(B, t_fwd)
-    ks.append(_kernel_cost(
-        "fwd", grid=grid, tiles=t_fwd, n_inner=N, d=d, dr=dr, ref=ref, weighted=False, exps_per_score=1,
-        # each direction reads its rows, and its margin prologue the partner rows (counted from HBM)
-        outer_reads=4 * vec(B), inner_reads=2 * vec(N),
-        stats_bytes=f32 * B * (2 + 2 * 3 + 2), out_bytes=0, concurrent=concurrent))
+    if N == B and not column_grads:
+        ks += transposed_forward_kernels(B, d, dr, dtype, ref, arch, programs_per_sm, sms,
+                                         tiles=(tiles or {}).get("fwdt"))
+    else:
+        grid = launch.fwd_grid(B, t_fwd)
+        ks.append(_kernel_cost(
+            "fwd", grid=grid, tiles=t_fwd, n_inner=N, d=d, dr=dr, ref=ref, weighted=False, exps_per_score=1,
+            # each direction reads its rows, and its margin prologue the partner rows (counted from HBM)
+            outer_reads=4 * vec(B), inner_reads=2 * vec(N),
+            stats_bytes=f32 * B * (2 + 2 * 3 + 2), out_bytes=0, concurrent=concurrent))
     fold = not column_grads
     slices = -(-d // t_bwd.BD)
     grid = launch.bwd_grid(B, d, t_bwd)
@@ -269,6 +323,41 @@ def grad_in_forward_flops(B, N, d, dr=None, dtype="bfloat16", ref=True, column_g
     return dict(design="gradient in forward", flops=fwd + bwd, fwd_flops=fwd, bwd_flops=bwd)
 
 
+def transposed_backward_alternative(B, d, dr=None, dtype="bfloat16", ref=True, arch=90, sms=H100["sms"],
+                                    l2_bytes=H100["l2_bytes"]) -> dict:
+    """The backward with the transpose trick, for the record (one process): each tile S_ij computed once
+    feeds d x_i += P_ij t_j (rows: a [BM, BD] accumulator spanning the column loop) and d t_j += P_ij^T x_i
+    (columns: [BN, BD] per tile, summed over every row block). Same tiles as the backward kernel.
+
+    - ``atomic_bytes``: float32 atomic read-modify-writes if every tile adds its column part into d t
+      (2 x 4 bytes per element, cdiv(B, BM) N d elements); non-deterministic summation order.
+    - ``partial_bytes``: deterministic instead, each of the forward plan's G column groups... here row
+      groups, one [N, d] float32 column accumulator each (G N d 4 bytes); ``partial_rmw_bytes``: the side
+      that does not stay in registers (the row accumulator across a group's column blocks) is read and
+      written per tile (2 x 4 x BM d per tile).
+    - ``flops``: one score tile per (i, j) and both weighted products; the registers hold both
+      accumulators ([BM, BD] + [BN, BD] float32), so the d-slice BD halves and every slice recomputes its
+      scores. ``flops_same_bd``: the unreachable case with today's BD (the accumulators would need
+      ``acc_regs_same_bd`` registers per thread).
+    """
+    launch = _launch()
+    dr = d if dr is None else dr
+    dr_eff = dr if ref else 0
+    t = launch.candidates("bwd", d, dr_eff, TORCH_DTYPE[dtype], arch)[0]
+    n_bm, n_bn = -(-B // t.BM), -(-B // t.BN)
+    k_pad = _padded(d, t.BK) + (_padded(dr, t.BKR) if ref else 0)
+    tile_s = 2 * t.BM * t.BN * k_pad
+    tile_w = 2 * t.BM * t.BN * _padded(d, t.BD)            # one weighted product over all of d
+    slices_half = -(-d // max(16, t.BD // 2))
+    plan = launch.transposed_plan(B, t.BM, t.BN, (d + dr_eff) * ELEM[dtype], sms, l2_bytes)
+    groups = plan.splits                                     # row groups (the forward plan's splits)
+    return dict(design="backward with the transpose trick", tiles=t.name, flops=n_bm * n_bn * (slices_half * tile_s
+                + 2 * tile_w), flops_same_bd=n_bm * n_bn * (-(-d // t.BD) * tile_s + 2 * tile_w),
+                acc_regs_same_bd=(t.BM + t.BN) * t.BD // (32 * t.num_warps),
+                atomic_bytes=2 * 4 * n_bm * B * d, row_groups=groups, partial_bytes=4 * groups * B * d,
+                partial_rmw_bytes=2 * 4 * n_bm * n_bn * t.BM * d)
+
+
 SHAPES = (
     dict(B=32768, N=32768, d=512, dr=512),
     dict(B=262144, N=262144, d=512, dr=512),
@@ -288,7 +377,11 @@ def report(shapes=SHAPES, dtypes=("bfloat16", "float32")) -> dict:
             unf = unfused_cost(**dims, dtype=dtype)
             flo = floor_cost(**shape, dtype=dtype)
             alt = grad_in_forward_flops(**shape, dtype=dtype)
-            rows.append(dict(shape=shape, dtype=dtype, triton=tri, unfused=unf, floor=flo, grad_in_forward=alt))
+            row = dict(shape=shape, dtype=dtype, triton=tri, unfused=unf, floor=flo, grad_in_forward=alt)
+            if shape["B"] == shape["N"]:
+                row["transposed_backward"] = transposed_backward_alternative(shape["B"], shape["d"], shape["dr"],
+                                                                             dtype)
+            rows.append(row)
     return dict(hardware=H100, model=__doc__.split("\n\n")[0], rows=rows)
 
 
@@ -315,6 +408,17 @@ def table(rep: dict) -> str:
                      f"{r['unfused']['hbm_bytes'] / tri['hbm_bytes']:.0f}x; grad-in-forward design "
                      f"{alt['flops'] / tri['flops']:.2f}x the FLOPs; kernels: "
                      + ", ".join(f"{k['kernel']} {k['tiles']} grid {k['grid']}" for k in tri["kernels"]))
+        for k in tri["kernels"]:
+            if "plan" in k:
+                lines.append(f"{'':<39}fwd_t plan {k['plan']}: partial buffers {k['partial_bytes'] / 2**20:.1f} MiB, "
+                             f"L2 read-modify-write {_fmt(k['l2_partial_bytes'], 'B')}")
+        tb = r.get("transposed_backward")
+        if tb:
+            bwd = sum(k["flops"] for k in tri["kernels"] if k["kernel"].startswith("bwd"))
+            lines.append(f"{'':<39}transposed backward: {tb['flops'] / bwd:.2f}x the backward FLOPs "
+                         f"({tb['flops_same_bd'] / bwd:.2f}x at today's BD, {tb['acc_regs_same_bd']} accumulator "
+                         f"registers/thread); atomics {_fmt(tb['atomic_bytes'], 'B')} or partials "
+                         f"{tb['partial_bytes'] / 2**30:.2f} GiB + {_fmt(tb['partial_rmw_bytes'], 'B')} RMW")
     return "\n".join(lines)
 
 

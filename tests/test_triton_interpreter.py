@@ -145,6 +145,78 @@ def test_rectangular_tiles(monkeypatch, fwd_tiles, bwd_tiles):
         assert_matches(run(case, torch.float32), oracle(case), torch.float32, str(kw), case)
 
 
+# ---------------------------------------------------------------------------------------------
+# the one-process forward (columns_are_rows): each score tile once, row and column statistics
+# ---------------------------------------------------------------------------------------------
+
+def _fwd_args(case, dtype):
+    g, s, u_img, u_txt = _process_problem(case, dtype)
+    return (g["img"], g["txt"], g["img"], g["txt"], g["ref_img"], g["ref_txt"], g["ref_img"], g["ref_txt"], s,
+            u_img, u_txt, 0, case.gamma, case.eps)
+
+
+def test_single_process_uses_transposed_forward(monkeypatch):
+    """The public API, one process: the forward is the transposed one (and the two-direction kernel
+    is not launched); the distributed shape keeps the two-direction kernel."""
+    calls = []
+    real = launch.forward_transposed
+    monkeypatch.setattr(launch, "forward_transposed", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_fwd = launch.kernels._fwd_kernel
+    launched = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real_fwd[grid]
+    monkeypatch.setattr(launch.kernels, "_fwd_kernel", Spy())
+    case = make_case(B=9, d=6, dr=5)
+    assert_matches(run(case, torch.float32), oracle(case), torch.float32, case=case)
+    assert calls == [1] and launched == []
+    case = make_case(B=4, N=11, d=6, dr=5)
+    assert_matches(run(case, torch.float32), oracle(case), torch.float32, case=case)
+    assert calls == [1] and len(launched) == 1
+
+
+# (groups, splits, panel columns) with the interpreter's 16 x 16 tiles at B = 53 (4 row and 4 column
+# blocks, the last one ragged): one program; groups only; splits only; several panels per group
+# (panel 16 = one block); uneven groups (1, 1, 2 blocks) with a two-block panel; everything at once.
+PLANS = [(1, 1, 64), (4, 1, 64), (1, 4, 64), (2, 2, 16), (3, 2, 32), (3, 3, 16)]
+
+
+def test_transposed_forward_plans():
+    """Every (groups, splits, panel) split of the tiles gives the two-direction forward's statistics
+    (float32, 1e-5) and the oracle's state; repeated runs are bitwise equal (no atomics)."""
+    case = make_case(B=53, d=20, dr=9, seed=7)
+    args = _fwd_args(case, torch.float32)
+    x, t, _, _, xr, tr, _, _, s, u_img, u_txt, _, gamma, eps = args
+    two_dir = launch.forward(*args, columns_are_rows=False)
+    want = oracle(case)
+    names = ("phi", "u_img", "u_txt", "margin", "wsum_img", "wsum_txt")
+    for plan in PLANS:
+        got = launch.forward_transposed(x, t, xr, tr, True, 9, s, u_img, u_txt, gamma, eps, plan=launch.Plan(*plan))
+        for name, a, b in zip(names, got, two_dir):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{plan} {name}")
+        assert rel_err(got[1], want["u_img"]) < 1e-5 and rel_err(got[2], want["u_txt"]) < 1e-5, plan
+    again = launch.forward_transposed(x, t, xr, tr, True, 9, s, u_img, u_txt, gamma, eps, plan=launch.Plan(*plan))
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+    for bad in ((5, 1, 16), (1, 5, 16), (0, 1, 16)):        # a group or split without a block
+        with pytest.raises(ValueError, match="plan"):
+            launch.forward_transposed(x, t, xr, tr, True, 9, s, u_img, u_txt, gamma, eps, plan=launch.Plan(*bad))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=lambda d: DTYPE_IDS[d])
+def test_transposed_forward_vs_two_direction(dtype):
+    """Op level, every dtype, without reference, odd B, a plan with groups, splits and panels:
+    the transposed forward against the two-direction kernel on the same inputs."""
+    case = rounded(make_case(B=45, d=19, ref=False, seed=11, scale=30.0), dtype)
+    args = _fwd_args(case, dtype)
+    x, t, _, _, _, _, _, _, s, u_img, u_txt, _, gamma, eps = args
+    got = launch.forward_transposed(x, t, x, t, False, 0, s, u_img, u_txt, gamma, eps, plan=launch.Plan(2, 3, 16))
+    want = launch.forward(*args, columns_are_rows=False)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-5)
+
+
 def test_distributed_rows_only():
     """Columns without gradient: only d_img, d_txt (the row terms), no column kernel."""
     case = make_case(B=6, N=21, d=10, dr=7)
@@ -326,6 +398,29 @@ def test_autotune_wiring(monkeypatch, arch):
         assert launch.bwd_grid(1000, 40, t) == (-(-1000 // t.BM), 2, 1)
     for t in launch.candidates("bwd", 768, 512, torch.float32, arch):
         assert t.BM * t.BD <= 128 * 32 * t.num_warps          # accumulator <= 128 registers per thread
+
+
+@pytest.mark.parametrize("arch", [80, 90, 100])
+def test_transposed_plan(monkeypatch, arch):
+    """The one-process forward's plan (no GPU needed): candidates, groups and splits within the blocks,
+    the partial buffers' bound, and the plan at the tuning target (H100: 132 SMs, 50 MiB of L2)."""
+    monkeypatch.setattr(launch, "device_arch", lambda device=None: arch)
+    tuned = launch._tuned("fwdt")
+    assert set(tuned.keys) >= {"D", "DR", "HAS_REF"}
+    for dtype in (torch.bfloat16, torch.float32):
+        tiles = launch.candidates("fwdt", 512, 512, dtype, arch)
+        assert tiles and all(t.BN <= 64 and t.BD == 0 for t in tiles)
+        configs = launch._prune("fwdt")(tuned.configs, {"p_x": torch.empty(3, 512, dtype=dtype)}, D=512, DR=512)
+        assert [c.kwargs for c in configs] == [t.meta() for t in tiles]
+    for B in (2, 17, 100, 1000, 5000, 32768, 262144):
+        for sms in (1, 2, 108, 132):
+            p = launch.transposed_plan(B, 128, 64, 2048, sms, 50 << 20)
+            assert 1 <= p.groups <= min(launch.MAX_PARTS, -(-B // 64))
+            assert 1 <= p.splits <= min(launch.MAX_PARTS, -(-B // 128))
+            assert p.groups * p.splits <= launch.PROGRAMS_PER_SM * sms and p.panel_cols >= 64
+            assert p.partial_bytes(B) <= 24 * launch.MAX_PARTS * B
+    h100 = launch.transposed_plan(32768, 128, 64, 2048, 132, 50 << 20)
+    assert h100.grid == (16, 16) and h100.partial_bytes(32768) == 12 << 20       # 12 MiB << 64 MiB
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="opcheck is run once, in the interpreter")

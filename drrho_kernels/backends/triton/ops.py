@@ -12,8 +12,6 @@ Devices: CUDA (or ROCm) tensors; CPU tensors only when the kernels run in Triton
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ... import ops as _ops
@@ -36,7 +34,7 @@ def _fwd_impl(img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt
                                      logit_scale, u_img, u_txt, offset, gamma, eps, columns_are_rows)
     _check_device("triton_fwd", img)
     return launch.forward(img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt_all, logit_scale,
-                          u_img, u_txt, offset, gamma, eps)
+                          u_img, u_txt, offset, gamma, eps, columns_are_rows)
 
 
 def _bwd_impl(grad_phi, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt_all, logit_scale,
@@ -58,7 +56,12 @@ def _bwd_impl(grad_phi, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_al
     return d_img, d_txt, d_img_all, d_txt_all
 
 
-@functools.lru_cache(maxsize=None)
+# Registered when this module is imported (the first time backend "triton" is resolved), not inside a
+# function: Dynamo runs imports for real but traces function bodies, so a registration reached for the
+# first time inside torch.compile would be traced (and fail) rather than run.
+_FUSED_OPS = _ops.define_fused_ops("triton", _fwd_impl, _bwd_impl, dispatch_keys=("CUDA", "CPU"))
+
+
 def fused_ops():
-    """The ``(drrho::triton_fwd, drrho::triton_bwd)`` op handles (defined and registered on first call)."""
-    return _ops.define_fused_ops("triton", _fwd_impl, _bwd_impl, dispatch_keys=("CUDA", "CPU"))
+    """The ``(drrho::triton_fwd, drrho::triton_bwd)`` op handles, with fake implementations and autograd."""
+    return _FUSED_OPS
