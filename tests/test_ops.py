@@ -47,7 +47,7 @@ def _backend_params(names):
 
 
 FUSED = _backend_params(["torch", "cpp", "triton"])
-COMPILED = _backend_params(["torch", "cpp"])
+COMPILED = _backend_params(["torch", "cpp", "triton"])   # triton: the interpreter on CPU tensors
 
 # mode -> make_case arguments
 MODES = {

@@ -7,16 +7,16 @@ under ``TRITON_INTERPRET=1``). ``"cpp"``: the compiled CPU extension, when it wa
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
 import torch
 
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None   # looks for it, does not import it
 
-@functools.lru_cache(maxsize=None)
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def triton_interpreter() -> bool:
