@@ -89,7 +89,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
         const auto t = drrho::cpu::get_tiling();
         return pybind11::make_tuple(t.chunk_bytes, t.col_block, t.spread_rows);
       },
-      "(chunk_bytes, col_block, spread_rows): bytes of one worker's [R, N] similarity chunk, width of a "
+      "(chunk_bytes, col_block, spread_rows): bytes of one worker's [R, N] similarity chunk (0: automatic, "
+      "4 MiB but at least 128 rows), width of a "
       "column block of the statistics pass, smallest chunk (rows) used to give every thread two chunks.");
   module.def("set_tiling", &drrho::cpu::set_tiling, pybind11::arg("chunk_bytes") = 0,
              pybind11::arg("col_block") = 0, pybind11::arg("spread_rows") = 0,

@@ -409,21 +409,13 @@ def module_forward(module, img, txt, index, logit_scale, ref_img=None, ref_txt=N
     error = None
     u_img = u_txt = None
     try:
-        img = check_tensor("img", img, ndim=2)
-        index = check_index(index, img.shape[0], module.data_size)
-        module._state_for(img.device)
-        state_index = index.to(module.u_img.device)
-        u_img = module.u_img[state_index].to(img.device)
-        u_txt = module.u_txt[state_index].to(img.device)
+        index, u_img, u_txt = module.read_state(img, index)
     except Exception as exc:            # raised after every rank has heard of it
         error = exc
     out = _step(img, txt, logit_scale, u_img, u_txt, ref_img=ref_img, ref_txt=ref_txt, index=index,
                 data_size=module.data_size, gamma=module.gamma, eps=module.eps, rho=module.rho,
                 backend=module.backend, scheme=module.distributed_scheme, group=group, local_error=error)
-    with torch.no_grad():
-        state_index = out.index_all.to(module.u_img.device)
-        module.u_img[state_index] = out.u_img_all.to(device=module.u_img.device, dtype=module.u_img.dtype)
-        module.u_txt[state_index] = out.u_txt_all.to(device=module.u_txt.device, dtype=module.u_txt.dtype)
+    module.write_state(out.index_all, out.u_img_all, out.u_txt_all)
     return out.loss
 
 

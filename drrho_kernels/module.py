@@ -116,22 +116,30 @@ class DRRhoCLIPLoss(nn.Module):
             self.u_img = self.u_img.to(device)
             self.u_txt = self.u_txt.to(device)
 
-    def forward(self, img, txt, index, logit_scale, ref_img=None, ref_txt=None):
-        if self.process_group is not None:
-            from .distributed import module_forward
-            return module_forward(self, img, txt, index, logit_scale, ref_img, ref_txt)
+    def read_state(self, img, index):
+        """Check ``img`` and ``index``; return ``(index, u_img, u_txt)`` of the batch's samples on img's device."""
         img = check_tensor("img", img, ndim=2)
         index = check_index(index, img.shape[0], self.data_size)
         self._state_for(img.device)
         state_index = index.to(self.u_img.device)
-        u_img = self.u_img[state_index].to(img.device)
-        u_txt = self.u_txt[state_index].to(img.device)
+        return index, self.u_img[state_index].to(img.device), self.u_txt[state_index].to(img.device)
+
+    @torch.no_grad()
+    def write_state(self, index, u_img_new, u_txt_new) -> None:
+        """Store the new state of the samples ``index`` (only called once a step has succeeded)."""
+        state_index = index.to(self.u_img.device)
+        self.u_img[state_index] = u_img_new.to(device=self.u_img.device, dtype=self.u_img.dtype)
+        self.u_txt[state_index] = u_txt_new.to(device=self.u_txt.device, dtype=self.u_txt.dtype)
+
+    def forward(self, img, txt, index, logit_scale, ref_img=None, ref_txt=None):
+        if self.process_group is not None:
+            from .distributed import module_forward
+            return module_forward(self, img, txt, index, logit_scale, ref_img, ref_txt)
+        index, u_img, u_txt = self.read_state(img, index)
         loss, u_img_new, u_txt_new = drrho_clip_loss(
             img, txt, logit_scale, u_img, u_txt, ref_img=ref_img, ref_txt=ref_txt, gamma=self.gamma,
             eps=self.eps, rho=self.rho, backend=self.backend)
-        with torch.no_grad():
-            self.u_img[state_index] = u_img_new.to(self.u_img.device)
-            self.u_txt[state_index] = u_txt_new.to(self.u_txt.device)
+        self.write_state(index, u_img_new, u_txt_new)
         return loss
 
     def extra_repr(self) -> str:

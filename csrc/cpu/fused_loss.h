@@ -35,7 +35,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_bwd(
 // Tiling knobs (process-wide): the bytes of one worker's [R, N] similarity chunk (R = rows per
 // chunk), the width of the column blocks of the forward's statistics pass, and the smallest chunk
 // (in rows) that the chunking goes down to in order to give every thread two chunks. In
-// set_tiling, 0 restores a default; spread_rows = -1 turns the spreading off.
+// set_tiling, 0 restores a default; spread_rows = -1 turns the spreading off. chunk_bytes = 0 (the
+// default) is automatic: 4 MiB, but at least 128 rows per chunk.
 struct Tiling {
   int64_t chunk_bytes;
   int64_t col_block;
