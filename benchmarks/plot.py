@@ -292,6 +292,29 @@ def plot_hbm(meta, key, rows, cost_model, out: Path, written):
     _finish(fig, out, written)
 
 
+def _cell(row) -> str:
+    if row is None:
+        return "-"
+    if row["status"] != "ok":
+        return row["status"]
+    ms = f"{row['median_s'] * 1e3:,.0f} ms" if row["median_s"] >= 0.1 else f"{row['median_s'] * 1e3:.1f} ms"
+    mem = row.get("peak_extra_bytes")
+    return ms + (f" / {mem / 2**20:,.1f} MiB" if mem is not None else "")
+
+
+def markdown_table(key, rows, mode: str = "forward_backward") -> str:
+    """One markdown table for a group: per B, each implementation's median time / peak extra memory."""
+    impls = _impls(rows)
+    by = {(r["impl"], r["B"]): r for r in rows if r["mode"] == mode}
+    lines = [f"{describe(key)}, {MODE_TITLES.get(mode, mode)} (median time / peak extra memory):", "",
+             "| B | N | " + " | ".join(impls) + " |", "|" + " --- |" * (2 + len(impls))]
+    own = {r["B"] for r in rows if r["mode"] == mode and r["ref"] is not None}    # shared baselines join these
+    for b in sorted(own or {r["B"] for r in rows if r["mode"] == mode}):
+        n = next(r["N"] for r in rows if r["B"] == b)
+        lines.append(f"| {b} | {n} | " + " | ".join(_cell(by.get((i, b))) for i in impls) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_file(path: Path, out_dir: Path, hbm: bool = True) -> list[Path]:
     payload = load(path)
     meta, rows = payload["meta"], payload["rows"]
@@ -317,7 +340,17 @@ def main(argv=None) -> list[Path]:
     ap.add_argument("json", nargs="+", type=Path, help="sweep result files")
     ap.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where PNGs go (default benchmarks/results/)")
     ap.add_argument("--no-hbm", action="store_true", help="skip the cost-model (HBM bytes) figures")
+    ap.add_argument("--markdown", action="store_true",
+                    help="print markdown tables (forward + backward time and memory per B) instead of plotting")
     args = ap.parse_args(argv)
+    if args.markdown:
+        for path in args.json:
+            payload = load(path)
+            print(f"`{Path(path).name}`: {machine_label(payload['meta'])}, {payload['meta'].get('date', '')[:10]}, "
+                  f"commit {payload['meta'].get('commit')}\n")
+            for key, grp in sorted(groups(payload["rows"]).items(), key=lambda kv: str(kv[0])):
+                print(markdown_table(key, grp))
+        return []
     written = []
     for path in args.json:
         written += plot_file(path, args.out_dir, hbm=not args.no_hbm)

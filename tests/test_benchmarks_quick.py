@@ -193,3 +193,22 @@ def test_plots_from_made_up_rows_with_a_cost_model(tmp_path, monkeypatch):
         monkeypatch.setattr(plot, "load_cost_model", lambda: (model, None))
     written = plot.plot_file(path, tmp_path)
     assert {p.name.split("_")[2] for p in written} == {"time", "memory", "speedup", "hbm"}, written
+
+
+def test_markdown_tables_print_time_memory_and_oom(tmp_path, capsys):
+    """`plot --markdown`: one row per B with each implementation's time / memory; OOM stays visible."""
+    from benchmarks import plot
+    rows = [_srow("torch", "forward_backward", 0.25, B=1024, peak=3 * 2**20),
+            _srow("unfused", "forward_backward", 0.0123, B=1024, peak=100 * 2**20),
+            _srow("torch", "forward_backward", 2.0, B=4096, peak=5 * 2**20),
+            _srow("unfused", "forward_backward", None, status="OOM", B=4096, peak=None)]
+    meta = {"date": "2026-01-01T00:00:00+00:00", "commit": "abc", "cpu": "Test CPU", "torch_threads": 2}
+    path = tmp_path / "sweep_md.json"
+    path.write_text(json.dumps({"meta": meta, "config": {}, "rows": rows}))
+    assert plot.main([str(path), "--markdown"]) == []
+    out = capsys.readouterr().out
+    assert "Test CPU, 2 threads, 2026-01-01, commit abc" in out
+    assert "| B | N | torch | unfused |" in out
+    assert "| 1024 | 1024 | 250 ms / 3.0 MiB | 12.3 ms / 100.0 MiB |" in out
+    assert "| 4096 | 4096 | 2,000 ms / 5.0 MiB | OOM |" in out
+    assert not list(tmp_path.glob("*.png"))
