@@ -42,8 +42,10 @@ from . import harness
 from .steps import make_step
 
 IMPLS = ("gemm_floor", "unfused", "torch", "cpp")
+OPTIONAL_IMPLS = ("authors",)   # the authors' own SogCLRLoss, from a local snapshot (benchmarks/authors.py)
 # (numerator, denominator): the ratios the report asks for.
-RATIOS = (("cpp", "gemm_floor"), ("torch", "cpp"), ("unfused", "cpp"), ("torch", "unfused"), ("torch", "gemm_floor"))
+RATIOS = (("cpp", "gemm_floor"), ("torch", "cpp"), ("unfused", "cpp"), ("torch", "unfused"), ("torch", "gemm_floor"),
+          ("authors", "unfused"), ("authors", "cpp"))
 TARGETS = {"cpp_over_floor_max": 1.5, "torch_over_cpp_min": 2.0, "cpp_peak_extra_mib_max": 16.0}
 MIB = float(1 << 20)
 
@@ -56,7 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--ref-dim", type=int, default=512, help="reference width dr, default 512")
     p.add_argument("--no-ref", action="store_true", help="without the reference model")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"))
-    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS, help="implementations to run")
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS + OPTIONAL_IMPLS,
+                   help="implementations to run (default: the first four; 'authors' adds the authors' released "
+                        "SogCLRLoss read from DRRHO_AUTHORS_REPO)")
     p.add_argument("--rounds", type=int, default=7, help="timed rounds (each runs every implementation once)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of each implementation first")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -131,6 +135,12 @@ def main(argv=None) -> dict:
     C, why = _cpp_extension()
     impls = [i for i in args.impls if i != "cpp" or C is not None]
     skipped = {} if "cpp" in impls or "cpp" not in args.impls else {"cpp": f"C++ extension not available ({why})"}
+    if "authors" in impls:
+        from .authors import load_module
+        module, where = load_module()
+        if module is None:
+            impls.remove("authors")
+            skipped["authors"] = where
     load_before = os.getloadavg()
     print(f"B = N = {args.batch}, d = {args.dim}, dr = {args.ref_dim}, {args.dtype}, "
           f"{'no reference' if args.no_ref else 'reference'}, forward + backward, {threads} threads; "

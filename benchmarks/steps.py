@@ -3,7 +3,8 @@
 Implementations: the fused backends (``torch``, ``cpp``, ``triton``, ``reference``) through
 :func:`drrho_kernels.drrho_clip_loss`, and the baselines of :mod:`benchmarks.baselines`
 (``unfused``, ``clip_ce``, ``gemm_floor``), plus ``inf_cl`` (Inf-CL's ``cal_inf_loss``, CUDA only,
-used when the ``inf_cl`` package is importable; never a dependency). ``mode`` is ``"forward"`` or
+used when the ``inf_cl`` package is importable; never a dependency) and ``authors`` (the authors'
+released ``SogCLRLoss`` from a local snapshot, :mod:`benchmarks.authors`; single process). ``mode`` is ``"forward"`` or
 ``"forward_backward"``; the GEMM floor does the products of that mode at that shape
 (:func:`floor_gemm_count`).
 ``N > B`` is the shape of one process of a distributed run: B local rows against N gathered columns.
@@ -18,7 +19,7 @@ from . import baselines
 
 FUSED = ("torch", "cpp", "triton", "reference")
 BASELINES = ("unfused", "clip_ce", "gemm_floor")
-OPTIONAL = ("inf_cl",)          # third-party baselines, run only when importable
+OPTIONAL = ("inf_cl", "authors")  # third-party code, run only when importable (never a dependency)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -121,6 +122,26 @@ def make_step(impl: str, B: int, N: int, d: int = 512, dr: int = 512, dtype: str
             # CLIP needs both directions: Inf-CL computes one cross-entropy per call.
             loss = (cal_inf_loss(x, t, scale=s, head_dim=head_dim)
                     + cal_inf_loss(t, x, scale=s, head_dim=head_dim)) / 2
+            if backward:
+                loss.backward()
+    elif impl == "authors":
+        from .authors import load_module
+        module, where = load_module()
+        if module is None:
+            raise ImportError(f"authors: {where}")
+        if distributed:
+            raise ValueError("authors: only the single-process shape (N == B) is benchmarked")
+        output_bytes = 2 * B * d * elem if backward else 0
+        crit = module.SogCLRLoss(B, gamma=0.8, gamma_schedule="cosine", gamma_decay_epochs=10, rho=8.0,
+                                 device=torch.device(device))
+        index = torch.arange(B, device=device)
+        ref_features = (refs["ref_img"], refs["ref_txt"]) if refs else None
+
+        def step():
+            x, t, _ = leaves()
+            s = torch.tensor(14.0, device=device, requires_grad=backward)
+            loss = crit(features=(x, t), indices=(index, index), logit_scale=s, offset=0,
+                        ref_features=ref_features)[0]
             if backward:
                 loss.backward()
     else:

@@ -5,39 +5,14 @@ Their code is never copied into this repository: the test reads it from a local 
 snapshot path of our development machines. Without one the test is skipped with that reason; the
 figures it prints (``pytest -s``) are recorded in the project notes.
 """
-import os
-import subprocess
-import types
-from pathlib import Path
-
 import pytest
 import torch
 
 import drrho_kernels as dk
+from benchmarks.authors import load_module
 
-SNAPSHOT = "/work/.mirror/Optimization-AI+DRRho-CLIP/repo"
-LOSS_PATH = "src/fast_clip/loss.py"
-
-
-def authors_loss_module():
-    root = Path(os.environ.get("DRRHO_AUTHORS_REPO", SNAPSHOT))
-    if (root / LOSS_PATH).is_file():
-        source = (root / LOSS_PATH).read_text()
-    elif root.is_dir():
-        proc = subprocess.run(["git", f"--git-dir={root}", "show", f"HEAD:{LOSS_PATH}"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            return None
-        source = proc.stdout
-    else:
-        return None
-    module = types.ModuleType("authors_fast_clip_loss")
-    exec(compile(source, f"{root}/{LOSS_PATH}", "exec"), module.__dict__)
-    return module
-
-
-AUTHORS = authors_loss_module()
-pytestmark = pytest.mark.skipif(AUTHORS is None, reason="no snapshot of Optimization-AI/DRRho-CLIP "
-                                "(set DRRHO_AUTHORS_REPO to a checkout or bare git dir)")
+AUTHORS, _WHERE = load_module()
+pytestmark = pytest.mark.skipif(AUTHORS is None, reason=_WHERE)
 
 
 def run_both(backend, with_ref, state_dtype, steps=6):
@@ -102,3 +77,22 @@ def test_matches_authors_with_float32_state(with_ref):
     # which rounds it to float32; ours blends in float64. The gap is that rounding, nothing more.
     worst = run_both("torch", with_ref, torch.float32)
     assert worst["loss"] < 1e-8 and worst["grad"] < 1e-7 and worst["scale"] < 1e-6 and worst["u"] < 1e-6
+
+
+def test_benchmark_step_runs_the_authors_loss():
+    """`python -m benchmarks.cpu_step --impls authors` times exactly this step: it must run, and its
+    loss must be the one our unfused baseline computes on the same inputs."""
+    from benchmarks import baselines
+    from benchmarks.steps import make_inputs, make_step
+    step, output_bytes = make_step("authors", B=8, N=8, d=16, dr=8, mode="forward_backward")
+    step()
+    assert output_bytes == 2 * 8 * 16 * 4
+    cols, _ = make_inputs(8, 8, 16, 8, torch.float64, True, "cpu")
+    crit = AUTHORS.SogCLRLoss(8, gamma=0.8, gamma_schedule="cosine", gamma_decay_epochs=10, rho=8.0,
+                              device=torch.device("cpu"))
+    s = torch.tensor(14.0, dtype=torch.float64)
+    theirs = crit(features=(cols["img_all"], cols["txt_all"]), indices=(torch.arange(8),) * 2, logit_scale=s,
+                  offset=0, ref_features=(cols["ref_img_all"], cols["ref_txt_all"]))[0]
+    ours = baselines.unfused_drrho_loss(cols["img_all"], cols["txt_all"], s, torch.zeros(8), torch.zeros(8),
+                                        cols["ref_img_all"], cols["ref_txt_all"], gamma=1.0)[0]
+    assert abs(theirs.item() - ours.item()) < 1e-12 * abs(ours.item())
