@@ -25,9 +25,12 @@ Measurement (benchmarks/harness.py):
   sibling then gets a fresh-process run too before it is timed. Points whose *predicted* peak (from the dozen
   ``[B, N]`` matrices of the unfused loss, see :func:`predict_peak_bytes`) exceeds the RAM guard
   are not run and are ``"OOM"`` with ``"oom_predicted": true``.
-- CPU, time: in this process, after the fresh-process run showed the point fits: one
-  warm-up, then ``--repeat`` runs (fewer, but at least ``--min-repeat``, when one run takes longer
-  than ``--point-budget / --repeat`` seconds); median, 20th and 80th percentiles. A step longer
+- CPU, time: in this process, after the fresh-process run showed the point fits, the
+  implementations of one shape and mode interleaved (:func:`time_cpu_group`): one warm-up each,
+  then ``--repeat`` rounds in which each runs once (fewer, but at least ``--min-repeat``, when the
+  slowest takes longer than ``--point-budget / --repeat`` seconds); median, 20th and 80th
+  percentiles. Interleaving makes a slow spell of a shared machine hit every implementation of a
+  shape alike. A step longer
   than ``LONG_STEP_S`` (2 s) keeps its warm-up run as a sample (``"first_run_counted": true``).
 - CUDA: in process, ``triton.testing.do_bench`` quantiles and ``torch.cuda.max_memory_allocated``;
   ``torch.cuda.OutOfMemoryError`` is recorded as ``"OOM"``.
@@ -273,26 +276,54 @@ def measure_memory_cpu(p: dict, args) -> dict:
 LONG_STEP_S = 2.0     # a step this long is warm from its first run: one-off costs are milliseconds
 
 
-def time_cpu_point(p: dict, args) -> dict:
-    """One warm-up run (which also sizes the repeat count), then the timed runs. For a step longer
-    than LONG_STEP_S the warm-up run is kept as a sample (``"first_run_counted": true``)."""
+def time_cpu_group(group: list[dict], args) -> dict:
+    """Time the implementations of one shape and mode *interleaved*: one warm-up run each (which
+    also sizes the repeat count), then rounds in which every implementation runs once, so that a
+    slow spell of a shared machine hits all of them alike and the ratios of the same run stay
+    meaningful. For a step longer than LONG_STEP_S the warm-up run is kept as a sample
+    (``"first_run_counted": true``). Returns ``{id(row): result}``; a failure is that row's result."""
     from .steps import make_step
-    step, _ = make_step(**step_kwargs(p, "cpu"))
-    t0 = time.perf_counter()
-    step()
-    first = time.perf_counter() - t0
+    steps, first, results = {}, {}, {}
+    for row in group:
+        try:
+            steps[id(row)] = make_step(**step_kwargs(row, "cpu"))[0]
+            t0 = time.perf_counter()
+            steps[id(row)]()
+            first[id(row)] = time.perf_counter() - t0
+        except Exception as exc:                       # noqa: BLE001 (a failing step is a result)
+            steps.pop(id(row), None)
+            results[id(row)] = exc
     repeat = args.repeat
-    if args.point_budget and first * repeat > args.point_budget:
-        repeat = max(args.min_repeat, int(args.point_budget / max(first, 1e-9)))
-    counted = first >= LONG_STEP_S
-    samples = [first] if counted else []
-    for _ in range(repeat - len(samples)):
-        t0 = time.perf_counter()
-        step()
-        samples.append(time.perf_counter() - t0)
-    del step
+    if args.point_budget and first:
+        slowest = max(first.values())
+        if slowest * repeat > args.point_budget:
+            repeat = max(args.min_repeat, int(args.point_budget / max(slowest, 1e-9)))
+    samples = {k: ([t] if t >= LONG_STEP_S else []) for k, t in first.items()}
+    for _ in range(repeat):
+        for key, step in list(steps.items()):
+            if len(samples[key]) >= repeat:
+                continue
+            try:
+                t0 = time.perf_counter()
+                step()
+                samples[key].append(time.perf_counter() - t0)
+            except Exception as exc:                   # noqa: BLE001
+                del steps[key]
+                results[key] = exc
+    steps.clear()
     gc.collect()
-    return {**harness.summarize(samples), "first_run_counted": counted}
+    for key, times in samples.items():
+        if key not in results:
+            results[key] = {**harness.summarize(times), "first_run_counted": first[key] >= LONG_STEP_S}
+    return results
+
+
+def timing_groups(rows: list[dict]) -> list[list[dict]]:
+    """Rows timed together: same slice, shape and mode (baselines without a reference join the group)."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault((r.get("slice"), r["B"], r["N"], r["d"], r["dtype"], r["mode"]), []).append(r)
+    return list(out.values())
 
 
 def measure_cuda_point(p: dict, args) -> dict:
@@ -717,19 +748,23 @@ def main(argv=None) -> Path | None:
                     flush()
         measured = {id(r) for r in mem_todo}
         oom_shapes = {(r["impl"], point_key(r)) for r in mem_todo if r["status"] == "OOM"}
-        for row in todo:                               # phase 2: timing, in this process
-            if (row["status"] == "ok" and id(row) not in measured and not args.no_memory
-                    and (row["impl"], point_key(row)) in oom_shapes):
-                _apply(row, measure_memory_cpu(row, args))    # its sibling ran out: check in a fresh process
-            if row["status"] == "ok":
-                try:
-                    _apply(row, time_cpu_point(row, args))
-                except MemoryError:
+        for group in timing_groups(todo):              # phase 2: timing, in this process, interleaved
+            for row in group:
+                if (row["status"] == "ok" and id(row) not in measured and not args.no_memory
+                        and (row["impl"], point_key(row)) in oom_shapes):
+                    _apply(row, measure_memory_cpu(row, args))   # its sibling ran out: check in a fresh process
+            runnable = [r for r in group if r["status"] == "ok"]
+            results = time_cpu_group(runnable, args) if runnable else {}
+            for row in group:
+                res = results.get(id(row))
+                if isinstance(res, MemoryError):
                     row.update(status="OOM", reason="MemoryError while timing")
-                except Exception as exc:               # noqa: BLE001 (a failing backend is a result)
-                    oom = harness._is_oom(0, str(exc))
-                    row.update(status="OOM" if oom else "error", reason=f"while timing: {_first_line(exc)}")
-            progress.update("time " + _label(row))
+                elif isinstance(res, Exception):
+                    oom = harness._is_oom(0, str(res))
+                    row.update(status="OOM" if oom else "error", reason=f"while timing: {_first_line(res)}")
+                elif res is not None:
+                    _apply(row, res)
+                progress.update("time " + _label(row))
             flush()
     progress.close()
     flush(final=True)

@@ -212,3 +212,31 @@ def test_markdown_tables_print_time_memory_and_oom(tmp_path, capsys):
     assert "| 1024 | 1024 | 250 ms / 3.0 MiB | 12.3 ms / 100.0 MiB |" in out
     assert "| 4096 | 4096 | 2,000 ms / 5.0 MiB | OOM |" in out
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_cpu_timing_interleaves_the_implementations_of_a_shape(monkeypatch):
+    """Rounds run every implementation once (a slow spell hits all alike); a failing one is its own result."""
+    from benchmarks import steps as steps_module
+    calls = []
+
+    def fake_make_step(impl, **kw):
+        def step():
+            calls.append(impl)
+            if impl == "unfused" and calls.count("unfused") == 2:
+                raise MemoryError("simulated")
+        return step, 0
+
+    monkeypatch.setattr(steps_module, "make_step", fake_make_step)
+    rows = [_srow(i, "forward_backward", None) | {"slice": "main"} for i in ("torch", "cpp", "unfused")]
+    rows.append(_srow("torch", "forward", None) | {"slice": "main"})
+    groups = sweep.timing_groups(rows)
+    assert sorted(len(g) for g in groups) == [1, 3]
+    group = next(g for g in groups if len(g) == 3)
+    args = sweep.parse_args(["--repeat", "3", "--min-repeat", "1"])
+    results = sweep.time_cpu_group(group, args)
+    assert calls == ["torch", "cpp", "unfused",            # warm-up
+                     "torch", "cpp", "unfused",            # round 1: unfused fails here and drops out
+                     "torch", "cpp", "torch", "cpp"]       # rounds 2 and 3
+    by_impl = {r["impl"]: results[id(r)] for r in group}
+    assert isinstance(by_impl["unfused"], MemoryError)
+    assert by_impl["torch"]["n"] == 3 and by_impl["cpp"]["n"] == 3
