@@ -76,22 +76,20 @@ def _cpp_extension():
     return cpp.load(), cpp.load_error()
 
 
-def time_interleaved(steps: dict, rounds: int, warmup: int) -> dict:
+def time_rounds(steps: dict, rounds: int, warmup: int) -> dict:
     """Wall and process-CPU samples of every step, ``rounds`` interleaved rounds after ``warmup`` runs each."""
     for step in steps.values():
         for _ in range(warmup):
             step()
-    wall = {name: [] for name in steps}
-    cpu = {name: [] for name in steps}
-    for r in range(rounds):
-        for name, step in steps.items():
-            c0 = time.process_time()
-            sample = harness.time_cpu(step, warmup=0, repeat=1)["median_s"]
-            cpu[name].append(time.process_time() - c0)
-            wall[name].append(sample)
+
+    def report(r, wall):
         line = "  ".join(f"{name} {wall[name][-1]:.3f}s" for name in steps)
         print(f"round {r + 1}/{rounds}: {line}", flush=True)
-    return {"wall": wall, "cpu": cpu}
+
+    result = harness.time_interleaved(steps, rounds, on_round=report)
+    for exc in result.pop("errors").values():
+        raise exc
+    return result
 
 
 def ratios(samples: dict) -> dict:
@@ -149,7 +147,7 @@ def main(argv=None) -> dict:
         print(f"skipped: {skipped}")
 
     steps = {name: make_step(name, **config)[0] for name in impls}
-    samples = time_interleaved(steps, args.rounds, args.warmup)
+    samples = time_rounds(steps, args.rounds, args.warmup)
     del steps
     times = {name: {**harness.summarize(samples["wall"][name]),
                     "cpu_median_s": statistics.median(samples["cpu"][name])} for name in impls}

@@ -92,6 +92,34 @@ def time_cpu(fn, *, warmup: int = 1, repeat: int = 5, min_time: float = 0.0) -> 
     return summarize(samples)
 
 
+def time_interleaved(steps: dict, rounds: int, *, wall: dict | None = None, on_round=None) -> dict:
+    """``rounds`` rounds in which every step runs once, in order, so that a slow spell of a shared
+    machine hits all of them alike. Returns ``{"wall": {key: [s]}, "cpu": {key: [s]}, "errors":
+    {key: exception}}`` (process CPU time beside the wall clock). A step that raises is dropped from
+    later rounds and its exception recorded. ``wall`` seeds samples (e.g. a warm-up run kept as one);
+    a step that already has ``rounds`` samples is not run again. ``on_round(r, wall)`` after each round."""
+    steps = dict(steps)
+    wall = {key: list((wall or {}).get(key, [])) for key in steps}
+    cpu: dict = {key: [] for key in steps}
+    errors: dict = {}
+    for r in range(rounds):
+        for key, step in list(steps.items()):
+            if len(wall[key]) >= rounds:
+                continue
+            c0, t0 = time.process_time(), time.perf_counter()
+            try:
+                step()
+            except Exception as exc:                   # noqa: BLE001 (the caller decides what a failure means)
+                del steps[key]
+                errors[key] = exc
+                continue
+            wall[key].append(time.perf_counter() - t0)
+            cpu[key].append(time.process_time() - c0)
+        if on_round is not None:
+            on_round(r, wall)
+    return {"wall": wall, "cpu": cpu, "errors": errors}
+
+
 def summarize(samples) -> dict:
     samples = sorted(samples)
     def pct(q):

@@ -298,21 +298,11 @@ def time_cpu_group(group: list[dict], args) -> dict:
         slowest = max(first.values())
         if slowest * repeat > args.point_budget:
             repeat = max(args.min_repeat, int(args.point_budget / max(slowest, 1e-9)))
-    samples = {k: ([t] if t >= LONG_STEP_S else []) for k, t in first.items()}
-    for _ in range(repeat):
-        for key, step in list(steps.items()):
-            if len(samples[key]) >= repeat:
-                continue
-            try:
-                t0 = time.perf_counter()
-                step()
-                samples[key].append(time.perf_counter() - t0)
-            except Exception as exc:                   # noqa: BLE001
-                del steps[key]
-                results[key] = exc
+    timed = harness.time_interleaved(steps, repeat, wall={k: [t] for k, t in first.items() if t >= LONG_STEP_S})
+    results.update(timed["errors"])
     steps.clear()
     gc.collect()
-    for key, times in samples.items():
+    for key, times in timed["wall"].items():
         if key not in results:
             results[key] = {**harness.summarize(times), "first_run_counted": first[key] >= LONG_STEP_S}
     return results
@@ -404,11 +394,12 @@ def add_ratios(rows: list[dict]) -> None:
         if r["status"] != "ok" or r["median_s"] is None:
             continue
         u, f = match(unfused, r), match(floor, r)
-        if u is not None and r["median_s"] > 0:
+        # A derived backward can have no time (median_s None): no ratio against it, either way.
+        if u is not None and u["median_s"] and r["median_s"] > 0:
             r["speedup_vs_unfused"] = u["median_s"] / r["median_s"]
         if u is not None and u.get("peak_extra_bytes") and r.get("peak_extra_bytes") is not None:
             r["memory_vs_unfused"] = r["peak_extra_bytes"] / u["peak_extra_bytes"]
-        if f is not None and f["median_s"] > 0:
+        if f is not None and f["median_s"]:
             r["time_over_floor"] = r["median_s"] / f["median_s"]
 
 

@@ -132,6 +132,22 @@ def test_derived_backward_and_ratios():
     assert by[("unfused", "backward", 32768)]["status"] == "OOM"
 
 
+def test_ratios_with_a_backward_that_noise_left_without_a_time():
+    """On a busy machine the unfused (or floor) forward can time slower than its forward + backward: the
+    derived backward has no time, and the ratios against it are None instead of crashing the sweep."""
+    rows = [_srow("torch", "forward", 1.0), _srow("torch", "forward_backward", 3.0),
+            _srow("unfused", "forward", 2.0), _srow("unfused", "forward_backward", 1.9),
+            _srow("gemm_floor", "forward", 0.5), _srow("gemm_floor", "forward_backward", 0.4)]
+    rows += sweep.derive_backward(rows)
+    sweep.add_ratios(rows)
+    by = {(r["impl"], r["mode"]): r for r in rows}
+    assert by[("unfused", "backward")]["median_s"] is None and by[("gemm_floor", "backward")]["median_s"] is None
+    torch_bwd = by[("torch", "backward")]
+    assert torch_bwd["median_s"] == pytest.approx(2.0)
+    assert torch_bwd["speedup_vs_unfused"] is None and torch_bwd["time_over_floor"] is None
+    assert by[("torch", "forward_backward")]["speedup_vs_unfused"] == pytest.approx(1.9 / 3.0)
+
+
 def test_memory_prediction_brackets_a_24gb_machine():
     gib = 1 << 30
 

@@ -185,20 +185,19 @@ def _scores(p_o, p_i, p_or, p_ir, o_out, o_in, m_out, m_in,
     """
     b_s = tl.zeros([BO, BI], dtype=tl.float32)
     if HAS_REF:
-        p_a = p_or + o_out[:, None] * DR
-        p_b = p_ir + o_in[None, :] * DR
-        for k in range(0, DR, BKR):
-            o_k = k + tl.arange(0, BKR)
-            m_k = o_k < DR
-            b_a = tl.load(p_a + o_k[None, :], mask=m_out[:, None] & m_k[None, :], other=0.0)
-            b_b = tl.load(p_b + o_k[:, None], mask=m_k[:, None] & m_in[None, :], other=0.0)
-            b_s = _dot(b_a, b_b, b_s, PREC, UPCAST)
-        b_s = -b_s
-    p_a = p_o + o_out[:, None] * D
-    p_b = p_i + o_in[None, :] * D
-    for k in range(0, D, BK):
-        o_k = k + tl.arange(0, BK)
-        m_k = o_k < D
+        b_s = -_panel_dot(b_s, p_or, p_ir, o_out, o_in, m_out, m_in, DR, BKR, PREC, UPCAST)
+    return _panel_dot(b_s, p_o, p_i, o_out, o_in, m_out, m_in, D, BK, PREC, UPCAST)
+
+
+@triton.jit
+def _panel_dot(b_s, p_a, p_b, o_out, o_in, m_out, m_in, W: tl.constexpr, BW: tl.constexpr,
+               PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """b_s + A[o_out] B[o_in]^T for row-major [*, W] matrices A, B, in K-blocks of BW (masked reads 0)."""
+    p_a = p_a + o_out[:, None] * W
+    p_b = p_b + o_in[None, :] * W
+    for k in range(0, W, BW):
+        o_k = k + tl.arange(0, BW)
+        m_k = o_k < W
         b_a = tl.load(p_a + o_k[None, :], mask=m_out[:, None] & m_k[None, :], other=0.0)
         b_b = tl.load(p_b + o_k[:, None], mask=m_k[:, None] & m_in[None, :], other=0.0)
         b_s = _dot(b_a, b_b, b_s, PREC, UPCAST)
@@ -209,22 +208,23 @@ def _scores(p_o, p_i, p_or, p_ir, o_out, o_in, m_out, m_in,
 def _row_margin(p_x, p_t, p_xr, p_tr, o_m, m_m, D: tl.constexpr, DR: tl.constexpr,
                 HAS_REF: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BKR: tl.constexpr):
     """m_i = <x_i, t_i> - <xr_i, tr_i> for a block of rows, float32."""
-    b_m = tl.zeros([BM], dtype=tl.float32)
-    for k in range(0, D, BK):
-        o_k = k + tl.arange(0, BK)
-        m = m_m[:, None] & (o_k[None, :] < D)
-        o = o_m[:, None] * D + o_k[None, :]
-        b_x = tl.load(p_x + o, mask=m, other=0.0).to(tl.float32)
-        b_t = tl.load(p_t + o, mask=m, other=0.0).to(tl.float32)
-        b_m += tl.sum(b_x * b_t, axis=1)
+    b_m = _rowwise_dot(p_x, p_t, o_m, m_m, D, BM, BK)
     if HAS_REF:
-        for k in range(0, DR, BKR):
-            o_k = k + tl.arange(0, BKR)
-            m = m_m[:, None] & (o_k[None, :] < DR)
-            o = o_m[:, None] * DR + o_k[None, :]
-            b_x = tl.load(p_xr + o, mask=m, other=0.0).to(tl.float32)
-            b_t = tl.load(p_tr + o, mask=m, other=0.0).to(tl.float32)
-            b_m -= tl.sum(b_x * b_t, axis=1)
+        b_m -= _rowwise_dot(p_xr, p_tr, o_m, m_m, DR, BM, BKR)
+    return b_m
+
+
+@triton.jit
+def _rowwise_dot(p_a, p_b, o_m, m_m, W: tl.constexpr, BM: tl.constexpr, BW: tl.constexpr):
+    """<a_i, b_i> in float32 for a block of rows of row-major [*, W] matrices, in K-blocks of BW."""
+    b_m = tl.zeros([BM], dtype=tl.float32)
+    for k in range(0, W, BW):
+        o_k = k + tl.arange(0, BW)
+        m = m_m[:, None] & (o_k[None, :] < W)
+        o = o_m[:, None] * W + o_k[None, :]
+        b_a = tl.load(p_a + o, mask=m, other=0.0).to(tl.float32)
+        b_b = tl.load(p_b + o, mask=m, other=0.0).to(tl.float32)
+        b_m += tl.sum(b_a * b_b, axis=1)
     return b_m
 
 
