@@ -1,6 +1,6 @@
 """Ahead-of-time compilation report of the Triton kernels: no GPU needed.
 
-Compiles every kernel variant at every autotuning candidate (``drrho_kernels.backends.triton.launch``)
+Compiles every kernel variant at every autotuning candidate (``drrho_kernels.backends.triton.tiles``)
 and input dtype for sm_80 (A100), sm_90 (H100/H200) and sm_100 (B200) with ``triton.compile`` on an
 ``ASTSource``, then reads from each binary:
 
@@ -43,17 +43,18 @@ MAX_WARPS_PER_SM = {80: 64, 90: 64, 100: 64}
 MMA_MARKER = {80: "mma.sync", 90: "wgmma.mma_async", 100: "tcgen05.mma"}
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
-# Kernel variants: (jit function, launch kind, flag constexprs). D = 768 (not a power of two, two BD
-# slices at BD = 512), dr = 512 != d: the largest tiles every candidate uses for CLIP widths.
+# Kernel variants: (module of drrho_kernels.backends.triton, jit function, tile table, flag constexprs).
+# D = 768 (not a power of two, two BD slices at BD = 512), dr = 512 != d: the largest tiles every
+# candidate uses for CLIP widths.
 VARIANTS = {
-    "fwd": ("_fwd_kernel", "fwd", dict(HAS_REF=True, GAMMA_ONE=False)),
+    "fwd": ("forward", "_fwd_kernel", "fwd", dict(HAS_REF=True)),
     # one process: margins, the transposed forward (each tile once, both reductions), the merge
-    "fwd_t_margin": ("_margin_kernel", "margin", dict(HAS_REF=True)),
-    "fwd_t": ("_fwd_t_kernel", "fwdt", dict(HAS_REF=True)),
-    "fwd_t_merge": ("_fwd_t_merge_kernel", "merge", dict(GAMMA_ONE=False)),
-    "bwd_row_fold": ("_bwd_kernel", "bwd", dict(HAS_REF=True, IS_ROW=True, FOLD=True)),
-    "bwd_row": ("_bwd_kernel", "bwd", dict(HAS_REF=True, IS_ROW=True, FOLD=False)),
-    "bwd_col": ("_bwd_kernel", "bwd", dict(HAS_REF=True, IS_ROW=False, FOLD=False)),
+    "fwd_t_margin": ("forward_transposed", "_margin_kernel", "margin", dict(HAS_REF=True)),
+    "fwd_t": ("forward_transposed", "_fwd_t_kernel", "fwdt", dict(HAS_REF=True)),
+    "fwd_t_merge": ("forward_transposed", "_fwd_t_merge_kernel", "merge", {}),
+    "bwd_row_fold": ("backward", "_bwd_kernel", "bwd", dict(HAS_REF=True, IS_ROW=True, FOLD=True)),
+    "bwd_row": ("backward", "_bwd_kernel", "bwd", dict(HAS_REF=True, IS_ROW=True, FOLD=False)),
+    "bwd_col": ("backward", "_bwd_kernel", "bwd", dict(HAS_REF=True, IS_ROW=False, FOLD=False)),
 }
 NO_DOT = {"fwd_t_margin", "fwd_t_merge"}     # no tensor-core product in these (memory-bound [B] passes)
 D, DR = 768, 512
@@ -64,13 +65,13 @@ _INT_ARGS = {"B", "N", "offset", "n_groups", "n_splits", "panel_cols"}
 def jobs(archs=ARCHS, variants=tuple(VARIANTS), dtypes=tuple(DTYPES)):
     """Every (variant, dtype, arch, tiles) to compile."""
     import torch
-    from drrho_kernels.backends.triton import launch
+    from drrho_kernels.backends.triton import tiles as tables
     out = []
     for variant in variants:
-        kind = VARIANTS[variant][1]
+        kind = VARIANTS[variant][2]
         for dt in dtypes:
             for cc in archs:
-                for tiles in launch.candidates(kind, D, DR, getattr(torch, DTYPES[dt]), cc):
+                for tiles in tables.candidates(kind, D, DR, getattr(torch, DTYPES[dt]), cc):
                     out.append((variant, dt, cc, tiles))
     return out
 
@@ -126,9 +127,11 @@ def compile_one(job) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from drrho_kernels.backends.triton import kernels, launch
-    fn_name, kind, flags = VARIANTS[variant]
-    fn = getattr(kernels, fn_name)
+    import importlib
+
+    from drrho_kernels.backends.triton import launch
+    module, fn_name, kind, flags = VARIANTS[variant]
+    fn = getattr(importlib.import_module(f"drrho_kernels.backends.triton.{module}"), fn_name)
     row = {"kernel": variant, "config": tiles.name, "dtype": dt, "arch": f"sm_{cc}", "D": D, "DR": DR,
            "num_warps": tiles.num_warps, "num_stages": tiles.num_stages, "has_dot": variant not in NO_DOT}
     constexprs = dict(D=D, DR=DR, **flags, **tiles.meta(), **launch.dot_flags(getattr(torch, DTYPES[dt])))

@@ -1,13 +1,13 @@
-// drrho_kernels._C: registers the CPU kernels of the fused DRRho-CLIP op pair with the dispatcher.
+// drrho_kernels._C: implements the CPU kernels of the fused DRRho-CLIP op pair.
 //
-//   drrho::cpp_fwd  (schema: drrho_kernels/ops.py FWD_SCHEMA)   CPU kernel: drrho::cpu::fused_fwd
-//   drrho::cpp_bwd  (schema: drrho_kernels/ops.py BWD_SCHEMA)   CPU kernel: drrho::cpu::fused_bwd
+//   drrho::cpp_fwd   CPU kernel: drrho::cpu::fused_fwd
+//   drrho::cpp_bwd   CPU kernel: drrho::cpu::fused_bwd
 //
-// The fake (meta) implementations and the autograd formula are registered from Python, once for
-// every backend, by drrho_kernels.ops.define_fused_ops (called by drrho_kernels/backends/cpp.py),
-// so torch.compile and torch.library.opcheck see these ops like any other. The Python side of the
-// namespace is a torch.library.Library("drrho", "FRAGMENT"); this file holds the one TORCH_LIBRARY
-// (DEF) block of the namespace, which may load before or after it.
+// The schemas, fake (meta) implementations and autograd are defined once, on the Python side
+// (drrho_kernels/ops.py, called by drrho_kernels/backends/cpp.py before this library is imported);
+// this file only implements them (TORCH_LIBRARY_IMPL), so torch.compile and torch.library.opcheck
+// see these ops like any other. The dispatcher infers each kernel's schema from its C++ signature
+// and refuses to register one that does not match the definition.
 //
 // The Python module itself only carries build information and the tiling knobs.
 #include <torch/extension.h>
@@ -15,22 +15,6 @@
 
 #include "cpu/fused_loss.h"
 #include "cpu/vec_loops.h"
-
-// Keep these two strings identical to FWD_SCHEMA / BWD_SCHEMA in drrho_kernels/ops.py
-// (tests/test_cpp.py checks that the registered schemas parse to the same thing).
-TORCH_LIBRARY(drrho, m) {
-  m.def(
-      "cpp_fwd(Tensor img, Tensor txt, Tensor img_all, Tensor txt_all, Tensor? ref_img, Tensor? ref_txt, "
-      "Tensor? ref_img_all, Tensor? ref_txt_all, Tensor logit_scale, Tensor u_img, Tensor u_txt, "
-      "int offset, float gamma, float eps, bool columns_are_rows) "
-      "-> (Tensor phi, Tensor u_img_new, Tensor u_txt_new, Tensor margin, Tensor wsum_img, Tensor wsum_txt)");
-  m.def(
-      "cpp_bwd(Tensor grad_phi, Tensor img, Tensor txt, Tensor img_all, Tensor txt_all, Tensor? ref_img, "
-      "Tensor? ref_txt, Tensor? ref_img_all, Tensor? ref_txt_all, Tensor logit_scale, Tensor u_img_new, "
-      "Tensor u_txt_new, Tensor margin, Tensor wsum_img, Tensor wsum_txt, Tensor? col_u_img, "
-      "Tensor? col_u_txt, Tensor? col_margin, int offset, bool columns_are_rows, bool column_grads) "
-      "-> (Tensor d_img, Tensor d_txt, Tensor d_img_all, Tensor d_txt_all)");
-}
 
 TORCH_LIBRARY_IMPL(drrho, CPU, m) {
   m.impl("cpp_fwd", &drrho::cpu::fused_fwd);

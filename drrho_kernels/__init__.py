@@ -6,6 +6,7 @@ per-sample state) and :func:`available_backends`. Importing touches no GPU.
 from .backends import available_backends
 from .functional import drrho_clip_loss
 from .module import DRRhoCLIPLoss
+from .risk import DRRhoRisk, drrho_risk
 
-__all__ = ["drrho_clip_loss", "DRRhoCLIPLoss", "available_backends"]
+__all__ = ["drrho_clip_loss", "DRRhoCLIPLoss", "available_backends", "drrho_risk", "DRRhoRisk"]
 __version__ = "0.1.0"

@@ -3,12 +3,13 @@
 Everything here works on per-row vectors ``[B]`` or scalars, never on a ``[B, N]``
 matrix, so every backend (torch, Triton, C++) calls into it for the parts that
 are not inside a kernel: the moving-average rule for ``u``, the gamma schedule,
-the ``log(eps + g)`` from online log-sum-exp statistics, and the assembly of the
-scalar loss from the per-row sums the kernels return.
+the ``log(eps + g)`` from online log-sum-exp statistics, the epilogue that turns the
+kernels' per-anchor statistics into the new state and the backward's weights
+(:func:`finish`), and the assembly of the scalar loss.
 
-The Triton and C++ kernels fuse the moving-average rule into their epilogue; they
-state the same rule in their own language and the tests check that all of them
-agree with :func:`ma_update`.
+The fused kernels (torch, Triton, C++) only reduce tiles: they return each anchor's
+online statistics over its negatives. Everything per anchor that follows is
+written once, here, for every backend.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ __all__ = [
     "log_eps_plus_mean_exp",
     "gamma_at_epoch",
     "pair_margin",
+    "finish",
     "assemble_loss",
 ]
 
@@ -100,15 +102,35 @@ def pair_margin(img: torch.Tensor, txt: torch.Tensor, ref_img: torch.Tensor | No
     return out
 
 
-def assemble_loss(phi: torch.Tensor, logit_scale: torch.Tensor, u_img_new: torch.Tensor,
-                  u_txt_new: torch.Tensor, rho: float, n_columns: int) -> torch.Tensor:
-    """The scalar loss of SPEC.md from ``phi = sum_ij (w^I_ij d^I_ij + w^T_ij d^T_ij)``.
+def finish(stats: torch.Tensor, u_old: torch.Tensor, n_columns: int, eps: float, gamma: float):
+    """The epilogue of every fused backend, from the kernels' statistics ``[2, 3, B]``.
 
-    ``L = phi / (s_ B (N-1)) + rho / s + sum_i (u^I_i + u^T_i) / (2 B s)`` with ``s_ = s.detach()``
-    and ``u`` constant. ``phi`` must carry the autograd graph of ``sum w d`` with ``w`` held constant
-    (its derivative in ``s`` is ``phi / s``); then autograd gives exactly the closed forms of SPEC.md.
+    ``stats[k]`` holds, for each anchor of direction ``k`` (0: image anchors, 1: text anchors), the
+    online statistics over its negatives of ``d_j = s (S_j - m)``: ``M = max_j d_j``,
+    ``E = sum_j exp(d_j - M)`` and ``F = sum_j exp(d_j - M) d_j``. With ``u_old`` ``[2, B]``::
+
+        l     = log(eps + (1/N) sum_j exp(d_j))      u_new = MA(u_old, l)
+        wsum  = sum_j w_j   = exp(M - u_new) E       with w_j = exp(d_j - u_new)
+        wdsum = sum_j w_j d_j = exp(M - u_new) F
+
+    Returns ``(u_new, wsum, wdsum)``, each ``[2, B]`` in the dtype of ``stats``.
     """
-    batch = u_img_new.shape[0]
+    top, sumexp, sumexp_d = stats.unbind(1)
+    u_new = ma_update(u_old, log_eps_plus_mean_exp(top, sumexp, n_columns, eps), gamma)
+    scale = torch.exp(top - u_new)
+    return u_new, scale * sumexp, scale * sumexp_d
+
+
+def assemble_loss(phi: torch.Tensor, logit_scale: torch.Tensor, u_new: torch.Tensor, rho: float,
+                  n_columns: int) -> torch.Tensor:
+    """The scalar loss of SPEC.md from ``phi[k] = sum_ij w^k_ij d^k_ij`` (``[2]``, or its sum).
+
+    ``L = sum(phi) / (s_ B (N-1)) + rho / s + sum_i (u^I_i + u^T_i) / (2 B s)`` with ``s_ = s.detach()``
+    and ``u_new`` (``[2, B]``) constant. ``phi`` must carry the autograd graph of ``sum w d`` with ``w``
+    held constant (its derivative in ``s`` is ``phi / s``); then autograd gives exactly the closed
+    forms of SPEC.md.
+    """
+    batch = u_new.shape[-1]
     scale = logit_scale.reshape(()).to(phi.dtype)
-    u_sum = (u_img_new.detach() + u_txt_new.detach()).sum()
-    return phi / (scale.detach() * (batch * (n_columns - 1))) + rho / scale + u_sum / (2 * batch * scale)
+    return (phi.sum() / (scale.detach() * (batch * (n_columns - 1))) + rho / scale
+            + u_new.detach().sum() / (2 * batch * scale))

@@ -1,8 +1,12 @@
 """Every argument check of the public entry points, and its message.
 
-:func:`validate` is called once by :func:`drrho_kernels.drrho_clip_loss` (and so by the module and
-the distributed layer) before any kernel runs. It returns a :class:`Problem`: the checked,
-normalised arguments that the backends receive and never re-check.
+:func:`validate` is called once by :func:`drrho_kernels.drrho_clip_loss` before any kernel runs. It
+returns a :class:`~drrho_kernels._inputs.LossInputs`: the checked, normalised arguments that the
+backends receive and never re-check. It is two steps, which the distributed layer calls apart:
+:func:`check_rows` (everything one process knows: its rows, scale, state and options) and
+:func:`check_columns` (the columns against those rows). The module's constructor checks its
+options with the same functions (``check_gamma``, ``check_eps``, ``check_rho``, ``check_backend``,
+``check_int``) as the call.
 
 Messages name the argument, what was expected and what was given. Shape, dtype and device
 checks are free and always run. Value checks (positive and finite ``logit_scale``, finite
@@ -16,58 +20,17 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
 
+from ._inputs import LossInputs, TileInputs
 from ._math import accumulation_dtype
+from .backends import resolve
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 STATE_DTYPES = (torch.float32, torch.float64)
 BACKENDS = ("auto", "torch", "triton", "cpp", "reference")
-
-
-@dataclass
-class Problem:
-    """Checked inputs of one loss evaluation (SPEC.md notation in brackets)."""
-
-    img: torch.Tensor                   # [B, d]   x
-    txt: torch.Tensor                   # [B, d]   t
-    img_all: torch.Tensor               # [N, d]   X (is ``img`` when ``columns_are_rows``)
-    txt_all: torch.Tensor               # [N, d]   T
-    ref_img: torch.Tensor | None        # [B, dr]  xr
-    ref_txt: torch.Tensor | None        # [B, dr]  tr
-    ref_img_all: torch.Tensor | None    # [N, dr]  Xr
-    ref_txt_all: torch.Tensor | None    # [N, dr]  Tr
-    logit_scale: torch.Tensor           # 0-dim    s
-    u_img: torch.Tensor                 # [B]      u^I before the step
-    u_txt: torch.Tensor                 # [B]      u^T before the step
-    offset: int                         # row i is global column offset + i
-    gamma: float
-    eps: float
-    rho: float
-    columns_are_rows: bool              # single process: X = x, T = t, N = B, offset = 0
-    backend: str
-
-    @property
-    def batch(self) -> int:
-        return self.img.shape[0]
-
-    @property
-    def n_columns(self) -> int:
-        return self.img_all.shape[0]
-
-    @property
-    def has_ref(self) -> bool:
-        return self.ref_img is not None
-
-    @property
-    def acc_dtype(self) -> torch.dtype:
-        return accumulation_dtype(self.img.dtype)
-
-    @property
-    def device(self) -> torch.device:
-        return self.img.device
 
 
 def _describe(x) -> str:
@@ -159,10 +122,51 @@ def check_state(name: str, u, batch: int, device: torch.device) -> torch.Tensor:
     return u
 
 
-def validate(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_txt=None, img_all=None,
-             txt_all=None, ref_img_all=None, ref_txt_all=None, offset=0, gamma=0.8, eps=1e-14,
-             rho=8.0, backend="auto") -> Problem:
-    """Check every argument of :func:`drrho_kernels.drrho_clip_loss`; return a :class:`Problem`."""
+def check_int(name: str, value, *, low: int) -> int:
+    """An ``int`` (not a bool) ``>= low``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {_describe(value)}")
+    if value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def check_gamma(gamma) -> float:
+    return check_real("gamma", gamma, low=0.0, high=1.0, low_open=True)
+
+
+def check_eps(eps) -> float:
+    return check_real("eps", eps, low=0.0, low_open=True, high_open=True)
+
+
+def check_rho(rho) -> float:
+    return check_real("rho", rho, low=0.0, low_open=False, high_open=True)
+
+
+def check_backend(backend) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _check_reference(name: str, x, rows: int, width: int | None, img: torch.Tensor, what: str) -> torch.Tensor:
+    x = check_tensor(name, x, ndim=2)
+    width = x.shape[1] if width is None else width
+    if width < 1:
+        raise ValueError(f"{name}: expected at least one feature, got {_describe(x)}")
+    _check_rows(name, x, rows, width, what)
+    check_same_device("img", img, **{name: x})
+    return x
+
+
+def check_rows(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_txt=None, gamma=0.8, eps=1e-14,
+               rho=8.0, backend="auto") -> LossInputs:
+    """Every check that needs only this process's rows, scale, state and options.
+
+    Returns the problem with the rows as its own columns (one process: N = B, ``columns_are_rows``);
+    :func:`check_columns` replaces them. ``N >= 2`` is checked once the columns are known. The backend
+    is resolved here (a clear ``RuntimeError`` if it cannot run on these tensors).
+    """
     img = check_tensor("img", img, ndim=2)
     txt = check_tensor("txt", txt, ndim=2)
     batch, width = img.shape
@@ -172,84 +176,97 @@ def validate(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_txt=None,
     if txt.dtype != img.dtype:
         raise TypeError(f"txt: expected dtype {img.dtype} (the dtype of img), got {_describe(txt)}")
     check_same_device("img", img, txt=txt)
-
-    _check_pair("img_all", img_all, "txt_all", txt_all)
     _check_pair("ref_img", ref_img, "ref_txt", ref_txt)
-    _check_pair("ref_img_all", ref_img_all, "ref_txt_all", ref_txt_all)
-    columns_are_rows = img_all is None
-    if columns_are_rows:
-        if ref_img_all is not None:
-            raise ValueError("ref_img_all and ref_txt_all: expected None when img_all and txt_all are "
-                             "not given (the columns are then the rows), got tensors")
-        n_columns = batch
-    else:
-        img_all = check_tensor("img_all", img_all, ndim=2)
-        txt_all = check_tensor("txt_all", txt_all, ndim=2)
-        n_columns = img_all.shape[0]
-        _check_rows("img_all", img_all, n_columns, width, "d of img")
-        _check_rows("txt_all", txt_all, n_columns, width, "d of img")
-        for name, x in (("img_all", img_all), ("txt_all", txt_all)):
-            if x.dtype != img.dtype:
-                raise TypeError(f"{name}: expected dtype {img.dtype} (the dtype of img), got {_describe(x)}")
-        check_same_device("img", img, img_all=img_all, txt_all=txt_all)
-    if n_columns < 2:
-        what = "img_all" if not columns_are_rows else "img"
-        raise ValueError(f"{what}: expected N >= 2 columns (each anchor needs a negative), got N = {n_columns}")
+    if ref_img is not None:
+        ref_img = _check_reference("ref_img", ref_img, batch, None, img, "dr")
+        ref_txt = _check_reference("ref_txt", ref_txt, batch, ref_img.shape[1], img, "dr of ref_img")
+        # The reference model gets no gradient and is computed in the embeddings' precision.
+        ref_img, ref_txt = (r.detach().to(img.dtype) for r in (ref_img, ref_txt))
+    logit_scale = check_logit_scale(logit_scale, img.device, img.dtype)
+    u_img = check_state("u_img", u_img, batch, img.device)
+    u_txt = check_state("u_txt", u_txt, batch, img.device)
+    gamma, eps, rho = check_gamma(gamma), check_eps(eps), check_rho(rho)
+    name = resolve(check_backend(backend), img.device, img.dtype)
+    for arg, x in (("img", img), ("txt", txt), ("ref_img", ref_img), ("ref_txt", ref_txt)):
+        if x is not None:
+            check_finite(arg, x)
+    acc = accumulation_dtype(img.dtype)
+    scale = logit_scale.to(acc).reshape(1, 1).expand(2, batch)
+    tiles = TileInputs(img, txt, img, txt, ref_img, ref_txt, ref_img, ref_txt, scale, 0, True)
+    return LossInputs(tiles, logit_scale, u_img, u_txt, gamma, eps, rho, name)
 
+
+def check_columns(p: LossInputs, img_all, txt_all, ref_img_all=None, ref_txt_all=None, *, offset=0) -> LossInputs:
+    """Check the columns (the global batch) against the checked rows of ``p``; return the problem with them."""
+    rows = p.tiles
+    img, batch, width = rows.img, rows.batch, rows.img.shape[1]
+    _check_pair("img_all", img_all, "txt_all", txt_all)
+    _check_pair("ref_img_all", ref_img_all, "ref_txt_all", ref_txt_all)
+    if img_all is None:
+        raise ValueError("img_all and txt_all: expected [N, d] column tensors, got None")
+    img_all = check_tensor("img_all", img_all, ndim=2)
+    txt_all = check_tensor("txt_all", txt_all, ndim=2)
+    n_columns = img_all.shape[0]
+    _check_rows("img_all", img_all, n_columns, width, "d of img")
+    _check_rows("txt_all", txt_all, n_columns, width, "d of img")
+    for name, x in (("img_all", img_all), ("txt_all", txt_all)):
+        if x.dtype != img.dtype:
+            raise TypeError(f"{name}: expected dtype {img.dtype} (the dtype of img), got {_describe(x)}")
+    check_same_device("img", img, img_all=img_all, txt_all=txt_all)
+    check_n_columns(n_columns, "img_all")
+    offset = check_offset(offset, batch, n_columns)
+    if rows.has_ref:
+        if ref_img_all is None:
+            raise ValueError("ref_img_all and ref_txt_all: expected [N, dr] reference columns when "
+                             "img_all and txt_all are given with ref_img and ref_txt, got None")
+        ref_img_all = _check_reference("ref_img_all", ref_img_all, n_columns, rows.ref_dim, img, "dr of ref_img")
+        ref_txt_all = _check_reference("ref_txt_all", ref_txt_all, n_columns, rows.ref_dim, img, "dr of ref_img")
+        ref_img_all, ref_txt_all = (r.detach().to(img.dtype) for r in (ref_img_all, ref_txt_all))
+    elif ref_img_all is not None:
+        raise ValueError("ref_img_all and ref_txt_all: expected None without ref_img and ref_txt, got tensors")
+    for name, x in (("img_all", img_all), ("txt_all", txt_all), ("ref_img_all", ref_img_all),
+                    ("ref_txt_all", ref_txt_all)):
+        if x is not None:
+            check_finite(name, x)
+    return with_columns(p, img_all, txt_all, ref_img_all, ref_txt_all, offset)
+
+
+def with_columns(p: LossInputs, img_all, txt_all, ref_img_all, ref_txt_all, offset: int) -> LossInputs:
+    """``p`` with these (already checked) columns; row ``i`` is column ``offset + i``."""
+    tiles = replace(p.tiles, img_all=img_all, txt_all=txt_all, ref_img_all=ref_img_all, ref_txt_all=ref_txt_all,
+                    offset=offset, columns_are_rows=False)
+    return replace(p, tiles=tiles)
+
+
+def check_n_columns(n_columns: int, what: str, detail: str = "") -> None:
+    if n_columns < 2:
+        raise ValueError(f"{what}: expected N >= 2 columns (each anchor needs a negative), got N = {n_columns}{detail}")
+
+
+def check_offset(offset, batch: int, n_columns: int) -> int:
     if isinstance(offset, bool) or not isinstance(offset, numbers.Integral):
         raise TypeError(f"offset: expected an int, got {_describe(offset)}")
     offset = int(offset)
     if not 0 <= offset <= n_columns - batch:
         raise ValueError(f"offset: expected 0 <= offset <= N - B = {n_columns - batch} "
                          f"(N = {n_columns} columns, B = {batch} rows), got {offset}")
+    return offset
 
-    if ref_img is not None:
-        ref_img = check_tensor("ref_img", ref_img, ndim=2)
-        ref_txt = check_tensor("ref_txt", ref_txt, ndim=2)
-        ref_width = ref_img.shape[1]
-        if ref_width < 1:
-            raise ValueError(f"ref_img: expected at least one feature, got {_describe(ref_img)}")
-        _check_rows("ref_img", ref_img, batch, ref_width, "dr")
-        _check_rows("ref_txt", ref_txt, batch, ref_width, "dr of ref_img")
-        check_same_device("img", img, ref_img=ref_img, ref_txt=ref_txt)
-        if columns_are_rows:
-            ref_img_all, ref_txt_all = ref_img, ref_txt
-        else:
-            if ref_img_all is None:
-                raise ValueError("ref_img_all and ref_txt_all: expected [N, dr] reference columns when "
-                                 "img_all and txt_all are given with ref_img and ref_txt, got None")
-            ref_img_all = check_tensor("ref_img_all", ref_img_all, ndim=2)
-            ref_txt_all = check_tensor("ref_txt_all", ref_txt_all, ndim=2)
-            _check_rows("ref_img_all", ref_img_all, n_columns, ref_width, "dr of ref_img")
-            _check_rows("ref_txt_all", ref_txt_all, n_columns, ref_width, "dr of ref_img")
-            check_same_device("img", img, ref_img_all=ref_img_all, ref_txt_all=ref_txt_all)
-        # The reference model gets no gradient and is computed in the embeddings' precision.
-        ref_img, ref_txt, ref_img_all, ref_txt_all = (
-            r.detach().to(img.dtype) for r in (ref_img, ref_txt, ref_img_all, ref_txt_all))
-    elif ref_img_all is not None:
-        raise ValueError("ref_img_all and ref_txt_all: expected None without ref_img and ref_txt, got tensors")
 
-    logit_scale = check_logit_scale(logit_scale, img.device, img.dtype)
-    u_img = check_state("u_img", u_img, batch, img.device)
-    u_txt = check_state("u_txt", u_txt, batch, img.device)
-    gamma = check_real("gamma", gamma, low=0.0, high=1.0, low_open=True)
-    eps = check_real("eps", eps, low=0.0, low_open=True, high_open=True)
-    rho = check_real("rho", rho, low=0.0, low_open=False, high_open=True)
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-
-    for name, x in (("img", img), ("txt", txt), ("img_all", img_all), ("txt_all", txt_all),
-                    ("ref_img", ref_img), ("ref_txt", ref_txt), ("ref_img_all", ref_img_all),
-                    ("ref_txt_all", ref_txt_all)):
-        if x is not None and not (columns_are_rows and name.endswith("_all")):
-            check_finite(name, x)
-
-    if columns_are_rows:
-        img_all, txt_all = img, txt
-    return Problem(img=img, txt=txt, img_all=img_all, txt_all=txt_all, ref_img=ref_img, ref_txt=ref_txt,
-                   ref_img_all=ref_img_all, ref_txt_all=ref_txt_all, logit_scale=logit_scale,
-                   u_img=u_img, u_txt=u_txt, offset=offset, gamma=gamma, eps=eps, rho=rho,
-                   columns_are_rows=columns_are_rows, backend=backend)
+def validate(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_txt=None, img_all=None,
+             txt_all=None, ref_img_all=None, ref_txt_all=None, offset=0, gamma=0.8, eps=1e-14,
+             rho=8.0, backend="auto") -> LossInputs:
+    """Check every argument of :func:`drrho_kernels.drrho_clip_loss`; return the problem."""
+    p = check_rows(img, txt, logit_scale, u_img, u_txt, ref_img=ref_img, ref_txt=ref_txt, gamma=gamma, eps=eps,
+                   rho=rho, backend=backend)
+    if img_all is None and txt_all is None:
+        if ref_img_all is not None or ref_txt_all is not None:
+            raise ValueError("ref_img_all and ref_txt_all: expected None when img_all and txt_all are "
+                             "not given (the columns are then the rows), got tensors")
+        check_n_columns(p.batch, "img")
+        check_offset(offset, p.batch, p.batch)
+        return p
+    return check_columns(p, img_all, txt_all, ref_img_all, ref_txt_all, offset=offset)
 
 
 def check_index(index, batch: int, data_size: int) -> torch.Tensor:

@@ -6,17 +6,18 @@ sample's embeddings equal the single-process ``L`` of the concatenated batch, an
 with the same updated ``u``. Two schemes meet it:
 
 ``"gather_grad"``
-    All-gather the features *with* gradient. Each process runs :func:`drrho_kernels.drrho_clip_loss`
-    with ``img_all``/``txt_all`` = the gathered features and ``offset = rank * B``; the backward of the
-    gather reduce-scatters (sums) the column gradients to the processes that own the samples. Works
-    with every backend, ``"reference"`` included. One collective in the backward.
+    All-gather the features *with* gradient. Each process evaluates its rows against the gathered
+    columns (``offset = rank * B``) on the single-process path (``functional.compute_loss``); the
+    backward of the gather reduce-scatters (sums) the column gradients to the processes that own the
+    samples. Works with every backend, ``"reference"`` included. One collective in the backward.
 
 ``"gather_u"`` (the default; the FastCLIP scheme of the authors' code)
-    All-gather the features *without* gradient, run the backend's fused forward op on them, then
-    all-gather the already-updated ``u`` (and the pair margins) of every process. The backward calls
-    the fused backward op in "fold" mode with the gathered ``u`` and margins: it adds, to the
-    gradient of each local sample, the column terms of *every* anchor of the global batch. No
-    collective in the backward, and the ``[N, d]`` column gradients never exist.
+    All-gather the features *without* gradient, run the backend's fused forward op and the epilogue
+    on them (``functional.fused_terms``), then all-gather the already-updated ``u`` (and the pair
+    margins) of every process. The loss is assembled on the single-process path
+    (``functional.loss_from_terms``) with the gathered values as the fold's columns: the backward
+    adds, to the gradient of each local sample, the column terms of *every* anchor of the global
+    batch. No collective in the backward, and the ``[N, d]`` column gradients never exist.
 
     This equals what ``"gather_grad"`` delivers provided every process back-propagates the same
     scaling of its loss (``L_r.backward()``, or the same factor on every process, e.g. an AMP grad
@@ -43,7 +44,9 @@ a ring or tree implementation sends about as many::
     backward  column gradients     k * B * 2d * e         0
 
 :func:`bytes_per_step` evaluates this table; :func:`count_bytes` records what the code actually
-passes to the collectives (the tests check that they agree).
+passes to the collectives (the tests check that they agree). Every collective used
+(``all_gather_into_tensor``, ``reduce_scatter_tensor``) exists in torch 2.5, the oldest that
+``pyproject.toml`` admits.
 
 Usage with DDP (every process; the loss module is not wrapped, the model is)::
 
@@ -57,8 +60,9 @@ Usage with DDP (every process; the loss module is not wrapped, the model is)::
             loss = crit(x, t, index, s, ref_img=ref_model.encode_image(img), ref_txt=...)
             loss.backward()                              # DDP averages the gradients over processes
 
-Errors: before any other collective, every process all-gathers a small metadata vector (whether its
-own arguments passed the checks, ``B``, ``d``, ``dr``, dtypes, reference present or not, scheme,
+Errors: every process first checks its own arguments (``_validate.check_rows``: the checks that need
+no columns, so B = 1 per process is fine); then, before any other collective, every process
+all-gathers a small metadata vector (whether its own arguments passed the checks, ``B``, ``d``, ``dr``, dtypes, reference present or not, scheme,
 gamma, eps, rho). A mismatch between processes, or a bad argument on any process, raises on *every*
 process (a ``ValueError`` naming the argument and the per-rank values; the process whose own input
 was bad raises its own error), never a hang and never a corrupted state. A failure *after* these
@@ -73,13 +77,12 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from . import backends
-from ._math import accumulation_dtype, assemble_loss
-from ._validate import FLOAT_DTYPES, STATE_DTYPES, check_index, check_tensor, validate
-from .functional import drrho_clip_loss
+from ._math import accumulation_dtype
+from ._validate import FLOAT_DTYPES, STATE_DTYPES, check_index, check_n_columns, check_rows, with_columns
+from .functional import compute_loss, fused_terms, loss_from_terms, state_out
 
-__all__ = ["SCHEMES", "DistributedLoss", "distributed_drrho_clip_loss", "bytes_per_step", "bytes_table",
-           "count_bytes", "resolve_group", "check_distributed_args"]
+__all__ = ["SCHEMES", "DistributedLoss", "distributed_drrho_clip_loss", "bytes_per_step", "count_bytes",
+           "resolve_group", "check_distributed_args"]
 
 SCHEMES = ("gather_u", "gather_grad")
 META_LEN = 13          # entries of the metadata vector (float64) all-gathered first
@@ -136,7 +139,7 @@ def _all_gather(x: torch.Tensor, group, what: str, phase: str = "forward") -> to
     x = x.contiguous()
     out = x.new_empty((world * x.shape[0], *x.shape[1:]))
     _record("all_gather", what, phase, x, world)
-    dist.all_gather_single(out, x, group=group)
+    dist.all_gather_into_tensor(out, x, group=group)
     return out
 
 
@@ -146,7 +149,7 @@ def _reduce_scatter(x: torch.Tensor, group, what: str, phase: str = "backward") 
     x = x.contiguous()
     out = x.new_empty((x.shape[0] // world, *x.shape[1:]))
     _record("reduce_scatter", what, phase, out, world)
-    dist.reduce_scatter_single(out, x, group=group)
+    dist.reduce_scatter_tensor(out, x, group=group)
     return out
 
 
@@ -162,47 +165,6 @@ class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _reduce_scatter(grad, ctx.group, ctx.what + "_grad"), None, None
-
-
-class _GatherUFold(torch.autograd.Function):
-    """Fused forward on gathered (detached) columns, all-gather of the new u and margins, and a
-    backward that folds every global anchor's column terms into the local rows (no collective)."""
-
-    @staticmethod
-    def forward(ctx, img, txt, logit_scale, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt_all,
-                u_img, u_txt, offset, gamma, eps, ops, group):
-        fwd, bwd = ops
-        phi, u_img_new, u_txt_new, margin, wsum_img, wsum_txt = fwd(
-            img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt_all, logit_scale,
-            u_img, u_txt, offset, gamma, eps, False)
-        packed = torch.stack([u_img_new, u_txt_new, margin.to(u_img_new.dtype)], dim=1)
-        gathered = _all_gather(packed, group, "state")
-        col_u_img, col_u_txt, col_margin = (gathered[:, k].contiguous() for k in range(3))
-        ctx.bwd = bwd
-        ctx.offset = offset
-        ctx.save_for_backward(img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt_all,
-                              logit_scale, phi, u_img_new, u_txt_new, margin, wsum_img, wsum_txt,
-                              col_u_img, col_u_txt, col_margin)
-        ctx.mark_non_differentiable(u_img_new, u_txt_new, col_u_img, col_u_txt)
-        return phi, u_img_new, u_txt_new, col_u_img, col_u_txt
-
-    @staticmethod
-    def backward(ctx, grad_phi, *_unused):
-        (img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt_all, logit_scale, phi,
-         u_img_new, u_txt_new, margin, wsum_img, wsum_txt, col_u_img, col_u_txt, col_margin) = ctx.saved_tensors
-        grads = [None] * 16
-        if grad_phi is None:
-            return tuple(grads)
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            d_img, d_txt, _, _ = ctx.bwd(
-                grad_phi, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt_all,
-                logit_scale, u_img_new, u_txt_new, margin, wsum_img, wsum_txt, col_u_img, col_u_txt,
-                col_margin, ctx.offset, False, False)
-            grads[0], grads[1] = d_img, d_txt
-        if ctx.needs_input_grad[2]:
-            # phi = sum w * s * a with w constant: d phi / d s = phi / s.
-            grads[2] = (grad_phi * phi / logit_scale.to(phi.dtype)).to(logit_scale.dtype)
-        return tuple(grads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,28 +202,10 @@ def _comm_device(group, img) -> torch.device:
     return torch.device("cpu")
 
 
-def _local_check(img, txt, logit_scale, u_img, u_txt, ref_img, ref_txt, index, data_size, gamma, eps,
-                 rho, backend, scheme):
-    """Every check that needs only this process's arguments; returns the metadata vector (list)."""
-    if scheme not in SCHEMES:
-        raise ValueError(f"distributed_scheme: expected one of {SCHEMES}, got {scheme!r}")
-    img = check_tensor("img", img, ndim=2)
-    batch = img.shape[0]
-    cols = {}
-    if batch == 1:
-        # validate() needs N >= 2 columns; the real columns are only known after the gather.
-        cols = dict(img_all=img.detach().expand(2, -1), txt_all=img.detach().expand(2, -1))
-        if isinstance(ref_img, torch.Tensor) and isinstance(ref_txt, torch.Tensor):
-            cols.update(ref_img_all=ref_img.detach().expand(2, -1), ref_txt_all=ref_txt.detach().expand(2, -1))
-    p = validate(img, txt, logit_scale, u_img, u_txt, ref_img=ref_img, ref_txt=ref_txt, gamma=gamma, eps=eps,
-                 rho=rho, backend=backend, **cols)
-    name = backends.resolve(p.backend, p.device)
-    if scheme == "gather_u" and name != "reference":
-        backends.fused_ops(name)
-    if index is not None:
-        check_index(index, batch, data_size if data_size is not None else 2 ** 62)
-    return [1.0, batch, img.shape[1], float(p.has_ref), p.ref_img.shape[1] if p.has_ref else -1,
-            _DTYPES.index(img.dtype), _DTYPES.index(p.u_img.dtype), float(index is not None),
+def _meta(p, index, scheme) -> list[float]:
+    """This process's metadata vector (the fields of ``_META_FIELDS``) from its checked rows."""
+    return [1.0, p.batch, p.tiles.img.shape[1], float(p.tiles.has_ref), p.tiles.ref_dim if p.tiles.has_ref else -1,
+            _DTYPES.index(p.tiles.img.dtype), _DTYPES.index(p.u_img.dtype), float(index is not None),
             SCHEMES.index(scheme), p.gamma, p.eps, p.rho, 0.0]
 
 
@@ -308,25 +252,25 @@ def _agree(meta: torch.Tensor, rank: int, local_error: BaseException | None) -> 
 def _step(img, txt, logit_scale, u_img, u_txt, *, ref_img, ref_txt, index, data_size, gamma, eps, rho,
           backend, scheme, group, local_error=None) -> DistributedLoss:
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    meta_row = [0.0] * META_LEN
+    meta_row, p = [0.0] * META_LEN, None
     if local_error is None:
         try:
-            meta_row = _local_check(img, txt, logit_scale, u_img, u_txt, ref_img, ref_txt, index, data_size,
-                                    gamma, eps, rho, backend, scheme)
+            if scheme not in SCHEMES:
+                raise ValueError(f"distributed_scheme: expected one of {SCHEMES}, got {scheme!r}")
+            p = check_rows(img, txt, logit_scale, u_img, u_txt, ref_img=ref_img, ref_txt=ref_txt, gamma=gamma,
+                           eps=eps, rho=rho, backend=backend)
+            if index is not None:
+                index = check_index(index, p.batch, data_size if data_size is not None else 2 ** 62)
+            meta_row = _meta(p, index, scheme)
         except Exception as exc:        # re-raised after every rank has heard of it
             local_error = exc
-    if local_error is not None:
-        meta_row = [0.0] * META_LEN
     device = _comm_device(group, img)
     meta = _all_gather(torch.tensor([meta_row], dtype=torch.float64, device=device), group, "meta")
     _agree(meta, rank, local_error)
 
-    batch = img.shape[0]
-    n_columns = world * batch
-    offset = rank * batch
-    if n_columns < 2:
-        raise ValueError(f"img: expected N = W * B >= 2 columns (each anchor needs a negative), got "
-                         f"W = {world}, B = {batch}")
+    batch = p.batch
+    n_columns, offset = world * batch, rank * batch
+    check_n_columns(n_columns, "img", f" (W = {world} processes, B = {batch} rows each)")
     index_all = None
     if index is not None:
         index_all = _all_gather(index.to(device=device, dtype=torch.int64), group, "index")
@@ -334,42 +278,34 @@ def _step(img, txt, logit_scale, u_img, u_txt, *, ref_img, ref_txt, index, data_
             raise ValueError("index: expected distinct dataset indices across the global batch (each sample "
                              "has one u entry), got a sample on more than one rank or twice "
                              f"(raised on every rank; this is rank {rank})")
-    has_ref = ref_img is not None
-    refs = (ref_img.detach().to(img.dtype), ref_txt.detach().to(img.dtype)) if has_ref else (None, None)
-    name = backends.resolve(backend, img.device)
-    if scheme == "gather_u" and name == "reference":
+    rows = p.tiles
+    refs = [_all_gather(r, group, "reference") for r in (rows.ref_img, rows.ref_txt)] if rows.has_ref else [None, None]
+    if scheme == "gather_u" and p.backend == "reference":
         scheme = "gather_grad"    # the dense reference has no fused op pair to fold with
 
     if scheme == "gather_grad":
-        img_all = _AllGatherWithGrad.apply(img, group, "features")
-        txt_all = _AllGatherWithGrad.apply(txt, group, "features")
-        ref_all = [_all_gather(r, group, "reference") for r in refs] if has_ref else [None, None]
-        loss, u_img_new, u_txt_new = drrho_clip_loss(
-            img, txt, logit_scale, u_img, u_txt, ref_img=refs[0], ref_txt=refs[1], img_all=img_all,
-            txt_all=txt_all, ref_img_all=ref_all[0], ref_txt_all=ref_all[1], offset=offset, gamma=gamma,
-            eps=eps, rho=rho, backend=name)
+        q = with_columns(p, _AllGatherWithGrad.apply(rows.img, group, "features"),
+                         _AllGatherWithGrad.apply(rows.txt, group, "features"), *refs, offset)
+        loss, u_img_new, u_txt_new = compute_loss(q)
         u_all = _all_gather(torch.stack([u_img_new, u_txt_new], dim=1), group, "state")
-        u_img_all, u_txt_all = u_all[:, 0].contiguous(), u_all[:, 1].contiguous()
+        u_img_all, u_txt_all = u_all[:, 0], u_all[:, 1]
     else:
-        img_all = _all_gather(img.detach(), group, "features")
-        txt_all = _all_gather(txt.detach(), group, "features")
-        ref_all = [_all_gather(r, group, "reference") for r in refs] if has_ref else [None, None]
-        p = validate(img, txt, logit_scale, u_img, u_txt, ref_img=refs[0], ref_txt=refs[1], img_all=img_all,
-                     txt_all=txt_all, ref_img_all=ref_all[0], ref_txt_all=ref_all[1], offset=offset,
-                     gamma=gamma, eps=eps, rho=rho, backend=name)
-        phi, u_img_acc, u_txt_acc, u_img_all, u_txt_all = _GatherUFold.apply(
-            p.img, p.txt, p.logit_scale, p.img_all, p.txt_all, p.ref_img, p.ref_txt, p.ref_img_all,
-            p.ref_txt_all, p.u_img, p.u_txt, p.offset, p.gamma, p.eps, backends.fused_ops(name), group)
-        loss = assemble_loss(phi, p.logit_scale, u_img_acc, u_txt_acc, p.rho, n_columns)
-        u_img_new, u_txt_new = u_img_acc.to(p.u_img.dtype), u_txt_acc.to(p.u_txt.dtype)
-        u_img_all, u_txt_all = u_img_all.to(p.u_img.dtype), u_txt_all.to(p.u_txt.dtype)
-    return DistributedLoss(loss, u_img_new.detach(), u_txt_new.detach(), u_img_all.detach(),
-                           u_txt_all.detach(), index_all)
+        q = with_columns(p, _all_gather(rows.img.detach(), group, "features"),
+                         _all_gather(rows.txt.detach(), group, "features"), *refs, offset)
+        terms = fused_terms(q)
+        # The columns' new state and margins: the fold's column anchors.
+        packed = _all_gather(torch.stack([terms.u_new[0], terms.u_new[1], terms.margin], dim=1), group, "state")
+        col_scale = q.logit_scale.detach().to(packed.dtype).reshape(1, 1).expand(2, n_columns)
+        weights = terms.weights(col_scale=col_scale, col_log_norm=packed[:, :2].T, col_margin=packed[:, 2])
+        loss = loss_from_terms(q, terms, weights)
+        u_img_new, u_txt_new = state_out(q, terms.u_new)
+        u_img_all, u_txt_all = state_out(q, packed[:, :2].T)
+    return DistributedLoss(loss, u_img_new, u_txt_new, u_img_all.contiguous(), u_txt_all.contiguous(), index_all)
 
 
 def distributed_drrho_clip_loss(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_txt=None,
                                 index=None, data_size=None, gamma=0.8, eps=1e-14, rho=8.0, backend="auto",
-                                scheme="gather_u", group=None) -> DistributedLoss:
+                                scheme="gather_u", group=None, local_error=None) -> DistributedLoss:
     """The DRRho-CLIP loss of this process's ``B`` anchors against the global batch of all processes.
 
     Every process of ``group`` must call it at the same step with the same ``B``, ``d``, ``dr``, dtypes,
@@ -387,36 +323,21 @@ def distributed_drrho_clip_loss(img, txt, logit_scale, u_img, u_txt, *, ref_img=
         scheme: ``"gather_u"`` (default, no collective in the backward; needs a fused backend) or
             ``"gather_grad"`` (all-gather with gradient); see the module docstring.
         group: the process group (None: the default group).
+        local_error: an exception this process already raised while preparing the call (the module
+            passes its own state lookup's); every rank learns of it in the first collective and stops.
 
     Returns:
         :class:`DistributedLoss`: this process's loss, its anchors' new ``u``, and the new ``u`` of the
         whole global batch (``[N]``, identical on every process) with the gathered indices.
+
+    Raises:
+        TypeError, ValueError, IndexError: a bad argument on any process, or arguments that differ
+            between processes (raised on every process). RuntimeError: no initialised process group.
     """
     group = resolve_group(group)
     return _step(img, txt, logit_scale, u_img, u_txt, ref_img=ref_img, ref_txt=ref_txt, index=index,
                  data_size=data_size, gamma=gamma, eps=eps, rho=rho, backend=backend, scheme=scheme,
-                 group=group)
-
-
-def module_forward(module, img, txt, index, logit_scale, ref_img=None, ref_txt=None):
-    """:meth:`DRRhoCLIPLoss.forward` with a process group: the global batch's loss, state of all N samples.
-
-    Reads this process's ``u`` entries, runs :func:`distributed_drrho_clip_loss` and writes the new ``u``
-    of *every* sample of the global batch into the module's buffers, so that all processes hold the
-    same state and a checkpoint saved by any of them resumes the run.
-    """
-    group = resolve_group(module.process_group)
-    error = None
-    u_img = u_txt = None
-    try:
-        index, u_img, u_txt = module.read_state(img, index)
-    except Exception as exc:            # raised after every rank has heard of it
-        error = exc
-    out = _step(img, txt, logit_scale, u_img, u_txt, ref_img=ref_img, ref_txt=ref_txt, index=index,
-                data_size=module.data_size, gamma=module.gamma, eps=module.eps, rho=module.rho,
-                backend=module.backend, scheme=module.distributed_scheme, group=group, local_error=error)
-    module.write_state(out.index_all, out.u_img_all, out.u_txt_all)
-    return out.loss
+                 group=group, local_error=local_error)
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -453,25 +374,6 @@ def bytes_per_step(batch: int, world_size: int, dim: int, ref_dim: int | None = 
     )
     forward = parts["meta"] + parts["index"] + parts["features"] + parts["reference"] + parts["state"]
     return dict(parts, forward=forward, backward=parts["column_grads"], total=forward + parts["column_grads"])
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n}"  # pragma: no cover
-
-
-def bytes_table(batch: int, world_size: int, dim: int, ref_dim: int | None = None, *,
-                dtype: torch.dtype = torch.bfloat16) -> str:
-    """A Markdown table of :func:`bytes_per_step` for both schemes (README-ready)."""
-    rows = ["| scheme | forward | backward | total per step |", "| --- | --- | --- | --- |"]
-    for scheme in SCHEMES:
-        b = bytes_per_step(batch, world_size, dim, ref_dim, scheme=scheme, dtype=dtype)
-        rows.append(f"| {scheme} | {_fmt_bytes(b['forward'])} | {_fmt_bytes(b['backward'])} | "
-                    f"{_fmt_bytes(b['total'])} |")
-    return "\n".join(rows)
 
 
 assert len(_META_FIELDS) == META_LEN

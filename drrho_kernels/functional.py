@@ -1,11 +1,22 @@
-"""``drrho_clip_loss``: the functional API. Validates once, picks the backend, returns the loss and new state."""
+"""``drrho_clip_loss``: the functional API, and the one path every fused evaluation takes.
+
+    validate (``_validate.py``)  ->  forward op: per-anchor statistics (``ops.forward``)
+      ->  epilogue: new u, weights (``_math.finish``)  ->  phi op: sum w d with autograd (``ops.phi``)
+      ->  loss (``_math.assemble_loss``)  ->  the new state in the caller's dtype
+
+The distributed scheme that gathers ``u`` takes the same path (:func:`fused_terms`, then
+:func:`loss_from_terms` with the gathered columns' weights).
+"""
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
-from . import backends
-from ._math import assemble_loss
-from ._validate import Problem, validate
+from . import ops
+from ._inputs import LossInputs, Weights
+from ._math import assemble_loss, finish
+from ._validate import validate
 from .backends.reference import reference_loss
 
 
@@ -58,21 +69,49 @@ def drrho_clip_loss(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_tx
         >>> img.grad.shape, u_img.shape
         (torch.Size([8, 16]), torch.Size([8]))
     """
-    problem = validate(img, txt, logit_scale, u_img, u_txt, ref_img=ref_img, ref_txt=ref_txt,
-                       img_all=img_all, txt_all=txt_all, ref_img_all=ref_img_all, ref_txt_all=ref_txt_all,
-                       offset=offset, gamma=gamma, eps=eps, rho=rho, backend=backend)
-    return compute_loss(problem)
+    p = validate(img, txt, logit_scale, u_img, u_txt, ref_img=ref_img, ref_txt=ref_txt, img_all=img_all,
+                 txt_all=txt_all, ref_img_all=ref_img_all, ref_txt_all=ref_txt_all, offset=offset, gamma=gamma,
+                 eps=eps, rho=rho, backend=backend)
+    return compute_loss(p)
 
 
-def compute_loss(p: Problem):
-    """Run the selected backend on a checked problem; returns ``(loss, u_img_new, u_txt_new)``."""
-    name = backends.resolve(p.backend, p.device)
-    if name == "reference":
-        loss, u_img_new, u_txt_new = reference_loss(p)
-    else:
-        fwd, _ = backends.fused_ops(name)
-        phi, u_img_new, u_txt_new, _margin, _wsum_img, _wsum_txt = fwd(
-            p.img, p.txt, p.img_all, p.txt_all, p.ref_img, p.ref_txt, p.ref_img_all, p.ref_txt_all,
-            p.logit_scale, p.u_img, p.u_txt, p.offset, p.gamma, p.eps, p.columns_are_rows)
-        loss = assemble_loss(phi, p.logit_scale, u_img_new, u_txt_new, p.rho, p.n_columns)
-    return loss, u_img_new.detach().to(p.u_img.dtype), u_txt_new.detach().to(p.u_txt.dtype)
+def compute_loss(p: LossInputs):
+    """Run the problem's backend; returns ``(loss, u_img_new, u_txt_new)`` (state in the caller's dtype)."""
+    if p.backend == "reference":
+        loss, u_new = reference_loss(p)
+        return (loss, *state_out(p, u_new))
+    terms = fused_terms(p)
+    return (loss_from_terms(p, terms), *state_out(p, terms.u_new))
+
+
+def state_out(p: LossInputs, u_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The new state ``[2, B]`` as ``(u_img_new, u_txt_new)``, detached, in the dtypes of ``u_img``/``u_txt``."""
+    u_new = u_new.detach()
+    return u_new[0].to(p.u_img.dtype), u_new[1].to(p.u_txt.dtype)
+
+
+class FusedTerms:
+    """What the forward op and the epilogue give: the new state and the weights' description."""
+
+    def __init__(self, u_new, wsum, wdsum, margin):
+        self.u_new, self.wsum, self.wdsum, self.margin = u_new, wsum, wdsum, margin
+
+    def weights(self, **cols) -> Weights:
+        """The backward's weights: in one process the fold uses the rows' own; ``cols`` give a fold's columns."""
+        return Weights(self.u_new, self.wsum, self.margin, cols.get("col_scale"), cols.get("col_log_norm"),
+                       cols.get("col_margin"))
+
+
+def fused_terms(p: LossInputs) -> FusedTerms:
+    """Forward op on the detached tiles, then the epilogue."""
+    tiles = p.tiles
+    detached = replace(tiles, **{name: getattr(tiles, name).detach() for name in ("img", "txt", "img_all",
+                                                                                   "txt_all", "scale")})
+    stats, margin = ops.forward(p.backend, detached)
+    return FusedTerms(*finish(stats, p.u_old, p.n_columns, p.eps, p.gamma), margin)
+
+
+def loss_from_terms(p: LossInputs, terms: FusedTerms, weights: Weights | None = None) -> torch.Tensor:
+    """The loss, differentiable in the embeddings and the scale (weights held constant)."""
+    phi = ops.phi(p.backend, terms.wdsum, p.tiles, weights if weights is not None else terms.weights())
+    return assemble_loss(phi, p.logit_scale, terms.u_new, p.rho, p.n_columns)

@@ -5,8 +5,11 @@ import torch
 from torch import nn
 
 from ._math import gamma_at_epoch
-from ._validate import BACKENDS, check_index, check_real, check_tensor
+from ._validate import check_backend, check_eps, check_gamma, check_index, check_int, check_rho, check_tensor
+from .distributed import check_distributed_args, distributed_drrho_clip_loss, resolve_group
 from .functional import drrho_clip_loss
+
+GAMMA_SCHEDULES = ("cosine", "constant")
 
 
 class DRRhoCLIPLoss(nn.Module):
@@ -55,24 +58,19 @@ class DRRhoCLIPLoss(nn.Module):
                  gamma_decay_epochs: int = 10, rho: float = 8.0, eps: float = 1e-14, backend: str = "auto",
                  state_device=None, process_group=None, distributed_scheme: str = "gather_u"):
         super().__init__()
-        if isinstance(data_size, bool) or not isinstance(data_size, int) or data_size < 1:
-            raise ValueError(f"data_size: expected a positive int, got {data_size!r}")
-        self.gamma_final = check_real("gamma", gamma, low=0.0, high=1.0, low_open=True)
-        if gamma_schedule not in ("cosine", "constant"):
-            raise ValueError(f"gamma_schedule: expected 'cosine' or 'constant', got {gamma_schedule!r}")
-        if isinstance(gamma_decay_epochs, bool) or not isinstance(gamma_decay_epochs, int) or gamma_decay_epochs < 1:
-            raise ValueError(f"gamma_decay_epochs: expected an int >= 1, got {gamma_decay_epochs!r}")
-        self.rho = check_real("rho", rho, low=0.0, low_open=False)
-        self.eps = check_real("eps", eps, low=0.0, low_open=True)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        data_size = check_int("data_size", data_size, low=1)
+        self.gamma_final = check_gamma(gamma)
+        if gamma_schedule not in GAMMA_SCHEDULES:
+            raise ValueError(f"gamma_schedule: expected one of {GAMMA_SCHEDULES}, got {gamma_schedule!r}")
+        gamma_decay_epochs = check_int("gamma_decay_epochs", gamma_decay_epochs, low=1)
+        self.rho = check_rho(rho)
+        self.eps = check_eps(eps)
+        self.backend = check_backend(backend)
+        check_distributed_args(process_group, distributed_scheme)
         self.data_size = data_size
         self.gamma_schedule = gamma_schedule
         self.gamma_decay_epochs = gamma_decay_epochs
-        self.backend = backend
         self.state_device = None if state_device is None else torch.device(state_device)
-        from .distributed import check_distributed_args
-        check_distributed_args(process_group, distributed_scheme)
         self.process_group = process_group
         self.distributed_scheme = distributed_scheme
         self._epoch = 0
@@ -90,9 +88,7 @@ class DRRhoCLIPLoss(nn.Module):
         return gamma_at_epoch(self._epoch, self.gamma_final, self.gamma_schedule, self.gamma_decay_epochs)
 
     def set_epoch(self, epoch: int) -> None:
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch: expected an int >= 0, got {epoch!r}")
-        self._epoch = epoch
+        self._epoch = check_int("epoch", epoch, low=0)
 
     def get_extra_state(self):
         return {"epoch": self._epoch}
@@ -116,7 +112,7 @@ class DRRhoCLIPLoss(nn.Module):
             self.u_img = self.u_img.to(device)
             self.u_txt = self.u_txt.to(device)
 
-    def read_state(self, img, index):
+    def _read_state(self, img, index):
         """Check ``img`` and ``index``; return ``(index, u_img, u_txt)`` of the batch's samples on img's device."""
         img = check_tensor("img", img, ndim=2)
         index = check_index(index, img.shape[0], self.data_size)
@@ -125,22 +121,30 @@ class DRRhoCLIPLoss(nn.Module):
         return index, self.u_img[state_index].to(img.device), self.u_txt[state_index].to(img.device)
 
     @torch.no_grad()
-    def write_state(self, index, u_img_new, u_txt_new) -> None:
-        """Store the new state of the samples ``index`` (only called once a step has succeeded)."""
+    def _write_state(self, index, u_img_new, u_txt_new) -> None:
+        """Store the new state of the samples ``index`` (only once a step has succeeded)."""
         state_index = index.to(self.u_img.device)
         self.u_img[state_index] = u_img_new.to(device=self.u_img.device, dtype=self.u_img.dtype)
         self.u_txt[state_index] = u_txt_new.to(device=self.u_txt.device, dtype=self.u_txt.dtype)
 
     def forward(self, img, txt, index, logit_scale, ref_img=None, ref_txt=None):
-        if self.process_group is not None:
-            from .distributed import module_forward
-            return module_forward(self, img, txt, index, logit_scale, ref_img, ref_txt)
-        index, u_img, u_txt = self.read_state(img, index)
-        loss, u_img_new, u_txt_new = drrho_clip_loss(
-            img, txt, logit_scale, u_img, u_txt, ref_img=ref_img, ref_txt=ref_txt, gamma=self.gamma,
-            eps=self.eps, rho=self.rho, backend=self.backend)
-        self.write_state(index, u_img_new, u_txt_new)
-        return loss
+        options = dict(ref_img=ref_img, ref_txt=ref_txt, gamma=self.gamma, eps=self.eps, rho=self.rho,
+                       backend=self.backend)
+        if self.process_group is None:
+            index, u_img, u_txt = self._read_state(img, index)
+            loss, u_img_new, u_txt_new = drrho_clip_loss(img, txt, logit_scale, u_img, u_txt, **options)
+            self._write_state(index, u_img_new, u_txt_new)
+            return loss
+        group = resolve_group(self.process_group)
+        error, u_img, u_txt = None, None, None
+        try:
+            index, u_img, u_txt = self._read_state(img, index)
+        except Exception as exc:            # every rank hears of it in the first collective
+            error = exc
+        out = distributed_drrho_clip_loss(img, txt, logit_scale, u_img, u_txt, index=index, data_size=self.data_size,
+                                          scheme=self.distributed_scheme, group=group, local_error=error, **options)
+        self._write_state(out.index_all, out.u_img_all, out.u_txt_all)   # every sample of the global batch
+        return out.loss
 
     def extra_repr(self) -> str:
         return (f"data_size={self.data_size}, gamma={self.gamma_final}, gamma_schedule={self.gamma_schedule!r}, "

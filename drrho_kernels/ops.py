@@ -1,14 +1,33 @@
-"""The fused loss as dispatcher ops: one schema, shared fake and autograd registrations.
+"""The op layer: the fused loss as dispatcher ops, schemas, fake implementations and autograd, once.
 
-Every fused backend (``torch``: row-chunked PyTorch, ``triton``: GPU kernels, ``cpp``: the C++
-extension) provides one pair of ops with the schemas below, ``drrho::<backend>_fwd`` and
-``drrho::<backend>_bwd``. The forward returns ``phi = sum_ij (w^I_ij d^I_ij + w^T_ij d^T_ij)`` (the
-weights held constant), the new state and the per-row statistics the backward needs; the loss is
-assembled from them in :func:`drrho_kernels._math.assemble_loss`. The backward returns
-``d phi / d(img, txt[, img_all, txt_all])``; ``d phi / d s = phi / s`` needs no kernel.
+Every fused backend ``<b>`` (``torch``: row-chunked PyTorch, ``triton``: GPU kernels, ``cpp``: the
+C++ extension) implements two ops whose schemas are derived here from the fields of
+:class:`~drrho_kernels._inputs.TileInputs` and :class:`~drrho_kernels._inputs.Weights`:
 
-Because the ops have fake (meta) implementations and registered autograd, ``torch.compile`` traces
-them without graph breaks and ``torch.library.opcheck`` can check each of them.
+``drrho::<b>_fwd(<TileInputs>) -> (Tensor stats, Tensor margin)``
+    ``stats`` ``[2, 3, B]``: per direction and anchor, the online statistics ``(M, E, F)`` of
+    ``d_j = s (S_j - m)`` over the anchor's negatives (see :func:`drrho_kernels._math.finish`);
+    ``margin`` ``[B]``. Accumulation dtype; no autograd (called on detached inputs).
+``drrho::<b>_bwd(Tensor gain, Tensor? col_gain, <TileInputs>, <Weights>, bool column_grads)
+-> (Tensor d_img, Tensor d_txt, Tensor d_img_all, Tensor d_txt_all)``
+    the weighted products of the gradient: with ``P_kij = gain[k, i] w_kij`` (plus, in a fold, the
+    column anchors' ``col_gain[k', j] w_k'ji``) and ``partner_i = sum_k gain[k, i] wsum[k, i]``::
+
+        d_img_i = sum_j P_0ij T_j - partner_i t_i      d_txt_i = sum_j P_1ij X_j - partner_i x_i
+        d_txt_all_j = sum_i P_0ij x_i                  d_img_all_j = sum_i P_1ij t_i   (column_grads)
+
+    In one process (``columns_are_rows``) the fold with the rows' own weights is implied. Without
+    ``column_grads`` the column outputs are empty ``[0, d]`` tensors.
+
+The backends share one op with autograd, ``drrho::phi(Tensor wdsum, <TileInputs>, <Weights>, str
+backend) -> Tensor``: it returns ``phi[k] = sum_i wdsum[k, i] = sum_ij w_kij d_kij`` and, in the
+backward, treats the weights as constants (SPEC.md: "gradients ... with w and the new u held
+constant"): ``gain = grad_phi[k] * scale``, the named backend's ``_bwd`` op for the embeddings, and
+``d phi[k] / d scale[k, i] = wdsum[k, i] / scale[k, i]``.
+
+Only this module and the backends' op implementations see the flat argument lists; everything else
+passes the dataclasses. Because the ops have fake (meta) implementations and registered autograd,
+``torch.compile`` traces them without graph breaks and ``torch.library.opcheck`` checks each.
 """
 from __future__ import annotations
 
@@ -16,45 +35,40 @@ from typing import Callable
 
 import torch
 
+from ._inputs import TileInputs, Weights, as_args, schema_fields
+
 NAMESPACE = "drrho"
 
-FWD_SCHEMA = (
-    "(Tensor img, Tensor txt, Tensor img_all, Tensor txt_all, Tensor? ref_img, Tensor? ref_txt, "
-    "Tensor? ref_img_all, Tensor? ref_txt_all, Tensor logit_scale, Tensor u_img, Tensor u_txt, "
-    "int offset, float gamma, float eps, bool columns_are_rows) "
-    "-> (Tensor phi, Tensor u_img_new, Tensor u_txt_new, Tensor margin, Tensor wsum_img, Tensor wsum_txt)"
-)
-BWD_SCHEMA = (
-    "(Tensor grad_phi, Tensor img, Tensor txt, Tensor img_all, Tensor txt_all, Tensor? ref_img, "
-    "Tensor? ref_txt, Tensor? ref_img_all, Tensor? ref_txt_all, Tensor logit_scale, Tensor u_img_new, "
-    "Tensor u_txt_new, Tensor margin, Tensor wsum_img, Tensor wsum_txt, Tensor? col_u_img, "
-    "Tensor? col_u_txt, Tensor? col_margin, int offset, bool columns_are_rows, bool column_grads) "
-    "-> (Tensor d_img, Tensor d_txt, Tensor d_img_all, Tensor d_txt_all)"
-)
+_TILE_FIELDS = schema_fields(TileInputs)
+_WEIGHT_FIELDS = schema_fields(Weights)
+_N_TILE, _N_WEIGHT = len(_TILE_FIELDS), len(_WEIGHT_FIELDS)
+
+
+def _args(pairs) -> str:
+    return ", ".join(f"{kind} {name}" for name, kind in pairs)
+
+
+TILE_ARGS = _args(_TILE_FIELDS)
+WEIGHT_ARGS = _args(_WEIGHT_FIELDS)
+FWD_SCHEMA = f"({TILE_ARGS}) -> (Tensor stats, Tensor margin)"
+BWD_SCHEMA = (f"(Tensor gain, Tensor? col_gain, {TILE_ARGS}, {WEIGHT_ARGS}, bool column_grads) "
+              "-> (Tensor d_img, Tensor d_txt, Tensor d_img_all, Tensor d_txt_all)")
+PHI_SCHEMA = f"(Tensor wdsum, {TILE_ARGS}, {WEIGHT_ARGS}, str backend) -> Tensor"
 
 _library = torch.library.Library(NAMESPACE, "FRAGMENT")
-_registered: set[str] = set()
+_defined: set[str] = set()
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fake_fwd(img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt_all, logit_scale,
-              u_img, u_txt, offset, gamma, eps, columns_are_rows):
-    acc = _acc(img.dtype)
-    rows = img.shape[0]
-    return (img.new_empty((), dtype=acc), *(img.new_empty(rows, dtype=acc) for _ in range(5)))
+def tiles_of(args) -> TileInputs:
+    return TileInputs(*args[:_N_TILE])
 
 
-def _fake_bwd(grad_phi, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt_all,
-              logit_scale, u_img_new, u_txt_new, margin, wsum_img, wsum_txt, col_u_img, col_u_txt,
-              col_margin, offset, columns_are_rows, column_grads):
-    if column_grads:
-        cols = (torch.empty_like(img_all), torch.empty_like(txt_all))
-    else:
-        cols = (img.new_empty((0, img.shape[1])), txt.new_empty((0, txt.shape[1])))
-    return torch.empty_like(img), torch.empty_like(txt), *cols
+def weights_of(args) -> Weights:
+    return Weights(*args[_N_TILE:_N_TILE + _N_WEIGHT])
 
 
 def no_column_grads(img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,78 +76,131 @@ def no_column_grads(img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor,
     return img.new_empty((0, img.shape[1])), txt.new_empty((0, txt.shape[1]))
 
 
-def _setup_context(ctx, inputs, output):
-    (img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt_all, logit_scale,
-     _u_img, _u_txt, offset, _gamma, _eps, columns_are_rows) = inputs
-    phi, u_img_new, u_txt_new, margin, wsum_img, wsum_txt = output
-    ctx.offset = offset
-    ctx.columns_are_rows = columns_are_rows
-    ctx.save_for_backward(img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt_all,
-                          logit_scale, phi, u_img_new, u_txt_new, margin, wsum_img, wsum_txt)
+# ---------------------------------------------------------------------------------------------
+# Per-backend ops: definition, fake implementations, Python implementations.
+
+def _fake_fwd(*args):
+    tiles = tiles_of(args)
+    acc, rows = _acc(tiles.img.dtype), tiles.batch
+    return tiles.img.new_empty((2, 3, rows), dtype=acc), tiles.img.new_empty(rows, dtype=acc)
 
 
-def _make_backward(bwd_op) -> Callable:
-    def backward(ctx, grad_phi, *_unused):
-        (img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt_all, logit_scale, phi,
-         u_img_new, u_txt_new, margin, wsum_img, wsum_txt) = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        grads = [None] * 15
-        if grad_phi is None:
-            return tuple(grads)
-        if any(needs[:4]):
-            fold = ctx.columns_are_rows   # single process: X = x, so the column terms go to img, txt
-            column_grads = not fold and (needs[2] or needs[3])
-            col = (u_img_new, u_txt_new, margin) if fold else (None, None, None)
-            d_img, d_txt, d_img_all, d_txt_all = bwd_op(
-                grad_phi, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt_all,
-                logit_scale, u_img_new, u_txt_new, margin, wsum_img, wsum_txt, *col, ctx.offset,
-                ctx.columns_are_rows, column_grads)
-            grads[0], grads[1] = d_img, d_txt
-            if column_grads:
-                grads[2], grads[3] = d_img_all, d_txt_all
-        if needs[8]:
-            # phi = sum w * s * a with w constant, so d phi / d s = phi / s.
-            grads[8] = (grad_phi * phi / logit_scale.to(phi.dtype)).to(logit_scale.dtype)
-        return tuple(grads)
-    return backward
+def _fake_bwd(gain, col_gain, *args):
+    tiles, column_grads = tiles_of(args), args[-1]
+    if column_grads:
+        cols = (torch.empty_like(tiles.img_all), torch.empty_like(tiles.txt_all))
+    else:
+        cols = no_column_grads(tiles.img, tiles.txt)
+    return torch.empty_like(tiles.img), torch.empty_like(tiles.txt), *cols
 
 
-def define_fused_ops(backend: str, fwd_impl: Callable | None, bwd_impl: Callable | None,
-                     dispatch_keys=("CompositeExplicitAutograd",)):
-    """Define ``drrho::<backend>_fwd`` / ``_bwd`` (unless a C++ library already did) and register
-    their implementations (when given), fake implementations and autograd. Returns the two op handles."""
-    fwd_name, bwd_name = f"{backend}_fwd", f"{backend}_bwd"
-    if backend not in _registered:
-        if not hasattr(getattr(torch.ops, NAMESPACE), fwd_name):
-            _library.define(fwd_name + FWD_SCHEMA)
-            _library.define(bwd_name + BWD_SCHEMA)
-        for key in dispatch_keys:
-            if fwd_impl is not None:
-                _library.impl(fwd_name, fwd_impl, key)
-            if bwd_impl is not None:
-                _library.impl(bwd_name, bwd_impl, key)
-        qualified_fwd, qualified_bwd = f"{NAMESPACE}::{fwd_name}", f"{NAMESPACE}::{bwd_name}"
-        torch.library.register_fake(qualified_fwd, _fake_fwd, lib=_library)
-        torch.library.register_fake(qualified_bwd, _fake_bwd, lib=_library)
-        bwd_op = getattr(torch.ops.drrho, bwd_name).default
-        torch.library.register_autograd(qualified_fwd, _make_backward(bwd_op),
-                                        setup_context=_setup_context, lib=_library)
-        _registered.add(backend)
-    ns = getattr(torch.ops, NAMESPACE)
-    return getattr(ns, fwd_name).default, getattr(ns, bwd_name).default
+def define(backend: str) -> None:
+    """Define ``drrho::<backend>_fwd`` / ``_bwd`` with their fake implementations (once)."""
+    if backend in _defined:
+        return
+    for suffix, schema, fake in (("fwd", FWD_SCHEMA, _fake_fwd), ("bwd", BWD_SCHEMA, _fake_bwd)):
+        _library.define(f"{backend}_{suffix}{schema}")
+        torch.library.register_fake(f"{NAMESPACE}::{backend}_{suffix}", fake, lib=_library)
+    _defined.add(backend)
 
 
-def _torch_fwd(*args):
-    from .backends import torch_chunked
-    return torch_chunked.forward(*args)
+def register(backend: str, forward: Callable | None = None, backward: Callable | None = None,
+             dispatch_keys=("CompositeExplicitAutograd",)) -> None:
+    """Define the op pair of ``backend`` and register its Python implementations, if given.
+
+    ``forward(tiles: TileInputs) -> (stats, margin)``; ``backward(gain, col_gain, tiles, weights,
+    column_grads) -> (d_img, d_txt, d_img_all | None, d_txt_all | None)``. The C++ backend passes
+    neither: its library implements the ops it finds defined here.
+    """
+    define(backend)
+    if forward is None:
+        return
+
+    def fwd_impl(*args):
+        return forward(tiles_of(args))
+
+    def bwd_impl(gain, col_gain, *args):
+        d_img, d_txt, d_img_all, d_txt_all = backward(gain, col_gain, tiles_of(args), weights_of(args), args[-1])
+        if d_img_all is None:
+            d_img_all, d_txt_all = no_column_grads(d_img, d_txt)
+        return d_img, d_txt, d_img_all, d_txt_all
+
+    for key in dispatch_keys:
+        _library.impl(f"{backend}_fwd", fwd_impl, key)
+        _library.impl(f"{backend}_bwd", bwd_impl, key)
 
 
-def _torch_bwd(*args):
-    from .backends import torch_chunked
-    d_img, d_txt, d_img_all, d_txt_all = torch_chunked.backward(*args)
-    if d_img_all is None:
-        d_img_all, d_txt_all = no_column_grads(d_img, d_txt)
-    return d_img, d_txt, d_img_all, d_txt_all
+def op(backend: str, which: str):
+    """The op handle ``drrho::<backend>_<which>`` (``which``: "fwd" or "bwd")."""
+    return getattr(getattr(torch.ops, NAMESPACE), f"{backend}_{which}").default
 
 
-torch_fwd, torch_bwd = define_fused_ops("torch", _torch_fwd, _torch_bwd)
+def forward(backend: str, tiles: TileInputs):
+    """``(stats, margin)`` of ``backend``'s forward op on (detached) tiles."""
+    return op(backend, "fwd")(*as_args(tiles))
+
+
+def backward(backend: str, gain, col_gain, tiles: TileInputs, weights: Weights, column_grads: bool):
+    """``(d_img, d_txt, d_img_all, d_txt_all)`` of ``backend``'s backward op."""
+    return op(backend, "bwd")(gain, col_gain, *as_args(tiles), *as_args(weights), column_grads)
+
+
+# ---------------------------------------------------------------------------------------------
+# The one op with autograd: phi, whose backward holds the weights constant.
+
+_library.define("phi" + PHI_SCHEMA)
+
+
+@torch.library.impl(_library, "phi", "CompositeExplicitAutograd")
+def _phi_impl(wdsum, *args):
+    return wdsum.sum(-1)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::phi", lib=_library)
+def _phi_fake(wdsum, *args):
+    return wdsum.new_empty(wdsum.shape[:-1])
+
+
+_IMG, _IMG_ALL, _SCALE = (1 + [name for name, _ in _TILE_FIELDS].index(n) for n in ("img", "img_all", "scale"))
+
+
+def _phi_setup_context(ctx, inputs, output):
+    wdsum, args, backend = inputs[0], inputs[1:-1], inputs[-1]
+    tiles, weights = tiles_of(args), weights_of(args)
+    ctx.backend = backend
+    ctx.offset, ctx.columns_are_rows = tiles.offset, tiles.columns_are_rows
+    tensors = [v for v in (*as_args(tiles), *as_args(weights)) if not isinstance(v, (int, bool))]
+    ctx.save_for_backward(wdsum, *tensors)
+
+
+def _phi_backward(ctx, grad_phi):
+    wdsum, *tensors = ctx.saved_tensors
+    it = iter(tensors)
+    tile_args = [ctx.offset if name == "offset" else ctx.columns_are_rows if name == "columns_are_rows" else next(it)
+                 for name, _ in _TILE_FIELDS]
+    tiles, weights = TileInputs(*tile_args), Weights(*it)
+    needs = ctx.needs_input_grad
+    grads = [None] * (1 + _N_TILE + _N_WEIGHT + 1)
+    acc = wdsum.dtype
+    grad_phi = grad_phi.to(acc)
+    if any(needs[_IMG:_IMG + 2]) or any(needs[_IMG_ALL:_IMG_ALL + 2]):
+        column_grads = not tiles.columns_are_rows and any(needs[_IMG_ALL:_IMG_ALL + 2])
+        gain = grad_phi[:, None] * tiles.scale.to(acc)
+        col_gain = None if weights.col_scale is None else grad_phi[:, None] * weights.col_scale.to(acc)
+        d_img, d_txt, d_img_all, d_txt_all = backward(ctx.backend, gain, col_gain, tiles, weights, column_grads)
+        grads[_IMG], grads[_IMG + 1] = d_img, d_txt
+        if column_grads:
+            grads[_IMG_ALL], grads[_IMG_ALL + 1] = d_img_all, d_txt_all
+    if needs[_SCALE]:
+        # phi[k] = sum_i w d with d = scale * a and w constant: d phi[k] / d scale[k, i] = wdsum[k, i] / scale[k, i].
+        grads[_SCALE] = (grad_phi[:, None] * wdsum / tiles.scale.to(acc)).to(tiles.scale.dtype)
+    return tuple(grads)
+
+
+torch.library.register_autograd(f"{NAMESPACE}::phi", _phi_backward, setup_context=_phi_setup_context,
+                                lib=_library)
+
+
+def phi(backend: str, wdsum: torch.Tensor, tiles: TileInputs, weights: Weights) -> torch.Tensor:
+    """``[2]``: ``phi[k] = sum_i wdsum[k, i]``, differentiable in the embeddings and scales of ``tiles``."""
+    return torch.ops.drrho.phi.default(wdsum, *as_args(tiles), *as_args(weights), backend)

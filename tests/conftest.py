@@ -1,12 +1,14 @@
-"""Test configuration: the Triton kernels run in the interpreter on CPU tensors (set before any import)."""
+"""Test configuration. Without a CUDA device the Triton kernels run in Triton's interpreter on CPU
+tensors (``TRITON_INTERPRET=1``, set before triton is imported); with one, they are compiled and the
+GPU tests run (``TRITON_INTERPRET`` set explicitly wins either way)."""
 import os
+import random
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import random  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

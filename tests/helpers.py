@@ -44,3 +44,22 @@ def compare(result: dict, case: Case, *, loss_tol: float, grad_tol: float, u_tol
         tol = loss_tol if key == "loss" else u_tol if key.startswith("u_") else grad_tol
         assert err <= tol, f"{key}: relative error {err:.3e} > {tol:.1e} (all: {errs})"
     return errs
+
+
+def problem(case: Case, backend: str, dtype=torch.float64, device="cpu", requires_grad=False):
+    """The checked problem (``LossInputs``) of a case, as ``drrho_clip_loss`` builds it, on ``device``."""
+    from drrho_kernels._validate import validate
+    kw = case.kwargs(dtype=dtype, requires_grad=requires_grad)
+    for k, v in kw.items():
+        if isinstance(v, torch.Tensor):
+            kw[k] = v.to(device)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    kw["u_img"], kw["u_txt"] = kw["u_img"].to(acc), kw["u_txt"].to(acc)
+    s = torch.tensor(float(case.logit_scale), dtype=acc, device=device, requires_grad=requires_grad)
+    return validate(kw.pop("img"), kw.pop("txt"), s, kw.pop("u_img"), kw.pop("u_txt"), backend=backend, **kw)
+
+
+def detached(tiles):
+    """A ``TileInputs`` with its tensors detached (what the forward op receives)."""
+    from dataclasses import replace
+    return replace(tiles, **{k: v.detach() for k, v in vars(tiles).items() if isinstance(v, torch.Tensor)})

@@ -95,16 +95,17 @@ def test_gradcheck_detects_a_wrong_gradient(monkeypatch):
     """The harness can fail: a backward that forgets the column terms (no fold) is caught."""
     from torch.autograd.gradcheck import GradcheckError
 
-    from drrho_kernels.backends import torch_chunked
+    from dataclasses import replace
 
-    correct = torch_chunked.backward
+    from drrho_kernels import ops
 
-    def without_column_terms(*args):
-        args = list(args)
-        args[15:18] = [None, None, None]        # col_u_img, col_u_txt, col_margin
-        return correct(*args)
+    correct = ops.backward
 
-    monkeypatch.setattr(torch_chunked, "backward", without_column_terms)
+    def without_column_terms(backend, gain, col_gain, tiles, weights, column_grads):
+        # as if the rows were not also the columns: the fold (the column anchors' terms) is lost
+        return correct(backend, gain, col_gain, replace(tiles, columns_are_rows=False), weights, column_grads)
+
+    monkeypatch.setattr(ops, "backward", without_column_terms)
     case = make_case(B=4, d=3, seed=12)
     fn, inputs = make_checked_function(case, "torch", False)
     with pytest.raises(GradcheckError):

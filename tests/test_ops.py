@@ -1,29 +1,32 @@
-"""The fused op pairs as dispatcher ops, for every fused backend that can run here.
+"""The fused ops as dispatcher ops, for every fused backend that can run here.
 
-- ``torch.library.opcheck`` on ``drrho::<backend>_fwd`` and ``drrho::<backend>_bwd`` (schema, fake
-  implementation, autograd registration, AOT dispatch with dynamic shapes) on small float64 and
+- ``torch.library.opcheck`` (schema, fake implementation, autograd registration, AOT dispatch with
+  dynamic shapes) on ``drrho::<backend>_fwd``, ``drrho::<backend>_bwd`` and the shared
+  ``drrho::phi`` (whose registered autograd calls the backend's ``_bwd``), on small float64 and
   float32 inputs in every mode: single process with and without reference, distributed shapes with
-  an offset, column gradients, and the fold of gathered column state.
+  an offset, column gradients, and the fold of gathered column state; half inputs too.
+- The schemas: one definition (``ops.py``, derived from the fields of ``TileInputs`` and
+  ``Weights``); every backend's ops carry it.
 - ``torch.compile(fullgraph=True)`` of a whole training step (tiny linear image/text encoders, the
-  loss, backward and an SGD update) for the torch and cpp backends, through the module and through
-  the functional API: no graph break, and the loss, gradients, new state and new parameters match
-  eager.
+  loss, backward and an SGD update) for every fused backend, through the module and through the
+  functional API: no graph break, and the loss, gradients, new state and new parameters match eager.
 
-Backends: ``torch`` always; ``cpp`` when the extension is built; ``triton`` when
-``drrho_kernels.backends.triton`` exists and can run on CPU tensors (``TRITON_INTERPRET=1``, set by
-conftest.py). Others are skipped with the reason.
+Backends: ``torch`` always; ``cpp`` when the extension is built; ``triton`` when it can run on CPU
+tensors (``TRITON_INTERPRET=1``, set by conftest.py without a GPU). Others are skipped with the reason.
 """
 from __future__ import annotations
 
 import copy
-import importlib.util
 
 import pytest
 import torch
 
 import drrho_kernels as dk
-from drrho_kernels import backends
+from drrho_kernels import backends, ops
+from drrho_kernels._inputs import as_args
 from drrho_kernels.backends import cpp
+from drrho_kernels.functional import fused_terms
+from helpers import detached, problem
 from spec_oracle import make_case
 
 CPU = torch.device("cpu")
@@ -33,21 +36,13 @@ def _unavailable(name: str) -> str | None:
     """Why backend ``name`` cannot be checked here, or None."""
     if name == "cpp" and cpp.load() is None:
         return f"C++ extension not built ({cpp.load_error()})"
-    if name == "triton":
-        if importlib.util.find_spec("drrho_kernels.backends.triton") is None:
-            return "drrho_kernels.backends.triton does not exist"
-        if not backends.triton_usable(CPU):
-            return "triton cannot run on CPU tensors here (not installed, or TRITON_INTERPRET unset)"
+    if name == "triton" and not backends.triton_usable(CPU):
+        return "triton cannot run on CPU tensors here (not installed, or TRITON_INTERPRET unset)"
     return None
 
 
-def _backend_params(names):
-    return [pytest.param(n, id=n, marks=pytest.mark.skipif(_unavailable(n) is not None,
-                                                             reason=_unavailable(n) or "")) for n in names]
-
-
-FUSED = _backend_params(["torch", "cpp", "triton"])
-COMPILED = _backend_params(["torch", "cpp", "triton"])   # triton: the interpreter on CPU tensors
+FUSED = [pytest.param(n, id=n, marks=pytest.mark.skipif(_unavailable(n) is not None, reason=_unavailable(n) or ""))
+         for n in ("torch", "cpp", "triton")]
 
 # mode -> make_case arguments
 MODES = {
@@ -59,48 +54,68 @@ MODES = {
 DTYPES = {"f64": torch.float64, "f32": torch.float32}
 
 
-def fwd_args(mode: str, dtype: torch.dtype, requires_grad: bool = True, seed: int = 0):
-    """Arguments of ``<backend>_fwd`` as ``drrho_clip_loss`` passes them (single process: img_all is img)."""
-    case = make_case(**MODES[mode], seed=seed)
-    kw = case.kwargs(dtype=dtype, requires_grad=requires_grad)
-    single = kw["img_all"] is None
-    img, txt = kw["img"], kw["txt"]
-    X, T = (img, txt) if single else (kw["img_all"], kw["txt_all"])
-    ri, rt = kw["ref_img"], kw["ref_txt"]
-    Xr, Tr = (ri, rt) if single else (kw["ref_img_all"], kw["ref_txt_all"])
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    s = torch.tensor(case.logit_scale, dtype=acc, requires_grad=requires_grad)
-    return (img, txt, X, T, ri, rt, Xr, Tr, s, kw["u_img"], kw["u_txt"], case.offset, case.gamma, case.eps, single)
+def _no_float64_triton(backend, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("Triton has no float64 kernels (float64 resolves to the torch backend)")
 
 
-def bwd_args(fwd, mode: str, dtype: torch.dtype, variant: str):
-    """Arguments of ``<backend>_bwd`` from a forward: ``variant`` is "rows" (no column terms), "columns"
-    (column_grads) or "fold" (column state given: the rows' own in one process, gathered otherwise)."""
-    args = fwd_args(mode, dtype, requires_grad=False)
-    phi, u_img, u_txt, margin, wsum_img, wsum_txt = fwd(*args)
-    single = args[-1]
-    B = args[0].shape[0]
-    if variant == "fold":
-        if single:
-            col = (u_img, u_txt, margin)
-        else:   # the gathered state of all N anchors (any values of the right shape exercise the op)
-            N = args[2].shape[0]
-            g = torch.Generator().manual_seed(1)
-            col = tuple(torch.randn(N, generator=g, dtype=u_img.dtype) * 0.1 + v.mean() for v in (u_img, u_txt, margin))
+def fwd_args(backend, mode, dtype):
+    _no_float64_triton(backend, dtype)
+    p = problem(make_case(**MODES[mode]), backend, dtype)
+    return as_args(detached(p.tiles))
+
+
+def weights_of(backend, mode, dtype, variant):
+    """The problem, its forward terms and the backward's weights: ``variant`` "rows" (no column terms),
+    "columns" (column_grads) or "fold" (column state given: the rows' own in one process, gathered
+    values of the right shape otherwise)."""
+    p = problem(make_case(**MODES[mode]), backend, dtype)
+    terms = fused_terms(p)
+    if variant == "fold" and not p.tiles.columns_are_rows:
+        N = p.n_columns
+        g = torch.Generator().manual_seed(1)
+        noise = lambda *shape: torch.randn(*shape, generator=g, dtype=terms.margin.dtype) * 0.1   # noqa: E731
+        weights = terms.weights(col_scale=p.tiles.scale[:, :1].expand(2, N).detach() + noise(2, N).abs(),
+                                col_log_norm=terms.u_new.mean() + noise(2, N), col_margin=noise(N))
     else:
-        col = (None, None, None)
-    grad_phi = torch.tensor(0.75, dtype=phi.dtype)
-    assert B == u_img.shape[0]
-    return (grad_phi, *args[:9], u_img, u_txt, margin, wsum_img, wsum_txt, *col, args[11], single,
-            variant == "columns")
+        weights = terms.weights()
+    return p, terms, weights
+
+
+def bwd_args(backend, mode, dtype, variant):
+    _no_float64_triton(backend, dtype)
+    p, terms, weights = weights_of(backend, mode, dtype, variant)
+    gain = 0.75 * p.tiles.scale.detach()
+    col_gain = None if weights.col_scale is None else 0.75 * weights.col_scale
+    return (gain, col_gain, *as_args(detached(p.tiles)), *as_args(weights), variant == "columns")
+
+
+def phi_args(backend, mode, dtype, variant):
+    _no_float64_triton(backend, dtype)
+    p, terms, weights = weights_of(backend, mode, dtype, variant)
+    p = problem(make_case(**MODES[mode]), backend, dtype, requires_grad=True)
+    if variant == "rows":        # columns without gradient (the gather_u shape)
+        from dataclasses import replace
+        p = replace(p, tiles=replace(p.tiles, img_all=p.tiles.img_all.detach(), txt_all=p.tiles.txt_all.detach()))
+    return (terms.wdsum, *as_args(p.tiles), *as_args(weights), backend)
+
+
+def test_one_schema_for_every_backend():
+    """The schemas are derived once from the inputs' fields; every backend's ops carry them."""
+    assert ops.TILE_ARGS.startswith("Tensor img, Tensor txt, Tensor img_all, Tensor txt_all, Tensor? ref_img")
+    for name in [p.values[0] for p in FUSED if _unavailable(p.values[0]) is None]:
+        backends.resolve(name, CPU)                      # imports (registers) the backend
+        for which, schema in (("fwd", ops.FWD_SCHEMA), ("bwd", ops.BWD_SCHEMA)):
+            registered = ops.op(name, which)._schema
+            assert str(registered) == str(torch._C.parse_schema(f"drrho::{name}_{which}{schema}"))
+    assert str(torch.ops.drrho.phi.default._schema) == str(torch._C.parse_schema(f"drrho::phi{ops.PHI_SCHEMA}"))
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("backend", FUSED)
 def test_opcheck_forward(backend, mode, dtype):
-    fwd, _ = backends.fused_ops(backend)
-    torch.library.opcheck(fwd, fwd_args(mode, dtype))
+    torch.library.opcheck(ops.op(backend, "fwd"), fwd_args(backend, mode, dtype))
 
 
 BWD_CASES = [("single-ref", "fold"), ("single-noref", "fold"), ("dist-ref", "rows"), ("dist-ref", "columns"),
@@ -111,19 +126,26 @@ BWD_CASES = [("single-ref", "fold"), ("single-noref", "fold"), ("dist-ref", "row
 @pytest.mark.parametrize("mode,variant", BWD_CASES, ids=[f"{m}-{v}" for m, v in BWD_CASES])
 @pytest.mark.parametrize("backend", FUSED)
 def test_opcheck_backward(backend, mode, variant, dtype):
-    fwd, bwd = backends.fused_ops(backend)
-    torch.library.opcheck(bwd, bwd_args(fwd, mode, dtype, variant))
+    torch.library.opcheck(ops.op(backend, "bwd"), bwd_args(backend, mode, dtype, variant))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("mode,variant", [("single-ref", "fold"), ("dist-ref", "columns"), ("dist-ref", "fold"),
+                                          ("dist-noref", "rows")], ids=lambda v: v)
+@pytest.mark.parametrize("backend", FUSED)
+def test_opcheck_phi(backend, mode, variant, dtype):
+    """The op with autograd: its backward (the backend's _bwd) under opcheck's autograd and AOT tests."""
+    torch.library.opcheck(torch.ops.drrho.phi.default, phi_args(backend, mode, dtype, variant))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("mode,variant", [("single-ref", "fold"), ("dist-ref", "columns")],
                          ids=["single-ref-fold", "dist-ref-columns"])
-@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("backend", FUSED)
 def test_opcheck_half_inputs(backend, mode, variant, dtype):
     """Half inputs: float32 statistics from the forward, gradients in the input dtype from the backward."""
-    fwd, bwd = backends.fused_ops(backend)
-    torch.library.opcheck(fwd, fwd_args(mode, dtype))
-    torch.library.opcheck(bwd, bwd_args(fwd, mode, dtype, variant))
+    torch.library.opcheck(ops.op(backend, "fwd"), fwd_args(backend, mode, dtype))
+    torch.library.opcheck(ops.op(backend, "bwd"), bwd_args(backend, mode, dtype, variant))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,7 +208,7 @@ def _batches(n_steps=3, batch=6, data_size=16):
 TOL = dict(rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("backend", FUSED)
 def test_compiled_module_training_step_matches_eager(backend):
     torch.manual_seed(0)
     model = TinyCLIP()
@@ -208,7 +230,7 @@ def test_compiled_module_training_step_matches_eager(backend):
     assert bool((crit.u_img != 0).any())
 
 
-@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("backend", FUSED)
 def test_compiled_functional_training_step_matches_eager(backend):
     torch.manual_seed(0)
     model = TinyCLIP()

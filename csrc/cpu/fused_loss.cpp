@@ -1,16 +1,15 @@
-// DRRho-CLIP fused forward and backward on CPU tensors (SPEC.md; docs/DESIGN.md for the op pair).
+// DRRho-CLIP fused forward and backward on CPU tensors (SPEC.md; the op pair: drrho_kernels/ops.py).
 //
 // Math (per anchor row i, column j, positive column p(i) = offset + i excluded by index):
 //
 //   S^I_ij = <x_i, T_j> - <xr_i, Tr_j>,   S^T_ij = <t_i, X_j> - <tr_i, Xr_j>,   m_i = <x_i,t_i> - <xr_i,tr_i>
-//   d_ij   = s (S_ij - m_i)
+//   d_ij   = s_i (S_ij - m_i)            (s_i = scale[k, i], the anchor's scale in its direction k)
 //   forward:  M_i = max_j d_ij,  E_i = sum_j exp(d_ij - M_i),  F_i = sum_j exp(d_ij - M_i) d_ij
-//             l_i = logaddexp(log eps, M_i + log E_i - log N),  u_i <- MA(u_i, l_i)
-//             wsum_i = exp(M_i - u_i) E_i,  phi = sum_i exp(M_i - u_i) F_i   (both directions)
-//   backward: P^x_ij = exp(s (S^I_ij - m_i) - u^I_i) + [fold] exp(s (S^I_ij - mc_j) - uc^T_j)
-//             d x_i = coef (sum_j P^x_ij T_j - (wsum^I_i + wsum^T_i) t_i)       coef = grad_phi * s
-//             d t_i = coef (sum_j P^t_ij X_j - (wsum^I_i + wsum^T_i) x_i)
-//             d T_j = coef sum_i w^I_ij x_i,  d X_j = coef sum_i w^T_ij t_i   (column_grads)
+//             returned as stats [2, 3, B]; the epilogue (new u, weights) is drrho_kernels/_math.py
+//   backward: w_ij = exp(s_i (S_ij - m_i) - norm_i),  P^x_ij = gain^I_i w^I_ij + [fold] gain^T_j w^T_{j,i}
+//             d x_i = sum_j P^x_ij T_j - partner_i t_i      partner_i = sum_k gain^k_i wsum^k_i
+//             d t_i = sum_j P^t_ij X_j - partner_i x_i
+//             d T_j = sum_i gain^I_i w^I_ij x_i,  d X_j = sum_i gain^T_i w^T_ij t_i   (column_grads)
 //
 // Tiling: rows are processed in chunks of R rows, R x N about `chunk_bytes` (4 MiB) per worker, so
 // no [B, N] matrix is ever held. The chunks are handed out dynamically to one worker per thread
@@ -22,7 +21,7 @@
 // Single process (columns_are_rows: X = x, T = t): S^T = (S^I)^T, so one similarity chunk serves
 // both directions. The forward reduces each chunk along rows (image anchors) and along columns
 // (text anchors: column j of the chunk is text anchor j over image columns i); the backward forms
-// P = W^I + (W^T)^T once and gives d x_c = P_c t and d t += P_c^T x_c. Six GEMM-sized products per
+// P = G^I W^I + (G^T W^T)^T once and gives d x_c = P_c t and d t += P_c^T x_c. Six GEMM-sized products per
 // step (2 forward, 2 recomputed, 2 weighted), the floor.
 //
 // Reproducibility: row statistics and row gradients are computed by one worker in a fixed order.
@@ -125,12 +124,6 @@ void check_vector(const char* op, const char* name, const at::Tensor& t, int64_t
               ": expected a floating dtype, got ", t.scalar_type());
 }
 
-void check_scalar(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, ": expected a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.numel() == 1 && at::isFloatingType(t.scalar_type()), op, ": ", name,
-              ": expected a 1-element floating tensor, got shape ", t.sizes(), " dtype ", t.scalar_type());
-}
-
 struct Shapes {
   int64_t B, N, d, dr;
   bool ref;
@@ -206,14 +199,6 @@ int64_t chunk_rows(int64_t B, int64_t N, int64_t elem_size) {
     rows = std::min(rows, balanced);
   }
   return rows;
-}
-
-template <typename T>
-T log_add_exp(T a, T b) {
-  if (a == kNegInf<T>) return b;
-  if (b == kNegInf<T>) return a;
-  const T top = std::max(a, b);
-  return top + std::log1p(std::exp(-std::abs(a - b)));
 }
 
 // Online statistics of a set of entries: max, sum exp(d - max), sum exp(d - max) d. An empty set has
@@ -352,9 +337,11 @@ class LockedAccumulator {
 // (the column statistics need no synchronisation) and leaves per-row partials, merged in block
 // order, so the result does not depend on how blocks are spread over threads. Inside a worker the
 // at::parallel_for loops below run serially; on the calling thread they use all threads.
+// `row_scale` [B] and `col_scale` [N] are the anchors' scales (positive: d = s (S - m) increases with S).
 template <typename T>
-void chunk_stats(const T* S, int64_t rows, int64_t N, int64_t r0, int64_t offset, const T* margin, T scale,
-                 T* row_top, T* row_e, T* row_f, T* col_top, T* col_e, T* col_f) {
+void chunk_stats(const T* S, int64_t rows, int64_t N, int64_t r0, int64_t offset, const T* margin,
+                 const T* row_scale, const T* col_scale, T* row_top, T* row_e, T* row_f, T* col_top, T* col_e,
+                 T* col_f) {
   PhaseTimer timer(kForwardPass);
   const bool cols = col_top != nullptr;
   const int64_t block = std::max<int64_t>(1, g_col_block.load());
@@ -384,21 +371,20 @@ void chunk_stats(const T* S, int64_t rows, int64_t N, int64_t r0, int64_t offset
       }
       if (cols) {
         for (int64_t k = 0; k < w; ++k) {
-          ctop[k] = cmax[k] == kNegInf<T> ? kNegInf<T> : (cmax[k] - margin[c0 + k]) * scale;
+          ctop[k] = cmax[k] == kNegInf<T> ? kNegInf<T> : (cmax[k] - margin[c0 + k]) * col_scale[c0 + k];
           ce[k] = T(0);
           cf[k] = T(0);
         }
       }
       // Pass 2: the exponential sums, rows and columns in one sweep over the block.
       for (int64_t i = 0; i < rows; ++i) {
-        const T rm = margin[r0 + i];
-        const T top = rmax[i] == kNegInf<T> ? kNegInf<T> : (rmax[i] - rm) * scale;
+        const T rm = margin[r0 + i], rs = row_scale[r0 + i];
+        const T top = rmax[i] == kNegInf<T> ? kNegInf<T> : (rmax[i] - rm) * rs;
         T e = T(0), f = T(0);
         segments(i, [&](const T* srow, int64_t a, int64_t z) {
           const int64_t k = a - c0;
-          seg_sums(srow + a, z - a, scale, rm, top, &e, &f, cols ? margin + a : nullptr,
-                   cols ? ctop.data() + k : nullptr, cols ? ce.data() + k : nullptr,
-                   cols ? cf.data() + k : nullptr);
+          seg_sums(srow + a, z - a, rs, rm, top, &e, &f, cols ? margin + a : nullptr, cols ? col_scale + a : nullptr,
+                   cols ? ctop.data() + k : nullptr, cols ? ce.data() + k : nullptr, cols ? cf.data() + k : nullptr);
         });
         partial[static_cast<size_t>(b * rows + i)] = {top, e, f};
       }
@@ -419,44 +405,16 @@ void chunk_stats(const T* S, int64_t rows, int64_t N, int64_t r0, int64_t offset
   }
 }
 
-// From each anchor's statistics: the new state u, wsum = sum_j w_ij, and sum_j w_ij d_ij (returned
-// summed, a term of phi, in double).
-template <typename T>
-double finish_anchors(const T* top, const T* e, const T* f, const T* u_old, int64_t B, int64_t N, double gamma,
-                      double eps, T* u_new, T* wsum) {
-  const T log_eps = static_cast<T>(std::log(eps));
-  const T log_n = static_cast<T>(std::log(static_cast<double>(N)));
-  const T log_keep = static_cast<T>(std::log1p(-gamma));   // -inf when gamma == 1 (then unused)
-  const T log_gamma = static_cast<T>(std::log(gamma));
-  std::vector<double> wdsum(static_cast<size_t>(B));
-  at::parallel_for(0, B, 256, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const T log_mean = e[i] > T(0) ? top[i] + std::log(e[i]) - log_n : kNegInf<T>;
-      const T l = log_add_exp(log_mean, log_eps);
-      const T uo = u_old[i];
-      const bool unset = uo == T(0) || !std::isfinite(uo);
-      const T un = (gamma == 1.0 || unset) ? l : log_add_exp(uo + log_keep, l + log_gamma);
-      const T w = e[i] > T(0) ? std::exp(top[i] - un) : T(0);
-      u_new[i] = un;
-      wsum[i] = w * e[i];
-      wdsum[static_cast<size_t>(i)] = static_cast<double>(w * f[i]);
-    }
-  });
-  double total = 0.0;
-  for (double v : wdsum) total += v;   // fixed order
-  return total;
-}
-
 // ---------------------------------------------------------------------------------------------
-// Forward.
+// Forward: stats [2, 3, B] (direction, (M, E, F), anchor) and margin [B].
 
 template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_impl(
-    const Shapes& sh, at::ScalarType acc, const at::Tensor& img, const at::Tensor& txt,
-    const at::Tensor& img_all, const at::Tensor& txt_all, const OptTensor& ref_img, const OptTensor& ref_txt,
-    const OptTensor& ref_img_all, const OptTensor& ref_txt_all, const at::Tensor& logit_scale,
-    const at::Tensor& u_img, const at::Tensor& u_txt, int64_t offset, double gamma, double eps,
-    bool columns_are_rows) {
+std::tuple<at::Tensor, at::Tensor> fwd_impl(const Shapes& sh, at::ScalarType acc, const at::Tensor& img,
+                                            const at::Tensor& txt, const at::Tensor& img_all,
+                                            const at::Tensor& txt_all, const OptTensor& ref_img,
+                                            const OptTensor& ref_txt, const OptTensor& ref_img_all,
+                                            const OptTensor& ref_txt_all, const at::Tensor& scale, int64_t offset,
+                                            bool columns_are_rows) {
   const int64_t B = sh.B, N = sh.N;
   const auto opts = img.options().dtype(acc);
   const at::Tensor x = as_acc(img, acc), t = as_acc(txt, acc);
@@ -466,15 +424,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor Tc = columns_are_rows ? t : as_acc(txt_all, acc);
   const at::Tensor Xr = columns_are_rows ? xr : opt_acc(ref_img_all, acc);
   const at::Tensor Tr = columns_are_rows ? tr : opt_acc(ref_txt_all, acc);
-  const T scale = static_cast<T>(logit_scale.item<double>());
-  const at::Tensor uo_img = as_acc(u_img, acc), uo_txt = as_acc(u_txt, acc);
+  const at::Tensor sc = as_acc(scale, acc);
+  const T* s_img = sc.data_ptr<T>();
+  const T* s_txt = s_img + B;
 
   at::Tensor margin = at::empty({B}, opts);
   T* pm = margin.data_ptr<T>();
   pair_margin<T>(x, t, xr, tr, pm);
 
-  // Online statistics (max, sum exp, sum exp * d) of the image anchors and the text anchors.
-  std::vector<T> img_top(B), img_e(B), img_f(B), txt_top(B), txt_e(B), txt_f(B);
+  // Online statistics (max, sum exp, sum exp * d) of the image anchors (stats[0]) and text anchors (stats[1]).
+  at::Tensor stats = at::empty({2, 3, B}, opts);
+  T* img_top = stats.data_ptr<T>();
+  T *img_e = img_top + B, *img_f = img_top + 2 * B;
+  T *txt_top = img_top + 3 * B, *txt_e = img_top + 4 * B, *txt_f = img_top + 5 * B;
 
   const int64_t R = chunk_rows(B, N, sizeof(T));
   const int64_t n_chunks = (B + R - 1) / R;
@@ -496,15 +458,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         cs.assign(static_cast<size_t>(3 * N), T(0));
         std::fill(cs.begin(), cs.begin() + N, kNegInf<T>);
       }
-      chunk_stats<T>(S.data_ptr<T>(), rows, N, r0, offset, pm, scale, img_top.data(), img_e.data(),
-                     img_f.data(), cs.data(), cs.data() + N, cs.data() + 2 * N);
+      chunk_stats<T>(S.data_ptr<T>(), rows, N, r0, offset, pm, s_img, s_txt, img_top, img_e, img_f, cs.data(),
+                     cs.data() + N, cs.data() + 2 * N);
     } else {
-      chunk_stats<T>(S.data_ptr<T>(), rows, N, r0, offset, pm, scale, img_top.data(), img_e.data(),
-                     img_f.data(), nullptr, nullptr, nullptr);
+      chunk_stats<T>(S.data_ptr<T>(), rows, N, r0, offset, pm, s_img, nullptr, img_top, img_e, img_f, nullptr,
+                     nullptr, nullptr);
       // Text anchors against image columns: S^T = t_c X^T - tr_c Xr^T.
       similarity(S, rows_of(t, r0, rows), X, rows_of(tr, r0, rows), Xr);
-      chunk_stats<T>(S.data_ptr<T>(), rows, N, r0, offset, pm, scale, txt_top.data(), txt_e.data(),
-                     txt_f.data(), nullptr, nullptr, nullptr);
+      chunk_stats<T>(S.data_ptr<T>(), rows, N, r0, offset, pm, s_txt, nullptr, txt_top, txt_e, txt_f, nullptr,
+                     nullptr, nullptr);
     }
   });
   buffers.clear();
@@ -519,44 +481,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
     });
   }
-
-  at::Tensor u_img_new = at::empty({B}, opts), u_txt_new = at::empty({B}, opts);
-  at::Tensor wsum_img = at::empty({B}, opts), wsum_txt = at::empty({B}, opts);
-  double phi = finish_anchors<T>(img_top.data(), img_e.data(), img_f.data(), uo_img.data_ptr<T>(), B, N,
-                                 gamma, eps, u_img_new.data_ptr<T>(), wsum_img.data_ptr<T>());
-  phi += finish_anchors<T>(txt_top.data(), txt_e.data(), txt_f.data(), uo_txt.data_ptr<T>(), B, N, gamma,
-                           eps, u_txt_new.data_ptr<T>(), wsum_txt.data_ptr<T>());
-  at::Tensor phi_t = at::empty({}, opts);
-  phi_t.fill_(phi);
-  return {phi_t, u_img_new, u_txt_new, margin, wsum_img, wsum_txt};
+  return {stats, margin};
 }
 
 // ---------------------------------------------------------------------------------------------
 // Backward.
 
-// The weights of one chunk, in place: S [rows, N] becomes P_ij = exp(s (S_ij - m_i) - u_i)
-// + [col_u] exp(s (S_ij - col_m_j) - col_u_j), with the positives set to 0.
+// One anchor set's weight description: w_ij = gain_i exp(scale_i (S_ij - margin_i) - norm_i).
 template <typename T>
-void chunk_weights(T* S, int64_t rows, int64_t N, int64_t r0, int64_t offset, const T* margin, const T* u,
-                   T scale, const T* col_margin, const T* col_u) {
+struct AnchorWeights {
+  const T *scale, *margin, *norm, *gain;
+};
+
+// The weights of one chunk, in place: S [rows, N] becomes P_ij = row weight of anchor r0 + i
+// + [col.norm] the column anchor j's weight, with the positives set to 0.
+template <typename T>
+void chunk_weights(T* S, int64_t rows, int64_t N, int64_t r0, int64_t offset, const AnchorWeights<T>& row,
+                   const AnchorWeights<T>& col) {
   PhaseTimer timer(kBackwardPass);
   at::parallel_for(0, rows, 4, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      T* row = S + i * N;
-      seg_weights(row, N, scale, margin[r0 + i], u[r0 + i], col_margin, col_u);
-      row[offset + r0 + i] = T(0);
+      T* p = S + i * N;
+      const int64_t r = r0 + i;
+      seg_weights(p, N, row.scale[r], row.margin[r], row.norm[r], row.gain[r], col.margin, col.scale, col.norm,
+                  col.gain);
+      p[offset + r] = T(0);
     }
   });
 }
 
-// g_i <- coef (g_i - w_i partner_i) for rows r0 .. r0 + rows.
+// g_i -= partner_i * a_i for rows r0 .. r0 + rows.
 template <typename T>
-void finish_rows(at::Tensor& g, const at::Tensor& partner, const T* w, T coef, int64_t r0, int64_t rows) {
+void subtract_partner(at::Tensor& g, const at::Tensor& a, const T* partner, int64_t r0, int64_t rows) {
   const int64_t d = g.size(1);
   T* pg = g.data_ptr<T>();
-  const T* pp = partner.data_ptr<T>();
+  const T* pa = a.data_ptr<T>();
   at::parallel_for(r0, r0 + rows, 64, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) axpby_rows(pg + i * d, pp + i * d, d, w[i], coef);
+    for (int64_t i = i0; i < i1; ++i) axpy_rows(pg + i * d, pa + i * d, d, partner[i]);
   });
 }
 
@@ -569,38 +530,50 @@ at::Tensor like_input(const at::Tensor& grad, const at::Tensor& like) {
 }
 
 // One direction of the general backward: anchors `rows` against columns `cols`.
+template <typename T>
 struct Direction {
-  const at::Tensor &rows, &ref_rows, &partner, &cols, &ref_cols, &u, &col_u;
+  const at::Tensor &rows, &ref_rows, &cols, &ref_cols;
+  AnchorWeights<T> weights, fold;
   at::Tensor& out;
   LockedAccumulator* out_cols;
 };
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
-    const Shapes& sh, at::ScalarType acc, const at::Tensor& grad_phi, const at::Tensor& img,
+    const Shapes& sh, at::ScalarType acc, const at::Tensor& gain, const OptTensor& col_gain, const at::Tensor& img,
     const at::Tensor& txt, const at::Tensor& img_all, const at::Tensor& txt_all, const OptTensor& ref_img,
-    const OptTensor& ref_txt, const OptTensor& ref_img_all, const OptTensor& ref_txt_all,
-    const at::Tensor& logit_scale, const at::Tensor& u_img_new, const at::Tensor& u_txt_new,
-    const at::Tensor& margin, const at::Tensor& wsum_img, const at::Tensor& wsum_txt,
-    const OptTensor& col_u_img, const OptTensor& col_u_txt, const OptTensor& col_margin, int64_t offset,
-    bool columns_are_rows, bool column_grads) {
+    const OptTensor& ref_txt, const OptTensor& ref_img_all, const OptTensor& ref_txt_all, const at::Tensor& scale,
+    int64_t offset, bool columns_are_rows, const at::Tensor& log_norm, const at::Tensor& wsum,
+    const at::Tensor& margin, const OptTensor& col_scale, const OptTensor& col_log_norm,
+    const OptTensor& col_margin, bool column_grads) {
   const int64_t B = sh.B, N = sh.N, d = sh.d;
   const auto opts = img.options().dtype(acc);
-  const bool fold = col_u_img.has_value();
-  const T scale = static_cast<T>(logit_scale.item<double>());
-  const T coef = static_cast<T>(grad_phi.item<double>()) * scale;   // d phi / d x = s * [SPEC bracket]
+  const bool fold = columns_are_rows || col_log_norm.has_value();
+  column_grads = column_grads && !columns_are_rows;
 
   const at::Tensor x = as_acc(img, acc), t = as_acc(txt, acc);
   const at::Tensor xr = opt_acc(ref_img, acc), tr = opt_acc(ref_txt, acc);
-  const at::Tensor uI = as_acc(u_img_new, acc), uT = as_acc(u_txt_new, acc), m = as_acc(margin, acc);
-  const at::Tensor wsum = as_acc(wsum_img, acc) + as_acc(wsum_txt, acc);   // both directions' row sums
-  const at::Tensor cuI = opt_acc(col_u_img, acc), cuT = opt_acc(col_u_txt, acc), cm = opt_acc(col_margin, acc);
-  const T* pm = m.data_ptr<T>();
-  const T* pw = wsum.data_ptr<T>();
-
-  // The transpose trick needs P^t = (P^x)^T: the fold terms must use the rows' own state.
-  const bool transpose = columns_are_rows && fold && !column_grads && at::equal(cuI, uI) &&
-                         at::equal(cuT, uT) && at::equal(cm, m);
+  const at::Tensor sc = as_acc(scale, acc), nu = as_acc(log_norm, acc), g = as_acc(gain, acc);
+  const at::Tensor m = as_acc(margin, acc);
+  const at::Tensor partner = (g * as_acc(wsum, acc)).sum(0).contiguous();   // sum_k gain_k wsum_k per row
+  const T* pp = partner.data_ptr<T>();
+  // The rows' weights per direction (k = 0: image anchors, 1: text anchors), and the fold's columns.
+  auto rows_of_dir = [&](const at::Tensor& s, const at::Tensor& n, const at::Tensor& gg, const at::Tensor& mm,
+                         int64_t k, int64_t len) {
+    return AnchorWeights<T>{s.data_ptr<T>() + k * len, mm.data_ptr<T>(), n.data_ptr<T>() + k * len,
+                            gg.data_ptr<T>() + k * len};
+  };
+  const AnchorWeights<T> row_w[2] = {rows_of_dir(sc, nu, g, m, 0, B), rows_of_dir(sc, nu, g, m, 1, B)};
+  at::Tensor csc, cnu, cg, cm;
+  AnchorWeights<T> col_w[2] = {{nullptr, nullptr, nullptr, nullptr}, {nullptr, nullptr, nullptr, nullptr}};
+  if (columns_are_rows) {
+    col_w[0] = row_w[0], col_w[1] = row_w[1];
+  } else if (fold) {
+    csc = as_acc(*col_scale, acc), cnu = as_acc(*col_log_norm, acc), cg = as_acc(*col_gain, acc);
+    cm = as_acc(*col_margin, acc);
+    col_w[0] = rows_of_dir(csc, cnu, cg, cm, 0, N), col_w[1] = rows_of_dir(csc, cnu, cg, cm, 1, N);
+  }
+  const AnchorWeights<T> none{nullptr, nullptr, nullptr, nullptr};
 
   const int64_t R = chunk_rows(B, N, sizeof(T));
   const int64_t n_chunks = (B + R - 1) / R;
@@ -614,8 +587,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
   at::Tensor d_img = at::empty({B, d}, opts);
   at::Tensor d_txt, d_img_all, d_txt_all;
 
-  if (transpose) {
-    // P = W^I + (W^T)^T on each chunk of S = S^I; d x_c = P_c t, d t += P_c^T x_c.
+  if (columns_are_rows) {
+    // P = G^I W^I + (G^T W^T)^T on each chunk of S = S^I; d x_c = P_c t, d t += P_c^T x_c.
     d_txt = at::zeros({B, d}, opts);
     LockedAccumulator dt(d_txt, workers);
     run_chunks(n_chunks, workers, [&](int64_t c, int64_t w) {
@@ -623,17 +596,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
       at::Tensor P = buffer_of(buffers, w, rows);
       const at::Tensor xc = x.narrow(0, r0, rows);
       similarity(P, xc, t, rows_of(xr, r0, rows), tr);
-      chunk_weights<T>(P.data_ptr<T>(), rows, N, r0, offset, pm, uI.data_ptr<T>(), scale, pm,
-                       uT.data_ptr<T>());
+      chunk_weights<T>(P.data_ptr<T>(), rows, N, r0, offset, row_w[0], col_w[1]);
       {
         PhaseTimer timer(kWeightedGemm);
         at::Tensor dx = d_img.narrow(0, r0, rows);
         at::mm_out(dx, P, t);
-        finish_rows<T>(d_img, t, pw, coef, r0, rows);
+        subtract_partner<T>(d_img, t, pp, r0, rows);
         dt.add(P, xc, 1.0, w);
       }
     });
-    finish_rows<T>(d_txt, x, pw, coef, 0, B);
+    subtract_partner<T>(d_txt, x, pp, 0, B);
   } else {
     // Two similarity matrices; each direction's weighted product, plus the column gradients.
     const at::Tensor X = as_acc(img_all, acc), Tc = as_acc(txt_all, acc);
@@ -646,16 +618,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
       dX.emplace(d_img_all, workers);
       dT.emplace(d_txt_all, workers);
     }
-    const Direction dirs[2] = {{x, xr, t, Tc, Tr, uI, cuT, d_img, column_grads ? &*dT : nullptr},
-                               {t, tr, x, X, Xr, uT, cuI, d_txt, column_grads ? &*dX : nullptr}};
-    const T* col_m = fold ? cm.data_ptr<T>() : nullptr;
+    // Direction I folds the text column anchors (col_w[1]), direction T the image ones (col_w[0]).
+    const Direction<T> dirs[2] = {{x, xr, Tc, Tr, row_w[0], fold ? col_w[1] : none, d_img, column_grads ? &*dT : nullptr},
+                                  {t, tr, X, Xr, row_w[1], fold ? col_w[0] : none, d_txt, column_grads ? &*dX : nullptr}};
     run_chunks(n_chunks, workers, [&](int64_t c, int64_t w) {
       const int64_t r0 = c * R, rows = std::min(R, B - r0);
-      for (const Direction& dir : dirs) {
+      for (const Direction<T>& dir : dirs) {
         at::Tensor P = buffer_of(buffers, w, rows);
         const at::Tensor rc = dir.rows.narrow(0, r0, rows);
         similarity(P, rc, dir.cols, rows_of(dir.ref_rows, r0, rows), dir.ref_cols);
-        const T* col_u = fold ? dir.col_u.data_ptr<T>() : nullptr;
         if (dir.out_cols != nullptr) {
           // With fold, the columns get this direction's anchors' weights only: keep a copy of S.
           at::Tensor Q;
@@ -663,25 +634,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
             Q = buffer_of(spares, w, rows);
             Q.copy_(P);
           }
-          chunk_weights<T>(P.data_ptr<T>(), rows, N, r0, offset, pm, dir.u.data_ptr<T>(), scale, nullptr,
-                           nullptr);
+          chunk_weights<T>(P.data_ptr<T>(), rows, N, r0, offset, dir.weights, none);
           {
             PhaseTimer timer(kWeightedGemm);
-            dir.out_cols->add(P, rc, static_cast<double>(coef), w);   // d cols_j += coef sum_i w_ij rows_i
+            dir.out_cols->add(P, rc, 1.0, w);   // d cols_j += sum_i P_ij rows_i
           }
           if (fold) {
-            chunk_weights<T>(Q.data_ptr<T>(), rows, N, r0, offset, pm, dir.u.data_ptr<T>(), scale, col_m,
-                             col_u);
+            chunk_weights<T>(Q.data_ptr<T>(), rows, N, r0, offset, dir.weights, dir.fold);
             P = Q;
           }
         } else {
-          chunk_weights<T>(P.data_ptr<T>(), rows, N, r0, offset, pm, dir.u.data_ptr<T>(), scale, col_m, col_u);
+          chunk_weights<T>(P.data_ptr<T>(), rows, N, r0, offset, dir.weights, dir.fold);
         }
         PhaseTimer timer(kWeightedGemm);
         at::Tensor out = dir.out.narrow(0, r0, rows);
         at::mm_out(out, P, dir.cols);
-        finish_rows<T>(dir.out, dir.partner, pw, coef, r0, rows);
       }
+      subtract_partner<T>(d_img, t, pp, r0, rows);
+      subtract_partner<T>(d_txt, x, pp, r0, rows);
     });
   }
   buffers.clear();
@@ -697,78 +667,78 @@ at::ScalarType acc_dtype(const at::Tensor& img) {
   return img.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+void check_directions(const char* op, const char* name, const at::Tensor& t, int64_t n) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, ": expected a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == 2 && t.size(1) == n, op, ": ", name, ": expected shape (2, ", n,
+              ") (direction, anchor), got ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, ": expected a floating dtype, got ",
+              t.scalar_type());
+}
+
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_fwd(
-    const at::Tensor& img, const at::Tensor& txt, const at::Tensor& img_all, const at::Tensor& txt_all,
-    const OptTensor& ref_img, const OptTensor& ref_txt, const OptTensor& ref_img_all,
-    const OptTensor& ref_txt_all, const at::Tensor& logit_scale, const at::Tensor& u_img,
-    const at::Tensor& u_txt, int64_t offset, double gamma, double eps, bool columns_are_rows) {
+std::tuple<at::Tensor, at::Tensor> fused_fwd(const at::Tensor& img, const at::Tensor& txt,
+                                             const at::Tensor& img_all, const at::Tensor& txt_all,
+                                             const OptTensor& ref_img, const OptTensor& ref_txt,
+                                             const OptTensor& ref_img_all, const OptTensor& ref_txt_all,
+                                             const at::Tensor& scale, int64_t offset, bool columns_are_rows) {
   constexpr const char* op = "drrho::cpp_fwd";
   const Shapes sh = check_embeddings(op, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all,
                                      ref_txt_all, offset, columns_are_rows);
-  check_scalar(op, "logit_scale", logit_scale);
-  check_vector(op, "u_img", u_img, sh.B);
-  check_vector(op, "u_txt", u_txt, sh.B);
-  TORCH_CHECK(gamma > 0.0 && gamma <= 1.0, op, ": gamma: expected a value in (0, 1], got ", gamma);
-  TORCH_CHECK(eps > 0.0, op, ": eps: expected a value > 0, got ", eps);
+  check_directions(op, "scale", scale, sh.B);
   // Nested ATen calls (mm, addmm) are plain computations: keep autograd out of them.
   at::AutoDispatchBelowADInplaceOrView guard;
   const at::ScalarType acc = acc_dtype(img);
-  if (sh.B == 0) {   // nothing to reduce: phi = 0, empty per-row outputs
+  if (sh.B == 0) {   // nothing to reduce: empty per-row outputs
     const auto opts = img.options().dtype(acc);
-    return {at::zeros({}, opts), at::empty({0}, opts), at::empty({0}, opts), at::empty({0}, opts),
-            at::empty({0}, opts), at::empty({0}, opts)};
+    return {at::empty({2, 3, 0}, opts), at::empty({0}, opts)};
   }
   if (acc == at::kDouble) {
-    return fwd_impl<double>(sh, acc, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt_all,
-                            logit_scale, u_img, u_txt, offset, gamma, eps, columns_are_rows);
+    return fwd_impl<double>(sh, acc, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt_all, scale,
+                            offset, columns_are_rows);
   }
-  return fwd_impl<float>(sh, acc, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt_all,
-                         logit_scale, u_img, u_txt, offset, gamma, eps, columns_are_rows);
+  return fwd_impl<float>(sh, acc, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt_all, scale,
+                         offset, columns_are_rows);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_bwd(
-    const at::Tensor& grad_phi, const at::Tensor& img, const at::Tensor& txt, const at::Tensor& img_all,
-    const at::Tensor& txt_all, const OptTensor& ref_img, const OptTensor& ref_txt,
-    const OptTensor& ref_img_all, const OptTensor& ref_txt_all, const at::Tensor& logit_scale,
-    const at::Tensor& u_img_new, const at::Tensor& u_txt_new, const at::Tensor& margin,
-    const at::Tensor& wsum_img, const at::Tensor& wsum_txt, const OptTensor& col_u_img,
-    const OptTensor& col_u_txt, const OptTensor& col_margin, int64_t offset, bool columns_are_rows,
-    bool column_grads) {
+    const at::Tensor& gain, const OptTensor& col_gain, const at::Tensor& img, const at::Tensor& txt,
+    const at::Tensor& img_all, const at::Tensor& txt_all, const OptTensor& ref_img, const OptTensor& ref_txt,
+    const OptTensor& ref_img_all, const OptTensor& ref_txt_all, const at::Tensor& scale, int64_t offset,
+    bool columns_are_rows, const at::Tensor& log_norm, const at::Tensor& wsum, const at::Tensor& margin,
+    const OptTensor& col_scale, const OptTensor& col_log_norm, const OptTensor& col_margin, bool column_grads) {
   constexpr const char* op = "drrho::cpp_bwd";
   const Shapes sh = check_embeddings(op, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all,
                                      ref_txt_all, offset, columns_are_rows);
-  check_scalar(op, "grad_phi", grad_phi);
-  check_scalar(op, "logit_scale", logit_scale);
-  check_vector(op, "u_img_new", u_img_new, sh.B);
-  check_vector(op, "u_txt_new", u_txt_new, sh.B);
+  check_directions(op, "gain", gain, sh.B);
+  check_directions(op, "scale", scale, sh.B);
+  check_directions(op, "log_norm", log_norm, sh.B);
+  check_directions(op, "wsum", wsum, sh.B);
   check_vector(op, "margin", margin, sh.B);
-  check_vector(op, "wsum_img", wsum_img, sh.B);
-  check_vector(op, "wsum_txt", wsum_txt, sh.B);
-  const bool fold = col_u_img.has_value();
-  TORCH_CHECK(col_u_txt.has_value() == fold && col_margin.has_value() == fold, op,
-              ": col_u_img, col_u_txt and col_margin: expected all three or none");
+  const bool fold = col_log_norm.has_value();
+  TORCH_CHECK(col_gain.has_value() == fold && col_scale.has_value() == fold && col_margin.has_value() == fold, op,
+              ": col_gain, col_scale, col_log_norm and col_margin: expected all four or none");
   if (fold) {
-    check_vector(op, "col_u_img", *col_u_img, sh.N);
-    check_vector(op, "col_u_txt", *col_u_txt, sh.N);
+    check_directions(op, "col_gain", *col_gain, sh.N);
+    check_directions(op, "col_scale", *col_scale, sh.N);
+    check_directions(op, "col_log_norm", *col_log_norm, sh.N);
     check_vector(op, "col_margin", *col_margin, sh.N);
   }
   at::AutoDispatchBelowADInplaceOrView guard;
   const at::ScalarType acc = acc_dtype(img);
   if (sh.B == 0) {   // no anchors: every gradient is zero
-    auto cols = column_grads ? std::pair{at::zeros_like(img_all), at::zeros_like(txt_all)}
-                             : std::pair{img.new_empty({0, sh.d}), txt.new_empty({0, sh.d})};
+    auto cols = column_grads && !columns_are_rows ? std::pair{at::zeros_like(img_all), at::zeros_like(txt_all)}
+                                                   : std::pair{img.new_empty({0, sh.d}), txt.new_empty({0, sh.d})};
     return {at::empty_like(img), at::empty_like(txt), cols.first, cols.second};
   }
   if (acc == at::kDouble) {
-    return bwd_impl<double>(sh, acc, grad_phi, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all,
-                            ref_txt_all, logit_scale, u_img_new, u_txt_new, margin, wsum_img, wsum_txt,
-                            col_u_img, col_u_txt, col_margin, offset, columns_are_rows, column_grads);
+    return bwd_impl<double>(sh, acc, gain, col_gain, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all,
+                            ref_txt_all, scale, offset, columns_are_rows, log_norm, wsum, margin, col_scale,
+                            col_log_norm, col_margin, column_grads);
   }
-  return bwd_impl<float>(sh, acc, grad_phi, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all,
-                         ref_txt_all, logit_scale, u_img_new, u_txt_new, margin, wsum_img, wsum_txt, col_u_img,
-                         col_u_txt, col_margin, offset, columns_are_rows, column_grads);
+  return bwd_impl<float>(sh, acc, gain, col_gain, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all,
+                         ref_txt_all, scale, offset, columns_are_rows, log_norm, wsum, margin, col_scale,
+                         col_log_norm, col_margin, column_grads);
 }
 
 void set_profiling(bool enabled) { g_profiling.store(enabled); }

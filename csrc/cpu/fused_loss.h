@@ -1,7 +1,8 @@
 // The fused DRRho-CLIP op pair on CPU tensors: drrho::cpp_fwd and drrho::cpp_bwd.
 //
-// Signatures follow drrho_kernels/ops.py FWD_SCHEMA and BWD_SCHEMA argument for argument; the
-// semantics are docs/DESIGN.md ("The fused op pair").
+// The schemas are defined on the Python side only (drrho_kernels/ops.py derives them from the fields of
+// drrho_kernels/_inputs.py TileInputs and Weights); these signatures follow them argument for argument,
+// and the dispatcher checks that they match when the extension registers its kernels.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -17,20 +18,20 @@ namespace drrho::cpu {
 
 using OptTensor = std::optional<at::Tensor>;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_fwd(
-    const at::Tensor& img, const at::Tensor& txt, const at::Tensor& img_all, const at::Tensor& txt_all,
-    const OptTensor& ref_img, const OptTensor& ref_txt, const OptTensor& ref_img_all,
-    const OptTensor& ref_txt_all, const at::Tensor& logit_scale, const at::Tensor& u_img,
-    const at::Tensor& u_txt, int64_t offset, double gamma, double eps, bool columns_are_rows);
+// drrho::cpp_fwd(<TileInputs>) -> (stats [2, 3, B], margin [B])
+std::tuple<at::Tensor, at::Tensor> fused_fwd(const at::Tensor& img, const at::Tensor& txt, const at::Tensor& img_all,
+                                             const at::Tensor& txt_all, const OptTensor& ref_img,
+                                             const OptTensor& ref_txt, const OptTensor& ref_img_all,
+                                             const OptTensor& ref_txt_all, const at::Tensor& scale, int64_t offset,
+                                             bool columns_are_rows);
 
+// drrho::cpp_bwd(gain, col_gain, <TileInputs>, <Weights>, column_grads) -> (d_img, d_txt, d_img_all, d_txt_all)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_bwd(
-    const at::Tensor& grad_phi, const at::Tensor& img, const at::Tensor& txt, const at::Tensor& img_all,
-    const at::Tensor& txt_all, const OptTensor& ref_img, const OptTensor& ref_txt,
-    const OptTensor& ref_img_all, const OptTensor& ref_txt_all, const at::Tensor& logit_scale,
-    const at::Tensor& u_img_new, const at::Tensor& u_txt_new, const at::Tensor& margin,
-    const at::Tensor& wsum_img, const at::Tensor& wsum_txt, const OptTensor& col_u_img,
-    const OptTensor& col_u_txt, const OptTensor& col_margin, int64_t offset, bool columns_are_rows,
-    bool column_grads);
+    const at::Tensor& gain, const OptTensor& col_gain, const at::Tensor& img, const at::Tensor& txt,
+    const at::Tensor& img_all, const at::Tensor& txt_all, const OptTensor& ref_img, const OptTensor& ref_txt,
+    const OptTensor& ref_img_all, const OptTensor& ref_txt_all, const at::Tensor& scale, int64_t offset,
+    bool columns_are_rows, const at::Tensor& log_norm, const at::Tensor& wsum, const at::Tensor& margin,
+    const OptTensor& col_scale, const OptTensor& col_log_norm, const OptTensor& col_margin, bool column_grads);
 
 // Tiling knobs (process-wide): the bytes of one worker's [R, N] similarity chunk (R = rows per
 // chunk), the width of the column blocks of the forward's statistics pass, and the smallest chunk

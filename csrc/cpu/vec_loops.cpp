@@ -121,17 +121,17 @@ DRRHO_INLINE T seg_max_impl(const T* s, int64_t n, T row_max, T* col_max) {
 }
 
 template <typename T>
-DRRHO_INLINE void seg_sums_impl(const T* s, int64_t n, T scale, T row_m, T row_top, T* row_e, T* row_f,
-                                const T* col_m, const T* col_top, T* col_e, T* col_f) {
+DRRHO_INLINE void seg_sums_impl(const T* s, int64_t n, T row_scale, T row_m, T row_top, T* row_e, T* row_f,
+                                const T* col_m, const T* col_scale, const T* col_top, T* col_e, T* col_f) {
   T e_sum = T(0), f_sum = T(0);
   if (col_e != nullptr) {
 #pragma omp simd reduction(+ : e_sum, f_sum)
     for (int64_t k = 0; k < n; ++k) {
-      const T d = (s[k] - row_m) * scale;
+      const T d = (s[k] - row_m) * row_scale;
       const T e = vexp(d - row_top);
       e_sum += e;
       f_sum += e * d;
-      const T c = (s[k] - col_m[k]) * scale;
+      const T c = (s[k] - col_m[k]) * col_scale[k];
       const T f = vexp(c - col_top[k]);
       col_e[k] += f;
       col_f[k] += f * c;
@@ -139,7 +139,7 @@ DRRHO_INLINE void seg_sums_impl(const T* s, int64_t n, T scale, T row_m, T row_t
   } else {
 #pragma omp simd reduction(+ : e_sum, f_sum)
     for (int64_t k = 0; k < n; ++k) {
-      const T d = (s[k] - row_m) * scale;
+      const T d = (s[k] - row_m) * row_scale;
       const T e = vexp(d - row_top);
       e_sum += e;
       f_sum += e * d;
@@ -150,17 +150,18 @@ DRRHO_INLINE void seg_sums_impl(const T* s, int64_t n, T scale, T row_m, T row_t
 }
 
 template <typename T>
-DRRHO_INLINE void seg_weights_impl(T* p, int64_t n, T scale, T row_m, T row_u, const T* col_m,
-                                   const T* col_u) {
-  if (col_u != nullptr) {
+DRRHO_INLINE void seg_weights_impl(T* p, int64_t n, T row_scale, T row_m, T row_norm, T row_gain, const T* col_m,
+                                   const T* col_scale, const T* col_norm, const T* col_gain) {
+  if (col_norm != nullptr) {
 #pragma omp simd
     for (int64_t k = 0; k < n; ++k) {
       const T v = p[k];
-      p[k] = vexp((v - row_m) * scale - row_u) + vexp((v - col_m[k]) * scale - col_u[k]);
+      p[k] = row_gain * vexp((v - row_m) * row_scale - row_norm) +
+             col_gain[k] * vexp((v - col_m[k]) * col_scale[k] - col_norm[k]);
     }
   } else {
 #pragma omp simd
-    for (int64_t k = 0; k < n; ++k) p[k] = vexp((p[k] - row_m) * scale - row_u);
+    for (int64_t k = 0; k < n; ++k) p[k] = row_gain * vexp((p[k] - row_m) * row_scale - row_norm);
   }
 }
 
@@ -173,9 +174,9 @@ DRRHO_INLINE T dot_impl(const T* a, const T* b, int64_t n) {
 }
 
 template <typename T>
-DRRHO_INLINE void axpby_impl(T* g, const T* partner, int64_t n, T w, T coef) {
+DRRHO_INLINE void axpy_impl(T* g, const T* partner, int64_t n, T w) {
 #pragma omp simd
-  for (int64_t k = 0; k < n; ++k) g[k] = coef * (g[k] - w * partner[k]);
+  for (int64_t k = 0; k < n; ++k) g[k] -= w * partner[k];
 }
 
 template <typename T>
@@ -193,35 +194,28 @@ DRRHO_CLONES double seg_max(const double* s, int64_t n, double row_max, double* 
   return seg_max_impl(s, n, row_max, col_max);
 }
 
-DRRHO_CLONES void seg_sums(const float* s, int64_t n, float scale, float row_m, float row_top, float* row_e,
-                           float* row_f, const float* col_m, const float* col_top, float* col_e,
-                           float* col_f) {
-  seg_sums_impl(s, n, scale, row_m, row_top, row_e, row_f, col_m, col_top, col_e, col_f);
-}
-DRRHO_CLONES void seg_sums(const double* s, int64_t n, double scale, double row_m, double row_top,
-                           double* row_e, double* row_f, const double* col_m, const double* col_top,
-                           double* col_e, double* col_f) {
-  seg_sums_impl(s, n, scale, row_m, row_top, row_e, row_f, col_m, col_top, col_e, col_f);
-}
+// Each loop for float and double (the accumulation dtypes), one clone set per instruction set.
+#define DRRHO_BOTH(DECL) DECL(float) DECL(double)
 
-DRRHO_CLONES void seg_weights(float* p, int64_t n, float scale, float row_m, float row_u, const float* col_m,
-                              const float* col_u) {
-  seg_weights_impl(p, n, scale, row_m, row_u, col_m, col_u);
-}
-DRRHO_CLONES void seg_weights(double* p, int64_t n, double scale, double row_m, double row_u,
-                              const double* col_m, const double* col_u) {
-  seg_weights_impl(p, n, scale, row_m, row_u, col_m, col_u);
-}
+#define DRRHO_SEG_SUMS(T)                                                                                     \
+  DRRHO_CLONES void seg_sums(const T* s, int64_t n, T row_scale, T row_m, T row_top, T* row_e, T* row_f,     \
+                             const T* col_m, const T* col_scale, const T* col_top, T* col_e, T* col_f) {      \
+    seg_sums_impl(s, n, row_scale, row_m, row_top, row_e, row_f, col_m, col_scale, col_top, col_e, col_f);   \
+  }
+#define DRRHO_SEG_WEIGHTS(T)                                                                                  \
+  DRRHO_CLONES void seg_weights(T* p, int64_t n, T row_scale, T row_m, T row_norm, T row_gain, const T* col_m, \
+                                const T* col_scale, const T* col_norm, const T* col_gain) {                   \
+    seg_weights_impl(p, n, row_scale, row_m, row_norm, row_gain, col_m, col_scale, col_norm, col_gain);      \
+  }
+#define DRRHO_DOT(T) \
+  DRRHO_CLONES T dot(const T* a, const T* b, int64_t n) { return dot_impl(a, b, n); }
+#define DRRHO_AXPY(T) \
+  DRRHO_CLONES void axpy_rows(T* g, const T* partner, int64_t n, T w) { axpy_impl(g, partner, n, w); }
 
-DRRHO_CLONES float dot(const float* a, const float* b, int64_t n) { return dot_impl(a, b, n); }
-DRRHO_CLONES double dot(const double* a, const double* b, int64_t n) { return dot_impl(a, b, n); }
-
-DRRHO_CLONES void axpby_rows(float* g, const float* partner, int64_t n, float w, float coef) {
-  axpby_impl(g, partner, n, w, coef);
-}
-DRRHO_CLONES void axpby_rows(double* g, const double* partner, int64_t n, double w, double coef) {
-  axpby_impl(g, partner, n, w, coef);
-}
+DRRHO_BOTH(DRRHO_SEG_SUMS)
+DRRHO_BOTH(DRRHO_SEG_WEIGHTS)
+DRRHO_BOTH(DRRHO_DOT)
+DRRHO_BOTH(DRRHO_AXPY)
 
 DRRHO_CLONES void exp_array(const float* x, float* y, int64_t n) { exp_array_impl(x, y, n); }
 DRRHO_CLONES void exp_array(const double* x, double* y, int64_t n) { exp_array_impl(x, y, n); }

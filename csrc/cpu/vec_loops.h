@@ -19,28 +19,31 @@ float seg_max(const float* s, int64_t n, float row_max, float* col_max);
 double seg_max(const double* s, int64_t n, double row_max, double* col_max);
 
 // Online log-sum-exp sums of one row segment, with the shifts fixed by the max pass:
-//   row anchor:  d = (s[k] - row_m) * scale,      e = exp(d - row_top),    E += e,  F += e d
-//   column k:    c = (s[k] - col_m[k]) * scale,  f = exp(c - col_top[k]),  col_e[k] += f, col_f[k] += f c
+//   row anchor:  d = (s[k] - row_m) * row_scale,          e = exp(d - row_top),    E += e,  F += e d
+//   column k:    c = (s[k] - col_m[k]) * col_scale[k],   f = exp(c - col_top[k]),  col_e[k] += f, col_f[k] += f c
 // (the column part only when col_e is not null). E and F are added to *row_e, *row_f.
-void seg_sums(const float* s, int64_t n, float scale, float row_m, float row_top, float* row_e,
-              float* row_f, const float* col_m, const float* col_top, float* col_e, float* col_f);
-void seg_sums(const double* s, int64_t n, double scale, double row_m, double row_top, double* row_e,
-              double* row_f, const double* col_m, const double* col_top, double* col_e, double* col_f);
+void seg_sums(const float* s, int64_t n, float row_scale, float row_m, float row_top, float* row_e, float* row_f,
+              const float* col_m, const float* col_scale, const float* col_top, float* col_e, float* col_f);
+void seg_sums(const double* s, int64_t n, double row_scale, double row_m, double row_top, double* row_e,
+              double* row_f, const double* col_m, const double* col_scale, const double* col_top, double* col_e,
+              double* col_f);
 
-// Backward weights of one row, in place: p[k] = exp((p[k] - row_m) scale - row_u)
-//   + exp((p[k] - col_m[k]) scale - col_u[k])   (the second term only when col_u is not null).
-void seg_weights(float* p, int64_t n, float scale, float row_m, float row_u, const float* col_m,
-                 const float* col_u);
-void seg_weights(double* p, int64_t n, double scale, double row_m, double row_u, const double* col_m,
-                 const double* col_u);
+// Backward weights of one row, in place:
+//   p[k] = row_gain exp((p[k] - row_m) row_scale - row_norm)
+//        + col_gain[k] exp((p[k] - col_m[k]) col_scale[k] - col_norm[k])   (the second term only when col_norm
+//                                                                            is not null)
+void seg_weights(float* p, int64_t n, float row_scale, float row_m, float row_norm, float row_gain,
+                 const float* col_m, const float* col_scale, const float* col_norm, const float* col_gain);
+void seg_weights(double* p, int64_t n, double row_scale, double row_m, double row_norm, double row_gain,
+                 const double* col_m, const double* col_scale, const double* col_norm, const double* col_gain);
 
 // sum_k a[k] b[k]
 float dot(const float* a, const float* b, int64_t n);
 double dot(const double* a, const double* b, int64_t n);
 
-// g[k] = coef (g[k] - w partner[k])
-void axpby_rows(float* g, const float* partner, int64_t n, float w, float coef);
-void axpby_rows(double* g, const double* partner, int64_t n, double w, double coef);
+// g[k] -= w partner[k]
+void axpy_rows(float* g, const float* partner, int64_t n, float w);
+void axpy_rows(double* g, const double* partner, int64_t n, double w);
 
 // exp through the same code as the loops (for tests of its accuracy), n values.
 void exp_array(const float* x, float* y, int64_t n);

@@ -1,9 +1,16 @@
-"""Backend registry: which implementations exist on this machine and which one ``"auto"`` picks.
+"""Backend registry: which implementations exist on this machine and which one runs.
 
 ``"torch"``: row-chunked PyTorch, any device. ``"reference"``: the dense SPEC.md statement
 (checking, tiny inputs). ``"triton"``: fused GPU kernels (CUDA/ROCm tensors; CPU tensors only
 under ``TRITON_INTERPRET=1``). ``"cpp"``: the compiled CPU extension, when it was built.
 ``"auto"``: triton for CUDA tensors, cpp for CPU tensors when built, torch otherwise.
+
+Each fused backend registers its op pair with :mod:`drrho_kernels.ops` when its module is imported:
+``torch_chunked`` and ``cpp`` here, at import (neither touches a GPU); ``triton`` on the first
+:func:`resolve` that selects it, so that importing the package never imports triton.
+
+One resolution rule: Triton has no float64 kernels, so float64 inputs that would run on Triton
+(``backend="triton"``, or ``"auto"`` on CUDA tensors) run on the torch backend, on the same device.
 """
 from __future__ import annotations
 
@@ -11,6 +18,8 @@ import importlib.util
 import os
 
 import torch
+
+from . import cpp, torch_chunked  # noqa: F401  (importing registers their ops)
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None   # looks for it, does not import it
 
@@ -30,10 +39,7 @@ def triton_usable(device: torch.device) -> bool:
 
 
 def cpp_usable(device: torch.device) -> bool:
-    if device.type != "cpu":
-        return False
-    from . import cpp
-    return cpp.load() is not None
+    return device.type == "cpu" and cpp.load() is not None
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -51,36 +57,26 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return names
 
 
-def resolve(name: str, device: torch.device) -> str:
-    """The backend that runs for ``backend=name`` on ``device``; a clear error if it cannot."""
+def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The backend that runs for ``backend=name`` on tensors of ``device`` and ``dtype``.
+
+    Raises:
+        RuntimeError: the named backend cannot run here (not installed, not built, wrong device).
+    """
     if name == "auto":
-        return available_backends(device)[0]
+        name = available_backends(device)[0]
     if name == "triton" and not triton_usable(device):
         why = ("triton is not installed" if not triton_installed() else
                f"the tensors are on {device}: Triton needs CUDA (or ROCm) tensors, or CPU tensors "
                "with TRITON_INTERPRET=1 set before drrho_kernels is imported")
         raise RuntimeError(f"backend='triton' cannot run here: {why}. Use backend='auto' or 'torch'.")
     if name == "cpp" and not cpp_usable(device):
-        from . import cpp
         why = (f"the tensors are on {device}, the C++ extension is CPU-only" if device.type != "cpu"
                else f"the C++ extension is not available ({cpp.load_error()})")
         raise RuntimeError(f"backend='cpp' cannot run here: {why}. Use backend='auto' or 'torch'.")
-    return name
-
-
-def fused_ops(name: str):
-    """The (forward, backward) op pair of a fused backend."""
-    from .. import ops
-    if name == "torch":
-        return ops.torch_fwd, ops.torch_bwd
     if name == "triton":
-        from .triton import ops as triton_ops
-        return triton_ops.fused_ops()
-    if name == "cpp":
-        from . import cpp
-        return cpp.fused_ops()
-    raise ValueError(f"backend: {name!r} has no fused ops")
-
-
-# Load the C++ extension now (no GPU involved), so that a missing or broken build is reported once, at import.
-from . import cpp as _cpp  # noqa: E402,F401
+        if dtype == torch.float64:
+            return "torch"
+        # registers drrho::triton_fwd / _bwd (an import statement: Dynamo runs it for real when tracing)
+        from . import triton  # noqa: F401
+    return name

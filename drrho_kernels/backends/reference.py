@@ -10,15 +10,16 @@ import math
 
 import torch
 
+from .._inputs import LossInputs
 from .._math import ma_update
-from .._validate import Problem
 
 
-def reference_loss(p: Problem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return ``(loss, u_img_new, u_txt_new)`` for a checked :class:`Problem` (u in the accumulation dtype)."""
+def reference_loss(p: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(loss, u_new)`` for a checked problem (``u_new`` ``[2, B]`` in the accumulation dtype)."""
     acc = p.acc_dtype
-    x, t = p.img.to(acc), p.txt.to(acc)
-    X, T = (x, t) if p.columns_are_rows else (p.img_all.to(acc), p.txt_all.to(acc))
+    k = p.tiles
+    x, t = k.img.to(acc), k.txt.to(acc)
+    X, T = (x, t) if k.columns_are_rows else (k.img_all.to(acc), k.txt_all.to(acc))
     s = p.logit_scale.to(acc)
     B, N = p.batch, p.n_columns
 
@@ -26,9 +27,9 @@ def reference_loss(p: Problem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     positive = (x * t).sum(-1, keepdim=True)
     a_img = x @ T.T - positive
     a_txt = t @ X.T - positive
-    if p.has_ref:
-        xr, tr = p.ref_img.to(acc), p.ref_txt.to(acc)
-        Xr, Tr = p.ref_img_all.to(acc), p.ref_txt_all.to(acc)
+    if k.has_ref:
+        xr, tr = k.ref_img.to(acc), k.ref_txt.to(acc)
+        Xr, Tr = k.ref_img_all.to(acc), k.ref_txt_all.to(acc)
         ref_positive = (xr * tr).sum(-1, keepdim=True)
         a_img = a_img - (xr @ Tr.T - ref_positive)
         a_txt = a_txt - (tr @ Xr.T - ref_positive)
@@ -36,7 +37,7 @@ def reference_loss(p: Problem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
     # Negatives only: every column but p(i) = offset + i.
     negative = torch.ones(B, N, dtype=torch.bool, device=x.device)
-    negative[torch.arange(B, device=x.device), p.offset + torch.arange(B, device=x.device)] = False
+    negative[torch.arange(B, device=x.device), k.offset + torch.arange(B, device=x.device)] = False
 
     with torch.no_grad():
         def log_eps_plus_g(d):
@@ -51,4 +52,4 @@ def reference_loss(p: Problem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     s_ = s.detach()
     weighted = (w_img * d_img + w_txt * d_txt).sum(1) / (N - 1)
     loss = weighted.mean() / s_ + p.rho / s + (u_img + u_txt).mean() / 2 / s
-    return loss, u_img, u_txt
+    return loss, torch.stack([u_img, u_txt])

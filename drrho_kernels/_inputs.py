@@ -1,0 +1,140 @@
+"""The checked problem of one loss evaluation, as structured values (SPEC.md notation in brackets).
+
+``LossInputs``
+    what :func:`drrho_kernels.drrho_clip_loss` was given, checked (``_validate.py`` builds it): the
+    kernel inputs below, the logit scale as the caller passed it, the state ``u`` before the step and
+    the options. It flows from the functional layer through the backend to the launchers.
+``TileInputs``
+    what the fused kernels read to build their tiles: rows, columns, reference embeddings, the
+    per-row scales of both directions, the offset. Its fields, in order, are the leading arguments
+    of every fused op (``ops.py`` derives the schemas from them) and a launcher receives one value.
+``Weights``
+    what the backward needs besides the tiles, known once the epilogue (``_math.finish``) has run:
+    each anchor's weight normaliser and weight sum, the pair margins and, for a fold, the column
+    anchors' own (``col_*``). Its fields follow ``TileInputs`` in the backward op's schema.
+
+Directions are indexed ``k = 0`` (image anchors against text columns, SPEC's ``I``) and ``k = 1``
+(text anchors against image columns, ``T``). A backward weight of anchor ``i`` of direction ``k`` is
+``w_kij = exp(scale[k, i] * (S_kij - margin[i]) - log_norm[k, i])``; SPEC's global form has
+``scale[k, i] = s`` and ``log_norm = u_new``.
+
+To add a per-row input: a field here (with its schema type), the kernels that read it, and the
+place that fills it (``_validate.py`` or ``_math.py``). Nothing in between changes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from ._math import accumulation_dtype
+
+Tensor = torch.Tensor
+
+
+def _arg(schema_type: str):
+    """A field that is an argument of the fused ops, with its ``torch.library`` schema type."""
+    return field(metadata={"schema": schema_type})
+
+
+@dataclass(frozen=True)
+class TileInputs:
+    """The kernels' view of the problem. ``columns_are_rows``: one process, ``img_all is img``, N = B."""
+
+    img: Tensor = _arg("Tensor")                    # [B, d]   x   rows (anchors)
+    txt: Tensor = _arg("Tensor")                    # [B, d]   t
+    img_all: Tensor = _arg("Tensor")                # [N, d]   X   columns (the global batch)
+    txt_all: Tensor = _arg("Tensor")                # [N, d]   T
+    ref_img: Tensor | None = _arg("Tensor?")        # [B, dr]  xr  reference rows
+    ref_txt: Tensor | None = _arg("Tensor?")        # [B, dr]  tr
+    ref_img_all: Tensor | None = _arg("Tensor?")    # [N, dr]  Xr  reference columns
+    ref_txt_all: Tensor | None = _arg("Tensor?")    # [N, dr]  Tr
+    scale: Tensor = _arg("Tensor")                  # [2, B]   s of each row anchor, per direction (acc dtype)
+    offset: int = _arg("int")                       # row i is column p(i) = offset + i
+    columns_are_rows: bool = _arg("bool")
+
+    @property
+    def batch(self) -> int:
+        return self.img.shape[0]
+
+    @property
+    def n_columns(self) -> int:
+        return self.img_all.shape[0]
+
+    @property
+    def has_ref(self) -> bool:
+        return self.ref_img is not None
+
+    @property
+    def ref_dim(self) -> int:
+        return self.ref_img.shape[1] if self.ref_img is not None else 0
+
+    @property
+    def acc_dtype(self) -> torch.dtype:
+        return accumulation_dtype(self.img.dtype)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Per-anchor weight description of the backward (``[2, B]``: direction, row; ``[2, N]``: direction, column).
+
+    ``col_*`` describe the column anchors for a fold (the distributed scheme that gathers ``u``): the
+    gradient of every local sample also gets the terms of every global anchor that has it as a
+    negative. In one process (``columns_are_rows``) they are None: the fold uses the rows' own.
+    """
+
+    log_norm: Tensor = _arg("Tensor")               # [2, B]  w = exp(scale (S - m) - log_norm)
+    wsum: Tensor = _arg("Tensor")                   # [2, B]  sum_j w_kij
+    margin: Tensor = _arg("Tensor")                 # [B]     m_i = <x_i, t_i> - <xr_i, tr_i>
+    col_scale: Tensor | None = _arg("Tensor?")      # [2, N]  the column anchors' scales
+    col_log_norm: Tensor | None = _arg("Tensor?")   # [2, N]
+    col_margin: Tensor | None = _arg("Tensor?")     # [N]
+
+    @property
+    def fold(self) -> bool:
+        return self.col_log_norm is not None
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """Checked inputs of one loss evaluation."""
+
+    tiles: TileInputs
+    logit_scale: Tensor         # 0-dim s as given (may require grad); tiles.scale is it per row
+    u_img: Tensor               # [B] u^I before the step (float32 or float64)
+    u_txt: Tensor               # [B] u^T
+    gamma: float
+    eps: float
+    rho: float
+    backend: str                # resolved: "reference", "torch", "cpp" or "triton"
+
+    @property
+    def batch(self) -> int:
+        return self.tiles.batch
+
+    @property
+    def n_columns(self) -> int:
+        return self.tiles.n_columns
+
+    @property
+    def device(self) -> torch.device:
+        return self.tiles.img.device
+
+    @property
+    def acc_dtype(self) -> torch.dtype:
+        return self.tiles.acc_dtype
+
+    @property
+    def u_old(self) -> Tensor:
+        """``[2, B]``: the state of both directions in the accumulation dtype."""
+        return torch.stack([self.u_img, self.u_txt]).to(self.acc_dtype)
+
+
+def schema_fields(cls) -> list[tuple[str, str]]:
+    """``(name, schema type)`` of a dataclass of op arguments, in order."""
+    return [(f.name, f.metadata["schema"]) for f in fields(cls)]
+
+
+def as_args(value) -> tuple:
+    """The field values of an op-argument dataclass, in schema order (the op boundary's flattening)."""
+    return tuple(getattr(value, f.name) for f in fields(value))

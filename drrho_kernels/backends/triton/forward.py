@@ -1,0 +1,82 @@
+r"""Forward, distributed shape: each anchor's statistics over its negatives (``_fwd_kernel``).
+
+Inputs (row-major, contiguous; ``*`` = float16, bfloat16 or float32, all the same):
+
+    x, t     [B, d]  *   rows: this step's image / text anchors
+    X, T     [N, d]  *   columns: the global batch
+    xr, tr   [B, dr] *   reference rows        Xr, Tr [N, dr] *   reference columns   (HAS_REF only)
+    scale    [2, B] f32  s of each anchor, per direction
+    offset   int         row i is column p(i) = offset + i
+
+Per anchor, direction 0 (image anchors x_i against text columns T_j) and 1 (text anchors t_i
+against image columns X_j), online over column blocks (running max, never exp of an unshifted
+number):
+
+    S_ij = <o_i, C_j> - <or_i, Cr_j>      m_i = <x_i, t_i> - <xr_i, tr_i>      d_ij = s_i (S_ij - m_i)
+    M_i = max_j d_ij     E_i = sum_j exp(d_ij - M_i)     F_i = sum_j exp(d_ij - M_i) d_ij     (j != p(i))
+
+Outputs: ``stats`` [2, 3, B] f32 (direction, (M, E, F), anchor) and ``margin`` [B] f32. The
+epilogue (new u, weights) is ``drrho_kernels._math.finish``. Grid (cdiv(B, BM), 2 directions).
+Legend of the names: ``helpers.py``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .helpers import _online, _row_margin, _scores, _store_stats
+from .launch import dot_flags, f32, launch, operands
+
+
+@triton.jit(do_not_specialize=["B", "N", "offset"])
+def _fwd_kernel(p_x, p_t, p_X, p_T, p_xr, p_tr, p_Xr, p_Tr, p_scale, p_stats, p_margin, B, N, offset,
+                D: tl.constexpr, DR: tl.constexpr, HAS_REF: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKR: tl.constexpr,
+                PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Program (i_m, i_dir): anchors i_m*BM .. +BM of direction i_dir, one pass over all N columns;
+    direction 0 also writes the margins."""
+    i_m = tl.program_id(0)
+    i_dir = tl.program_id(1)
+    if i_dir == 0:
+        p_rows, p_cols, p_rrows, p_rcols = p_x, p_T, p_xr, p_Tr
+    else:
+        p_rows, p_cols, p_rrows, p_rcols = p_t, p_X, p_tr, p_Xr
+
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_m = o_m < B
+    o_m64 = o_m.to(tl.int64)
+    b_margin = _row_margin(p_x, p_t, p_xr, p_tr, o_m64, m_m, D, DR, HAS_REF, BM, BK, BKR)
+    if i_dir == 0:
+        tl.store(p_margin + o_m64, b_margin, mask=m_m)
+    b_s = tl.load(p_scale + i_dir * B + o_m64, mask=m_m, other=1.0)
+    o_pos = o_m + offset                                   # column index of each row's positive
+
+    b_max = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_e = tl.zeros([BM], dtype=tl.float32)
+    b_f = tl.zeros([BM], dtype=tl.float32)
+    for j in range(0, N, BN):
+        o_n = j + tl.arange(0, BN)
+        m_n = o_n < N
+        b_sc = _scores(p_rows, p_cols, p_rrows, p_rcols, o_m64, o_n.to(tl.int64), m_m, m_n,
+                       D, DR, HAS_REF, BM, BN, BK, BKR, PREC, UPCAST)
+        m_neg = m_n[None, :] & (o_n[None, :] != o_pos[:, None])       # negatives, by index
+        b_max, b_e, b_f = _online(b_max, b_e, b_f, b_s[:, None] * (b_sc - b_margin[:, None]), m_neg, 1)
+    _store_stats(p_stats + i_dir * 3 * B, b_max, b_e, b_f, o_m64, m_m, B)
+
+
+def forward(k):
+    """``(stats [2, 3, B], margin [B])`` (float32) of a ``TileInputs``: the one-process forward
+    (``forward_transposed``, each score tile once) or ``_fwd_kernel``."""
+    if k.columns_are_rows:
+        from .forward_transposed import forward_transposed
+        return forward_transposed(k)
+    x, t, X, T, xr, tr, Xr, Tr = operands(k)
+    B, D = x.shape
+    N = X.shape[0]
+    stats = torch.empty(2, 3, B, dtype=torch.float32, device=x.device)
+    margin = torch.empty(B, dtype=torch.float32, device=x.device)
+    args = (x, t, X, T, xr, tr, Xr, Tr, f32(k.scale), stats, margin, B, N, k.offset)
+    flags = dict(D=D, DR=k.ref_dim, HAS_REF=k.has_ref, **dot_flags(x.dtype))
+    launch(_fwd_kernel, "fwd", lambda tiles: (triton.cdiv(B, tiles.BM), 2), args, flags)
+    return stats, margin

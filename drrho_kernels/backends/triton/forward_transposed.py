@@ -1,0 +1,183 @@
+r"""Forward, one process (``columns_are_rows``: X = x, T = t, N = B, offset 0): each score tile once.
+
+S^T = (S^I)^T, so each tile S_ij = <x_i, t_j> - <xr_i, tr_j> feeds both reductions (the "transpose
+trick"): image anchor i over the text columns j, d^I_ij = s^I_i (S_ij - m_i), reduced along the row,
+and text anchor j over the image columns i, d^T_ji = s^T_j (S_ij - m_j), reduced along the column.
+Three launches (``forward_transposed``):
+
+    _margin_kernel        m = <x, t> - <xr, tr>, [B]; both reductions need every margin
+    _fwd_t_kernel         grid (G groups of column blocks, C splits of row blocks); program (g, c) walks
+                          its rectangle in panels of its columns: for each row block i of the split, for
+                          each column block j of the panel, tile S_ij. The rows' (M, E, F) are reduced
+                          in registers over the panel and merged into ``row_part[g]`` once per
+                          (panel, i); the columns' (M, E, F) are read, updated and written back in
+                          ``col_part[c]`` per tile. Partials: row_part [G, 3, B], col_part [C, 3, B]
+                          float32, each entry with one writer (no atomics, deterministic, no zeroing)
+    _fwd_t_merge_kernel   merge of the G (rows) and C (columns) partials into ``stats`` [2, 3, B]
+
+G, C and the panel width come from ``tiles.transposed_plan``. Positives (i == j) are excluded by
+index. Why the rows go to registers and the columns through memory: docs/DESIGN.md. Legend of
+the names: ``helpers.py``; here also i_g / i_c the group and split, r_ / c_ row / column ranges,
+q the panel start, b_r* / b_c* the rows' / columns' (M, E, F), p_rp / p_cp this program's slots.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .helpers import _merge_stats, _online, _row_margin, _scores, _store_stats
+from .launch import INTERPRETING, device_arch, dot_flags, f32, launch, launch_fixed, operands
+from .tiles import INTERPRETER_L2_BYTES, INTERPRETER_SMS, INTERPRETER_TILES, Plan, candidates, transposed_plan
+
+
+@triton.jit(do_not_specialize=["B"])
+def _margin_kernel(p_x, p_t, p_xr, p_tr, p_margin, B,
+                   D: tl.constexpr, DR: tl.constexpr, HAS_REF: tl.constexpr,
+                   BM: tl.constexpr, BK: tl.constexpr, BKR: tl.constexpr):
+    """m_i = <x_i, t_i> - <xr_i, tr_i>, grid (cdiv(B, BM),)."""
+    o_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    m_m = o_m < B
+    o_m64 = o_m.to(tl.int64)
+    b_m = _row_margin(p_x, p_t, p_xr, p_tr, o_m64, m_m, D, DR, HAS_REF, BM, BK, BKR)
+    tl.store(p_margin + o_m64, b_m, mask=m_m)
+
+
+@triton.jit(do_not_specialize=["B", "n_groups", "n_splits", "panel_cols"])
+def _fwd_t_kernel(p_x, p_t, p_xr, p_tr, p_scale, p_margin, p_row_part, p_col_part,
+                  B, n_groups, n_splits, panel_cols,
+                  D: tl.constexpr, DR: tl.constexpr, HAS_REF: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKR: tl.constexpr,
+                  PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Partial (M, E, F) of both directions from one pass over S = x t^T - xr tr^T.
+
+    Program (g, c): the column blocks (BN text anchors) of group g times the row blocks (BM image
+    anchors) of split c. Each tile S_ij feeds the image anchors i (``p_row_part`` slot g) and the
+    text anchors j (``p_col_part`` slot c). Every slot entry has exactly one writer, whose first
+    visit initialises it (the masked load returns the empty statistics).
+    """
+    i_g = tl.program_id(0)
+    i_c = tl.program_id(1)
+    n_bm = tl.cdiv(B, BM)
+    n_bn = tl.cdiv(B, BN)
+    r_lo = (i_c * n_bm // n_splits) * BM
+    r_hi = ((i_c + 1) * n_bm // n_splits) * BM
+    c_lo = (i_g * n_bn // n_groups) * BN
+    c_hi = ((i_g + 1) * n_bn // n_groups) * BN
+    n_blocks = (c_hi - c_lo) // BN                                     # >= 1 (n_groups <= n_bn)
+    n_panels = tl.cdiv(n_blocks, tl.maximum(panel_cols // BN, 1))
+    panel = tl.cdiv(n_blocks, n_panels) * BN                           # even panels, whole blocks
+    p_rp = p_row_part + i_g * 3 * B          # this program's slots: M at +0, E at +B, F at +2B
+    p_cp = p_col_part + i_c * 3 * B
+
+    for q in range(c_lo, c_hi, panel):
+        q_hi = tl.minimum(q + panel, c_hi)
+        for i in range(r_lo, r_hi, BM):
+            o_m = i + tl.arange(0, BM)
+            m_m = o_m < B
+            o_m64 = o_m.to(tl.int64)
+            b_mr = tl.load(p_margin + o_m64, mask=m_m, other=0.0)
+            b_sr = tl.load(p_scale + o_m64, mask=m_m, other=1.0)          # image anchors' scales
+            # earlier panels of this group (a vector comparison: the interpreter mistypes scalar ones)
+            m_seen = m_m & (o_m * 0 + q > c_lo)
+            b_rmax = tl.load(p_rp + o_m64, mask=m_seen, other=float("-inf"))
+            b_re = tl.load(p_rp + B + o_m64, mask=m_seen, other=0.0)
+            b_rf = tl.load(p_rp + 2 * B + o_m64, mask=m_seen, other=0.0)
+            for j in range(q, q_hi, BN):
+                o_n = j + tl.arange(0, BN)
+                m_n = o_n < B
+                o_n64 = o_n.to(tl.int64)
+                b_sc = _scores(p_x, p_t, p_xr, p_tr, o_m64, o_n64, m_m, m_n,
+                               D, DR, HAS_REF, BM, BN, BK, BKR, PREC, UPCAST)
+                m_neg = m_m[:, None] & m_n[None, :] & (o_m[:, None] != o_n[None, :])
+                b_rmax, b_re, b_rf = _online(b_rmax, b_re, b_rf, b_sr[:, None] * (b_sc - b_mr[:, None]), m_neg, 1)
+                b_mc = tl.load(p_margin + o_n64, mask=m_n, other=0.0)
+                b_scol = tl.load(p_scale + B + o_n64, mask=m_n, other=1.0)  # text anchors' scales
+                b_tmax, b_te, b_tf = _online(tl.full([BN], float("-inf"), tl.float32), tl.zeros([BN], tl.float32),
+                                             tl.zeros([BN], tl.float32), b_scol[None, :] * (b_sc - b_mc[None, :]),
+                                             m_neg, 0)
+                m_cseen = m_n & (o_n * 0 + i > r_lo)                   # earlier row blocks of this split
+                b_cmax = tl.load(p_cp + o_n64, mask=m_cseen, other=float("-inf"))
+                b_ce = tl.load(p_cp + B + o_n64, mask=m_cseen, other=0.0)
+                b_cf = tl.load(p_cp + 2 * B + o_n64, mask=m_cseen, other=0.0)
+                b_cmax, b_ce, b_cf = _merge_stats(b_cmax, b_ce, b_cf, b_tmax, b_te, b_tf)
+                tl.debug_barrier()        # every thread has read this tile's column slots (write after read)
+                _store_stats(p_cp, b_cmax, b_ce, b_cf, o_n64, m_n, B)
+                tl.debug_barrier()        # ... and sees them at the next row block (read after write)
+            _store_stats(p_rp, b_rmax, b_re, b_rf, o_m64, m_m, B)
+            tl.debug_barrier()
+
+
+@triton.jit
+def _merge_parts(p_part, n_parts, B, o_m64, m_m, BM: tl.constexpr):
+    """Merge of the (M, E, F) partials ``p_part`` [n_parts, 3, B] of a block of anchors."""
+    b_max = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_e = tl.zeros([BM], dtype=tl.float32)
+    b_f = tl.zeros([BM], dtype=tl.float32)
+    for k in range(0, n_parts):
+        p = p_part + k * 3 * B + o_m64
+        b_max, b_e, b_f = _merge_stats(b_max, b_e, b_f, tl.load(p, mask=m_m, other=float("-inf")),
+                                       tl.load(p + B, mask=m_m, other=0.0), tl.load(p + 2 * B, mask=m_m, other=0.0))
+    return b_max, b_e, b_f
+
+
+@triton.jit(do_not_specialize=["B", "n_groups", "n_splits"])
+def _fwd_t_merge_kernel(p_row_part, p_col_part, p_stats, B, n_groups, n_splits, BM: tl.constexpr):
+    """Grid (cdiv(B, BM),): image anchors over the column groups, text anchors over the row splits."""
+    o_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    m_m = o_m < B
+    o_m64 = o_m.to(tl.int64)
+    b_max, b_e, b_f = _merge_parts(p_row_part, n_groups, B, o_m64, m_m, BM)
+    _store_stats(p_stats, b_max, b_e, b_f, o_m64, m_m, B)
+    b_max, b_e, b_f = _merge_parts(p_col_part, n_splits, B, o_m64, m_m, BM)
+    _store_stats(p_stats + 3 * B, b_max, b_e, b_f, o_m64, m_m, B)
+
+
+def _largest_blocks(D: int, DR: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+    """(BM, BN) maxima over the configurations ``_fwd_t_kernel`` may run with on ``device``."""
+    if INTERPRETING:
+        return INTERPRETER_TILES["fwdt"].BM, INTERPRETER_TILES["fwdt"].BN
+    tiles = candidates("fwdt", D, DR, dtype, device_arch(device))
+    return max(t.BM for t in tiles), max(t.BN for t in tiles)
+
+
+def plan_for(B: int, D: int, DR: int, dtype: torch.dtype, device: torch.device) -> Plan:
+    """The plan of this call: from the device's SM count and L2 size, and the largest tiles among the
+    candidates (so that every autotuned configuration has at least one block per group and split)."""
+    vec_bytes = (D + DR) * torch.empty((), dtype=dtype).element_size()
+    bm, bn = _largest_blocks(D, DR, dtype, device)
+    if INTERPRETING:
+        return transposed_plan(B, bm, bn, vec_bytes, INTERPRETER_SMS, INTERPRETER_L2_BYTES)
+    props = torch.cuda.get_device_properties(device)
+    return transposed_plan(B, bm, bn, vec_bytes, props.multi_processor_count, int(getattr(props, "L2_cache_size", 0)))
+
+
+def forward_transposed(k, plan: Plan | None = None):
+    """``(stats, margin)`` of a one-process ``TileInputs``: margins, ``_fwd_t_kernel``, merge.
+
+    Extra memory: the partial buffers, ``plan.partial_bytes(B)``, plus the [B]-sized outputs. A given
+    ``plan`` (tests) must leave every group and split at least one block."""
+    x, t, _, _, xr, tr, _, _ = operands(k)
+    B, D = x.shape
+    DR = k.ref_dim
+    f32_opts = dict(dtype=torch.float32, device=x.device)
+    if plan is None:
+        plan = plan_for(B, D, DR, x.dtype, x.device)
+    else:
+        bm, bn = _largest_blocks(D, DR, x.dtype, x.device)
+        if not (1 <= plan.groups <= triton.cdiv(B, bn) and 1 <= plan.splits <= triton.cdiv(B, bm)):
+            raise ValueError(f"plan {plan}: needs 1 <= groups <= {triton.cdiv(B, bn)} column blocks and "
+                             f"1 <= splits <= {triton.cdiv(B, bm)} row blocks at B = {B}")
+    margin = torch.empty(B, **f32_opts)
+    stats = torch.empty(2, 3, B, **f32_opts)
+    row_part = torch.empty(plan.groups, 3, B, **f32_opts)
+    col_part = torch.empty(plan.splits, 3, B, **f32_opts)
+    shapes = dict(D=D, DR=DR, HAS_REF=k.has_ref)
+    launch_fixed(_margin_kernel, "margin", lambda tl_: (triton.cdiv(B, tl_.BM),), (x, t, xr, tr, margin, B),
+                 shapes, D, DR)
+    launch(_fwd_t_kernel, "fwdt", lambda tiles: plan.grid,
+           (x, t, xr, tr, f32(k.scale), margin, row_part, col_part, B, plan.groups, plan.splits, plan.panel_cols),
+           dict(**shapes, **dot_flags(x.dtype)))
+    launch_fixed(_fwd_t_merge_kernel, "merge", lambda tl_: (triton.cdiv(B, tl_.BM),),
+                 (row_part, col_part, stats, B, plan.groups, plan.splits), {})
+    return stats, margin

@@ -1,0 +1,108 @@
+"""Shared ``@triton.jit`` helpers of the kernel files: score tiles, row dots, online log-sum-exp.
+
+Legend (fla's prefixes): ``i_`` program ids, ``o_`` index vectors (int64 once they address memory),
+``m_`` boolean masks, ``p_`` pointers, ``b_`` blocks and per-row vectors held in registers.
+Statistics ``(M, E, F)`` of a set of exponents ``d_j``: ``M = max_j d_j``, ``E = sum_j exp(d_j - M)``,
+``F = sum_j exp(d_j - M) d_j``; the empty set is ``(-inf, 0, 0)``.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b, float32 accumulation. ``UPCAST`` (interpreter only): bfloat16 operands are
+    widened first, because the interpreter's dot reads bfloat16 as raw integers; products of
+    bfloat16 values are exact in float32, so this is what the tensor cores compute."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _panel_dot(b_s, p_a, p_b, o_out, o_in, m_out, m_in, W: tl.constexpr, BW: tl.constexpr,
+               PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """b_s + A[o_out] B[o_in]^T for row-major [*, W] matrices A, B, in K-blocks of BW (masked reads 0)."""
+    p_a = p_a + o_out[:, None] * W
+    p_b = p_b + o_in[None, :] * W
+    for k in range(0, W, BW):
+        o_k = k + tl.arange(0, BW)
+        m_k = o_k < W
+        b_a = tl.load(p_a + o_k[None, :], mask=m_out[:, None] & m_k[None, :], other=0.0)
+        b_b = tl.load(p_b + o_k[:, None], mask=m_k[:, None] & m_in[None, :], other=0.0)
+        b_s = _dot(b_a, b_b, b_s, PREC, UPCAST)
+    return b_s
+
+
+@triton.jit
+def _scores(p_o, p_i, p_or, p_ir, o_out, o_in, m_out, m_in,
+            D: tl.constexpr, DR: tl.constexpr, HAS_REF: tl.constexpr,
+            BO: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr, BKR: tl.constexpr,
+            PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """S = O[o_out] I[o_in]^T - Or[o_out] Ir[o_in]^T, a [BO, BI] float32 tile; masked vectors read 0.
+
+    The reference product is accumulated first and negated once per tile, so the operand tiles go
+    to the dot untouched.
+    """
+    b_s = tl.zeros([BO, BI], dtype=tl.float32)
+    if HAS_REF:
+        b_s = -_panel_dot(b_s, p_or, p_ir, o_out, o_in, m_out, m_in, DR, BKR, PREC, UPCAST)
+    return _panel_dot(b_s, p_o, p_i, o_out, o_in, m_out, m_in, D, BK, PREC, UPCAST)
+
+
+@triton.jit
+def _rowwise_dot(p_a, p_b, o_m, m_m, W: tl.constexpr, BM: tl.constexpr, BW: tl.constexpr):
+    """<a_i, b_i> in float32 for a block of rows of row-major [*, W] matrices, in K-blocks of BW."""
+    b_m = tl.zeros([BM], dtype=tl.float32)
+    for k in range(0, W, BW):
+        o_k = k + tl.arange(0, BW)
+        m = m_m[:, None] & (o_k[None, :] < W)
+        o = o_m[:, None] * W + o_k[None, :]
+        b_a = tl.load(p_a + o, mask=m, other=0.0).to(tl.float32)
+        b_b = tl.load(p_b + o, mask=m, other=0.0).to(tl.float32)
+        b_m += tl.sum(b_a * b_b, axis=1)
+    return b_m
+
+
+@triton.jit
+def _row_margin(p_x, p_t, p_xr, p_tr, o_m, m_m, D: tl.constexpr, DR: tl.constexpr,
+                HAS_REF: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BKR: tl.constexpr):
+    """m_i = <x_i, t_i> - <xr_i, tr_i> for a block of rows, float32."""
+    b_m = _rowwise_dot(p_x, p_t, o_m, m_m, D, BM, BK)
+    if HAS_REF:
+        b_m -= _rowwise_dot(p_xr, p_tr, o_m, m_m, DR, BM, BKR)
+    return b_m
+
+
+@triton.jit
+def _online(b_max, b_e, b_f, b_d, m_neg, AXIS: tl.constexpr):
+    """Fold a tile of exponents ``b_d`` (finite everywhere; only the entries where ``m_neg`` count)
+    into the running (M, E, F) of the lines along ``AXIS`` (1: the rows' statistics, 0: the columns')."""
+    b_max_new = tl.maximum(b_max, tl.max(tl.where(m_neg, b_d, float("-inf")), axis=AXIS))
+    b_shift = tl.where(b_max_new == float("-inf"), 0.0, b_max_new)     # a line without negatives yet
+    b_alpha = tl.exp(b_max - b_shift)
+    b_p = tl.exp(tl.where(m_neg, b_d - tl.expand_dims(b_shift, AXIS), float("-inf")))   # 0 where excluded
+    b_e = b_e * b_alpha + tl.sum(b_p, axis=AXIS)
+    b_f = b_f * b_alpha + tl.sum(b_p * b_d, axis=AXIS)
+    return b_max_new, b_e, b_f
+
+
+@triton.jit
+def _merge_stats(b_max, b_e, b_f, b_max2, b_e2, b_f2):
+    """(M, E, F) of the union of two disjoint sets of entries (either may be empty: M = -inf, E = F = 0)."""
+    b_top = tl.maximum(b_max, b_max2)
+    b_shift = tl.where(b_top == float("-inf"), 0.0, b_top)
+    b_a = tl.exp(b_max - b_shift)
+    b_b = tl.exp(b_max2 - b_shift)
+    return b_top, b_e * b_a + b_e2 * b_b, b_f * b_a + b_f2 * b_b
+
+
+@triton.jit
+def _store_stats(p_stats, b_max, b_e, b_f, o_m64, m_m, B):
+    """Write (M, E, F) of a block of anchors to one direction's ``[3, B]`` slice of the statistics."""
+    tl.store(p_stats + o_m64, b_max, mask=m_m)
+    tl.store(p_stats + B + o_m64, b_e, mask=m_m)
+    tl.store(p_stats + 2 * B + o_m64, b_f, mask=m_m)

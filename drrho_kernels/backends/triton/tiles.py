@@ -1,0 +1,193 @@
+"""Tile sizes of the Triton kernels: the candidate tables per kernel, dtype family and GPU
+generation, and the one-process forward's launch plan. Pure configuration: no kernel here.
+
+Every candidate is compiled ahead of time for sm_80/sm_90/sm_100 by ``benchmarks/aot_report.py``
+(``tests/test_triton_aot.py``) with Triton 3.6 and the newest: no register spills, shared memory
+within the limit; docs/DESIGN.md ("Tile tables") says why each shape is in its list. The first
+candidate of each list is the default; the others are what autotuning tries on a GPU.
+
+    BM  outer block (anchors per program)      BN  inner block (columns per step)
+    BK, BKR  chunks of d and dr in the score K-loops
+    BD  output columns of d per backward program (the grid splits d into cdiv(d, BD) slices so
+        that the [BM, BD] float32 accumulator fits in registers); None for kernels without one
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tiles:
+    """One launch configuration; a block size the kernel does not have is None."""
+
+    BM: int
+    BN: int | None = None
+    BK: int | None = None
+    BKR: int | None = None
+    BD: int | None = None
+    num_warps: int
+    num_stages: int
+
+    def meta(self) -> dict:
+        """The block-size constexprs of the kernel."""
+        return {k: getattr(self, k) for k in ("BM", "BN", "BK", "BKR", "BD") if getattr(self, k) is not None}
+
+    def config(self) -> triton.Config:
+        return triton.Config(self.meta(), num_warps=self.num_warps, num_stages=self.num_stages)
+
+    @property
+    def name(self) -> str:
+        return "_".join(f"{k}{v}" for k, v in self.meta().items()) + f"_w{self.num_warps}_s{self.num_stages}"
+
+
+def _pow2_at_least_16(n: int) -> int:
+    return max(16, triton.next_power_of_2(max(int(n), 1)))
+
+
+# Forward, distributed shape (``_fwd_kernel``): a [BM, BN] float32 score tile per program.
+_FWD_HALF_SMALL = (Tiles(BM=128, BN=64, BK=32, BKR=32, num_warps=8, num_stages=3),
+                   Tiles(BM=64, BN=128, BK=32, BKR=32, num_warps=4, num_stages=3))
+_FWD_FP32_SMALL = (Tiles(BM=128, BN=64, BK=16, BKR=16, num_warps=8, num_stages=3),
+                   Tiles(BM=64, BN=64, BK=16, BKR=16, num_warps=4, num_stages=3))
+_FWD = {
+    ("half", "hopper"): (Tiles(BM=128, BN=128, BK=64, BKR=64, num_warps=8, num_stages=3),
+                         Tiles(BM=128, BN=64, BK=64, BKR=64, num_warps=4, num_stages=3),
+                         Tiles(BM=64, BN=128, BK=64, BKR=64, num_warps=4, num_stages=3)),
+    ("half", "ampere"): _FWD_HALF_SMALL,
+    ("half", "blackwell"): _FWD_HALF_SMALL,
+    ("fp32", "hopper"): (Tiles(BM=128, BN=64, BK=32, BKR=32, num_warps=8, num_stages=3),
+                         Tiles(BM=64, BN=64, BK=32, BKR=32, num_warps=4, num_stages=3)),
+    ("fp32", "ampere"): _FWD_FP32_SMALL,
+    ("fp32", "blackwell"): _FWD_FP32_SMALL,
+}
+# Backward (``_bwd_kernel``): the score tile plus a [BM, BD] float32 accumulator.
+_BWD_FP32 = (Tiles(BM=64, BN=64, BK=16, BKR=16, BD=128, num_warps=8, num_stages=2),
+             Tiles(BM=64, BN=32, BK=32, BKR=32, BD=128, num_warps=8, num_stages=2))
+_BWD = {
+    ("half", "hopper"): (Tiles(BM=64, BN=32, BK=64, BKR=64, BD=512, num_warps=8, num_stages=2),
+                         Tiles(BM=64, BN=64, BK=64, BKR=64, BD=256, num_warps=8, num_stages=3),
+                         Tiles(BM=128, BN=64, BK=64, BKR=64, BD=128, num_warps=8, num_stages=3)),
+    ("half", "ampere"): (Tiles(BM=64, BN=64, BK=32, BKR=32, BD=256, num_warps=8, num_stages=3),
+                         Tiles(BM=64, BN=32, BK=32, BKR=32, BD=256, num_warps=8, num_stages=3)),
+    ("half", "blackwell"): (Tiles(BM=64, BN=32, BK=32, BKR=32, BD=256, num_warps=8, num_stages=3),),
+    ("fp32", "hopper"): _BWD_FP32 + (Tiles(BM=64, BN=16, BK=16, BKR=16, BD=256, num_warps=8, num_stages=2),),
+    ("fp32", "ampere"): _BWD_FP32,
+    ("fp32", "blackwell"): _BWD_FP32,
+}
+# Forward, one process (``_fwd_t_kernel``): each score tile feeds the row and the column statistics.
+_FWDT_FP32 = (Tiles(BM=128, BN=32, BK=16, BKR=16, num_warps=8, num_stages=3),
+              Tiles(BM=64, BN=32, BK=32, BKR=32, num_warps=4, num_stages=3))
+_FWDT = {
+    ("half", "hopper"): (Tiles(BM=64, BN=64, BK=64, BKR=64, num_warps=4, num_stages=2),
+                         Tiles(BM=128, BN=32, BK=64, BKR=64, num_warps=8, num_stages=3),
+                         Tiles(BM=64, BN=64, BK=32, BKR=32, num_warps=8, num_stages=3),
+                         Tiles(BM=64, BN=32, BK=64, BKR=64, num_warps=4, num_stages=3)),
+    ("half", "ampere"): (Tiles(BM=64, BN=64, BK=32, BKR=32, num_warps=8, num_stages=3),
+                         Tiles(BM=128, BN=32, BK=16, BKR=16, num_warps=8, num_stages=3)),
+    ("half", "blackwell"): (Tiles(BM=128, BN=32, BK=32, BKR=32, num_warps=8, num_stages=3),
+                            Tiles(BM=64, BN=32, BK=64, BKR=64, num_warps=4, num_stages=3)),
+    ("fp32", "hopper"): (Tiles(BM=64, BN=64, BK=16, BKR=16, num_warps=8, num_stages=3),) + _FWDT_FP32,
+    ("fp32", "ampere"): _FWDT_FP32,
+    ("fp32", "blackwell"): _FWDT_FP32,
+}
+# The margin and merge kernels are memory-bound one-shots over [B] (no dot): one configuration each.
+MARGIN_TILES = Tiles(BM=32, BK=64, BKR=64, num_warps=4, num_stages=1)
+MERGE_TILES = Tiles(BM=256, num_warps=4, num_stages=1)
+TABLES = {"fwd": _FWD, "fwdt": _FWDT, "bwd": _BWD}
+TUNE_KEYS = {"fwd": ["D", "DR", "HAS_REF"], "fwdt": ["D", "DR", "HAS_REF"],
+             "bwd": ["D", "DR", "HAS_REF", "IS_ROW", "FOLD", "SCALE_P"]}
+# Under TRITON_INTERPRET=1: small fixed tiles (the interpreter checks logic, not speed), so that tiny
+# test shapes still span several programs and K chunks.
+INTERPRETER_TILES = {"fwd": Tiles(BM=16, BN=16, BK=16, BKR=16, num_warps=1, num_stages=1),
+                     "fwdt": Tiles(BM=16, BN=16, BK=16, BKR=16, num_warps=1, num_stages=1),
+                     "bwd": Tiles(BM=16, BN=16, BK=16, BKR=16, BD=16, num_warps=1, num_stages=1),
+                     "margin": Tiles(BM=16, BK=16, BKR=16, num_warps=1, num_stages=1),
+                     "merge": Tiles(BM=16, num_warps=1, num_stages=1)}
+HOPPER = 90
+
+
+def family(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "half"
+
+
+def generation(arch: int) -> str:
+    """hopper: sm_90; blackwell: sm_100 and later; ampere: the rest (sm_80, sm_86, sm_89)."""
+    return "hopper" if arch // 10 == 9 else "blackwell" if arch >= 100 else "ampere"
+
+
+def clamp(t: Tiles, D: int, DR: int) -> Tiles:
+    """``t`` with its K chunks and output slice no wider than the (power-of-two rounded) widths."""
+    return replace(t, BK=t.BK and min(t.BK, _pow2_at_least_16(D)),
+                   BKR=t.BKR and min(t.BKR, _pow2_at_least_16(max(DR, 1))),
+                   BD=t.BD and min(t.BD, _pow2_at_least_16(D)))
+
+
+def candidates(kernel: str, D: int, DR: int, dtype: torch.dtype, arch: int = HOPPER) -> list[Tiles]:
+    """The configurations autotuning tries for ``kernel`` ("fwd", "fwdt" or "bwd") on compute capability
+    ``arch`` (90 = sm_90), clamped to ``D``, ``DR`` and deduplicated; the first is the default.
+    "margin" and "merge" (no autotuning) have their one configuration."""
+    if kernel == "margin":
+        return [clamp(MARGIN_TILES, D, DR)]
+    if kernel == "merge":
+        return [MERGE_TILES]
+    return list(dict.fromkeys(clamp(t, D, DR) for t in TABLES[kernel][family(dtype), generation(arch)]))
+
+
+def every_candidate(kernel: str) -> list[Tiles]:
+    """The union of the tables of ``kernel`` (what the autotuner is built with before pruning)."""
+    return list(dict.fromkeys(t for table in TABLES[kernel].values() for t in table))
+
+
+# ----------------------------------------------------------------------------------------------
+# The one-process forward's plan: grid (groups, splits), columns per panel.
+
+PROGRAMS_PER_SM = 2      # programs the plan aims at per SM (264 on an H100 / H200)
+MAX_PARTS = 32           # groups, splits <= 32: partial buffers 12 (groups + splits) B bytes <= 768 B bytes
+L2_SHARE = 0.5           # share of L2 for the column panels the concurrent programs re-read per row block
+INTERPRETER_SMS = 2      # interpreter: a pretend GPU (4 programs), panels of one column block
+INTERPRETER_L2_BYTES = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Launch plan of ``_fwd_t_kernel``: ``groups`` split the column blocks (text anchors, BN wide),
+    ``splits`` the row blocks (image anchors, BM tall). Partial buffers, float32: rows
+    [groups, 3, B] and columns [splits, 3, B], 12 (groups + splits) B bytes in all."""
+
+    groups: int
+    splits: int
+    panel_cols: int
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.groups, self.splits)
+
+    def partial_bytes(self, B: int) -> int:
+        return 4 * 3 * (self.groups + self.splits) * B
+
+
+@functools.lru_cache(maxsize=None)
+def transposed_plan(B: int, bm: int, bn: int, vec_bytes: int, sms: int, l2_bytes: int) -> Plan:
+    """Groups G of the ``cdiv(B, bn)`` column blocks, splits C of the ``cdiv(B, bm)`` row blocks, and the
+    panel width, for a GPU with ``sms`` SMs and ``l2_bytes`` of L2; ``vec_bytes`` = (d + dr) * elem.
+
+    Among G, C <= MAX_PARTS with G C <= PROGRAMS_PER_SM * sms programs (all in flight at once), the
+    plan minimises the tiles of the busiest program, cdiv(n_bn, G) cdiv(n_bm, C), then G + C (the
+    partial buffers), then G. The G column panels (``panel_cols`` columns each, together L2_SHARE
+    of L2) are re-read from L2 for every row block.
+    """
+    target = max(1, PROGRAMS_PER_SM * sms)
+    n_bm, n_bn = triton.cdiv(B, bm), triton.cdiv(B, bn)
+    best = None
+    for g in range(1, min(n_bn, MAX_PARTS, target) + 1):
+        c = min(n_bm, MAX_PARTS, target // g)
+        key = (triton.cdiv(n_bn, g) * triton.cdiv(n_bm, c), g + c, g)
+        if best is None or key < best[0]:
+            best = (key, g, c)
+    _, g, c = best
+    panel_cols = max(bn, int(l2_bytes * L2_SHARE) // max(1, g * vec_bytes))
+    return Plan(g, c, panel_cols)

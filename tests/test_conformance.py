@@ -1,0 +1,402 @@
+"""One conformance suite: every backend and dtype against the float64 oracle, with one tolerance table.
+
+Backends: ``reference`` (dense), ``torch`` (row-chunked), ``cpp`` (the C++ extension; skipped with
+the reason when it was not built) and ``triton`` (Triton's interpreter on CPU tensors, or the
+compiled kernels on a CUDA device). Truth: ``tests/spec_oracle.py``, an independent float64 NumPy
+statement of SPEC.md; for half inputs it is evaluated on the same rounded inputs, so the tolerance
+measures the backend, not the rounding of the inputs.
+
+Tolerances (SPEC.md "Numerics"): float32 1e-4 relative on loss, gradients and dL/ds; half inputs
+2e-2 norm-wise on gradients. Relative errors are norm-wise; a half-precision gradient entry whose
+true value lies below the dtype's smallest normal number is compared as zero. dL/ds is a difference
+of terms that can be thousands of times larger than it (``(A - rho - U) / s^2``), so its error is
+measured against ``|dL/ds| + 1e-3 (|A| + rho + |U|) / s^2`` (docs/SPEC.md, Appendix A): SPEC's plain
+relative error where it does not cancel, and at most ~2 float32 ulp of its terms where it does.
+
+The cases are tiny but odd (B, N, d, dr not multiples of 16; several row, column, K and d-slice
+blocks for Triton's 16 x 16 interpreter tiles), and include what a wrong kernel gets visibly wrong:
+``eps`` that dominates the log at ``s = 100`` (well-separated pairs), stored state with NaN, +-inf
+and 0 among set entries with ``gamma < 1``, and half inputs at ``s = 100`` where a similarity
+rounded to the half dtype would fail the tolerance.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+import torch
+
+import drrho_kernels as dk
+from spec_oracle import Case, make_case, oracle
+
+EMBEDDINGS = ("img", "txt", "ref_img", "ref_txt", "img_all", "txt_all", "ref_img_all", "ref_txt_all")
+
+
+class Tol(NamedTuple):
+    loss: float
+    state: float     # u
+    grad: float      # embedding gradients (norm-wise)
+    scale: float     # dL/ds (see scale_grad_error)
+
+
+TOLERANCES = {
+    torch.float64: Tol(1e-12, 1e-12, 1e-10, 1e-10),
+    torch.float32: Tol(1e-5, 1e-5, 1e-4, 1e-4),
+    torch.bfloat16: Tol(1e-3, 1e-3, 2e-2, 1e-3),
+    torch.float16: Tol(1e-3, 1e-3, 2e-2, 1e-3),
+}
+DTYPE_IDS = {torch.float64: "f64", torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+def _triton_device() -> str | None:
+    """Where the Triton kernels run here: "cpu" (interpreter), "cuda", or None (not runnable)."""
+    if "triton" not in dk.available_backends("cuda" if torch.cuda.is_available() else "cpu"):
+        return None
+    from drrho_kernels.backends.triton import launch
+    return "cpu" if launch.interpreting() else "cuda"
+
+
+TRITON_DEVICE = _triton_device()
+DEVICES = {"reference": "cpu", "torch": "cpu", "cpp": "cpu", "triton": TRITON_DEVICE}
+
+
+def _backend_param(name):
+    reason = None
+    if name == "cpp" and "cpp" not in dk.available_backends("cpu"):
+        from drrho_kernels.backends import cpp
+        reason = f"C++ extension not built ({cpp.load_error()})"
+    if name == "triton" and TRITON_DEVICE is None:
+        reason = "triton is not installed, or no CUDA device and TRITON_INTERPRET is not set"
+    return pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=reason or ""), id=name)
+
+
+BACKENDS = [_backend_param(name) for name in ("reference", "torch", "cpp", "triton")]
+
+
+def separated(B=9, N=None, d=16, dr=12, eps=1e-4, seed=0, scale=100.0) -> Case:
+    """Well-separated pairs (<x_i, t_i> ~ 0.95, negatives ~ +-0.25) at s = 100: g_i ~ e^-50, so
+    ``log(eps + g)`` is ``log(eps)`` to many digits and a kernel that drops eps is far off."""
+    g = torch.Generator().manual_seed(seed)
+    n = B if N is None else N
+
+    def unit(x):
+        return torch.nn.functional.normalize(x, dim=1)
+
+    X = unit(torch.randn(n, d, generator=g, dtype=torch.float64))
+    T = unit(X + 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64) / math.sqrt(d))
+    Xr, Tr = (unit(torch.randn(n, dr, generator=g, dtype=torch.float64)) for _ in range(2))
+    u = (torch.randn(B, generator=g, dtype=torch.float64).float() - 10.0,
+         torch.randn(B, generator=g, dtype=torch.float64).float() - 10.0)
+    if N is None:
+        return Case(img=X, txt=T, logit_scale=scale, u_img=u[0], u_txt=u[1], ref_img=Xr, ref_txt=Tr, eps=eps,
+                    gamma=0.5)
+    off = (N - B) // 2
+    rows = slice(off, off + B)
+    return Case(img=X[rows].clone(), txt=T[rows].clone(), logit_scale=scale, u_img=u[0], u_txt=u[1],
+                ref_img=Xr[rows].clone(), ref_txt=Tr[rows].clone(), img_all=X, txt_all=T, ref_img_all=Xr,
+                ref_txt_all=Tr, offset=off, eps=eps, gamma=0.5)
+
+
+def stretched(case: Case, factor: float) -> Case:
+    """Embeddings of norm ``factor``: larger similarities, so rounding them to a half dtype matters more."""
+    return dataclasses.replace(case, **{k: getattr(case, k) * factor for k in ("img", "txt", "ref_img", "ref_txt")})
+
+
+_SPECIAL_U = torch.tensor([0.0, math.nan, math.inf, -math.inf, 0.3, -1.2, 2.5, 1e-3, -0.7, 4.0, math.nan])
+
+
+def special_state(B=11, N=None, seed=4) -> Case:
+    """Stored u with NaN, +inf, -inf and 0 (unset: restart from l) among set entries, gamma = 0.3."""
+    u = _SPECIAL_U[:B]
+    return make_case(B=B, N=N, d=7, dr=5, seed=seed, gamma=0.3, u=(u.clone(), u.flip(0).clone()))
+
+
+CASES = {
+    # one process
+    "single-ref-B6-d5": lambda: make_case(B=6, d=5),
+    "single-noref-B7-d9": lambda: make_case(B=7, d=9, ref=False),
+    "single-B37-d40-dr23": lambda: make_case(B=37, d=40, dr=23),
+    "single-odd-B37-d13-dr29": lambda: make_case(B=37, d=13, dr=29, seed=3),
+    "single-N2": lambda: make_case(B=2, d=3),
+    "single-unset-gamma1": lambda: make_case(B=9, d=6, u="unset", gamma=1.0),
+    "single-s100": lambda: make_case(B=12, d=16, dr=20, scale=100.0),
+    "single-s100-norm1.5": lambda: stretched(make_case(B=12, d=4, dr=4, scale=100.0), 1.5),
+    "single-special-u": lambda: special_state(),
+    "single-eps1e-4-s100": lambda: separated(eps=1e-4),
+    "single-eps1e-6-s100": lambda: separated(eps=1e-6, seed=1),
+    # distributed shape: B local rows against N gathered columns, the positives at `offset`
+    "dist-ref-B5-N23-d17-dr9": lambda: make_case(B=5, N=23, d=17, dr=9),
+    "dist-noref-offset0-B6-N20": lambda: make_case(B=6, N=20, d=12, ref=False, offset=0),
+    "dist-offset-end-B4-N19": lambda: make_case(B=4, N=19, d=8, offset=15),
+    "dist-odd-B13-N41": lambda: make_case(B=13, N=41, d=7, dr=3, offset=17, seed=5),
+    "dist-B1-N2": lambda: make_case(B=1, N=2, d=3),
+    "dist-B1-N2-offset1": lambda: make_case(B=1, N=2, d=3, offset=1),
+    "dist-B-eq-N": lambda: make_case(B=6, N=6, d=4),
+    "dist-special-u": lambda: special_state(B=8, N=19),
+    "dist-eps1e-4-s100": lambda: separated(B=6, N=17, eps=1e-4, seed=2),
+}
+
+
+def rounded(case: Case, dtype) -> Case:
+    """The case with its embeddings rounded to ``dtype`` (kept in float64 for the oracle)."""
+    def r(x):
+        return None if x is None else x.to(dtype).to(torch.float64)
+    return dataclasses.replace(case, **{k: r(getattr(case, k)) for k in EMBEDDINGS})
+
+
+def run(case: Case, backend: str, dtype, *, column_grads=True, loss_scale=1.0) -> dict:
+    """Loss, new state and every gradient through the public API (float64 NumPy), and their dtypes."""
+    device = DEVICES[backend]
+    kw = case.kwargs(dtype=dtype)
+    for k in EMBEDDINGS:
+        if kw[k] is not None:
+            kw[k] = kw[k].to(device)
+    leaves = ["img", "txt"] + (["img_all", "txt_all"] if column_grads and kw["img_all"] is not None else [])
+    for k in leaves:
+        kw[k].requires_grad_(True)
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    kw["u_img"], kw["u_txt"] = (kw[k].to(device=device, dtype=state_dtype) for k in ("u_img", "u_txt"))
+    s = torch.tensor(float(case.logit_scale), dtype=state_dtype, device=device, requires_grad=True)
+    loss, u_img, u_txt = dk.drrho_clip_loss(logit_scale=s, backend=backend, **kw)
+    (loss * loss_scale).backward()
+    out = dict(loss=loss.item(), u_img=u_img, u_txt=u_txt, d_s=s.grad.item() / loss_scale,
+               dtypes=dict(loss=loss.dtype, u=u_img.dtype, grad={k: kw[k].grad.dtype for k in leaves}))
+    for k in leaves:
+        out["d_" + k] = kw[k].grad.double() / loss_scale
+    return {k: (v.detach().double().cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
+
+
+def rel_err(got, want, dtype=None) -> float:
+    """Norm-wise relative error; for half dtypes, entries below the smallest normal number count as 0."""
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    if dtype in (torch.float16, torch.bfloat16):
+        tiny = torch.finfo(dtype).tiny
+        got, want = np.where(np.abs(want) < tiny, 0.0, got), np.where(np.abs(want) < tiny, 0.0, want)
+        if not np.any(want):
+            return float(np.linalg.norm(got)) / (tiny * math.sqrt(want.size))
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-300))
+
+
+def scale_grad_error(got: float, want: dict, case: Case | None = None, *, scale=None, rho=None) -> float:
+    """Error of dL/ds against ``|dL/ds| + 1e-3 (|A| + rho + |U|) / s^2`` (docs/SPEC.md, Appendix A);
+    ``want`` holds the true loss, u and dL/ds; the scale and rho come from ``case`` or are given."""
+    s = float(case.logit_scale if case is not None else scale)
+    rho = float(case.rho if case is not None else rho)
+    u_img, u_txt = np.asarray(want["u_img"], dtype=np.float64), np.asarray(want["u_txt"], dtype=np.float64)
+    u_mean = (u_img.sum() + u_txt.sum()) / (2 * len(u_img))
+    d_s, loss = float(want["d_s"]), float(want["loss"])
+    weighted = s * loss - rho - u_mean                      # A = (1/(B(N-1))) sum w d
+    return abs(float(got) - d_s) / (abs(d_s) + 1e-3 * (abs(weighted) + rho + abs(u_mean)) / s ** 2)
+
+
+def assert_conforms(got: dict, case: Case, dtype, label: str = "") -> dict:
+    """``got`` (from :func:`run`) matches the oracle of ``case`` within the tolerance table."""
+    want = oracle(case)
+    tol = TOLERANCES[dtype]
+    errors = {k: rel_err(got[k], want[k], dtype if k.startswith("d_i") or k.startswith("d_t") else None)
+              for k in want if k in got and k != "d_s"}
+    errors["d_s"] = scale_grad_error(got["d_s"], want, case)
+    assert {"loss", "u_img", "u_txt", "d_s", "d_img", "d_txt"} <= set(errors)
+    for k, err in errors.items():
+        bound = {"loss": tol.loss, "d_s": tol.scale}.get(k, tol.state if k.startswith("u_") else tol.grad)
+        assert err <= bound, (f"{label} {k}: relative error {err:.2e} > {bound:.0e} (all: "
+                              + ", ".join(f"{n}={v:.1e}" for n, v in errors.items()) + ")")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert got["dtypes"]["loss"] == acc and got["dtypes"]["u"] == acc
+    assert all(g == dtype for g in got["dtypes"]["grad"].values()), got["dtypes"]
+    return errors
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_matches_oracle(backend, name, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("float64 resolves to the torch backend (test_float64_on_triton_resolves_to_torch)")
+    case = rounded(CASES[name](), dtype)
+    got = run(case, backend, dtype)
+    if case.img_all is not None:
+        assert "d_img_all" in got and "d_txt_all" in got
+    assert_conforms(got, case, dtype, f"{backend} {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_only_gradients(backend):
+    """Columns without gradient (the gather_u scheme's shape): d_img, d_txt only, the row terms."""
+    case = make_case(B=6, N=21, d=10, dr=7)
+    got = run(case, backend, torch.float32, column_grads=False)
+    assert "d_img_all" not in got
+    assert_conforms(got, case, torch.float32, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_positive_excluded_by_index_not_value(backend):
+    """Duplicated pairs: a negative with exactly the positive's score (a_ij = 0) still counts."""
+    case = make_case(B=9, N=20, d=6, dr=4, offset=5)
+    for name in ("img_all", "txt_all", "ref_img_all", "ref_txt_all"):
+        cols = getattr(case, name)
+        cols[3] = cols[case.offset]                    # column 3 repeats the first row's pair
+        cols[case.offset + 2] = cols[case.offset + 1]  # two rows of this process are the same pair
+    for name in ("img", "txt", "ref_img", "ref_txt"):
+        setattr(case, name, getattr(case, name + "_all")[case.offset:case.offset + 9].clone())
+    assert_conforms(run(case, backend, torch.float32), case, torch.float32, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    case = make_case(B=11, N=19, d=13, dr=6)
+    strided = dataclasses.replace(case, **{k: getattr(case, k).T.contiguous().T for k in EMBEDDINGS})
+    assert not strided.img.is_contiguous()
+    assert_conforms(run(strided, backend, torch.float32), case, torch.float32, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_logit_scale_stays_finite(backend):
+    """s = 100 with margins near 2: exp(d) would overflow without the running maximum."""
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(8, 4, generator=g, dtype=torch.float64), dim=1)
+    case = Case(img=img, txt=-img, logit_scale=100.0, u_img=torch.zeros(8), u_txt=torch.zeros(8), rho=0.0)
+    got = run(case, backend, torch.float32)
+    assert np.isfinite(got["loss"]) and np.isfinite(got["d_img"]).all() and got["u_img"].max() > 100
+    assert_conforms(got, case, torch.float32, backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_tolerance_catches_a_similarity_rounded_to_half(backend, dtype):
+    """The s = 100 case fails the half tolerance when its similarities are rounded to the input dtype
+    (what a kernel that forgot float32 accumulation would compute), so the suite can tell."""
+    case = rounded(CASES["single-s100-norm1.5"](), dtype)
+    want = oracle(case)
+    x, t, xr, tr = (getattr(case, k).numpy() for k in ("img", "txt", "ref_img", "ref_txt"))
+    half = lambda a: torch.from_numpy(a).to(dtype).double().numpy()   # noqa: E731
+    pos = half((x * t).sum(1)) - half((xr * tr).sum(1))
+    d = case.logit_scale * (half(x @ t.T) - half(xr @ tr.T) - pos[:, None])
+    np.fill_diagonal(d, -np.inf)
+    w = np.exp(d - want["u_img"][:, None])
+    w_exact = np.exp(case.logit_scale * (x @ t.T - xr @ tr.T - ((x * t).sum(1) - (xr * tr).sum(1))[:, None])
+                     - want["u_img"][:, None])
+    np.fill_diagonal(w_exact, 0.0)
+    assert rel_err(w @ t, w_exact @ t) > 2 * TOLERANCES[dtype].grad     # the rounded computation would fail
+    assert_conforms(run(case, backend, dtype), case, dtype, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_weights_above_65504(backend):
+    """gamma = 1e-4 with a low stored u makes w_ij ~ N / gamma > 65504: a float16 weighted product
+    must rescale instead of overflowing to inf."""
+    u = torch.full((20,), -50.0)
+    case = rounded(make_case(B=20, d=24, dr=24, gamma=1e-4, u=(u, u.clone())), torch.float16)
+    got = run(case, backend, torch.float16)
+    assert np.isfinite(got["d_img"]).all() and np.isfinite(got["d_txt"]).all()
+    assert_conforms(got, case, torch.float16, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_tiny_weights_with_loss_scaling(backend):
+    """A stale, large u makes every weight ~ 1e-9, below float16's subnormals; with an upstream loss
+    scale (as AMP's GradScaler applies) the gradient itself is representable and must be right."""
+    u = torch.full((20,), 24.0)
+    case = rounded(make_case(B=20, d=24, dr=24, gamma=0.5, u=(u, u.clone())), torch.float16)
+    assert_conforms(run(case, backend, torch.float16, loss_scale=2.0 ** 24), case, torch.float16, backend)
+
+
+def test_float64_on_triton_resolves_to_torch():
+    """Triton has no float64 kernels: the one resolution rule sends float64 to the torch backend."""
+    from drrho_kernels.backends import resolve
+    device = torch.device(TRITON_DEVICE or "cpu")
+    if TRITON_DEVICE is not None:
+        assert resolve("triton", device, torch.float64) == "torch"
+        assert resolve("triton", device, torch.float32) == "triton"
+    if device.type == "cuda":
+        assert resolve("auto", device, torch.float64) == "torch"
+
+
+# ---------------------------------------------------------------------------------------------
+# The op pair's semantics outside the autograd path (every fused backend): the fold, column
+# gradients and the one-process transpose trick.
+
+FUSED = [p for p in BACKENDS if p.values[0] != "reference"]
+
+
+def _problem(case, backend, dtype):
+    from helpers import problem
+    return problem(case, backend, dtype, device=DEVICES[backend])
+
+
+def _gains(p, weights, grad_phi=1.0):
+    gain = grad_phi * p.tiles.scale.detach()
+    return gain, None if weights.col_scale is None else grad_phi * weights.col_scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("ref", [True, False], ids=["ref", "noref"])
+@pytest.mark.parametrize("backend", FUSED)
+def test_fold_of_gathered_columns_gives_the_global_gradient(backend, ref, dtype):
+    """The gather_u scheme's backward: a process holding rows [off, off + B) of a global batch of N,
+    with every anchor's new state and margin given as the fold's columns, gets exactly the
+    one-process gradient of those samples. With column gradients asked too, the columns get the
+    rows' anchors' weights only (what the unfolded call gives)."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("Triton has no float64 kernels")
+    from drrho_kernels import ops
+    from drrho_kernels.functional import fused_terms
+    W, B = 3, 5
+    N = W * B
+    glob = rounded(make_case(B=N, d=11, dr=6, ref=ref, seed=3), dtype)
+    want = oracle(glob)
+    gp = _problem(glob, backend, dtype)
+    g_terms = fused_terms(gp)
+    col_scale = gp.tiles.scale.detach()
+    tol = TOLERANCES[dtype].grad
+    for r in range(W):
+        rows = slice(r * B, (r + 1) * B)
+        local = dataclasses.replace(
+            glob, img=glob.img[rows], txt=glob.txt[rows], u_img=glob.u_img[rows], u_txt=glob.u_txt[rows],
+            ref_img=glob.ref_img[rows] if ref else None, ref_txt=glob.ref_txt[rows] if ref else None,
+            img_all=glob.img, txt_all=glob.txt, ref_img_all=glob.ref_img, ref_txt_all=glob.ref_txt, offset=r * B)
+        p = _problem(local, backend, dtype)
+        terms = fused_terms(p)
+        assert rel_err(terms.u_new.cpu(), g_terms.u_new[:, rows].cpu()) <= TOLERANCES[dtype].state
+        weights = terms.weights(col_scale=col_scale, col_log_norm=g_terms.u_new, col_margin=g_terms.margin)
+        gain, col_gain = _gains(p, weights)
+        d_img, d_txt, d_img_all, _ = ops.backward(backend, gain, col_gain, p.tiles, weights, False)
+        assert d_img.dtype == dtype and d_img_all.shape == (0, 11)
+        norm = float(glob.logit_scale) * N * (N - 1)          # d phi / dx = s N (N - 1) dL/dx, one process
+        for name, got in (("img", d_img), ("txt", d_txt)):
+            assert rel_err(got.double().cpu() / norm, want["d_" + name][rows], dtype) <= tol, (r, name)
+        both = ops.backward(backend, gain, col_gain, p.tiles, weights, True)
+        plain = ops.backward(backend, gain, None, p.tiles, terms.weights(), True)
+        for a, b in zip(both[:2], (d_img, d_txt)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+        for a, b in zip(both[2:], plain[2:]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("ref", [True, False], ids=["ref", "noref"])
+@pytest.mark.parametrize("backend", FUSED)
+def test_transpose_trick_equals_the_general_path(backend, ref, dtype):
+    """One process (one similarity matrix per chunk feeds both directions) gives what the
+    two-matrix path gives with the rows' own weights as the fold's columns: forward and backward."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("Triton has no float64 kernels")
+    from drrho_kernels import ops
+    from drrho_kernels.functional import fused_terms
+    case = make_case(B=21, d=5, dr=3, ref=ref, seed=2)
+    p = _problem(case, backend, dtype)
+    general = dataclasses.replace(p, tiles=dataclasses.replace(p.tiles, columns_are_rows=False))
+    one, two = fused_terms(p), fused_terms(general)
+    rtol = 1e-12 if dtype == torch.float64 else 2e-5
+    for a, b in ((one.u_new, two.u_new), (one.wsum, two.wsum), (one.wdsum, two.wdsum), (one.margin, two.margin)):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol)
+    weights = one.weights()
+    gain, _ = _gains(p, weights, 0.7)
+    own = two.weights(col_scale=p.tiles.scale.detach(), col_log_norm=two.u_new, col_margin=two.margin)
+    trick = ops.backward(backend, gain, None, p.tiles, weights, False)
+    folded = ops.backward(backend, gain, gain, general.tiles, own, False)
+    for a, b in zip(trick[:2], folded[:2]):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol)
