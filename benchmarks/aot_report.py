@@ -142,7 +142,8 @@ def compile_one(job) -> dict:
     try:
         src = ASTSource(fn=fn, signature=_signature(fn, dt), constexprs=constexprs, attrs=attrs)
         k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                           options=dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages))
+                           options=dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                                        enable_fp_fusion=launch.FP_FUSION))
     except Exception as exc:  # a config that does not compile is a finding, not a crash of the report
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
         return row

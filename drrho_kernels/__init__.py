@@ -6,7 +6,8 @@ per-sample state) and :func:`available_backends`. Importing touches no GPU.
 from .backends import available_backends
 from .functional import drrho_clip_loss
 from .module import DRRhoCLIPLoss
+from .reference_features import ReferenceFeatures
 from .risk import DRRhoRisk, drrho_risk
 
-__all__ = ["drrho_clip_loss", "DRRhoCLIPLoss", "available_backends", "drrho_risk", "DRRhoRisk"]
+__all__ = ["drrho_clip_loss", "DRRhoCLIPLoss", "available_backends", "ReferenceFeatures", "drrho_risk", "DRRhoRisk"]
 __version__ = "0.1.0"

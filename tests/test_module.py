@@ -65,10 +65,28 @@ def test_gamma_schedule_and_epoch():
     (dict(data_size=0), "data_size"), (dict(data_size=4, gamma=0.0), "gamma"),
     (dict(data_size=4, gamma_schedule="linear"), "gamma_schedule"), (dict(data_size=4, gamma_decay_epochs=0), "gamma_decay_epochs"),
     (dict(data_size=4, rho=-1.0), "rho"), (dict(data_size=4, eps=0.0), "eps"), (dict(data_size=4, backend="gpu"), "backend"),
+    (dict(data_size=4, rho=float("inf")), "rho"), (dict(data_size=4, eps=float("inf")), "eps"),
 ])
 def test_constructor_checks(kwargs, words):
     with pytest.raises(ValueError, match=words):
         dk.DRRhoCLIPLoss(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(data_size=4.0), "data_size"), (dict(data_size=True), "data_size"),
+    (dict(data_size=4, gamma_decay_epochs=2.5), "gamma_decay_epochs"), (dict(data_size=4, gamma="0.5"), "gamma"),
+])
+def test_constructor_type_checks(kwargs, words):
+    with pytest.raises(TypeError, match=words):
+        dk.DRRhoCLIPLoss(**kwargs)
+
+
+def test_constructor_and_call_share_their_bounds():
+    """Whatever the constructor accepts, the call accepts (the same checks, the same bounds)."""
+    crit = dk.DRRhoCLIPLoss(8, rho=1e300, eps=1e-300, gamma=1.0, gamma_schedule="constant")
+    img = torch.nn.functional.normalize(torch.randn(4, 3), dim=1)
+    loss = crit(img, img.flip(0), torch.arange(4), 5.0)
+    assert loss.shape == ()
 
 
 BAD_STEPS = [

@@ -2,7 +2,7 @@
 
 ``benchmarks/aot_report.py`` compiles each kernel variant (forward; the one-process forward's margin,
 tile and merge kernels; backward rows with and without fold; backward columns) at every autotuning
-candidate of ``launch.candidates`` for each architecture and dtype (bf16, fp16, fp32), with
+candidate of ``tiles.candidates`` for each architecture and dtype (bf16, fp16, fp32), with
 ``triton.compile`` on an ``ASTSource`` and a ``GPUTarget``; it runs in a subprocess because this test
 session interprets the kernels (conftest sets ``TRITON_INTERPRET=1``). The assertions: it compiles; no
 register spills (``cuobjdump --dump-resource-usage`` reports LOCAL = STACK = 0); shared memory within
@@ -49,14 +49,13 @@ pytestmark = pytest.mark.skipif(_toolchain_missing() is not None, reason=str(_to
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("aot") / "triton_aot.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")       # Triton 3.9 warns when unset; 1 is its default
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.aot_report", "--out", str(out)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=3600)
     if not out.exists():
         pytest.fail(f"aot_report produced no table (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     data = json.loads(out.read_text())
-    data["stdout"] = proc.stdout
+    data["stdout"], data["stderr"] = proc.stdout, proc.stderr
     return data
 
 
@@ -112,3 +111,9 @@ def test_float32_dots_are_tf32x3_or_ieee(report):
     bad = [f"{_label(r)}: {r['fp32_dot_precision']}" for r in rows
            if not r["fp32_dot_precision"] or set(r["fp32_dot_precision"]) - {"tf32x3", "ieee"}]
     assert not bad, "\n".join(bad)
+
+
+def test_floating_point_contraction_is_stated(report):
+    """Every compile states its FMA contraction (launch.FP_FUSION): Triton's warning about its default
+    flipping in 3.10 never fires, with TRITON_DEFAULT_FP_FUSION unset."""
+    assert "TRITON_DEFAULT_FP_FUSION" not in report["stderr"]

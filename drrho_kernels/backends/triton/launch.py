@@ -18,6 +18,11 @@ from . import helpers
 from .tiles import INTERPRETER_TILES, TUNE_KEYS, Tiles, candidates, every_candidate
 
 FP32_PRECISION = "tf32x3"
+# Contraction of a * b + c into one fused multiply-add, stated for every launch rather than left to
+# Triton's default (which flips from on to off in Triton 3.10): on, as every release so far compiled
+# these kernels, so speed and rounding do not change with the Triton version. Compile-time only; the
+# interpreter computes in NumPy either way.
+FP_FUSION = True
 
 # Triton fixes interpreter or compiler when a kernel is defined (TRITON_INTERPRET at the import of the
 # kernel modules); this reads that decision once, from a kernel object.
@@ -76,13 +81,14 @@ def launch(fn, kernel: str, grid_of, args: tuple, flags: dict) -> None:
         def grid(meta):
             return grid_of(Tiles(**{k: meta.get(k) for k in ("BM", "BN", "BK", "BKR", "BD")}, num_warps=0,
                                  num_stages=0))
-        _tuned(fn, kernel)[grid](*args, **flags)
+        _tuned(fn, kernel)[grid](*args, **flags, enable_fp_fusion=FP_FUSION)
 
 
 def launch_fixed(fn, kernel: str, grid, args: tuple, flags: dict, D: int = 0, DR: int = 0) -> None:
     """A kernel with one configuration (margin, merge)."""
     t = default_tiles(kernel, D, DR, torch.float32, 0)
-    fn[grid(t)](*args, **flags, **t.meta(), num_warps=t.num_warps, num_stages=t.num_stages)
+    options = {} if INTERPRETING else dict(enable_fp_fusion=FP_FUSION)
+    fn[grid(t)](*args, **flags, **t.meta(), num_warps=t.num_warps, num_stages=t.num_stages, **options)
 
 
 def operands(k):
