@@ -95,12 +95,59 @@ class Weights:
         return self.col_log_norm is not None
 
 
+TEMPERATURES = ("global", "per_direction", "individual")
+
+
+@dataclass(frozen=True)
+class TauOptions:
+    """Hyper-parameters of the per-sample temperatures' own update (SPEC 2.1, "individual")."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    tau_min: float
+    tau_max: float
+    grad_clamp: float
+    epoch: int
+
+
+@dataclass(frozen=True)
+class TauState:
+    """Per-sample temperature state of the anchors, ``[2, B]`` each (direction, row), before the step:
+    the temperatures, the running bounds ``b`` and the Adam moments (the moving averages are
+    ``LossInputs.u_img``/``u_txt``, linear-domain for this form)."""
+
+    tau: Tensor
+    bound: Tensor
+    m: Tensor
+    v: Tensor
+
+    def rows(self, index) -> "TauState":
+        return TauState(*(x[:, index] for x in (self.tau, self.bound, self.m, self.v)))
+
+
+@dataclass(frozen=True)
+class Temperature:
+    """The temperature form. ``global``: one scale ``s`` (``scale_img is scale_txt``); ``per_direction``:
+    ``s_I`` for image anchors, ``s_T`` for text anchors; ``individual``: one temperature per sample and
+    direction (``state``, ``options``), no logit scale. ``multiply_tau``: the authors' loss form
+    (global forms only; SPEC 2.1)."""
+
+    kind: str
+    multiply_tau: bool = True
+    scale_img: Tensor | None = None     # 0-dim, may require grad
+    scale_txt: Tensor | None = None
+    state: TauState | None = None
+    options: TauOptions | None = None
+
+
 @dataclass(frozen=True)
 class LossInputs:
     """Checked inputs of one loss evaluation."""
 
     tiles: TileInputs
-    logit_scale: Tensor         # 0-dim s as given (may require grad); tiles.scale is it per row
+    temperature: Temperature    # the form; tiles.scale holds its scales per row
     u_img: Tensor               # [B] u^I before the step (float32 or float64)
     u_txt: Tensor               # [B] u^T
     gamma: float
@@ -123,6 +170,11 @@ class LossInputs:
     @property
     def acc_dtype(self) -> torch.dtype:
         return self.tiles.acc_dtype
+
+    @property
+    def logit_scale(self) -> Tensor:
+        """The global form's one scale ``s`` (0-dim)."""
+        return self.temperature.scale_img
 
     @property
     def u_old(self) -> Tensor:

@@ -121,16 +121,78 @@ def finish(stats: torch.Tensor, u_old: torch.Tensor, n_columns: int, eps: float,
     return u_new, scale * sumexp, scale * sumexp_d
 
 
-def assemble_loss(phi: torch.Tensor, logit_scale: torch.Tensor, u_new: torch.Tensor, rho: float,
-                  n_columns: int) -> torch.Tensor:
-    """The scalar loss of SPEC.md from ``phi[k] = sum_ij w^k_ij d^k_ij`` (``[2]``, or its sum).
+RESET_BELOW = 1e-35      # the individual form restarts a linear-domain u below this (fast_clip's rule)
 
-    ``L = sum(phi) / (s_ B (N-1)) + rho / s + sum_i (u^I_i + u^T_i) / (2 B s)`` with ``s_ = s.detach()``
-    and ``u_new`` (``[2, B]``) constant. ``phi`` must carry the autograd graph of ``sum w d`` with ``w``
-    held constant (its derivative in ``s`` is ``phi / s``); then autograd gives exactly the closed
-    forms of SPEC.md.
+
+def finish_individual(stats: torch.Tensor, u_old: torch.Tensor, tau: torch.Tensor, bound: torch.Tensor,
+                      m: torch.Tensor, v: torch.Tensor, n_columns: int, eps: float, gamma: float, rho: float,
+                      options) -> dict:
+    """The epilogue of per-sample temperatures (SPEC 2.1 "individual", fast_clip's FastCLIPLossIndividual).
+
+    From the kernels' statistics of ``d_j = s_i a_ij`` (``s_i = 1/tau_i``, the temperature before the step)
+    and the anchors' state ``[2, B]`` (linear-domain ``u``, bound ``b``, Adam moments ``m``, ``v``)::
+
+        b'    = max(b, max_j d_j, 0)                (all columns: the positive's d = 0 counts)
+        e_j   = exp(d_j - b'),  g = (1/(N-1)) sum_j e_j
+        u'    = (1 - gamma) u exp(b - b') + gamma g   (u' = g if gamma == 1, or if u < 1e-35 or not finite)
+        grad  = clamp(-(1/(N-1)) sum_j e_j d_j / (u' + eps) + log(u' + eps) + b' + rho, +-grad_clamp)
+        Adam on tau with grad: betas 0 in epoch 0; bias correction 1 - beta^(epoch + 1)
+        tau'  = clamp(tau - lr m_hat / (sqrt(v_hat) + eps_tau), tau_min, tau_max)
+
+    The backward's weights are ``w_j = e_j / (u' + eps) = exp(d_j - log_norm)``, ``log_norm = b' + log(u' + eps)``.
+    Returns ``u``, ``bound``, ``tau``, ``m``, ``v`` (new), ``log_norm``, ``wsum = sum_j w_j`` and
+    ``wdsum = sum_j w_j d_j``, each ``[2, B]``.
+    """
+    top, sumexp, sumexp_d = stats.unbind(1)
+    acc = stats.dtype
+    u_old, bound, tau, m, v = (x.to(acc) for x in (u_old, bound, tau, m, v))
+    new_bound = torch.maximum(bound, top.clamp_min(0.0))
+    shift = torch.exp(top - new_bound)
+    e_sum, ed_sum = sumexp * shift, sumexp_d * shift
+    g = e_sum / (n_columns - 1)
+    blend = (1.0 - gamma) * u_old * torch.exp(bound - new_bound) + gamma * g
+    reset = ~torch.isfinite(u_old) | (u_old < RESET_BELOW)
+    u_new = g.clone() if gamma == 1.0 else torch.where(reset, g, blend)
+    denom = u_new + eps
+    grad = (-(ed_sum / (n_columns - 1)) / denom + torch.log(denom) + new_bound + rho).clamp(
+        -options.grad_clamp, options.grad_clamp)
+    beta1, beta2 = (0.0, 0.0) if options.epoch == 0 else (options.beta1, options.beta2)
+    m_new = beta1 * m + (1.0 - beta1) * grad
+    v_new = beta2 * v + (1.0 - beta2) * grad * grad
+    m_hat = m_new / (1.0 - beta1 ** (options.epoch + 1))
+    v_hat = v_new / (1.0 - beta2 ** (options.epoch + 1))
+    tau_new = (tau - options.lr * m_hat / (torch.sqrt(v_hat) + options.eps)).clamp(options.tau_min, options.tau_max)
+    return dict(u=u_new, bound=new_bound, tau=tau_new, m=m_new, v=v_new, log_norm=new_bound + torch.log(denom),
+                wsum=e_sum / denom, wdsum=ed_sum / denom)
+
+
+def assemble_loss(phi: torch.Tensor, temperature, u_new: torch.Tensor, rho: float, n_columns: int,
+                  wsum: torch.Tensor | None = None) -> torch.Tensor:
+    """The scalar loss from ``phi[k] = sum_ij w^k_ij d^k_ij`` (``[2]``) for the temperature form (SPEC 2.1).
+
+    ``phi`` carries the autograd graph of ``sum w d`` with ``w`` held constant (its derivative in a scale is
+    ``phi / s``), so autograd gives the closed forms. With ``A_k = phi_k / (B (N-1))``, ``U_k = mean_i u^k_i``
+    and ``s_`` a detached scale:
+
+        global, multiply_tau      (A_I + A_T) / s_ + rho / s + (U_I + U_T) / (2 s)       (SPEC part 1)
+        per direction, multiply   sum_k [ A_k / s_k_ + U_k / s_k + rho / s_k ]          (the seed's objective)
+        no multiply_tau           A_I + A_T
+        individual                value (1/(B(N-1))) sum_ki wsum_ki, gradient of (A_I + A_T) / 2
+
+    (individual: fast_clip's value, with the gradient of its two halves, anchors and negatives, each
+    half of the full derivative; ``wsum`` is then required).
     """
     batch = u_new.shape[-1]
-    scale = logit_scale.reshape(()).to(phi.dtype)
-    return (phi.sum() / (scale.detach() * (batch * (n_columns - 1))) + rho / scale
-            + u_new.detach().sum() / (2 * batch * scale))
+    per_pair = 1.0 / (batch * (n_columns - 1))
+    if temperature.kind == "individual":
+        carrier = phi.sum() * (0.5 * per_pair)
+        return wsum.detach().sum() * per_pair + (carrier - carrier.detach())
+    if not temperature.multiply_tau:
+        return phi.sum() * per_pair
+    s_img = temperature.scale_img.reshape(()).to(phi.dtype)
+    u_mean = u_new.detach().mean(-1)
+    if temperature.kind == "global":
+        return (phi.sum() * per_pair / s_img.detach() + rho / s_img + u_mean.sum() / (2 * s_img))
+    s_txt = temperature.scale_txt.reshape(()).to(phi.dtype)
+    return ((phi[0] * per_pair / s_img.detach() + (u_mean[0] + rho) / s_img)
+            + (phi[1] * per_pair / s_txt.detach() + (u_mean[1] + rho) / s_txt))

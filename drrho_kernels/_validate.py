@@ -24,7 +24,7 @@ from dataclasses import replace
 
 import torch
 
-from ._inputs import LossInputs, TileInputs
+from ._inputs import LossInputs, TauOptions, TauState, Temperature, TileInputs
 from ._math import accumulation_dtype
 from .backends import resolve
 
@@ -94,23 +94,75 @@ def _check_rows(name: str, x: torch.Tensor, rows: int, width: int, width_name: s
                          f"got {_describe(x)}")
 
 
-def check_logit_scale(logit_scale, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def check_logit_scale(logit_scale, device: torch.device, dtype: torch.dtype, name: str = "logit_scale") -> torch.Tensor:
+    """One scale ``s = 1/tau > 0``: a Python real or a 1-element floating tensor; a 0-dim tensor."""
+    what = "a positive float or a 1-element floating tensor"
     if isinstance(logit_scale, numbers.Real) and not isinstance(logit_scale, bool):
-        value = check_real("logit_scale", logit_scale, low=0.0, low_open=True)
+        value = check_real(name, logit_scale, low=0.0, low_open=True)
+        if not math.isfinite(value):
+            raise ValueError(f"{name}: expected a finite value > 0 (s = 1/tau), got {value!r}")
         return torch.tensor(value, dtype=accumulation_dtype(dtype), device=device)
     if not isinstance(logit_scale, torch.Tensor):
-        raise TypeError(f"logit_scale: expected a positive float or a 1-element floating tensor, "
-                        f"got {_describe(logit_scale)}")
+        raise TypeError(f"{name}: expected {what}, got {_describe(logit_scale)}")
     if logit_scale.numel() != 1 or not logit_scale.is_floating_point():
-        raise ValueError(f"logit_scale: expected a 1-element floating tensor, got {_describe(logit_scale)}")
+        raise ValueError(f"{name}: expected a 1-element floating tensor, got {_describe(logit_scale)}")
     if logit_scale.device != device:
-        raise ValueError(f"logit_scale: expected a tensor on {device} (the device of img) or a "
+        raise ValueError(f"{name}: expected a tensor on {device} (the device of img) or a "
                          f"Python float, got {_describe(logit_scale)}")
     if _data_checks_enabled(logit_scale):
         value = float(logit_scale.detach().reshape(()))
         if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"logit_scale: expected a finite value > 0 (s = 1/tau), got {value!r}")
+            raise ValueError(f"{name}: expected a finite value > 0 (s = 1/tau), got {value!r}")
     return logit_scale.reshape(())
+
+
+def check_scales(logit_scale, device: torch.device, dtype: torch.dtype, multiply_tau) -> Temperature:
+    """A global scale ``s``, or a pair ``(s_img, s_txt)`` (per direction, SPEC 2.1)."""
+    if not isinstance(multiply_tau, bool):
+        raise TypeError(f"multiply_tau: expected a bool, got {_describe(multiply_tau)}")
+    if isinstance(logit_scale, (tuple, list)):
+        if len(logit_scale) != 2:
+            raise ValueError(f"logit_scale: expected one scale or a pair (s_img, s_txt), got a "
+                             f"{type(logit_scale).__name__} of {len(logit_scale)}")
+        s_img, s_txt = (check_logit_scale(v, device, dtype, f"logit_scale[{k}]") for k, v in enumerate(logit_scale))
+        return Temperature("per_direction", multiply_tau, s_img, s_txt)
+    if logit_scale is None:
+        raise TypeError("logit_scale: expected a positive float, a 1-element floating tensor or a pair "
+                        "(s_img, s_txt) of them, got None")
+    s = check_logit_scale(logit_scale, device, dtype)
+    return Temperature("global", multiply_tau, s, s)
+
+
+def check_tau_options(*, tau_lr, tau_betas, tau_eps, tau_range, tau_grad_clamp, tau_init=None,
+                      epoch: int = 0) -> TauOptions:
+    """The per-sample temperatures' hyper-parameters (module constructor and call alike)."""
+    lr = check_real("tau_lr", tau_lr, low=0.0, low_open=True, high_open=True)
+    if not isinstance(tau_betas, (tuple, list)) or len(tau_betas) != 2:
+        raise TypeError(f"tau_betas: expected a pair (beta1, beta2), got {_describe(tau_betas)}")
+    beta1, beta2 = (check_real(f"tau_betas[{k}]", b, low=0.0, high=1.0, low_open=False, high_open=True)
+                    for k, b in enumerate(tau_betas))
+    eps = check_real("tau_eps", tau_eps, low=0.0, low_open=True, high_open=True)
+    if not isinstance(tau_range, (tuple, list)) or len(tau_range) != 2:
+        raise TypeError(f"tau_range: expected a pair (tau_min, tau_max), got {_describe(tau_range)}")
+    tau_min = check_real("tau_range[0]", tau_range[0], low=0.0, low_open=True, high_open=True)
+    tau_max = check_real("tau_range[1]", tau_range[1], low=tau_min, low_open=False, high_open=True)
+    clamp = check_real("tau_grad_clamp", tau_grad_clamp, low=0.0, low_open=True)
+    if tau_init is not None:
+        check_real("tau_init", tau_init, low=tau_min, high=tau_max, low_open=False)
+    return TauOptions(lr, beta1, beta2, eps, tau_min, tau_max, clamp, check_int("epoch", epoch, low=0))
+
+
+def check_tau_state(state, batch: int, device: torch.device) -> TauState:
+    if not isinstance(state, TauState):
+        raise TypeError(f"tau_state: expected a TauState, got {_describe(state)}")
+    for name in ("tau", "bound", "m", "v"):
+        x = check_tensor(f"tau_state.{name}", getattr(state, name), ndim=2, dtypes=STATE_DTYPES)
+        if x.shape != (2, batch) or x.device != device:
+            raise ValueError(f"tau_state.{name}: expected shape (2, {batch}) (direction, row) on {device}, "
+                             f"got {_describe(x)}")
+    if _data_checks_enabled(state.tau) and not bool((state.tau > 0).all() and torch.isfinite(state.tau).all()):
+        raise ValueError("tau_state.tau: expected finite temperatures > 0")
+    return state
 
 
 def check_state(name: str, u, batch: int, device: torch.device) -> torch.Tensor:
@@ -160,7 +212,7 @@ def _check_reference(name: str, x, rows: int, width: int | None, img: torch.Tens
 
 
 def check_rows(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_txt=None, gamma=0.8, eps=1e-14,
-               rho=8.0, backend="auto") -> LossInputs:
+               rho=8.0, backend="auto", multiply_tau=True, tau_state=None, tau_options=None) -> LossInputs:
     """Every check that needs only this process's rows, scale, state and options.
 
     Returns the problem with the rows as its own columns (one process: N = B, ``columns_are_rows``);
@@ -182,7 +234,16 @@ def check_rows(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_txt=Non
         ref_txt = _check_reference("ref_txt", ref_txt, batch, ref_img.shape[1], img, "dr of ref_img")
         # The reference model gets no gradient and is computed in the embeddings' precision.
         ref_img, ref_txt = (r.detach().to(img.dtype) for r in (ref_img, ref_txt))
-    logit_scale = check_logit_scale(logit_scale, img.device, img.dtype)
+    if tau_state is None:
+        temperature = check_scales(logit_scale, img.device, img.dtype, multiply_tau)
+    else:
+        if logit_scale is not None:
+            raise ValueError(f"logit_scale: expected None with per-sample temperatures (temperature="
+                             f"'individual': the temperatures are state), got {_describe(logit_scale)}")
+        if not isinstance(tau_options, TauOptions):
+            raise TypeError(f"tau_options: expected a TauOptions, got {_describe(tau_options)}")
+        temperature = Temperature("individual", True, state=check_tau_state(tau_state, batch, img.device),
+                                  options=tau_options)
     u_img = check_state("u_img", u_img, batch, img.device)
     u_txt = check_state("u_txt", u_txt, batch, img.device)
     gamma, eps, rho = check_gamma(gamma), check_eps(eps), check_rho(rho)
@@ -190,10 +251,18 @@ def check_rows(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_txt=Non
     for arg, x in (("img", img), ("txt", txt), ("ref_img", ref_img), ("ref_txt", ref_txt)):
         if x is not None:
             check_finite(arg, x)
-    acc = accumulation_dtype(img.dtype)
-    scale = logit_scale.to(acc).reshape(1, 1).expand(2, batch)
-    tiles = TileInputs(img, txt, img, txt, ref_img, ref_txt, ref_img, ref_txt, scale, 0, True)
-    return LossInputs(tiles, logit_scale, u_img, u_txt, gamma, eps, rho, name)
+    tiles = TileInputs(img, txt, img, txt, ref_img, ref_txt, ref_img, ref_txt,
+                       row_scales(temperature, batch, accumulation_dtype(img.dtype)), 0, True)
+    return LossInputs(tiles, temperature, u_img, u_txt, gamma, eps, rho, name)
+
+
+def row_scales(t: Temperature, batch: int, acc: torch.dtype) -> torch.Tensor:
+    """``[2, B]``: the scale of each row anchor per direction (differentiable in the logit scales)."""
+    if t.kind == "individual":
+        return (1.0 / t.state.tau).to(acc)
+    if t.kind == "global":
+        return t.scale_img.to(acc).reshape(1, 1).expand(2, batch)
+    return torch.stack([t.scale_img.to(acc).reshape(1).expand(batch), t.scale_txt.to(acc).reshape(1).expand(batch)])
 
 
 def check_columns(p: LossInputs, img_all, txt_all, ref_img_all=None, ref_txt_all=None, *, offset=0) -> LossInputs:
@@ -255,10 +324,11 @@ def check_offset(offset, batch: int, n_columns: int) -> int:
 
 def validate(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_txt=None, img_all=None,
              txt_all=None, ref_img_all=None, ref_txt_all=None, offset=0, gamma=0.8, eps=1e-14,
-             rho=8.0, backend="auto") -> LossInputs:
+             rho=8.0, backend="auto", multiply_tau=True, tau_state=None, tau_options=None) -> LossInputs:
     """Check every argument of :func:`drrho_kernels.drrho_clip_loss`; return the problem."""
     p = check_rows(img, txt, logit_scale, u_img, u_txt, ref_img=ref_img, ref_txt=ref_txt, gamma=gamma, eps=eps,
-                   rho=rho, backend=backend)
+                   rho=rho, backend=backend, multiply_tau=multiply_tau, tau_state=tau_state,
+                   tau_options=tau_options)
     if img_all is None and txt_all is None:
         if ref_img_all is not None or ref_txt_all is not None:
             raise ValueError("ref_img_all and ref_txt_all: expected None when img_all and txt_all are "

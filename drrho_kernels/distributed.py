@@ -40,8 +40,12 @@ a ring or tree implementation sends about as many::
               indices (if given)   k * B * 8              k * B * 8
               features x, t        k * B * 2d * e         k * B * 2d * e
               reference xr, tr     k * B * 2dr * e        k * B * 2dr * e
-              new u (+ margins)    k * B * 2 * su         k * B * 3 * a
+              new state            k * B * 2 n * su       k * B * (2 n + 1 [+ 4]) * a
     backward  column gradients     k * B * 2d * e         0
+
+``n``: state arrays per direction (1: ``u``; 5 with per-sample temperatures: ``u``, ``tau``, bound,
+two Adam moments). ``gather_u`` adds the margins and, with per-sample temperatures, the columns' old
+scales and weight normalisers per direction (the fold's column anchors).
 
 :func:`bytes_per_step` evaluates this table; :func:`count_bytes` records what the code actually
 passes to the collectives (the tests check that they agree). Every collective used
@@ -77,6 +81,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from ._inputs import TEMPERATURES
 from ._math import accumulation_dtype
 from ._validate import FLOAT_DTYPES, STATE_DTYPES, check_index, check_n_columns, check_rows, with_columns
 from .functional import compute_loss, fused_terms, loss_from_terms, state_out
@@ -85,9 +90,10 @@ __all__ = ["SCHEMES", "DistributedLoss", "distributed_drrho_clip_loss", "bytes_p
            "resolve_group", "check_distributed_args"]
 
 SCHEMES = ("gather_u", "gather_grad")
-META_LEN = 13          # entries of the metadata vector (float64) all-gathered first
+META_LEN = 14          # entries of the metadata vector (float64) all-gathered first
 _META_FIELDS = ("ok", "B", "d", "has_ref", "dr", "dtype", "u_dtype", "has_index", "scheme",
-                "gamma", "eps", "rho", "reserved")
+                "gamma", "eps", "rho", "temperature", "multiply_tau")
+STATE_ARRAYS = {"global": ("u",), "per_direction": ("u",), "individual": ("u", "tau", "bound", "m", "v")}
 _DTYPES = FLOAT_DTYPES + tuple(d for d in STATE_DTYPES if d not in FLOAT_DTYPES)
 
 
@@ -100,6 +106,8 @@ class DistributedLoss(NamedTuple):
     u_img_all: torch.Tensor     # [N] new state of the whole global batch, rank order (identical on all ranks)
     u_txt_all: torch.Tensor     # [N]
     index_all: torch.Tensor | None   # [N] gathered dataset indices (when ``index`` was given)
+    state_all: dict             # every new state array of the global batch, [2, N] each ("u"; per-sample
+                                # temperatures also "tau", "bound", "m", "v"), accumulation dtype
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +214,8 @@ def _meta(p, index, scheme) -> list[float]:
     """This process's metadata vector (the fields of ``_META_FIELDS``) from its checked rows."""
     return [1.0, p.batch, p.tiles.img.shape[1], float(p.tiles.has_ref), p.tiles.ref_dim if p.tiles.has_ref else -1,
             _DTYPES.index(p.tiles.img.dtype), _DTYPES.index(p.u_img.dtype), float(index is not None),
-            SCHEMES.index(scheme), p.gamma, p.eps, p.rho, 0.0]
+            SCHEMES.index(scheme), p.gamma, p.eps, p.rho, TEMPERATURES.index(p.temperature.kind),
+            float(p.temperature.multiply_tau)]
 
 
 def _describe_values(values, ranks) -> str:
@@ -241,6 +250,9 @@ def _agree(meta: torch.Tensor, rank: int, local_error: BaseException | None) -> 
         ("gamma", "gamma", "the same gamma on every rank", float),
         ("eps", "eps", "the same eps on every rank", float),
         ("rho", "rho", "the same rho on every rank", float),
+        ("temperature", "logit_scale", "the same temperature form on every rank (global, per direction or "
+         "individual)", lambda v: repr(TEMPERATURES[int(v)])),
+        ("multiply_tau", "multiply_tau", "the same multiply_tau on every rank", lambda v: str(bool(v))),
     ]
     for field, arg, expected, fmt in checks:
         bad, values = differs(field)
@@ -250,7 +262,8 @@ def _agree(meta: torch.Tensor, rank: int, local_error: BaseException | None) -> 
 
 
 def _step(img, txt, logit_scale, u_img, u_txt, *, ref_img, ref_txt, index, data_size, gamma, eps, rho,
-          backend, scheme, group, local_error=None) -> DistributedLoss:
+          backend, scheme, group, local_error=None, multiply_tau=True, tau_state=None,
+          tau_options=None) -> DistributedLoss:
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     meta_row, p = [0.0] * META_LEN, None
     if local_error is None:
@@ -258,7 +271,8 @@ def _step(img, txt, logit_scale, u_img, u_txt, *, ref_img, ref_txt, index, data_
             if scheme not in SCHEMES:
                 raise ValueError(f"distributed_scheme: expected one of {SCHEMES}, got {scheme!r}")
             p = check_rows(img, txt, logit_scale, u_img, u_txt, ref_img=ref_img, ref_txt=ref_txt, gamma=gamma,
-                           eps=eps, rho=rho, backend=backend)
+                           eps=eps, rho=rho, backend=backend, multiply_tau=multiply_tau, tau_state=tau_state,
+                           tau_options=tau_options)
             if index is not None:
                 index = check_index(index, p.batch, data_size if data_size is not None else 2 ** 62)
             meta_row = _meta(p, index, scheme)
@@ -282,30 +296,45 @@ def _step(img, txt, logit_scale, u_img, u_txt, *, ref_img, ref_txt, index, data_
     refs = [_all_gather(r, group, "reference") for r in (rows.ref_img, rows.ref_txt)] if rows.has_ref else [None, None]
     if scheme == "gather_u" and p.backend == "reference":
         scheme = "gather_grad"    # the dense reference has no fused op pair to fold with
+    names = STATE_ARRAYS[p.temperature.kind]
 
     if scheme == "gather_grad":
         q = with_columns(p, _AllGatherWithGrad.apply(rows.img, group, "features"),
                          _AllGatherWithGrad.apply(rows.txt, group, "features"), *refs, offset)
-        loss, u_img_new, u_txt_new = compute_loss(q)
-        u_all = _all_gather(torch.stack([u_img_new, u_txt_new], dim=1), group, "state")
-        u_img_all, u_txt_all = u_all[:, 0], u_all[:, 1]
+        loss, state = compute_loss(q)
+        state = {k: state[k].detach().to(p.u_img.dtype) for k in names}
+        packed = _all_gather(torch.cat([state[k] for k in names]).T, group, "state")        # [N, 2 n]
+        state_all = {k: packed[:, 2 * i:2 * i + 2].T for i, k in enumerate(names)}
     else:
         q = with_columns(p, _all_gather(rows.img.detach(), group, "features"),
                          _all_gather(rows.txt.detach(), group, "features"), *refs, offset)
         terms = fused_terms(q)
-        # The columns' new state and margins: the fold's column anchors.
-        packed = _all_gather(torch.stack([terms.u_new[0], terms.u_new[1], terms.margin], dim=1), group, "state")
-        col_scale = q.logit_scale.detach().to(packed.dtype).reshape(1, 1).expand(2, n_columns)
-        weights = terms.weights(col_scale=col_scale, col_log_norm=packed[:, :2].T, col_margin=packed[:, 2])
+        # The new state, margins and (per-sample temperatures) the old scales and weight normalisers of
+        # every sample: the fold's column anchors, and what every rank stores.
+        parts = [terms.state[k] for k in names] + [terms.margin[None]]
+        if p.temperature.kind == "individual":
+            parts += [q.tiles.scale.detach(), terms.log_norm]
+        packed = _all_gather(torch.cat(parts).T, group, "state")                            # [N, 2 n + 1 (+ 4)]
+        state_all = {k: packed[:, 2 * i:2 * i + 2].T for i, k in enumerate(names)}
+        col = 2 * len(names)
+        if p.temperature.kind == "individual":
+            col_scale, col_log_norm = packed[:, col + 1:col + 3].T, packed[:, col + 3:col + 5].T
+        else:
+            col_scale = q.tiles.scale.detach()[:, :1].expand(2, n_columns)
+            col_log_norm = state_all["u"]
+        weights = terms.weights(col_scale=col_scale, col_log_norm=col_log_norm, col_margin=packed[:, col])
         loss = loss_from_terms(q, terms, weights)
-        u_img_new, u_txt_new = state_out(q, terms.u_new)
-        u_img_all, u_txt_all = state_out(q, packed[:, :2].T)
-    return DistributedLoss(loss, u_img_new, u_txt_new, u_img_all.contiguous(), u_txt_all.contiguous(), index_all)
+        state = terms.state
+    u_img_new, u_txt_new = state_out(q, state["u"])
+    u_img_all, u_txt_all = state_out(q, state_all["u"])
+    return DistributedLoss(loss, u_img_new, u_txt_new, u_img_all.contiguous(), u_txt_all.contiguous(), index_all,
+                           state_all)
 
 
 def distributed_drrho_clip_loss(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_txt=None,
                                 index=None, data_size=None, gamma=0.8, eps=1e-14, rho=8.0, backend="auto",
-                                scheme="gather_u", group=None, local_error=None) -> DistributedLoss:
+                                scheme="gather_u", group=None, local_error=None, multiply_tau=True,
+                                tau_state=None, tau_options=None) -> DistributedLoss:
     """The DRRho-CLIP loss of this process's ``B`` anchors against the global batch of all processes.
 
     Every process of ``group`` must call it at the same step with the same ``B``, ``d``, ``dr``, dtypes,
@@ -325,6 +354,9 @@ def distributed_drrho_clip_loss(img, txt, logit_scale, u_img, u_txt, *, ref_img=
         group: the process group (None: the default group).
         local_error: an exception this process already raised while preparing the call (the module
             passes its own state lookup's); every rank learns of it in the first collective and stops.
+        multiply_tau, tau_state, tau_options: the temperature form, as in
+            :func:`drrho_kernels.drrho_clip_loss` and :func:`drrho_kernels.functional.individual_clip_loss`
+            (``logit_scale=None`` with a ``tau_state``).
 
     Returns:
         :class:`DistributedLoss`: this process's loss, its anchors' new ``u``, and the new ``u`` of the
@@ -337,7 +369,8 @@ def distributed_drrho_clip_loss(img, txt, logit_scale, u_img, u_txt, *, ref_img=
     group = resolve_group(group)
     return _step(img, txt, logit_scale, u_img, u_txt, ref_img=ref_img, ref_txt=ref_txt, index=index,
                  data_size=data_size, gamma=gamma, eps=eps, rho=rho, backend=backend, scheme=scheme,
-                 group=group, local_error=local_error)
+                 group=group, local_error=local_error, multiply_tau=multiply_tau, tau_state=tau_state,
+                 tau_options=tau_options)
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -346,7 +379,8 @@ def _element_size(dtype: torch.dtype) -> int:
 
 def bytes_per_step(batch: int, world_size: int, dim: int, ref_dim: int | None = None, *,
                    scheme: str = "gather_u", dtype: torch.dtype = torch.float32,
-                   state_dtype: torch.dtype = torch.float32, index: bool = True) -> dict:
+                   state_dtype: torch.dtype = torch.float32, index: bool = True,
+                   temperature: str = "global") -> dict:
     """Bytes one process receives per step in the collectives of ``scheme`` (the table of the module doc).
 
     Args:
@@ -354,6 +388,8 @@ def bytes_per_step(batch: int, world_size: int, dim: int, ref_dim: int | None = 
         ref_dim: ``dr``, or None without a reference model. dtype: the embeddings' dtype (the
             reference embeddings are sent in it too). state_dtype: dtype of ``u`` (the module: float32).
         index: whether dataset indices are gathered (the module does; the functional only with ``index``).
+        temperature: ``"global"``, ``"per_direction"`` or ``"individual"`` (five state arrays, and the
+            fold's old scales and weight normalisers).
 
     Returns:
         a dict with ``forward``, ``backward``, ``total`` and the parts ``meta``, ``index``, ``features``,
@@ -362,6 +398,7 @@ def bytes_per_step(batch: int, world_size: int, dim: int, ref_dim: int | None = 
     if scheme not in SCHEMES:
         raise ValueError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
     k = world_size - 1
+    n = len(STATE_ARRAYS[temperature])
     e = _element_size(dtype)
     a = _element_size(accumulation_dtype(dtype))
     parts = dict(
@@ -369,7 +406,8 @@ def bytes_per_step(batch: int, world_size: int, dim: int, ref_dim: int | None = 
         index=k * batch * 8 if index else 0,
         features=k * batch * 2 * dim * e,
         reference=k * batch * 2 * ref_dim * e if ref_dim else 0,
-        state=k * batch * (3 * a if scheme == "gather_u" else 2 * _element_size(state_dtype)),
+        state=k * batch * ((2 * n + 1 + (4 if temperature == "individual" else 0)) * a if scheme == "gather_u"
+                           else 2 * n * _element_size(state_dtype)),
         column_grads=0 if scheme == "gather_u" else k * batch * 2 * dim * e,
     )
     forward = parts["meta"] + parts["index"] + parts["features"] + parts["reference"] + parts["state"]

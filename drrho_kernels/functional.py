@@ -14,15 +14,15 @@ from dataclasses import replace
 import torch
 
 from . import ops
-from ._inputs import LossInputs, Weights
-from ._math import assemble_loss, finish
+from ._inputs import LossInputs, TauOptions, TauState, Weights
+from ._math import assemble_loss, finish, finish_individual
 from ._validate import validate
 from .backends.reference import reference_loss
 
 
 def drrho_clip_loss(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_txt=None, img_all=None,
                     txt_all=None, ref_img_all=None, ref_txt_all=None, offset=0, gamma=0.8, eps=1e-14,
-                    rho=8.0, backend="auto"):
+                    rho=8.0, backend="auto", multiply_tau=True):
     r"""DRRho-CLIP loss (arXiv 2505.06699) of one batch, with the moving-average update of ``u``.
 
     .. math::
@@ -35,10 +35,24 @@ def drrho_clip_loss(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_tx
     log-domain moving averages of ``log(eps + mean_j exp(d_ij))``: see SPEC.md. Without a reference
     model it is the SogCLR / FastCLIP global contrastive loss with a global temperature.
 
+    The temperature forms of SPEC 2.1, with ``A_k = (1/(B(N-1))) sum_ij w^k_ij d^k_ij`` and
+    ``U_k = mean_i u^k_i`` (``k``: image anchors I, text anchors T):
+
+    - one ``logit_scale``, ``multiply_tau=True`` (default): the loss above (the authors' ``SogCLRLoss``);
+    - a pair ``(s_img, s_txt)``: per-direction temperatures, ``L = sum_k [A_k / s_k_ + U_k / s_k + rho / s_k]``
+      (the seed's objective; ``d^k = s_k a^k``). The same tensor twice ties them: the embedding
+      gradients are the single scale's, its gradient the seed's (the released code halves the ``U`` and
+      ``rho`` terms; docs/TEMPERATURES.md);
+    - ``multiply_tau=False``: ``L = A_I + A_T`` (FastCLIP-v0; ``SogCLRLoss(multiply_tau=False)``).
+
+    Per-sample temperatures (FastCLIP-v2) have their own state and update: :class:`DRRhoCLIPLoss`
+    with ``temperature="individual"``, or :func:`individual_clip_loss`.
+
     Args:
         img, txt: ``[B, d]`` target embeddings of this step's pairs (the anchors), float16, bfloat16,
             float32 or float64, same dtype and device.
-        logit_scale: ``s = 1/tau > 0``, a Python float or a 1-element tensor (may require grad).
+        logit_scale: ``s = 1/tau > 0``, a Python float or a 1-element tensor (may require grad); or a
+            pair ``(s_img, s_txt)`` of them (per-direction temperatures).
         u_img, u_txt: ``[B]`` float32 (or float64) state of the B anchors before the step; an entry that
             is 0, +-inf or NaN is unset. Not modified.
         ref_img, ref_txt: ``[B, dr]`` reference embeddings of the same pairs (both or neither; no grad;
@@ -49,6 +63,7 @@ def drrho_clip_loss(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_tx
         offset: row ``i`` is column ``offset + i`` of the global batch (``0 <= offset <= N - B``).
         gamma: moving-average rate in (0, 1]. eps: floor inside the log (> 0). rho: DRO term (>= 0).
         backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cpp"`` or ``"reference"`` (dense, for checking).
+        multiply_tau: the authors' loss form (default) or ``A_I + A_T`` (False).
 
     Returns:
         ``(loss, u_img_new, u_txt_new)``: a 0-dim loss (float64 for float64 inputs, else float32) with
@@ -57,6 +72,7 @@ def drrho_clip_loss(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_tx
 
     Raises:
         TypeError, ValueError: on any bad argument (see SPEC.md, "Bad input"), before any computation.
+        RuntimeError: the named backend cannot run here (not installed, not built, or the wrong device).
 
     Example::
 
@@ -71,17 +87,40 @@ def drrho_clip_loss(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_tx
     """
     p = validate(img, txt, logit_scale, u_img, u_txt, ref_img=ref_img, ref_txt=ref_txt, img_all=img_all,
                  txt_all=txt_all, ref_img_all=ref_img_all, ref_txt_all=ref_txt_all, offset=offset, gamma=gamma,
-                 eps=eps, rho=rho, backend=backend)
-    return compute_loss(p)
+                 eps=eps, rho=rho, backend=backend, multiply_tau=multiply_tau)
+    loss, state = compute_loss(p)
+    return loss, *state_out(p, state["u"])
+
+
+def individual_clip_loss(img, txt, u_img, u_txt, tau_state: TauState, tau_options: TauOptions, *, ref_img=None,
+                         ref_txt=None, img_all=None, txt_all=None, ref_img_all=None, ref_txt_all=None, offset=0,
+                         gamma=0.8, eps=1e-14, rho=8.0, backend="auto"):
+    r"""The DRRho-CLIP loss with per-sample temperatures (SPEC 2.1 "individual"; FastCLIP-v2 / iSogCLR).
+
+    ``tau_state`` holds the B anchors' temperatures, bounds and Adam moments (``[2, B]``: image anchors,
+    text anchors); ``u_img``, ``u_txt`` their linear-domain moving averages. The loss value is fast_clip's
+    ``FastCLIPLossIndividual``'s, its embedding gradients are fast_clip's (both halves, anchors and
+    negatives), and the temperatures take one step of their own update (``_math.finish_individual``).
+    :class:`DRRhoCLIPLoss` with ``temperature="individual"`` keeps this state for a whole dataset.
+
+    Returns:
+        ``(loss, u_img_new, u_txt_new, tau_state_new)``: the new state in the input state's dtypes.
+    """
+    p = validate(img, txt, None, u_img, u_txt, ref_img=ref_img, ref_txt=ref_txt, img_all=img_all, txt_all=txt_all,
+                 ref_img_all=ref_img_all, ref_txt_all=ref_txt_all, offset=offset, gamma=gamma, eps=eps, rho=rho,
+                 backend=backend, tau_state=tau_state, tau_options=tau_options)
+    loss, state = compute_loss(p)
+    return (loss, *state_out(p, state["u"]), tau_state_out(p, state))
 
 
 def compute_loss(p: LossInputs):
-    """Run the problem's backend; returns ``(loss, u_img_new, u_txt_new)`` (state in the caller's dtype)."""
+    """Run the problem's backend; returns ``(loss, new_state)``, the state a dict of ``[2, B]`` tensors in
+    the accumulation dtype: ``"u"`` and, for per-sample temperatures, ``"tau"``, ``"bound"``, ``"m"``, ``"v"``."""
     if p.backend == "reference":
         loss, u_new = reference_loss(p)
-        return (loss, *state_out(p, u_new))
+        return loss, {"u": u_new}
     terms = fused_terms(p)
-    return (loss_from_terms(p, terms), *state_out(p, terms.u_new))
+    return loss_from_terms(p, terms), terms.state
 
 
 def state_out(p: LossInputs, u_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,28 +129,49 @@ def state_out(p: LossInputs, u_new: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return u_new[0].to(p.u_img.dtype), u_new[1].to(p.u_txt.dtype)
 
 
-class FusedTerms:
-    """What the forward op and the epilogue give: the new state and the weights' description."""
+def tau_state_out(p: LossInputs, state: dict) -> TauState:
+    """The new temperature state in the dtypes of the one given."""
+    old = p.temperature.state
+    return TauState(*(state[k].detach().to(getattr(old, k).dtype) for k in ("tau", "bound", "m", "v")))
 
-    def __init__(self, u_new, wsum, wdsum, margin):
-        self.u_new, self.wsum, self.wdsum, self.margin = u_new, wsum, wdsum, margin
+
+class FusedTerms:
+    """What the forward op and the epilogue give: the new state and the backward's weights.
+
+    ``state``: dict of ``[2, B]`` (``"u"``, and for per-sample temperatures ``"tau"``, ``"bound"``, ``"m"``,
+    ``"v"``); ``log_norm``, ``wsum``, ``wdsum`` ``[2, B]``; ``margin`` ``[B]``.
+    """
+
+    def __init__(self, state, log_norm, wsum, wdsum, margin):
+        self.state, self.log_norm, self.wsum, self.wdsum, self.margin = state, log_norm, wsum, wdsum, margin
+
+    @property
+    def u_new(self) -> torch.Tensor:
+        return self.state["u"]
 
     def weights(self, **cols) -> Weights:
         """The backward's weights: in one process the fold uses the rows' own; ``cols`` give a fold's columns."""
-        return Weights(self.u_new, self.wsum, self.margin, cols.get("col_scale"), cols.get("col_log_norm"),
+        return Weights(self.log_norm, self.wsum, self.margin, cols.get("col_scale"), cols.get("col_log_norm"),
                        cols.get("col_margin"))
 
 
 def fused_terms(p: LossInputs) -> FusedTerms:
-    """Forward op on the detached tiles, then the epilogue."""
+    """Forward op on the detached tiles, then the epilogue of the temperature form."""
     tiles = p.tiles
     detached = replace(tiles, **{name: getattr(tiles, name).detach() for name in ("img", "txt", "img_all",
                                                                                    "txt_all", "scale")})
     stats, margin = ops.forward(p.backend, detached)
-    return FusedTerms(*finish(stats, p.u_old, p.n_columns, p.eps, p.gamma), margin)
+    t = p.temperature
+    if t.kind == "individual":
+        r = finish_individual(stats, p.u_old, t.state.tau, t.state.bound, t.state.m, t.state.v, p.n_columns,
+                              p.eps, p.gamma, p.rho, t.options)
+        state = {k: r[k] for k in ("u", "tau", "bound", "m", "v")}
+        return FusedTerms(state, r["log_norm"], r["wsum"], r["wdsum"], margin)
+    u_new, wsum, wdsum = finish(stats, p.u_old, p.n_columns, p.eps, p.gamma)
+    return FusedTerms({"u": u_new}, u_new, wsum, wdsum, margin)
 
 
 def loss_from_terms(p: LossInputs, terms: FusedTerms, weights: Weights | None = None) -> torch.Tensor:
-    """The loss, differentiable in the embeddings and the scale (weights held constant)."""
+    """The loss, differentiable in the embeddings and the scales (weights held constant)."""
     phi = ops.phi(p.backend, terms.wdsum, p.tiles, weights if weights is not None else terms.weights())
-    return assemble_loss(phi, p.logit_scale, terms.u_new, p.rho, p.n_columns)
+    return assemble_loss(phi, p.temperature, terms.u_new, p.rho, p.n_columns, wsum=terms.wsum)

@@ -1,15 +1,24 @@
-"""``DRRhoCLIPLoss``: the loss as an ``nn.Module`` that owns the per-sample state ``u``."""
+"""``DRRhoCLIPLoss``: the loss as an ``nn.Module`` that owns the per-sample state (``u``, and with
+per-sample temperatures the temperatures, bounds and Adam moments)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from dataclasses import replace
+
+from ._inputs import TauState
 from ._math import gamma_at_epoch
-from ._validate import check_backend, check_eps, check_gamma, check_index, check_int, check_rho, check_tensor
-from .distributed import check_distributed_args, distributed_drrho_clip_loss, resolve_group
-from .functional import drrho_clip_loss
+from ._validate import (check_backend, check_eps, check_gamma, check_index, check_int, check_rho, check_tau_options,
+                        check_tensor, validate)
+from .distributed import STATE_ARRAYS, check_distributed_args, distributed_drrho_clip_loss, resolve_group
+from .functional import compute_loss
 
 GAMMA_SCHEDULES = ("cosine", "constant")
+TEMPERATURE_FORMS = ("global", "individual")
+# module buffer of each state array, per direction (image anchors, text anchors)
+BUFFERS = {"u": ("u_img", "u_txt"), "tau": ("tau_img", "tau_txt"), "bound": ("bound_img", "bound_txt"),
+           "m": ("tau_m_img", "tau_m_txt"), "v": ("tau_v_img", "tau_v_txt")}
 
 
 class DRRhoCLIPLoss(nn.Module):
@@ -19,6 +28,14 @@ class DRRhoCLIPLoss(nn.Module):
     with the epoch, so a checkpoint resumes exactly). Each call gathers the entries of the batch's
     samples, computes :func:`drrho_kernels.drrho_clip_loss` and writes the new entries back, only
     after the step succeeded: a call that raises leaves the state bit-identical.
+
+    Temperatures (SPEC 2.1; docs/TEMPERATURES.md): ``temperature="global"`` takes the logit scale at each
+    call, one scale or a pair ``(s_img, s_txt)`` (per direction), with the authors' ``multiply_tau``
+    loss or without it. ``temperature="individual"`` (FastCLIP-v2 / iSogCLR) gives every sample its own
+    temperature per direction, learned by their own Adam-like update at each step: the module owns
+    ``tau_img``, ``tau_txt`` (``tau_init``), the bounds ``bound_img``, ``bound_txt``, the Adam moments
+    ``tau_m_*``, ``tau_v_*`` and linear-domain ``u_img``, ``u_txt``, all float32 buffers of length
+    ``data_size``; it is called without a logit scale.
 
     Args:
         data_size: number of pairs in the dataset (length of the state).
@@ -37,6 +54,11 @@ class DRRhoCLIPLoss(nn.Module):
             updated for all samples of the global batch (see :mod:`drrho_kernels.distributed`).
         distributed_scheme: ``"gather_u"`` (default: features gathered without gradient plus the new
             ``u``, no collective in the backward) or ``"gather_grad"`` (all-gather with gradient).
+        temperature: ``"global"`` (default) or ``"individual"``.
+        multiply_tau: the global forms' loss (default True: the authors'; False: FastCLIP-v0's ``A_I + A_T``).
+        tau_init, tau_lr, tau_betas, tau_eps, tau_range, tau_grad_clamp: the per-sample temperatures'
+            initial value (within ``tau_range``), step size (> 0), Adam betas (each in [0, 1); both 0 in
+            epoch 0), Adam epsilon (> 0), clamp range ``(tau_min, tau_max)`` and gradient clamp (> 0).
 
     Shape:
         ``img, txt``: ``[B, d]``; ``index``: ``[B]`` distinct dataset indices; ``ref_img, ref_txt``:
@@ -52,11 +74,18 @@ class DRRhoCLIPLoss(nn.Module):
         >>> loss = crit(img, txt, torch.tensor([3, 14, 15, 92]), torch.tensor(10.0))
         >>> bool((crit.u_img[[3, 14, 15, 92]] != 0).all())
         True
+        >>> per_sample = dk.DRRhoCLIPLoss(data_size=100, temperature="individual", backend="torch")
+        >>> loss = per_sample(img, txt, torch.tensor([3, 14, 15, 92]))
+        >>> per_sample.tau_img[[3, 14]].tolist() != [0.03, 0.03]         # one step of their own update
+        True
     """
 
     def __init__(self, data_size: int, *, gamma: float = 0.8, gamma_schedule: str = "cosine",
                  gamma_decay_epochs: int = 10, rho: float = 8.0, eps: float = 1e-14, backend: str = "auto",
-                 state_device=None, process_group=None, distributed_scheme: str = "gather_u"):
+                 state_device=None, process_group=None, distributed_scheme: str = "gather_u",
+                 temperature: str = "global", multiply_tau: bool = True, tau_init: float = 0.03,
+                 tau_lr: float = 0.0133, tau_betas=(0.9, 0.999), tau_eps: float = 1e-8, tau_range=(0.01, 1.0),
+                 tau_grad_clamp: float = 5.0):
         super().__init__()
         data_size = check_int("data_size", data_size, low=1)
         self.gamma_final = check_gamma(gamma)
@@ -67,6 +96,18 @@ class DRRhoCLIPLoss(nn.Module):
         self.eps = check_eps(eps)
         self.backend = check_backend(backend)
         check_distributed_args(process_group, distributed_scheme)
+        if temperature not in TEMPERATURE_FORMS:
+            raise ValueError(f"temperature: expected one of {TEMPERATURE_FORMS}, got {temperature!r}")
+        if not isinstance(multiply_tau, bool):
+            raise TypeError(f"multiply_tau: expected a bool, got {type(multiply_tau).__name__} {multiply_tau!r}")
+        self.temperature = temperature
+        self.multiply_tau = multiply_tau
+        self.tau_hyper = dict(tau_lr=tau_lr, tau_betas=tuple(tau_betas) if isinstance(tau_betas, list) else tau_betas,
+                              tau_eps=tau_eps, tau_range=tuple(tau_range) if isinstance(tau_range, list) else tau_range,
+                              tau_grad_clamp=tau_grad_clamp)
+        if temperature == "individual":
+            check_tau_options(**self.tau_hyper, tau_init=tau_init)
+        self.tau_init = float(tau_init)
         self.data_size = data_size
         self.gamma_schedule = gamma_schedule
         self.gamma_decay_epochs = gamma_decay_epochs
@@ -75,8 +116,19 @@ class DRRhoCLIPLoss(nn.Module):
         self.distributed_scheme = distributed_scheme
         self._epoch = 0
         device = self.state_device or "cpu"
-        self.register_buffer("u_img", torch.zeros(data_size, dtype=torch.float32, device=device))
-        self.register_buffer("u_txt", torch.zeros(data_size, dtype=torch.float32, device=device))
+        for kind in STATE_ARRAYS["individual" if temperature == "individual" else "global"]:
+            for name in BUFFERS[kind]:
+                init = self.tau_init if kind == "tau" else 0.0
+                self.register_buffer(name, torch.full((data_size,), init, dtype=torch.float32, device=device))
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        """The state buffers of this module's form."""
+        return tuple(name for kind in self._kinds for name in BUFFERS[kind])
+
+    @property
+    def _kinds(self) -> tuple[str, ...]:
+        return STATE_ARRAYS["individual" if self.temperature == "individual" else "global"]
 
     @property
     def epoch(self) -> int:
@@ -98,7 +150,7 @@ class DRRhoCLIPLoss(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # The state stays float32 (a .half() must not round it) and, with a pinned state_device, stays there.
-        before = {name: getattr(self, name) for name in ("u_img", "u_txt")}
+        before = {name: getattr(self, name) for name in self.state_names}
         super()._apply(fn, recurse)
         for name, old in before.items():
             new = getattr(self, name)
@@ -109,44 +161,71 @@ class DRRhoCLIPLoss(nn.Module):
 
     def _state_for(self, device: torch.device) -> None:
         if self.state_device is None and self.u_img.device != device:
-            self.u_img = self.u_img.to(device)
-            self.u_txt = self.u_txt.to(device)
+            for name in self.state_names:
+                setattr(self, name, getattr(self, name).to(device))
 
     def _read_state(self, img, index):
-        """Check ``img`` and ``index``; return ``(index, u_img, u_txt)`` of the batch's samples on img's device."""
+        """Check ``img`` and ``index``; return ``(index, state)``: the batch's entries of every state array,
+        ``[2, B]`` per kind, on img's device."""
         img = check_tensor("img", img, ndim=2)
         index = check_index(index, img.shape[0], self.data_size)
         self._state_for(img.device)
         state_index = index.to(self.u_img.device)
-        return index, self.u_img[state_index].to(img.device), self.u_txt[state_index].to(img.device)
+        state = {kind: torch.stack([getattr(self, name)[state_index] for name in BUFFERS[kind]]).to(img.device)
+                 for kind in self._kinds}
+        return index, state
 
     @torch.no_grad()
-    def _write_state(self, index, u_img_new, u_txt_new) -> None:
-        """Store the new state of the samples ``index`` (only once a step has succeeded)."""
+    def _write_state(self, index, state: dict) -> None:
+        """Store the new state ``[2, B]`` per kind of the samples ``index`` (only once a step has succeeded)."""
         state_index = index.to(self.u_img.device)
-        self.u_img[state_index] = u_img_new.to(device=self.u_img.device, dtype=self.u_img.dtype)
-        self.u_txt[state_index] = u_txt_new.to(device=self.u_txt.device, dtype=self.u_txt.dtype)
+        for kind in self._kinds:
+            for k, name in enumerate(BUFFERS[kind]):
+                buf = getattr(self, name)
+                buf[state_index] = state[kind][k].to(device=buf.device, dtype=buf.dtype)
 
-    def forward(self, img, txt, index, logit_scale, ref_img=None, ref_txt=None):
+    def _options(self, logit_scale, state) -> dict:
+        """The keyword arguments of the evaluation of this module's form."""
+        if self.temperature == "individual":
+            if logit_scale is not None:
+                raise ValueError("logit_scale: expected None with temperature='individual' (the module owns the "
+                                 f"per-sample temperatures), got {type(logit_scale).__name__}")
+            tau_state = TauState(state["tau"], state["bound"], state["m"], state["v"]) if state is not None else None
+            return dict(logit_scale=None, tau_state=tau_state,
+                        tau_options=check_tau_options(**self.tau_hyper, epoch=self._epoch))
+        if logit_scale is None:
+            raise TypeError("logit_scale: expected a positive float, a 1-element floating tensor or a pair "
+                            "(s_img, s_txt) of them with temperature='global', got None")
+        return dict(logit_scale=logit_scale, multiply_tau=self.multiply_tau)
+
+    def forward(self, img, txt, index, logit_scale=None, ref_img=None, ref_txt=None):
         options = dict(ref_img=ref_img, ref_txt=ref_txt, gamma=self.gamma, eps=self.eps, rho=self.rho,
                        backend=self.backend)
         if self.process_group is None:
-            index, u_img, u_txt = self._read_state(img, index)
-            loss, u_img_new, u_txt_new = drrho_clip_loss(img, txt, logit_scale, u_img, u_txt, **options)
-            self._write_state(index, u_img_new, u_txt_new)
+            index, state = self._read_state(img, index)
+            form = self._options(logit_scale, state)
+            p = validate(img, txt, form.pop("logit_scale"), state["u"][0], state["u"][1], **options, **form)
+            loss, new = compute_loss(p)
+            self._write_state(index, new)
             return loss
         group = resolve_group(self.process_group)
-        error, u_img, u_txt = None, None, None
+        error, state, form = None, None, {}
         try:
-            index, u_img, u_txt = self._read_state(img, index)
+            index, state = self._read_state(img, index)
+            form = self._options(logit_scale, state)
         except Exception as exc:            # every rank hears of it in the first collective
             error = exc
-        out = distributed_drrho_clip_loss(img, txt, logit_scale, u_img, u_txt, index=index, data_size=self.data_size,
-                                          scheme=self.distributed_scheme, group=group, local_error=error, **options)
-        self._write_state(out.index_all, out.u_img_all, out.u_txt_all)   # every sample of the global batch
+        u = (state["u"][0], state["u"][1]) if state is not None else (None, None)
+        out = distributed_drrho_clip_loss(img, txt, form.pop("logit_scale", logit_scale), *u, index=index,
+                                          data_size=self.data_size, scheme=self.distributed_scheme, group=group,
+                                          local_error=error, **options, **form)
+        self._write_state(out.index_all, out.state_all)   # every sample of the global batch
         return out.loss
 
     def extra_repr(self) -> str:
         return (f"data_size={self.data_size}, gamma={self.gamma_final}, gamma_schedule={self.gamma_schedule!r}, "
                 f"gamma_decay_epochs={self.gamma_decay_epochs}, rho={self.rho}, eps={self.eps}, "
-                f"backend={self.backend!r}, state_device={self.state_device}, epoch={self._epoch}")
+                f"backend={self.backend!r}, state_device={self.state_device}, epoch={self._epoch}, "
+                f"temperature={self.temperature!r}"
+                + (f", tau_init={self.tau_init}, {', '.join(f'{k}={v}' for k, v in self.tau_hyper.items())}"
+                   if self.temperature == "individual" else f", multiply_tau={self.multiply_tau}"))

@@ -343,8 +343,53 @@ def _job_jest(spec: dict, rank: int, world: int) -> dict:
                 cond=[v for k, v in records if k == "logits"], where=where)
 
 
-_JOBS = {"sogclr": _job_sogclr, "fastclip": _job_fastclip, "jest": _job_jest}
-_NEEDS = {"sogclr": (DRRHO_ENV,), "fastclip": (FASTCLIP_ENV,), "jest": (DRRHO_ENV,)}
+def _job_package_individual(spec: dict, rank: int, world: int) -> dict:
+    """This package's per-sample temperatures on the steps of a ``fastclip`` spec, in the same ranks: the
+    distributed call (``scheme`` "gather_u" or "gather_grad"; with ``distributed=False`` the one-process
+    functional) with float64 tables kept here (fast_clip's start: tau = float32(tau_init), the rest 0)."""
+    import numpy as np
+
+    from drrho_kernels._inputs import TauOptions, TauState
+    from drrho_kernels._math import gamma_at_epoch
+    from drrho_kernels.distributed import distributed_drrho_clip_loss
+    from drrho_kernels.functional import individual_clip_loss
+    h = spec["hyper"]
+    n = spec["data_size"]
+    tables = {k: torch.zeros(2, n, dtype=torch.float64) for k in ("u", "tau", "bound", "m", "v")}
+    tables["tau"].fill_(float(np.float32(h["tau_init"])))
+    records = []
+    for step in spec["steps"]:
+        N = step["img"].shape[0]
+        sl = _rank_rows(N, rank, world)
+        index = step["index"][sl]
+        img = step["img"][sl].detach().clone().requires_grad_()
+        txt = step["txt"][sl].detach().clone().requires_grad_()
+        gamma = gamma_at_epoch(step["epoch"], h["gamma"], h["gamma_schedule"], h["gamma_decay_epochs"])
+        state = TauState(*(tables[k][:, index] for k in ("tau", "bound", "m", "v")))
+        options = TauOptions(lr=h["lr_tau"], beta1=h["beta1"], beta2=h["beta2"], eps=h["eps_tau"], tau_min=0.01,
+                             tau_max=1.0, grad_clamp=5.0, epoch=step["epoch"])
+        common = dict(gamma=gamma, eps=h["eps"], rho=h["rho"], backend=spec.get("backend", "torch"))
+        u = tables["u"][:, index]
+        if spec.get("distributed", True):
+            out = distributed_drrho_clip_loss(img, txt, None, u[0], u[1], index=index, data_size=n,
+                                              scheme=spec.get("scheme", "gather_u"), tau_state=state,
+                                              tau_options=options, **common)
+            loss, new, where = out.loss, out.state_all, out.index_all
+        else:
+            loss, u_img, u_txt, tau_new = individual_clip_loss(img, txt, u[0], u[1], state, options, **common)
+            new = dict(u=torch.stack([u_img, u_txt]), tau=tau_new.tau, bound=tau_new.bound, m=tau_new.m, v=tau_new.v)
+            where = index
+        loss.backward()
+        for k in tables:
+            tables[k][:, where] = new[k].detach().to(torch.float64)
+        rec = dict(loss=loss.item(), d_img=img.grad.clone(), d_txt=txt.grad.clone())
+        rec.update({k: tables[k].clone() for k in tables})
+        records.append(rec)
+    return dict(steps=records)
+
+
+_JOBS = {"sogclr": _job_sogclr, "fastclip": _job_fastclip, "jest": _job_jest, "package_individual": _job_package_individual}
+_NEEDS = {"sogclr": (DRRHO_ENV,), "fastclip": (FASTCLIP_ENV,), "jest": (DRRHO_ENV,), "package_individual": ()}
 
 
 def _run_all(jobs: dict, rank: int, world: int) -> dict:

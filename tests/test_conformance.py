@@ -400,3 +400,156 @@ def test_transpose_trick_equals_the_general_path(backend, ref, dtype):
     folded = ops.backward(backend, gain, gain, general.tiles, own, False)
     for a, b in zip(trick[:2], folded[:2]):
         torch.testing.assert_close(a, b, rtol=rtol, atol=rtol)
+
+
+# ---------------------------------------------------------------------------------------------
+# The temperature family (SPEC 2.1): per-direction scales, multiply_tau off, per-sample temperatures.
+# Truth: tests/family_oracle.py (independent float64 NumPy, checked against the authors' code).
+
+FORM_CASES = ["single-ref-B6-d5", "single-B37-d40-dr23", "single-s100", "single-special-u", "dist-ref-B5-N23-d17-dr9",
+              "dist-offset-end-B4-N19", "dist-eps1e-4-s100"]
+
+
+def run_form(case: Case, backend: str, dtype, form: str, s_txt: float | None):
+    """``run`` for a global temperature form: ``form`` "no_multiply_tau" or "per_direction" (``s_txt``)."""
+    device = DEVICES[backend]
+    kw = case.kwargs(dtype=dtype)
+    for k in EMBEDDINGS:
+        if kw[k] is not None:
+            kw[k] = kw[k].to(device)
+    leaves = ["img", "txt"] + (["img_all", "txt_all"] if kw["img_all"] is not None else [])
+    for k in leaves:
+        kw[k].requires_grad_(True)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    kw["u_img"], kw["u_txt"] = (kw[k].to(device=device, dtype=acc) for k in ("u_img", "u_txt"))
+    scales = [torch.tensor(float(v), dtype=acc, device=device, requires_grad=True)
+              for v in ((case.logit_scale, s_txt) if form == "per_direction" else (case.logit_scale,))]
+    loss, u_img, u_txt = dk.drrho_clip_loss(logit_scale=tuple(scales) if len(scales) == 2 else scales[0],
+                                            backend=backend, multiply_tau=form != "no_multiply_tau", **kw)
+    grads = torch.autograd.grad(loss, [kw[k] for k in leaves] + scales)
+    out = dict(loss=loss.item(), u_img=u_img, u_txt=u_txt, **{"d_" + k: g for k, g in zip(leaves, grads)})
+    out.update(dict(zip(("d_s_img", "d_s_txt") if len(scales) == 2 else ("d_s",), (g.item() for g in grads[len(leaves):]))))
+    return {k: (v.detach().double().cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
+
+
+def _scale_error(got: float, want: dict, k: str, s: float, rho: float) -> float:
+    """dL/ds_k = (A_k - U_k - rho) / s_k^2 per direction: the metric of docs/SPEC.md, Appendix A."""
+    terms = (abs(want[f"A_{k}"]) + abs(want[f"U_{k}"]) + rho) / s ** 2
+    return abs(got - want[f"d_s_{k}"]) / (abs(want[f"d_s_{k}"]) + 1e-3 * terms)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("form", ["no_multiply_tau", "per_direction", "per_direction_tied"])
+@pytest.mark.parametrize("name", FORM_CASES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_temperature_form_matches_oracle(backend, name, form, dtype):
+    from family_oracle import global_oracle
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("float64 resolves to the torch backend")
+    case = rounded(CASES[name](), dtype)
+    s_txt = case.logit_scale * (0.6 if form == "per_direction" else 1.0)
+    oracle_form = "no_multiply_tau" if form == "no_multiply_tau" else "per_direction"
+    want = global_oracle(case, form=oracle_form, scale_txt=s_txt if oracle_form == "per_direction" else None)
+    got = run_form(case, backend, dtype, "per_direction" if form.startswith("per_direction") else form, s_txt)
+    tol = TOLERANCES[dtype]
+    errors = {k: rel_err(got[k], want[k], dtype if k.startswith("d_i") or k.startswith("d_t") else None)
+              for k in ("loss", "u_img", "u_txt", "d_img", "d_txt", "d_img_all", "d_txt_all") if k in got}
+    if form == "no_multiply_tau":
+        errors["d_s"] = rel_err(got["d_s"], want["d_s"])              # (A_I + A_T) / s: no cancellation
+    else:
+        errors["d_s_img"] = _scale_error(got["d_s_img"], want, "img", case.logit_scale, case.rho)
+        errors["d_s_txt"] = _scale_error(got["d_s_txt"], want, "txt", s_txt, case.rho)
+    for k, err in errors.items():
+        bound = {"loss": tol.loss}.get(k, tol.state if k.startswith("u_") else
+                                       tol.scale if k.startswith("d_s") else tol.grad)
+        assert err <= bound, f"{backend} {name} {form} {k}: {err:.2e} > {bound:.0e} ({errors})"
+
+
+def test_tied_pair_gives_the_single_scales_embedding_gradients_and_the_seeds_scale_gradient():
+    """Passing the same tensor twice: embedding gradients equal the global form's; the scale gradient is
+    the seed's, sum_k (A_k - U_k - rho) / s^2, not the released code's (A - U/2 - rho) / s^2."""
+    from family_oracle import global_oracle
+    case = make_case(B=7, d=6, dr=4, seed=5)
+    s = torch.tensor(float(case.logit_scale), dtype=torch.float64, requires_grad=True)
+    kw = case.kwargs(requires_grad=True)
+    img, txt = kw.pop("img"), kw.pop("txt")
+    kw["u_img"], kw["u_txt"] = kw["u_img"].double(), kw["u_txt"].double()
+    tied, _, _ = dk.drrho_clip_loss(img, txt, (s, s), backend="torch", **kw)
+    g_tied = torch.autograd.grad(tied, [img, txt, s])
+    single, _, _ = dk.drrho_clip_loss(img, txt, s, backend="torch", **kw)
+    g_single = torch.autograd.grad(single, [img, txt, s])
+    for a, b in zip(g_tied[:2], g_single[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    want = global_oracle(case, form="per_direction")
+    assert abs(g_tied[2].item() - want["d_s"]) <= 1e-10 * abs(want["d_s"])
+    assert abs(g_single[2].item() - g_tied[2].item()) > 1e-3 * abs(want["d_s"])    # the two gradients differ
+
+
+def _tau_states(B: int, seed: int, mixed: bool = True):
+    """Per-direction fast_clip states (float64): temperatures 0.01 (s = 100) next to 1.0 (s = 1) when
+    ``mixed``, linear u with unset entries (0, NaN, inf, below 1e-35), bounds, Adam moments."""
+    from family_oracle import TauState as OracleState
+    g = np.random.default_rng(seed)
+    states = []
+    for _ in range(2):
+        tau = g.uniform(0.02, 0.5, B)
+        if mixed:
+            tau[::3], tau[1::3] = 0.01, 1.0
+        u = g.uniform(1e-3, 2.0, B)
+        u[:4] = [0.0, np.nan, np.inf, 1e-40][: min(4, B)]
+        states.append(OracleState(tau, u, g.uniform(0.0, 3.0, B), g.normal(0.0, 0.5, B), g.uniform(0.0, 0.5, B)))
+    return states
+
+
+def run_individual(case: Case, states, backend, dtype, epoch, options):
+    from drrho_kernels._inputs import TauState, TauOptions
+    from drrho_kernels.functional import individual_clip_loss
+    device = DEVICES[backend]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    kw = case.kwargs(dtype=dtype)
+    for k in EMBEDDINGS:
+        if kw[k] is not None:
+            kw[k] = kw[k].to(device)
+    img, txt = kw.pop("img").requires_grad_(), kw.pop("txt").requires_grad_()
+    kw.pop("u_img"), kw.pop("u_txt")
+    pair = lambda name: torch.tensor(np.stack([getattr(s, name) for s in states]), dtype=acc, device=device)  # noqa: E731
+    state = TauState(pair("tau"), pair("b"), pair("m"), pair("v"))
+    opts = TauOptions(epoch=epoch, **options)
+    u = pair("u")
+    loss, u_img, u_txt, new = individual_clip_loss(img, txt, u[0], u[1], state, opts, backend=backend, **kw)
+    d_img, d_txt = torch.autograd.grad(loss, [img, txt])
+    out = dict(loss=loss.item(), d_img=d_img, d_txt=d_txt, u_img=u_img, u_txt=u_txt)
+    for name, ours in (("tau", "tau"), ("b", "bound"), ("m", "m"), ("v", "v")):
+        out[f"{name}_img"], out[f"{name}_txt"] = getattr(new, ours)
+    return {k: (v.detach().double().cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
+
+
+INDIVIDUAL_OPTIONS = dict(lr=0.0133, beta1=0.9, beta2=0.999, eps=1e-8, tau_min=0.01, tau_max=1.0, grad_clamp=5.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("epoch", [0, 1, 2])
+@pytest.mark.parametrize("ref", [True, False], ids=["ref", "noref"])
+@pytest.mark.parametrize("backend", FUSED)
+def test_individual_temperatures_match_fast_clip(backend, ref, epoch, dtype):
+    """Per-sample temperatures, one process: fast_clip's loss value, embedding gradients and new tables
+    (tau, u, b, m, v), with s = 100 next to s = 1 in the same tile and reset entries of u; with a
+    reference model every margin is RHO-shifted (no released code does this)."""
+    from family_oracle import individual_oracle
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("float64 resolves to the torch backend")
+    B = 19
+    case = rounded(make_case(B=B, d=13, dr=9, ref=ref, seed=21 + epoch, gamma=0.7), dtype)
+    case = dataclasses.replace(case, eps=1e-6)
+    states = _tau_states(B, seed=epoch)
+    options = dict(INDIVIDUAL_OPTIONS, lr=0.05)
+    want = individual_oracle(case, *states, epoch=epoch, lr_tau=options["lr"], beta1=options["beta1"],
+                             beta2=options["beta2"], eps_tau=options["eps"], tau_min=options["tau_min"],
+                             tau_max=options["tau_max"], grad_clamp=options["grad_clamp"])
+    got = run_individual(case, states, backend, dtype, epoch, options)
+    tol = TOLERANCES[dtype]
+    for k in ("loss", "d_img", "d_txt", "u_img", "u_txt", "tau_img", "tau_txt", "b_img", "b_txt", "m_img", "m_txt",
+              "v_img", "v_txt"):
+        bound = tol.loss if k == "loss" else tol.grad if k.startswith("d_") else max(tol.state, 10 * tol.loss)
+        err = rel_err(got[k], want[k], dtype if k.startswith("d_") else None)
+        assert err <= bound, f"{backend} epoch {epoch} {k}: {err:.2e} > {bound:.0e}"

@@ -4,7 +4,9 @@ One spawn per world size (W = 2 and 4) runs every scenario in the workers, which
 the tests compare them with the single-process loss on the concatenated batch: the ranks' mean loss,
 every embedding gradient of that mean (what DDP's averaging yields), the averaged logit-scale
 gradient, the new u (identical on every rank), both schemes, with and without a reference model,
-the module's state, the bytes passed to the collectives, and errors raised on every rank.
+the module's state, the bytes passed to the collectives, and errors raised on every rank. Every
+temperature form (SPEC 2.1): per-direction scales, multiply_tau off, per-sample temperatures. The truth
+is the tests' own float64 oracle (tests/family_oracle.py) of the concatenated batch, never the package.
 """
 from __future__ import annotations
 
@@ -21,27 +23,53 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 import drrho_kernels as dk  # noqa: E402
+import family_oracle as fo  # noqa: E402
 from drrho_kernels import distributed as ddk  # noqa: E402
+from drrho_kernels.backends import triton_interpreter  # noqa: E402
+from spec_oracle import Case  # noqa: E402
 
 B, D, DR, SCALE, GAMMA, RHO = 3, 6, 4, 7.0, 0.8, 8.0
 WORLD_SIZES = (2, 4)
 
 
+SCALE_TXT = 4.5                 # the text anchors' scale of the per-direction cases
+TAU_OPTIONS = dict(lr=0.03, beta1=0.9, beta2=0.98, eps=1e-6, tau_min=0.01, tau_max=1.0, grad_clamp=5.0, epoch=1)
+
+
 def value_cases():
     cases = []
-    fused = [("torch", torch.float64), ("triton", torch.float32)]   # triton: the interpreter, CPU tensors
+    fused = [("torch", torch.float64)]
+    if triton_interpreter():            # the workers run Triton on CPU tensors: only in its interpreter
+        fused.append(("triton", torch.float32))
     if "cpp" in dk.available_backends("cpu"):
         fused.append(("cpp", torch.float64))
     for backend, dtype in fused + [("reference", torch.float64)]:
         for scheme in ddk.SCHEMES:
             for ref in (True, False):
-                cases.append(dict(backend=backend, dtype=dtype, scheme=scheme, ref=ref))
+                cases.append(dict(backend=backend, dtype=dtype, scheme=scheme, ref=ref, form="multiply_tau"))
+    for backend, dtype in fused:
+        for scheme in ddk.SCHEMES:
+            for form in ("per_direction", "no_multiply_tau", "individual"):
+                cases.append(dict(backend=backend, dtype=dtype, scheme=scheme, ref=True, form=form))
     return cases
 
 
 def case_name(c) -> str:
-    return f"{c['backend']}-{c['scheme']}-{'ref' if c['ref'] else 'noref'}"
+    form = "" if c["form"] == "multiply_tau" else f"-{c['form']}"
+    return f"{c['backend']}-{c['scheme']}-{'ref' if c['ref'] else 'noref'}{form}"
+
+
+def tau_tables(world: int, batch: int = B):
+    """Per-sample temperature state of the concatenated batch, per direction: fast_clip's tables."""
+    g = np.random.default_rng(world)
+    n = world * batch
+    tau = g.uniform(0.02, 0.3, (2, n))
+    tau[:, ::3] = 0.01                    # s = 100 next to s = 3..50
+    return dict(tau=tau, u=g.uniform(0.0, 2.0, (2, n)), bound=g.uniform(0.0, 2.0, (2, n)),
+                m=g.normal(0.0, 0.3, (2, n)), v=g.uniform(0.0, 0.3, (2, n)))
 
 
 def global_data(world: int, dtype=torch.float64, seed: int = 0, batch: int = B):
@@ -70,20 +98,36 @@ def _shard(data, rank, batch=B):
 
 
 def _run_value_case(rank, world, c):
+    from drrho_kernels._inputs import TauOptions, TauState
     data = global_data(world, c["dtype"])
     mine = _shard(data, rank)
     img = mine["img"].requires_grad_()
     txt = mine["txt"].requires_grad_()
-    s = torch.tensor(SCALE, dtype=c["dtype"], requires_grad=True)
+    acc = torch.float64 if c["dtype"] == torch.float64 else torch.float32
+    s = torch.tensor(SCALE, dtype=acc, requires_grad=True)
+    s_txt = torch.tensor(SCALE_TXT, dtype=acc, requires_grad=True)
     refs = dict(ref_img=mine["ref_img"], ref_txt=mine["ref_txt"]) if c["ref"] else {}
+    form = dict(multiply_tau=c["form"] != "no_multiply_tau")
+    scales, leaves = s, [img, txt, s]
+    if c["form"] == "per_direction":
+        scales, leaves = (s, s_txt), [img, txt, s, s_txt]
+    u_img, u_txt = mine["u_img"], mine["u_txt"]
+    if c["form"] == "individual":
+        rows = slice(rank * B, (rank + 1) * B)
+        tables = {k: torch.tensor(v[:, rows], dtype=acc) for k, v in tau_tables(world).items()}
+        form = dict(tau_state=TauState(tables["tau"], tables["bound"], tables["m"], tables["v"]),
+                    tau_options=TauOptions(**TAU_OPTIONS))
+        scales, leaves, (u_img, u_txt) = None, [img, txt], tables["u"]
     with ddk.count_bytes() as log:
         out = ddk.distributed_drrho_clip_loss(
-            img, txt, s, mine["u_img"], mine["u_txt"], index=mine["index"], data_size=10 * world * B,
-            gamma=GAMMA, rho=RHO, backend=c["backend"], scheme=c["scheme"], **refs)
-        d_img, d_txt, d_s = torch.autograd.grad(out.loss, [img, txt, s])
-    return dict(loss=out.loss.item(), d_img=d_img, d_txt=d_txt, d_s=d_s.item(), u_img=out.u_img_new,
-                u_txt=out.u_txt_new, u_img_all=out.u_img_all, u_txt_all=out.u_txt_all, index_all=out.index_all,
-                bytes=list(log))
+            img, txt, scales, u_img, u_txt, index=mine["index"], data_size=10 * world * B,
+            gamma=GAMMA, rho=RHO, backend=c["backend"], scheme=c["scheme"], **refs, **form)
+        grads = torch.autograd.grad(out.loss, leaves)
+    result = dict(loss=out.loss.item(), d_img=grads[0], d_txt=grads[1], u_img=out.u_img_new, u_txt=out.u_txt_new,
+                  u_img_all=out.u_img_all, u_txt_all=out.u_txt_all, index_all=out.index_all,
+                  state_all={k: v.double() for k, v in out.state_all.items()}, bytes=list(log))
+    result.update(zip(("d_s", "d_s_txt"), (g.item() for g in grads[2:])))
+    return result
 
 
 MODULE_STEPS = 2
@@ -214,18 +258,30 @@ def runs(request, tmp_path_factory):
     return world, results
 
 
-def _single(world, dtype, ref, backend="torch"):
-    """The single-process loss on the concatenated batch (the contract's truth)."""
+def _single(world, dtype, ref, form="multiply_tau"):
+    """The oracle of the concatenated batch (the contract's truth: the tests' own float64 statement)."""
     data = global_data(world, dtype)
-    img = data["img"].clone().requires_grad_()
-    txt = data["txt"].clone().requires_grad_()
-    s = torch.tensor(SCALE, dtype=dtype, requires_grad=True)
-    refs = dict(ref_img=data["ref_img"], ref_txt=data["ref_txt"]) if ref else {}
-    loss, u_img, u_txt = dk.drrho_clip_loss(img, txt, s, data["u_img"], data["u_txt"], gamma=GAMMA, rho=RHO,
-                                            backend=backend, **refs)
-    d_img, d_txt, d_s = torch.autograd.grad(loss, [img, txt, s])
-    return dict(loss=loss.item(), d_img=d_img, d_txt=d_txt, d_s=d_s.item(), u_img=u_img, u_txt=u_txt,
-                index=data["index"])
+    case = Case(img=data["img"].double(), txt=data["txt"].double(), logit_scale=SCALE, u_img=data["u_img"],
+                u_txt=data["u_txt"], ref_img=data["ref_img"].double() if ref else None,
+                ref_txt=data["ref_txt"].double() if ref else None, gamma=GAMMA, rho=RHO)
+    if form == "individual":
+        n = world * B
+        tables = tau_tables(world)
+        states = [fo.TauState(*(tables[k][d].copy() for k in ("tau", "u", "bound", "m", "v"))) for d in range(2)]
+        opts = {k: v for k, v in TAU_OPTIONS.items() if k not in ("lr", "eps")}
+        want = fo.individual_oracle(case, *states, lr_tau=TAU_OPTIONS["lr"], eps_tau=TAU_OPTIONS["eps"], **opts)
+        state_all = {k: np.stack([want[f"{name}_img"], want[f"{name}_txt"]]) for k, name in
+                     (("u", "u"), ("tau", "tau"), ("bound", "b"), ("m", "m"), ("v", "v"))}
+        return dict(loss=want["loss"], d_img=want["d_img"], d_txt=want["d_txt"], u_img=want["u_img"],
+                    u_txt=want["u_txt"], index=data["index"], state_all=state_all, n=n)
+    want = fo.global_oracle(case, form=form, scale_txt=SCALE_TXT if form == "per_direction" else None)
+    out = dict(loss=want["loss"], d_img=want["d_img"], d_txt=want["d_txt"], u_img=want["u_img"],
+               u_txt=want["u_txt"], index=data["index"])
+    if form == "per_direction":
+        out.update(d_s=want["d_s_img"], d_s_txt=want["d_s_txt"])
+    else:
+        out["d_s"] = want["d_s"]
+    return out
 
 
 def _rel(got, want) -> float:
@@ -240,18 +296,25 @@ MAX_DEV: dict[str, float] = {}
 def test_mean_loss_gradients_and_u_match_single_process(runs, case):
     world, results = runs
     per_rank = [r["values"][case_name(case)] for r in results]
-    want = _single(world, torch.float64, case["ref"])
+    data_dtype = torch.float32 if case["dtype"] == torch.float32 else torch.float64
+    want = _single(world, data_dtype, case["ref"], case["form"])
     tol = 1e-9 if case["dtype"] == torch.float64 else 1e-4
     # DDP averages gradients: the gradient of the mean loss is each rank's gradient / W.
     got = dict(
         loss=sum(r["loss"] for r in per_rank) / world,
-        d_s=sum(r["d_s"] for r in per_rank) / world,
         d_img=torch.cat([r["d_img"] for r in per_rank]) / world,
         d_txt=torch.cat([r["d_txt"] for r in per_rank]) / world,
         u_img=torch.cat([r["u_img"] for r in per_rank]),
         u_txt=torch.cat([r["u_txt"] for r in per_rank]),
     )
+    for key in ("d_s", "d_s_txt"):
+        if key in want:
+            got[key] = sum(r[key] for r in per_rank) / world
     errs = {k: _rel(got[k], want[k]) for k in got}
+    if "state_all" in want:            # per-sample temperatures: every table of the global batch
+        for k, v in want["state_all"].items():
+            errs["state_" + k] = _rel(per_rank[0]["state_all"][k], v)
+            assert all(torch.equal(r["state_all"][k], per_rank[0]["state_all"][k]) for r in per_rank[1:]), k
     MAX_DEV[f"W{world}-{case_name(case)}"] = max(errs.values())
     print(f"W={world} {case_name(case)}: max rel dev {max(errs.values()):.2e} {errs}")
     for key, err in errs.items():
@@ -271,7 +334,9 @@ def test_bytes_passed_to_collectives_match_the_formula(runs, case):
     world, results = runs
     scheme = case["scheme"] if case["backend"] != "reference" else "gather_grad"  # reference falls back
     want = ddk.bytes_per_step(B, world, D, DR if case["ref"] else None, scheme=scheme, dtype=case["dtype"],
-                              state_dtype=torch.float64, index=True)
+                              state_dtype=torch.float32 if case["form"] == "individual" and case["dtype"] == torch.float32
+                              else torch.float64,
+                              index=True, temperature="individual" if case["form"] == "individual" else "global")
     for rank, r in enumerate(results):
         log = r["values"][case_name(case)]["bytes"]
         got_parts = {}
@@ -293,7 +358,9 @@ def test_bytes_formula_by_hand():
     assert a["features"] == b["features"] == feats == a["reference"] == b["reference"]
     assert a["backward"] == feats and b["backward"] == 0
     assert a["state"] == 7 * 256 * 2 * 4 and b["state"] == 7 * 256 * 3 * 4
-    assert a["forward"] == 7 * 13 * 8 + 7 * 256 * 8 + 2 * feats + a["state"]
+    assert a["forward"] == 7 * ddk.META_LEN * 8 + 7 * 256 * 8 + 2 * feats + a["state"]
+    c = ddk.bytes_per_step(256, 8, 512, 512, scheme="gather_u", dtype=torch.bfloat16, temperature="individual")
+    assert c["state"] == 7 * 256 * (2 * 5 + 1 + 4) * 4      # five arrays per direction, margins, old scales, norms
     assert b["total"] < a["total"]
     assert ddk.bytes_per_step(256, 1, 512, 512)["total"] == 0      # one process sends nothing
 
@@ -302,20 +369,25 @@ def test_bytes_formula_by_hand():
 def test_module_state_identical_on_every_rank_and_equal_to_single_process(runs, scheme):
     world, results = runs
     per_rank = [r["modules"][scheme] for r in results]
-    single = dk.DRRhoCLIPLoss(data_size=10 * world * B, gamma=GAMMA, rho=RHO, gamma_decay_epochs=3,
-                              backend="torch")
+    from spec_oracle import oracle
+    n_data = 10 * world * B
+    u_img, u_txt = torch.zeros(n_data, dtype=torch.float64), torch.zeros(n_data, dtype=torch.float64)
     shared_index = _module_batches(world)[0]["index"]
     for step, data in enumerate(_module_batches(world)):
-        single.set_epoch(step)
-        loss = single(data["img"], data["txt"], shared_index, torch.tensor(SCALE, dtype=torch.float64),
-                      ref_img=data["ref_img"], ref_txt=data["ref_txt"])
+        gamma = fo.sogclr_gamma(step, GAMMA, "cosine", 3)
+        case = Case(img=data["img"], txt=data["txt"], logit_scale=SCALE, u_img=u_img[shared_index].float(),
+                    u_txt=u_txt[shared_index].float(), ref_img=data["ref_img"], ref_txt=data["ref_txt"], gamma=gamma,
+                    rho=RHO)
+        want = oracle(case)
         mean = sum(r["losses"][step] for r in per_rank) / world
-        assert abs(mean - loss.item()) <= 1e-9 * abs(loss.item()), (step, mean, loss.item())
+        assert abs(mean - want["loss"]) <= 1e-9 * abs(want["loss"]), (step, mean, want["loss"])
+        u_img[shared_index] = torch.from_numpy(want["u_img"]).float().double()     # the module's state is float32
+        u_txt[shared_index] = torch.from_numpy(want["u_txt"]).float().double()
     for r in per_rank:
         assert torch.equal(r["u_img"], per_rank[0]["u_img"]) and torch.equal(r["u_txt"], per_rank[0]["u_txt"])
     assert (per_rank[0]["u_img"][shared_index] != 0).all()
-    torch.testing.assert_close(per_rank[0]["u_img"], single.u_img, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(per_rank[0]["u_txt"], single.u_txt, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(per_rank[0]["u_img"].double(), u_img, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(per_rank[0]["u_txt"].double(), u_txt, rtol=1e-6, atol=1e-7)
 
 
 EXPECTED_ERRORS = {

@@ -1,5 +1,6 @@
 """DRRhoCLIPLoss: state handling, gamma schedule, checkpoints, failed steps."""
 import io
+import math
 
 import pytest
 import torch
@@ -174,3 +175,120 @@ def test_state_moves_to_the_first_batch_device():
 def test_repr_names_the_settings():
     text = repr(dk.DRRhoCLIPLoss(5, rho=11.0, backend="torch"))
     assert "data_size=5" in text and "rho=11.0" in text and "backend='torch'" in text
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-sample temperatures (temperature="individual")
+
+def pairs(B=6, seed=0):
+    """``(img, txt, ref_img, ref_txt)`` of :func:`batch`."""
+    b = batch(B=B, seed=seed)
+    return b["img"], b["txt"], b["ref_img"], b["ref_txt"]
+
+
+INDIVIDUAL = ("u_img", "u_txt", "tau_img", "tau_txt", "bound_img", "bound_txt", "tau_m_img", "tau_m_txt",
+              "tau_v_img", "tau_v_txt")
+
+
+def test_individual_state_buffers_and_their_updates():
+    crit = dk.DRRhoCLIPLoss(30, temperature="individual", tau_init=0.05, backend="torch")
+    assert crit.state_names == INDIVIDUAL
+    for name in INDIVIDUAL:
+        buf = getattr(crit, name)
+        assert buf.dtype == torch.float32 and buf.shape == (30,) and name in crit.state_dict()
+    assert bool((crit.tau_img == 0.05).all()) and not crit.u_img.any()
+    img, txt, ref_img, ref_txt = pairs(B=6)
+    img.requires_grad_()
+    index = torch.tensor([1, 5, 7, 11, 20, 29])
+    before = {k: getattr(crit, k).clone() for k in INDIVIDUAL}
+    loss = crit(img, txt, index, ref_img=ref_img, ref_txt=ref_txt)
+    loss.backward()
+    assert torch.isfinite(img.grad).all() and img.grad.abs().sum() > 0
+    others = torch.ones(30, dtype=torch.bool)
+    others[index] = False
+    for name in INDIVIDUAL:
+        assert torch.equal(getattr(crit, name)[others], before[name][others]), name   # only the batch's entries
+    assert not torch.equal(crit.tau_img[index], before["tau_img"][index])
+    assert bool((crit.u_img[index] > 0).all()) and bool((crit.bound_img[index] >= 0).all())
+    # epoch 0: betas are 0, so each temperature moves by about lr (a signed step: m_hat / sqrt(v_hat) = +-1)
+    step = (crit.tau_img[index] - 0.05).abs()
+    torch.testing.assert_close(step, torch.full_like(step, 0.0133), rtol=1e-4, atol=1e-6)
+    assert "temperature='individual'" in repr(crit) and "tau_lr=0.0133" in repr(crit)
+
+
+def test_individual_resumes_bit_exact_from_a_checkpoint(tmp_path):
+    def run(crit, steps, start=0):
+        g = torch.Generator().manual_seed(7)
+        losses = []
+        for step in range(start + steps):
+            img, txt, ref_img, ref_txt = pairs(B=5, seed=step)
+            index = torch.randperm(12, generator=g)[:5]
+            crit.set_epoch(step // 2)
+            if step >= start:
+                losses.append(crit(img, txt, index, ref_img=ref_img, ref_txt=ref_txt).detach())
+        return losses
+
+    a = dk.DRRhoCLIPLoss(12, temperature="individual", backend="torch")
+    run(a, 3)
+    torch.save(a.state_dict(), tmp_path / "ckpt.pt")
+    tail_a = run(a, 3, start=3)
+    b = dk.DRRhoCLIPLoss(12, temperature="individual", backend="torch")
+    b.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True))
+    tail_b = run(b, 3, start=3)
+    assert all(torch.equal(x, y) for x, y in zip(tail_a, tail_b))
+    for name in INDIVIDUAL:
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+BAD_TEMPERATURES = [
+    ("pair-nonpositive", dict(), dict(logit_scale=(5.0, 0.0)), ValueError, "logit_scale[1]"),
+    ("pair-nonfinite", dict(), dict(logit_scale=(torch.tensor(math.inf), 5.0)), ValueError, "logit_scale[0]"),
+    ("pair-of-three", dict(), dict(logit_scale=(5.0, 5.0, 5.0)), ValueError, "pair"),
+    ("nested-pair", dict(), dict(logit_scale=((5.0, 5.0), 5.0)), TypeError, "logit_scale[0]"),
+    ("two-element-tensor", dict(), dict(logit_scale=torch.ones(2)), ValueError, "1-element"),
+    ("missing-scale", dict(), dict(logit_scale=None), TypeError, "logit_scale"),
+    ("scale-with-individual", dict(temperature="individual"), dict(logit_scale=torch.tensor(5.0)), ValueError,
+     "temperature='individual'"),
+]
+
+
+@pytest.mark.parametrize("name,ctor,call,exc,words", BAD_TEMPERATURES, ids=[b[0] for b in BAD_TEMPERATURES])
+def test_bad_temperature_arguments_leave_the_state_bit_identical(name, ctor, call, exc, words):
+    crit = dk.DRRhoCLIPLoss(20, backend="torch", **ctor)
+    crit.set_epoch(1)
+    crit(*pairs(B=6)[:2], torch.arange(6), **({} if ctor else dict(logit_scale=5.0)))     # some state
+    before = {k: v.clone() for k, v in crit.state_dict().items() if isinstance(v, torch.Tensor)}
+    img, txt = pairs(B=6)[:2]
+    with pytest.raises(exc) as info:
+        crit(img, txt, torch.arange(6), **call)
+    assert words in str(info.value)
+    for k, v in crit.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("kwargs,exc,words", [
+    (dict(tau_init=0.001), ValueError, "tau_init"), (dict(tau_init=2.0), ValueError, "tau_init"),
+    (dict(tau_lr=0.0), ValueError, "tau_lr"), (dict(tau_lr=-1.0), ValueError, "tau_lr"),
+    (dict(tau_betas=(1.0, 0.9)), ValueError, "tau_betas[0]"), (dict(tau_betas=(0.9, -0.1)), ValueError, "tau_betas[1]"),
+    (dict(tau_betas=0.9), TypeError, "tau_betas"), (dict(tau_eps=0.0), ValueError, "tau_eps"),
+    (dict(tau_range=(0.5, 0.1)), ValueError, "tau_range[1]"), (dict(tau_grad_clamp=0.0), ValueError, "tau_grad_clamp"),
+    (dict(temperature="per_sample"), ValueError, "temperature"), (dict(multiply_tau=1), TypeError, "multiply_tau"),
+])
+def test_individual_constructor_checks(kwargs, exc, words):
+    kwargs.setdefault("temperature", "individual")
+    with pytest.raises(exc, match=words.replace("[", r"\[").replace("]", r"\]")):
+        dk.DRRhoCLIPLoss(10, **kwargs)
+
+
+def test_per_direction_and_no_multiply_tau_through_the_module():
+    """The module passes the pair and multiply_tau through: the same numbers as the functional call."""
+    img, txt, ref_img, ref_txt = pairs(B=6)
+    pair = (torch.tensor(7.0, requires_grad=True), torch.tensor(12.0, requires_grad=True))
+    for multiply_tau in (True, False):
+        crit = dk.DRRhoCLIPLoss(10, backend="torch", multiply_tau=multiply_tau, gamma_schedule="constant")
+        loss = crit(img, txt, torch.arange(6), pair, ref_img=ref_img, ref_txt=ref_txt)
+        want, u_img, _ = dk.drrho_clip_loss(img, txt, pair, torch.zeros(6), torch.zeros(6), ref_img=ref_img,
+                                            ref_txt=ref_txt, gamma=0.8, backend="torch", multiply_tau=multiply_tau)
+        torch.testing.assert_close(loss, want, rtol=0, atol=0)
+        torch.testing.assert_close(crit.u_img[:6], u_img, rtol=0, atol=0)
