@@ -1,16 +1,10 @@
-"""Baselines every benchmark compares with, in one place.
+"""Baselines every benchmark compares with (the GEMM floor is ``benchmarks.steps.Floor``).
 
-- :func:`unfused_drrho_loss`: the DRRho-CLIP loss computed the way the authors' released
-  ``SogCLRLoss.forward`` (Optimization-AI/DRRho-CLIP, ``src/fast_clip/loss.py``) computes it in one
-  process: it materializes the target and reference similarity matrices of both directions, the
-  one-hot mask and its complement, the shifted differences, the log-sum-exp inputs, the weights and
-  the weighted products, about a dozen ``[B, N]`` matrices, and lets autograd differentiate.
-  Written here from their sequence of operations (no code copied).
-- :func:`clip_cross_entropy`: plain CLIP loss (open_clip's ``ClipLoss``: symmetric cross-entropy of
-  ``s x t^T``), which materializes the logits.
-- :func:`gemm_floor`: the six ``[B, d] x [d, N]``-sized matrix products a DRRho-CLIP step cannot do
-  without (forward target and reference similarities, their recomputation, the two weighted
-  products), timed through torch: the arithmetic floor.
+- :func:`unfused_drrho_loss`: the loss as the authors' released ``SogCLRLoss.forward``
+  (Optimization-AI/DRRho-CLIP, ``src/fast_clip/loss.py``) computes it in one process, rewritten from
+  their sequence of operations (no code copied): about a dozen ``[B, N]`` matrices (similarities of both
+  directions, masks, shifted differences, weights, weighted products) and autograd.
+- :func:`clip_cross_entropy`: open_clip's plain CLIP loss (cross-entropy of ``s x t^T`` both ways).
 """
 from __future__ import annotations
 
@@ -77,19 +71,3 @@ def clip_cross_entropy(img, txt, logit_scale):
     labels = torch.arange(img.shape[0], device=img.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
-
-def gemm_floor(img, txt, ref_img, ref_txt):
-    """The six GEMM-sized products of one step, through torch: the arithmetic floor.
-
-    Forward target and reference similarities ``[B, N]``, their recomputation in the backward, and
-    the two weighted products ``P T`` ``[B, d]`` and ``P^T x`` ``[N, d]``. Without a reference the
-    reference products are skipped (four products). ``img``/``ref_img`` are the rows, ``txt``/``ref_txt``
-    the columns.
-    """
-    sim = img @ txt.T
-    if ref_img is not None:
-        ref_sim = ref_img @ ref_txt.T
-    sim = img @ txt.T
-    if ref_img is not None:
-        ref_sim = ref_img @ ref_txt.T        # noqa: F841 (timed, not used)
-    return sim @ txt, sim.T @ img

@@ -1,19 +1,14 @@
-"""Measurement helpers shared by every benchmark: timing, peak memory, run metadata, JSON output.
+"""The timing harness and the memory measurements every benchmark uses, and the run's metadata.
 
-Timing: on the CPU, wall-clock of repeated runs after warm-up, reported as median and 20th/80th
-percentiles; on CUDA, ``triton.testing.do_bench`` (which synchronises and flushes the L2).
+Time (:func:`time_steps`): the steps of one shape *interleaved*, one warm-up each, then rounds in
+which each runs once, so that a slow spell of a shared machine hits all alike. A sample runs
+``step.prepare()`` untimed (mode ``backward``: a fresh forward; on CUDA also an L2 flush), then
+times the callable it returns (``time.perf_counter``; on CUDA, events after a synchronisation).
 
-Peak extra memory on the CPU is read from the kernel's resident-set high-water mark in a fresh
-process: the step is built and run once (warm-up), then the high-water mark is reset
-(``/proc/self/clear_refs``), the step runs again and ``VmHWM - VmRSS_before`` is its peak above
-what was live before (inputs, warmed-up thread pools). The gradients every implementation must
-return are subtracted (``output_bytes``), so "extra" is the working memory of the loss itself.
-The child runs with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then maps every large block
-separately and unmaps it when freed, so RSS follows live memory. Without it glibc's dynamic
-threshold moves freed multi-MiB blocks into its heap and keeps them resident, and a loss that
-allocates many 16 MiB chunk temporaries shows several times its live working set (measured here:
-559 MiB instead of 64 MiB for the torch backend at B = N = 8192, d = 16).
-On CUDA the same quantity comes from ``torch.cuda.max_memory_allocated``.
+Peak extra memory (:func:`peak_extra_rss`), in a fresh process: the step runs, the resident high-water
+mark is reset (``/proc/self/clear_refs``), the step runs again; ``VmHWM - VmRSS(before)`` minus the
+gradients it returns (``output_bytes``). ``MALLOC_MMAP_THRESHOLD_=65536`` makes glibc unmap freed large
+blocks (RSS follows live memory). CUDA (:func:`cuda_peak_extra`): ``torch.cuda.max_memory_allocated``.
 """
 from __future__ import annotations
 
@@ -23,6 +18,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -33,167 +29,148 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+LONG_STEP_S = 2.0     # a CPU step this long is warm after its first run: the warm-up is kept as a sample
+_L2_FLUSH = {}
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "unknown"
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def is_oom(error, returncode: int = 0) -> bool:
+    """An exception (or a child's stderr text and exit code) that means out of memory."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    text = str(error).lower()
+    return returncode in (-9, 137) or any(s in text for s in ("out of memory", "memoryerror", "can't allocate memory",
+                                                                "cannot allocate memory"))
 
 
 def git_commit() -> str:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
+        return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "-uno") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
-def cpu_model() -> str:
+def machine_info(device: str = "cpu") -> dict:
+    """Who measured what where: device, threads, versions, commit, date, load."""
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict:
-    """Who measured what where: device, threads, versions, commit, date."""
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": git_commit(), "python": platform.python_version(), "torch": torch.__version__, "triton": None,
+            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
+            "load_average": os.getloadavg(), "triton_interpreter": os.environ.get("TRITON_INTERPRET")}
     try:
         import triton
         info["triton"] = triton.__version__
     except ImportError:
-        info["triton"] = None
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
+        pass
+    if device == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
+                    gpu_memory_bytes=torch.cuda.get_device_properties(0).total_memory)
+    else:
+        from drrho_kernels.backends import cpp
+        info["cpp_build"] = {k: v for k, v in cpp.build_info().items() if k != "parallel"}
     return info
-
-
-def time_cpu(fn, *, warmup: int = 1, repeat: int = 5, min_time: float = 0.0) -> dict:
-    """Median and 20/80 percentiles (seconds) of ``repeat`` runs (more until ``min_time`` is spent)."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    start = time.perf_counter()
-    while len(samples) < repeat or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return summarize(samples)
-
-
-def time_interleaved(steps: dict, rounds: int, *, wall: dict | None = None, on_round=None) -> dict:
-    """``rounds`` rounds in which every step runs once, in order, so that a slow spell of a shared
-    machine hits all of them alike. Returns ``{"wall": {key: [s]}, "cpu": {key: [s]}, "errors":
-    {key: exception}}`` (process CPU time beside the wall clock). A step that raises is dropped from
-    later rounds and its exception recorded. ``wall`` seeds samples (e.g. a warm-up run kept as one);
-    a step that already has ``rounds`` samples is not run again. ``on_round(r, wall)`` after each round."""
-    steps = dict(steps)
-    wall = {key: list((wall or {}).get(key, [])) for key in steps}
-    cpu: dict = {key: [] for key in steps}
-    errors: dict = {}
-    for r in range(rounds):
-        for key, step in list(steps.items()):
-            if len(wall[key]) >= rounds:
-                continue
-            c0, t0 = time.process_time(), time.perf_counter()
-            try:
-                step()
-            except Exception as exc:                   # noqa: BLE001 (the caller decides what a failure means)
-                del steps[key]
-                errors[key] = exc
-                continue
-            wall[key].append(time.perf_counter() - t0)
-            cpu[key].append(time.process_time() - c0)
-        if on_round is not None:
-            on_round(r, wall)
-    return {"wall": wall, "cpu": cpu, "errors": errors}
 
 
 def summarize(samples) -> dict:
     samples = sorted(samples)
+
     def pct(q):
         k = (len(samples) - 1) * q
         lo, hi = int(k), min(int(k) + 1, len(samples) - 1)
         return samples[lo] + (samples[hi] - samples[lo]) * (k - lo)
-    return {"median_s": statistics.median(samples), "p20_s": pct(0.2), "p80_s": pct(0.8), "n": len(samples)}
+    return {"median_s": statistics.median(samples), "p20_s": pct(0.2), "p80_s": pct(0.8), "n_repeat": len(samples)}
 
 
-def time_cuda(fn, *, warmup_ms: int = 25, rep_ms: int = 100) -> dict:
-    from triton.testing import do_bench
-    p50, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-    return {"median_s": p50 / 1e3, "p20_s": p20 / 1e3, "p80_s": p80 / 1e3}
+def timed(step, device: str = "cpu") -> float:
+    """Seconds of one sample: ``step.prepare()`` untimed, then the callable it returns, timed."""
+    if device != "cuda":
+        fn = step.prepare()
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    if "buf" not in _L2_FLUSH:
+        _L2_FLUSH["buf"] = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    fn = step.prepare()
+    _L2_FLUSH["buf"].zero_()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def time_steps(steps: dict, *, device: str = "cpu", repeat: int = 7, min_repeat: int = 3,
+               budget: float | None = None) -> dict:
+    """``{key: summary | exception}`` of ``steps`` (``{key: step}``): a warm-up run each (on CUDA it compiles
+    and autotunes; a long CPU one is kept as a sample, ``first_run_counted``), then ``repeat`` rounds, fewer
+    (>= ``min_repeat``) if the slowest warm-up x ``repeat`` exceeds ``budget`` s. A step that raises drops out."""
+    first, samples, failed = {}, {}, {}
+    for r in range(-1, repeat):                        # round -1: the warm-up runs
+        for key, step in steps.items():
+            if key in failed or len(samples.get(key, ())) >= repeat:
+                continue
+            try:
+                t = timed(step, device)
+            except Exception as exc:                   # noqa: BLE001 (a failing step is a result)
+                failed[key] = exc
+                continue
+            if r < 0:
+                first[key], samples[key] = t, [t] if device == "cpu" and t >= LONG_STEP_S else []
+            else:
+                samples[key].append(t)
+        if r < 0 and budget and first and max(first.values()) * repeat > budget:
+            repeat = max(min_repeat, int(budget / max(max(first.values()), 1e-9)))
+    return {**{k: {**summarize(samples[k]), "first_run_counted": first[k] >= LONG_STEP_S and device == "cpu"}
+               for k in first if k not in failed}, **failed}
 
 
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _resolve(target: str):
-    module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def _prefer_oom_kill() -> None:
-    """Make this (measurement) process the kernel OOM killer's first choice, not a neighbour's."""
-    try:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("1000")
-    except OSError:
-        pass
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def _measure_here(target: str, kwargs: dict) -> dict:
-    """Run inside the fresh process: ``target(**kwargs)`` returns ``(step, output_bytes)``."""
-    step, output_bytes = _resolve(target)(**kwargs)
+    """In the fresh process: ``target(**kwargs)`` returns ``(step, output_bytes)``."""
+    module, name = target.split(":")
+    step, output_bytes = getattr(importlib.import_module(module), name)(**kwargs)
     step()
     gc.collect()
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")                                     # reset VmHWM to the current RSS
+        f.write("5")                                   # reset VmHWM to the current RSS
     step()
-    peak = _status_kib("VmHWM")
-    raw = (peak - before) * 1024
+    raw = (_status_kib("VmHWM") - before) * 1024
     return {"peak_raw_bytes": raw, "output_bytes": output_bytes, "peak_extra_bytes": max(raw - output_bytes, 0)}
 
 
-def _is_oom(returncode: int, stderr: str) -> bool:
-    text = stderr.lower()
-    return (returncode in (-9, 137) or "out of memory" in text or "memoryerror" in text
-            or "can't allocate memory" in text or "cannot allocate memory" in text)
-
-
 def peak_extra_rss(target: str, kwargs: dict, *, threads: int | None = None, timeout: float = 1800) -> dict:
-    """Peak extra resident memory of one step, measured in a fresh Python process.
-
-    ``target`` is ``"module:function"``; the function takes ``kwargs`` and returns ``(step, output_bytes)``.
-    Returns ``{"peak_extra_bytes", "peak_raw_bytes", "output_bytes"}`` or ``{"error": "OOM" | message}``
-    (a process killed by the OOM killer or failing to allocate is "OOM"). Raises
-    ``subprocess.TimeoutExpired`` after ``timeout`` seconds.
-    """
+    """Peak extra resident memory of one step in a fresh Python process (``target``: ``"module:function"``
+    returning ``(step, output_bytes)``). Returns ``{"peak_extra_bytes", "peak_raw_bytes", "output_bytes"}``
+    or ``{"error": "OOM" | message}``; raises ``subprocess.TimeoutExpired`` after ``timeout`` seconds."""
     env = dict(os.environ)
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [sys.executable, "-m", "benchmarks.harness", target, json.dumps(kwargs)]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.harness", target, json.dumps(kwargs)], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-        return {"error": "OOM" if _is_oom(proc.returncode, proc.stderr or "") else tail[0]}
+        return {"error": "OOM" if is_oom(proc.stderr or "", proc.returncode) else tail[0]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -209,13 +186,10 @@ def cuda_peak_extra(step, output_bytes: int) -> dict:
     return {"peak_raw_bytes": raw, "output_bytes": output_bytes, "peak_extra_bytes": max(raw - output_bytes, 0)}
 
 
-def save_json(name: str, payload: dict) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / name
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    return path
-
-
 if __name__ == "__main__":
-    _prefer_oom_kill()
+    try:                       # this measurement process is the OOM killer's first choice, not a neighbour
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
     print(json.dumps(_measure_here(sys.argv[1], json.loads(sys.argv[2]))))

@@ -5,9 +5,9 @@
 //
 // The schemas, fake (meta) implementations and autograd are defined once, on the Python side
 // (drrho_kernels/ops.py, called by drrho_kernels/backends/cpp.py before this library is imported);
-// this file only implements them (TORCH_LIBRARY_IMPL), so torch.compile and torch.library.opcheck
-// see these ops like any other. The dispatcher infers each kernel's schema from its C++ signature
-// and refuses to register one that does not match the definition.
+// this file only implements them (a torch::Library of kind IMPL, see register_kernels), so torch.compile
+// and torch.library.opcheck see these ops like any other. The dispatcher infers each kernel's schema from
+// its C++ signature and refuses to register one that does not match the definition.
 //
 // The Python module itself only carries build information and the tiling knobs.
 #include <torch/extension.h>
@@ -16,12 +16,21 @@
 #include "cpu/fused_loss.h"
 #include "cpu/vec_loops.h"
 
-TORCH_LIBRARY_IMPL(drrho, CPU, m) {
-  m.impl("cpp_fwd", &drrho::cpu::fused_fwd);
-  m.impl("cpp_bwd", &drrho::cpu::fused_bwd);
-}
-
 namespace {
+
+// The CPU kernels of drrho::cpp_fwd / cpp_bwd, registered when Python asks (drrho_kernels/backends/cpp.py,
+// right after defining the ops), not in a static initializer: a build whose signatures do not match
+// the schemas defined in Python then raises a RuntimeError at import (and the package falls back to the
+// torch backend with a warning) instead of aborting the process.
+void register_kernels() {
+  static std::unique_ptr<torch::Library> library;
+  if (library) return;
+  auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, "drrho", c10::DispatchKey::CPU, __FILE__,
+                                              __LINE__);
+  lib->impl("cpp_fwd", &drrho::cpu::fused_fwd);
+  lib->impl("cpp_bwd", &drrho::cpu::fused_bwd);
+  library = std::move(lib);
+}
 
 pybind11::dict build_info() {
   pybind11::dict info;
@@ -64,7 +73,9 @@ at::Tensor vexp(const at::Tensor& x) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.doc() = "DRRho-CLIP fused CPU kernels; importing registers drrho::cpp_fwd and drrho::cpp_bwd.";
+  module.doc() = "DRRho-CLIP fused CPU kernels: register_kernels() implements drrho::cpp_fwd and drrho::cpp_bwd.";
+  module.def("register_kernels", &register_kernels,
+             "Register the CPU kernels of drrho::cpp_fwd / cpp_bwd (defined on the Python side; once).");
   module.def("build_info", &build_info,
              "Build and run-time facts: torch version built against, compiler, OpenMP, SIMD level, tiling.");
   module.def(

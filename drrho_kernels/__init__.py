@@ -4,10 +4,12 @@ Public API: :func:`drrho_clip_loss` (functional, pure), :class:`DRRhoCLIPLoss` (
 per-sample state) and :func:`available_backends`. Importing touches no GPU.
 """
 from .backends import available_backends
-from .functional import drrho_clip_loss
+from .functional import LossOutput, PerSample, drrho_clip_loss
 from .module import DRRhoCLIPLoss
 from .reference_features import ReferenceFeatures
 from .risk import DRRhoRisk, drrho_risk
+from .selection import jest_select, rho_select
 
-__all__ = ["drrho_clip_loss", "DRRhoCLIPLoss", "available_backends", "ReferenceFeatures", "drrho_risk", "DRRhoRisk"]
+__all__ = ["drrho_clip_loss", "DRRhoCLIPLoss", "available_backends", "PerSample", "LossOutput", "ReferenceFeatures", "drrho_risk", "DRRhoRisk",
+           "jest_select", "rho_select"]
 __version__ = "0.1.0"

@@ -50,8 +50,11 @@ class TileInputs:
     ref_img_all: Tensor | None = _arg("Tensor?")    # [N, dr]  Xr  reference columns
     ref_txt_all: Tensor | None = _arg("Tensor?")    # [N, dr]  Tr
     scale: Tensor = _arg("Tensor")                  # [2, B]   s of each row anchor, per direction (acc dtype)
-    offset: int = _arg("int")                       # row i is column p(i) = offset + i
+    offset: int = _arg("int")                       # row i is column p(i) = offset + i; N: no row is a column
     columns_are_rows: bool = _arg("bool")
+    distill_scale: float = _arg("float")            # t_d, the teacher's scale (with_distill)
+    with_distill: bool = _arg("bool")               # also the student and teacher statistics (SPEC 2.2)
+    with_alone: bool = _arg("bool")                 # also the target-alone and reference-alone statistics
 
     @property
     def batch(self) -> int:
@@ -70,8 +73,24 @@ class TileInputs:
         return self.ref_img.shape[1] if self.ref_img is not None else 0
 
     @property
+    def n_stats(self) -> int:
+        """Rows of the forward's statistics per direction (``STATS``)."""
+        return len(STATS) if self.with_distill or self.with_alone else 3
+
+    @property
     def acc_dtype(self) -> torch.dtype:
         return accumulation_dtype(self.img.dtype)
+
+
+# The forward's statistics per direction and anchor, over the anchor's negatives (``stats[k, r, i]``). With
+# y = <row, col> the target's and z = <ref row, ref col> the reference's similarity, y_i, z_i the pair's own:
+#   M, E, F        d = s (y - z - (y_i - z_i))              the DRRho statistics (always)
+#   Mt, Et, Ft     d = s (y - y_i)                           the target alone (distillation's student too)
+#   Mp, Ep, Gp     d = t_d (z - z_i), Gp = sum exp(d - Mp) y  the teacher (with_distill)
+#   Mr, Er, Fr     d = s (z - z_i)                           the reference alone (with_alone)
+# with the online form M = max d, E = sum exp(d - M), F = sum exp(d - M) d. Rows 3.. only when asked
+# (with_distill or with_alone; groups not asked for may hold anything).
+STATS = ("M", "E", "F", "Mt", "Et", "Ft", "Mp", "Ep", "Gp", "Mr", "Er", "Fr")
 
 
 @dataclass(frozen=True)
@@ -89,10 +108,18 @@ class Weights:
     col_scale: Tensor | None = _arg("Tensor?")      # [2, N]  the column anchors' scales
     col_log_norm: Tensor | None = _arg("Tensor?")   # [2, N]
     col_margin: Tensor | None = _arg("Tensor?")     # [N]
+    lse_q: Tensor | None = _arg("Tensor?")          # [2, B]  distillation: log-sum-exp of s y over all columns
+    lse_p: Tensor | None = _arg("Tensor?")          # [2, B]  ... and of t_d z (the teacher)
+    col_lse_q: Tensor | None = _arg("Tensor?")      # [2, N]  the fold's column anchors' (gather_u)
+    col_lse_p: Tensor | None = _arg("Tensor?")      # [2, N]
 
     @property
     def fold(self) -> bool:
         return self.col_log_norm is not None
+
+    @property
+    def distill(self) -> bool:
+        return self.lse_q is not None
 
 
 TEMPERATURES = ("global", "per_direction", "individual")
@@ -154,6 +181,8 @@ class LossInputs:
     eps: float
     rho: float
     backend: str                # resolved: "reference", "torch", "cpp" or "triton"
+    distill_weight: float = 0.0 # lambda of SPEC 2.2 (tiles.distill_scale is the teacher's scale)
+    per_sample: bool = False    # return the per-anchor values (SPEC 2.3)
 
     @property
     def batch(self) -> int:

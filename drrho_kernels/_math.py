@@ -23,8 +23,10 @@ __all__ = [
     "ma_update",
     "log_eps_plus_mean_exp",
     "gamma_at_epoch",
-    "pair_margin",
+    "positive_similarities",
     "finish",
+    "finish_extras",
+    "finish_individual",
     "assemble_loss",
 ]
 
@@ -83,22 +85,19 @@ def gamma_at_epoch(epoch: int, gamma: float, schedule: str, decay_epochs: int) -
     return 0.5 * (1.0 + math.cos(math.pi * epoch / decay_epochs)) * (1.0 - gamma) + gamma
 
 
-def pair_margin(img: torch.Tensor, txt: torch.Tensor, ref_img: torch.Tensor | None,
-                ref_txt: torch.Tensor | None, chunk_rows: int = 4096) -> torch.Tensor:
-    """``<x_i, t_i> - <xr_i, tr_i>`` per row, accumulated in float32 (float64 for float64).
-
-    Rows are processed in chunks so that half inputs never need a full float32 copy.
-    Returned detached: the margin enters the weights, which are constants for autograd.
-    """
+def positive_similarities(img: torch.Tensor, txt: torch.Tensor, ref_img: torch.Tensor | None,
+                          ref_txt: torch.Tensor | None, chunk_rows: int = 4096) -> torch.Tensor:
+    """``[2, B]``: the pairs' own similarities ``<x_i, t_i>`` and ``<xr_i, tr_i>`` (0 without a reference),
+    accumulated in float32 (float64 for float64); the margin is their difference. Rows are processed in
+    chunks so that half inputs never need a full float32 copy. Detached."""
     acc = accumulation_dtype(img.dtype)
-    out = torch.empty(img.shape[0], dtype=acc, device=img.device)
+    out = torch.zeros(2, img.shape[0], dtype=acc, device=img.device)
     with torch.no_grad():
         for r0 in range(0, img.shape[0], chunk_rows):
             r1 = min(r0 + chunk_rows, img.shape[0])
-            m = (img[r0:r1].to(acc) * txt[r0:r1].to(acc)).sum(-1)
+            out[0, r0:r1] = (img[r0:r1].to(acc) * txt[r0:r1].to(acc)).sum(-1)
             if ref_img is not None:
-                m -= (ref_img[r0:r1].to(acc) * ref_txt[r0:r1].to(acc)).sum(-1)
-            out[r0:r1] = m
+                out[1, r0:r1] = (ref_img[r0:r1].to(acc) * ref_txt[r0:r1].to(acc)).sum(-1)
     return out
 
 
@@ -115,10 +114,41 @@ def finish(stats: torch.Tensor, u_old: torch.Tensor, n_columns: int, eps: float,
 
     Returns ``(u_new, wsum, wdsum)``, each ``[2, B]`` in the dtype of ``stats``.
     """
-    top, sumexp, sumexp_d = stats.unbind(1)
+    top, sumexp, sumexp_d = stats[:, :3].unbind(1)
     u_new = ma_update(u_old, log_eps_plus_mean_exp(top, sumexp, n_columns, eps), gamma)
     scale = torch.exp(top - u_new)
     return u_new, scale * sumexp, scale * sumexp_d
+
+
+def finish_extras(stats: torch.Tensor, positives: torch.Tensor, scale: torch.Tensor, distill_scale: float,
+                  n_columns: int, eps: float) -> dict:
+    """Distillation terms and per-anchor losses from the statistics' rows 3.. (``_inputs.STATS``).
+
+    With ``y``, ``z`` the target's and the reference's similarities, ``y_i``, ``z_i`` the pair's own
+    (``positives``), ``s`` the anchor's scale and ``t_d`` the teacher's (SPEC 2.2, 2.3), per direction:
+
+        lse_q = log sum_j exp(s y_j)            (all columns: the negatives' statistics plus the positive)
+        lse_p = log sum_j exp(t_d z_j)          q = exp(s y - lse_q), p = exp(t_d z - lse_p)
+        h     = H(p, q) = lse_q - s sum_j p_j y_j                     (the distillation cross-entropy)
+        h_ds  = d h / d s = sum_j (q_j - p_j) y_j
+        target = (1/s) log(eps + (1/N) sum_{j != p(i)} exp(s (y_j - y_i)))    (the target alone)
+        reference = (1/s) log(eps + (1/N) sum_{j != p(i)} exp(s (z_j - z_i)))  (the reference alone)
+
+    Returns a dict of ``[2, B]`` tensors (``lse_q``, ``lse_p``, ``h``, ``h_ds``, ``target``, ``reference``).
+    """
+    mt, et, ft, mp, ep, gp, mr, er, _ = stats[:, 3:12].unbind(1)
+    y, z = positives[0], positives[1]
+    s = scale.to(stats.dtype)
+    # d = s (y_j - y_i) over the negatives; the positive adds exp(0) at the same shift.
+    neg_t = mt + torch.log(et)
+    lse_q = s * y + torch.logaddexp(neg_t, torch.zeros_like(neg_t))
+    q_y = torch.exp(neg_t + s * y - lse_q) * (ft / et / s + y) + torch.exp(s * y - lse_q) * y
+    neg_p = mp + torch.log(ep)
+    lse_p = distill_scale * z + torch.logaddexp(neg_p, torch.zeros_like(neg_p))
+    p_y = torch.exp(mp + distill_scale * z - lse_p) * gp + torch.exp(distill_scale * z - lse_p) * y
+    return dict(lse_q=lse_q, lse_p=lse_p, h=lse_q - s * p_y, h_ds=q_y - p_y,
+                target=log_eps_plus_mean_exp(mt, et, n_columns, eps) / s,
+                reference=log_eps_plus_mean_exp(mr, er, n_columns, eps) / s)
 
 
 RESET_BELOW = 1e-35      # the individual form restarts a linear-domain u below this (fast_clip's rule)
@@ -167,7 +197,7 @@ def finish_individual(stats: torch.Tensor, u_old: torch.Tensor, tau: torch.Tenso
 
 
 def assemble_loss(phi: torch.Tensor, temperature, u_new: torch.Tensor, rho: float, n_columns: int,
-                  wsum: torch.Tensor | None = None) -> torch.Tensor:
+                  wsum: torch.Tensor | None = None, distill_weight: float = 0.0) -> torch.Tensor:
     """The scalar loss from ``phi[k] = sum_ij w^k_ij d^k_ij`` (``[2]``) for the temperature form (SPEC 2.1).
 
     ``phi`` carries the autograd graph of ``sum w d`` with ``w`` held constant (its derivative in a scale is
@@ -180,19 +210,23 @@ def assemble_loss(phi: torch.Tensor, temperature, u_new: torch.Tensor, rho: floa
         individual                value (1/(B(N-1))) sum_ki wsum_ki, gradient of (A_I + A_T) / 2
 
     (individual: fast_clip's value, with the gradient of its two halves, anchors and negatives, each
-    half of the full derivative; ``wsum`` is then required).
+    half of the full derivative; ``wsum`` is then required). ``phi[:, 1]`` carries the distillation
+    cross-entropies (``sum_i H^k_i``): ``D = (1/(2B)) sum_k phi[k, 1]`` adds ``distill_weight * D / s_``
+    (multiply_tau; per direction each half over its own ``s_k_``) or ``distill_weight * D`` (SPEC 2.2).
     """
     batch = u_new.shape[-1]
     per_pair = 1.0 / (batch * (n_columns - 1))
+    contrast, distill = phi[:, 0], phi[:, 1] * (distill_weight / (2 * batch))
     if temperature.kind == "individual":
-        carrier = phi.sum() * (0.5 * per_pair)
+        carrier = contrast.sum() * (0.5 * per_pair)
         return wsum.detach().sum() * per_pair + (carrier - carrier.detach())
     if not temperature.multiply_tau:
-        return phi.sum() * per_pair
+        return contrast.sum() * per_pair + distill.sum()
     s_img = temperature.scale_img.reshape(()).to(phi.dtype)
     u_mean = u_new.detach().mean(-1)
     if temperature.kind == "global":
-        return (phi.sum() * per_pair / s_img.detach() + rho / s_img + u_mean.sum() / (2 * s_img))
+        return ((contrast.sum() * per_pair + distill.sum()) / s_img.detach() + rho / s_img
+                + u_mean.sum() / (2 * s_img))
     s_txt = temperature.scale_txt.reshape(()).to(phi.dtype)
-    return ((phi[0] * per_pair / s_img.detach() + (u_mean[0] + rho) / s_img)
-            + (phi[1] * per_pair / s_txt.detach() + (u_mean[1] + rho) / s_txt))
+    return (((contrast[0] * per_pair + distill[0]) / s_img.detach() + (u_mean[0] + rho) / s_img)
+            + ((contrast[1] * per_pair + distill[1]) / s_txt.detach() + (u_mean[1] + rho) / s_txt))

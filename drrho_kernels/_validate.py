@@ -211,8 +211,22 @@ def _check_reference(name: str, x, rows: int, width: int | None, img: torch.Tens
     return x
 
 
+def check_distill(distill_weight, distill_scale, has_ref: bool, temperature: str) -> tuple[float, float]:
+    """``distill_weight >= 0`` (> 0 needs a reference model: the teacher) and a teacher scale ``> 0``."""
+    weight = check_real("distill_weight", distill_weight, low=0.0, low_open=False, high_open=True)
+    scale = check_real("distill_scale", distill_scale, low=0.0, low_open=True, high_open=True)
+    if weight > 0 and not has_ref:
+        raise ValueError(f"distill_weight: expected 0 without a reference model (the teacher's features are "
+                         f"ref_img, ref_txt), got {weight!r}")
+    if weight > 0 and temperature == "individual":
+        raise ValueError("distill_weight: distillation is defined for the global and per-direction temperatures "
+                         f"(the authors' SogCLRLoss), not with temperature='individual'; got {weight!r}")
+    return weight, scale
+
+
 def check_rows(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_txt=None, gamma=0.8, eps=1e-14,
-               rho=8.0, backend="auto", multiply_tau=True, tau_state=None, tau_options=None) -> LossInputs:
+               rho=8.0, backend="auto", multiply_tau=True, tau_state=None, tau_options=None, distill_weight=0.0,
+               distill_scale=100.0, per_sample=False) -> LossInputs:
     """Every check that needs only this process's rows, scale, state and options.
 
     Returns the problem with the rows as its own columns (one process: N = B, ``columns_are_rows``);
@@ -251,9 +265,14 @@ def check_rows(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_txt=Non
     for arg, x in (("img", img), ("txt", txt), ("ref_img", ref_img), ("ref_txt", ref_txt)):
         if x is not None:
             check_finite(arg, x)
+    distill_weight, distill_scale = check_distill(distill_weight, distill_scale, ref_img is not None,
+                                                  temperature.kind)
+    if not isinstance(per_sample, bool):
+        raise TypeError(f"return_per_sample: expected a bool, got {_describe(per_sample)}")
     tiles = TileInputs(img, txt, img, txt, ref_img, ref_txt, ref_img, ref_txt,
-                       row_scales(temperature, batch, accumulation_dtype(img.dtype)), 0, True)
-    return LossInputs(tiles, temperature, u_img, u_txt, gamma, eps, rho, name)
+                       row_scales(temperature, batch, accumulation_dtype(img.dtype)), 0, True, distill_scale,
+                       distill_weight > 0 or (per_sample and ref_img is not None), per_sample)
+    return LossInputs(tiles, temperature, u_img, u_txt, gamma, eps, rho, name, distill_weight, per_sample)
 
 
 def row_scales(t: Temperature, batch: int, acc: torch.dtype) -> torch.Tensor:
@@ -324,11 +343,13 @@ def check_offset(offset, batch: int, n_columns: int) -> int:
 
 def validate(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_txt=None, img_all=None,
              txt_all=None, ref_img_all=None, ref_txt_all=None, offset=0, gamma=0.8, eps=1e-14,
-             rho=8.0, backend="auto", multiply_tau=True, tau_state=None, tau_options=None) -> LossInputs:
+             rho=8.0, backend="auto", multiply_tau=True, tau_state=None, tau_options=None, distill_weight=0.0,
+             distill_scale=100.0, per_sample=False) -> LossInputs:
     """Check every argument of :func:`drrho_kernels.drrho_clip_loss`; return the problem."""
     p = check_rows(img, txt, logit_scale, u_img, u_txt, ref_img=ref_img, ref_txt=ref_txt, gamma=gamma, eps=eps,
                    rho=rho, backend=backend, multiply_tau=multiply_tau, tau_state=tau_state,
-                   tau_options=tau_options)
+                   tau_options=tau_options, distill_weight=distill_weight, distill_scale=distill_scale,
+                   per_sample=per_sample)
     if img_all is None and txt_all is None:
         if ref_img_all is not None or ref_txt_all is not None:
             raise ValueError("ref_img_all and ref_txt_all: expected None when img_all and txt_all are "

@@ -40,12 +40,13 @@ a ring or tree implementation sends about as many::
               indices (if given)   k * B * 8              k * B * 8
               features x, t        k * B * 2d * e         k * B * 2d * e
               reference xr, tr     k * B * 2dr * e        k * B * 2dr * e
-              new state            k * B * 2 n * su       k * B * (2 n + 1 [+ 4]) * a
+              new state            k * B * 2 n * su       k * B * (2 n + 1 [+ 4] [+ 4]) * a
     backward  column gradients     k * B * 2d * e         0
 
 ``n``: state arrays per direction (1: ``u``; 5 with per-sample temperatures: ``u``, ``tau``, bound,
 two Adam moments). ``gather_u`` adds the margins and, with per-sample temperatures, the columns' old
-scales and weight normalisers per direction (the fold's column anchors).
+scales and weight normalisers per direction (the fold's column anchors); with distillation the
+columns' two log-sum-exps per direction.
 
 :func:`bytes_per_step` evaluates this table; :func:`count_bytes` records what the code actually
 passes to the collectives (the tests check that they agree). Every collective used
@@ -90,9 +91,9 @@ __all__ = ["SCHEMES", "DistributedLoss", "distributed_drrho_clip_loss", "bytes_p
            "resolve_group", "check_distributed_args"]
 
 SCHEMES = ("gather_u", "gather_grad")
-META_LEN = 14          # entries of the metadata vector (float64) all-gathered first
+META_LEN = 16          # entries of the metadata vector (float64) all-gathered first
 _META_FIELDS = ("ok", "B", "d", "has_ref", "dr", "dtype", "u_dtype", "has_index", "scheme",
-                "gamma", "eps", "rho", "temperature", "multiply_tau")
+                "gamma", "eps", "rho", "temperature", "multiply_tau", "distill_weight", "distill_scale")
 STATE_ARRAYS = {"global": ("u",), "per_direction": ("u",), "individual": ("u", "tau", "bound", "m", "v")}
 _DTYPES = FLOAT_DTYPES + tuple(d for d in STATE_DTYPES if d not in FLOAT_DTYPES)
 
@@ -215,7 +216,7 @@ def _meta(p, index, scheme) -> list[float]:
     return [1.0, p.batch, p.tiles.img.shape[1], float(p.tiles.has_ref), p.tiles.ref_dim if p.tiles.has_ref else -1,
             _DTYPES.index(p.tiles.img.dtype), _DTYPES.index(p.u_img.dtype), float(index is not None),
             SCHEMES.index(scheme), p.gamma, p.eps, p.rho, TEMPERATURES.index(p.temperature.kind),
-            float(p.temperature.multiply_tau)]
+            float(p.temperature.multiply_tau), p.distill_weight, p.tiles.distill_scale]
 
 
 def _describe_values(values, ranks) -> str:
@@ -253,6 +254,8 @@ def _agree(meta: torch.Tensor, rank: int, local_error: BaseException | None) -> 
         ("temperature", "logit_scale", "the same temperature form on every rank (global, per direction or "
          "individual)", lambda v: repr(TEMPERATURES[int(v)])),
         ("multiply_tau", "multiply_tau", "the same multiply_tau on every rank", lambda v: str(bool(v))),
+        ("distill_weight", "distill_weight", "the same distill_weight on every rank", float),
+        ("distill_scale", "distill_scale", "the same distill_scale on every rank", float),
     ]
     for field, arg, expected, fmt in checks:
         bad, values = differs(field)
@@ -263,7 +266,7 @@ def _agree(meta: torch.Tensor, rank: int, local_error: BaseException | None) -> 
 
 def _step(img, txt, logit_scale, u_img, u_txt, *, ref_img, ref_txt, index, data_size, gamma, eps, rho,
           backend, scheme, group, local_error=None, multiply_tau=True, tau_state=None,
-          tau_options=None) -> DistributedLoss:
+          tau_options=None, distill_weight=0.0, distill_scale=100.0) -> DistributedLoss:
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     meta_row, p = [0.0] * META_LEN, None
     if local_error is None:
@@ -272,7 +275,7 @@ def _step(img, txt, logit_scale, u_img, u_txt, *, ref_img, ref_txt, index, data_
                 raise ValueError(f"distributed_scheme: expected one of {SCHEMES}, got {scheme!r}")
             p = check_rows(img, txt, logit_scale, u_img, u_txt, ref_img=ref_img, ref_txt=ref_txt, gamma=gamma,
                            eps=eps, rho=rho, backend=backend, multiply_tau=multiply_tau, tau_state=tau_state,
-                           tau_options=tau_options)
+                           tau_options=tau_options, distill_weight=distill_weight, distill_scale=distill_scale)
             if index is not None:
                 index = check_index(index, p.batch, data_size if data_size is not None else 2 ** 62)
             meta_row = _meta(p, index, scheme)
@@ -314,15 +317,20 @@ def _step(img, txt, logit_scale, u_img, u_txt, *, ref_img, ref_txt, index, data_
         parts = [terms.state[k] for k in names] + [terms.margin[None]]
         if p.temperature.kind == "individual":
             parts += [q.tiles.scale.detach(), terms.log_norm]
-        packed = _all_gather(torch.cat(parts).T, group, "state")                            # [N, 2 n + 1 (+ 4)]
+        if terms.distill:                   # the column anchors' two log-sum-exps of the distillation
+            parts += [terms.extras["lse_q"], terms.extras["lse_p"]]
+        packed = _all_gather(torch.cat(parts).T, group, "state")            # [N, 2 n + 1 (+ 4) (+ 4)]
         state_all = {k: packed[:, 2 * i:2 * i + 2].T for i, k in enumerate(names)}
         col = 2 * len(names)
+        cols = {}
         if p.temperature.kind == "individual":
             col_scale, col_log_norm = packed[:, col + 1:col + 3].T, packed[:, col + 3:col + 5].T
         else:
             col_scale = q.tiles.scale.detach()[:, :1].expand(2, n_columns)
             col_log_norm = state_all["u"]
-        weights = terms.weights(col_scale=col_scale, col_log_norm=col_log_norm, col_margin=packed[:, col])
+        if terms.distill:
+            cols = dict(col_lse_q=packed[:, -4:-2].T, col_lse_p=packed[:, -2:].T)
+        weights = terms.weights(col_scale=col_scale, col_log_norm=col_log_norm, col_margin=packed[:, col], **cols)
         loss = loss_from_terms(q, terms, weights)
         state = terms.state
     u_img_new, u_txt_new = state_out(q, state["u"])
@@ -334,7 +342,8 @@ def _step(img, txt, logit_scale, u_img, u_txt, *, ref_img, ref_txt, index, data_
 def distributed_drrho_clip_loss(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_txt=None,
                                 index=None, data_size=None, gamma=0.8, eps=1e-14, rho=8.0, backend="auto",
                                 scheme="gather_u", group=None, local_error=None, multiply_tau=True,
-                                tau_state=None, tau_options=None) -> DistributedLoss:
+                                tau_state=None, tau_options=None, distill_weight=0.0,
+                                distill_scale=100.0) -> DistributedLoss:
     """The DRRho-CLIP loss of this process's ``B`` anchors against the global batch of all processes.
 
     Every process of ``group`` must call it at the same step with the same ``B``, ``d``, ``dr``, dtypes,
@@ -357,6 +366,8 @@ def distributed_drrho_clip_loss(img, txt, logit_scale, u_img, u_txt, *, ref_img=
         multiply_tau, tau_state, tau_options: the temperature form, as in
             :func:`drrho_kernels.drrho_clip_loss` and :func:`drrho_kernels.functional.individual_clip_loss`
             (``logit_scale=None`` with a ``tau_state``).
+        distill_weight, distill_scale: the distillation term (SPEC 2.2), as in
+            :func:`drrho_kernels.drrho_clip_loss`; its softmax runs over all N columns of the global batch.
 
     Returns:
         :class:`DistributedLoss`: this process's loss, its anchors' new ``u``, and the new ``u`` of the
@@ -370,7 +381,7 @@ def distributed_drrho_clip_loss(img, txt, logit_scale, u_img, u_txt, *, ref_img=
     return _step(img, txt, logit_scale, u_img, u_txt, ref_img=ref_img, ref_txt=ref_txt, index=index,
                  data_size=data_size, gamma=gamma, eps=eps, rho=rho, backend=backend, scheme=scheme,
                  group=group, local_error=local_error, multiply_tau=multiply_tau, tau_state=tau_state,
-                 tau_options=tau_options)
+                 tau_options=tau_options, distill_weight=distill_weight, distill_scale=distill_scale)
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -380,7 +391,7 @@ def _element_size(dtype: torch.dtype) -> int:
 def bytes_per_step(batch: int, world_size: int, dim: int, ref_dim: int | None = None, *,
                    scheme: str = "gather_u", dtype: torch.dtype = torch.float32,
                    state_dtype: torch.dtype = torch.float32, index: bool = True,
-                   temperature: str = "global") -> dict:
+                   temperature: str = "global", distill: bool = False) -> dict:
     """Bytes one process receives per step in the collectives of ``scheme`` (the table of the module doc).
 
     Args:
@@ -390,6 +401,7 @@ def bytes_per_step(batch: int, world_size: int, dim: int, ref_dim: int | None = 
         index: whether dataset indices are gathered (the module does; the functional only with ``index``).
         temperature: ``"global"``, ``"per_direction"`` or ``"individual"`` (five state arrays, and the
             fold's old scales and weight normalisers).
+        distill: a distillation term (``gather_u`` also gathers the columns' two log-sum-exps per direction).
 
     Returns:
         a dict with ``forward``, ``backward``, ``total`` and the parts ``meta``, ``index``, ``features``,
@@ -406,8 +418,8 @@ def bytes_per_step(batch: int, world_size: int, dim: int, ref_dim: int | None = 
         index=k * batch * 8 if index else 0,
         features=k * batch * 2 * dim * e,
         reference=k * batch * 2 * ref_dim * e if ref_dim else 0,
-        state=k * batch * ((2 * n + 1 + (4 if temperature == "individual" else 0)) * a if scheme == "gather_u"
-                           else 2 * n * _element_size(state_dtype)),
+        state=k * batch * ((2 * n + 1 + (4 if temperature == "individual" else 0) + (4 if distill else 0)) * a
+                           if scheme == "gather_u" else 2 * n * _element_size(state_dtype)),
         column_grads=0 if scheme == "gather_u" else k * batch * 2 * dim * e,
     )
     forward = parts["meta"] + parts["index"] + parts["features"] + parts["reference"] + parts["state"]

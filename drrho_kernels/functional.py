@@ -10,19 +10,47 @@ The distributed scheme that gathers ``u`` takes the same path (:func:`fused_term
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 
 from . import ops
 from ._inputs import LossInputs, TauOptions, TauState, Weights
-from ._math import assemble_loss, finish, finish_individual
+from ._math import assemble_loss, finish, finish_extras, finish_individual, log_eps_plus_mean_exp
 from ._validate import validate
 from .backends.reference import reference_loss
 
 
+class PerSample(NamedTuple):
+    """Per-anchor values of one evaluation (SPEC 2.3), ``[B]`` each, detached, in the accumulation dtype;
+    ``*_img`` for the image anchors (against the text columns), ``*_txt`` for the text anchors. The
+    reference fields are None without a reference model."""
+
+    l_img: torch.Tensor              # log(eps + g_i): the RHO-shifted log-mean-exp over the anchor's negatives
+    l_txt: torch.Tensor
+    u_img: torch.Tensor              # the new moving average u_i
+    u_txt: torch.Tensor
+    target_img: torch.Tensor         # (1/s) log(eps + (1/N) sum_{j != p(i)} exp(s (y_ij - y_ii))): the target alone
+    target_txt: torch.Tensor
+    ref_img: torch.Tensor | None     # the same with the reference's similarities (at the same s)
+    ref_txt: torch.Tensor | None
+    distill_img: torch.Tensor | None  # H(p_i, q_i): the distillation cross-entropy (teacher at distill_scale)
+    distill_txt: torch.Tensor | None
+
+
+class LossOutput(NamedTuple):
+    """What :func:`drrho_clip_loss` returns with ``return_per_sample=True``."""
+
+    loss: torch.Tensor
+    u_img: torch.Tensor
+    u_txt: torch.Tensor
+    per_sample: PerSample
+
+
 def drrho_clip_loss(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_txt=None, img_all=None,
                     txt_all=None, ref_img_all=None, ref_txt_all=None, offset=0, gamma=0.8, eps=1e-14,
-                    rho=8.0, backend="auto", multiply_tau=True):
+                    rho=8.0, backend="auto", multiply_tau=True, distill_weight=0.0, distill_scale=100.0,
+                    return_per_sample=False):
     r"""DRRho-CLIP loss (arXiv 2505.06699) of one batch, with the moving-average update of ``u``.
 
     .. math::
@@ -64,11 +92,18 @@ def drrho_clip_loss(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_tx
         gamma: moving-average rate in (0, 1]. eps: floor inside the log (> 0). rho: DRO term (>= 0).
         backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cpp"`` or ``"reference"`` (dense, for checking).
         multiply_tau: the authors' loss form (default) or ``A_I + A_T`` (False).
+        distill_weight: ``lambda >= 0`` of the distillation term (SPEC 2.2; needs a reference model, the
+            teacher): the loss adds ``lambda D / s_`` (``multiply_tau``) or ``lambda D``, ``D`` the mean
+            cross-entropy of the student's softmax over all columns (``s <x_i, T_j>``) against the teacher's
+            (``distill_scale <xr_i, Tr_j>``). Computed in the same passes: no extra matrix product.
+        distill_scale: the teacher's logit scale ``t_d > 0`` (the authors use 100).
+        return_per_sample: return a :class:`LossOutput` with the per-anchor values (:class:`PerSample`).
 
     Returns:
         ``(loss, u_img_new, u_txt_new)``: a 0-dim loss (float64 for float64 inputs, else float32) with
         gradients to ``img``, ``txt``, ``img_all``/``txt_all`` and ``logit_scale``; the ``[B]`` new state
-        in the dtype of ``u_img``/``u_txt``.
+        in the dtype of ``u_img``/``u_txt``. With ``return_per_sample``: a :class:`LossOutput`, the same
+        three and ``per_sample``.
 
     Raises:
         TypeError, ValueError: on any bad argument (see SPEC.md, "Bad input"), before any computation.
@@ -87,7 +122,11 @@ def drrho_clip_loss(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_tx
     """
     p = validate(img, txt, logit_scale, u_img, u_txt, ref_img=ref_img, ref_txt=ref_txt, img_all=img_all,
                  txt_all=txt_all, ref_img_all=ref_img_all, ref_txt_all=ref_txt_all, offset=offset, gamma=gamma,
-                 eps=eps, rho=rho, backend=backend, multiply_tau=multiply_tau)
+                 eps=eps, rho=rho, backend=backend, multiply_tau=multiply_tau, distill_weight=distill_weight,
+                 distill_scale=distill_scale, per_sample=return_per_sample)
+    if return_per_sample:
+        loss, state, per_sample = compute_loss(p, per_sample=True)
+        return LossOutput(loss, *state_out(p, state["u"]), per_sample)
     loss, state = compute_loss(p)
     return loss, *state_out(p, state["u"])
 
@@ -113,14 +152,16 @@ def individual_clip_loss(img, txt, u_img, u_txt, tau_state: TauState, tau_option
     return (loss, *state_out(p, state["u"]), tau_state_out(p, state))
 
 
-def compute_loss(p: LossInputs):
+def compute_loss(p: LossInputs, per_sample: bool = False):
     """Run the problem's backend; returns ``(loss, new_state)``, the state a dict of ``[2, B]`` tensors in
-    the accumulation dtype: ``"u"`` and, for per-sample temperatures, ``"tau"``, ``"bound"``, ``"m"``, ``"v"``."""
+    the accumulation dtype: ``"u"`` and, for per-sample temperatures, ``"tau"``, ``"bound"``, ``"m"``, ``"v"``;
+    with ``per_sample`` also the :class:`PerSample` values."""
     if p.backend == "reference":
-        loss, u_new = reference_loss(p)
-        return loss, {"u": u_new}
+        loss, u_new, values = reference_loss(p)
+        return (loss, {"u": u_new}) + ((PerSample(**values),) if per_sample else ())
     terms = fused_terms(p)
-    return loss_from_terms(p, terms), terms.state
+    loss = loss_from_terms(p, terms)
+    return (loss, terms.state) + ((terms.per_sample(p),) if per_sample else ())
 
 
 def state_out(p: LossInputs, u_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,17 +183,29 @@ class FusedTerms:
     ``"v"``); ``log_norm``, ``wsum``, ``wdsum`` ``[2, B]``; ``margin`` ``[B]``.
     """
 
-    def __init__(self, state, log_norm, wsum, wdsum, margin):
+    def __init__(self, state, log_norm, wsum, wdsum, margin, l=None, extras=None, distill=False):
         self.state, self.log_norm, self.wsum, self.wdsum, self.margin = state, log_norm, wsum, wdsum, margin
+        self.l, self.extras, self.distill = l, extras, distill
 
     @property
     def u_new(self) -> torch.Tensor:
         return self.state["u"]
 
     def weights(self, **cols) -> Weights:
-        """The backward's weights: in one process the fold uses the rows' own; ``cols`` give a fold's columns."""
+        """The backward's weights: in one process the fold uses the rows' own; ``cols`` give a fold's columns
+        (``col_scale``, ``col_log_norm``, ``col_margin``; with distillation ``col_lse_q``, ``col_lse_p``)."""
+        distill = self.extras if self.distill else {}
         return Weights(self.log_norm, self.wsum, self.margin, cols.get("col_scale"), cols.get("col_log_norm"),
-                       cols.get("col_margin"))
+                       cols.get("col_margin"), distill.get("lse_q"), distill.get("lse_p"), cols.get("col_lse_q"),
+                       cols.get("col_lse_p"))
+
+    def per_sample(self, p: LossInputs) -> PerSample:
+        """The per-anchor values (SPEC 2.3) of this evaluation."""
+        e = self.extras
+        ref = p.tiles.has_ref
+        pick = lambda v: (v[0].detach(), v[1].detach()) if v is not None and ref else (None, None)  # noqa: E731
+        return PerSample(*self.l.detach(), *self.u_new.detach(), *e["target"].detach(), *pick(e["reference"]),
+                         *pick(e["h"]))
 
 
 def fused_terms(p: LossInputs) -> FusedTerms:
@@ -160,18 +213,24 @@ def fused_terms(p: LossInputs) -> FusedTerms:
     tiles = p.tiles
     detached = replace(tiles, **{name: getattr(tiles, name).detach() for name in ("img", "txt", "img_all",
                                                                                    "txt_all", "scale")})
-    stats, margin = ops.forward(p.backend, detached)
+    stats, margin, positives = ops.forward(p.backend, detached)
+    extras = None
+    if tiles.with_distill or tiles.with_alone:
+        extras = finish_extras(stats, positives, detached.scale, tiles.distill_scale, p.n_columns, p.eps)
+    l = log_eps_plus_mean_exp(stats[:, 0], stats[:, 1], p.n_columns, p.eps) if p.per_sample else None
     t = p.temperature
     if t.kind == "individual":
         r = finish_individual(stats, p.u_old, t.state.tau, t.state.bound, t.state.m, t.state.v, p.n_columns,
                               p.eps, p.gamma, p.rho, t.options)
         state = {k: r[k] for k in ("u", "tau", "bound", "m", "v")}
-        return FusedTerms(state, r["log_norm"], r["wsum"], r["wdsum"], margin)
+        return FusedTerms(state, r["log_norm"], r["wsum"], r["wdsum"], margin, l, extras)
     u_new, wsum, wdsum = finish(stats, p.u_old, p.n_columns, p.eps, p.gamma)
-    return FusedTerms({"u": u_new}, u_new, wsum, wdsum, margin)
+    return FusedTerms({"u": u_new}, u_new, wsum, wdsum, margin, l, extras, distill=p.distill_weight > 0)
 
 
 def loss_from_terms(p: LossInputs, terms: FusedTerms, weights: Weights | None = None) -> torch.Tensor:
     """The loss, differentiable in the embeddings and the scales (weights held constant)."""
-    phi = ops.phi(p.backend, terms.wdsum, p.tiles, weights if weights is not None else terms.weights())
-    return assemble_loss(phi, p.temperature, terms.u_new, p.rho, p.n_columns, wsum=terms.wsum)
+    h = (terms.extras["h"], terms.extras["h_ds"]) if terms.distill else (None, None)
+    phi = ops.phi(p.backend, terms.wdsum, p.tiles, weights if weights is not None else terms.weights(), *h)
+    return assemble_loss(phi, p.temperature, terms.u_new, p.rho, p.n_columns, wsum=terms.wsum,
+                         distill_weight=p.distill_weight)

@@ -9,8 +9,8 @@ from dataclasses import replace
 
 from ._inputs import TauState
 from ._math import gamma_at_epoch
-from ._validate import (check_backend, check_eps, check_gamma, check_index, check_int, check_rho, check_tau_options,
-                        check_tensor, validate)
+from ._validate import (check_backend, check_distill, check_eps, check_gamma, check_index, check_int, check_rho,
+                        check_tau_options, check_tensor, validate)
 from .distributed import STATE_ARRAYS, check_distributed_args, distributed_drrho_clip_loss, resolve_group
 from .functional import compute_loss
 
@@ -59,6 +59,11 @@ class DRRhoCLIPLoss(nn.Module):
         tau_init, tau_lr, tau_betas, tau_eps, tau_range, tau_grad_clamp: the per-sample temperatures'
             initial value (within ``tau_range``), step size (> 0), Adam betas (each in [0, 1); both 0 in
             epoch 0), Adam epsilon (> 0), clamp range ``(tau_min, tau_max)`` and gradient clamp (> 0).
+        distill_weight, distill_scale: the distillation term from the reference model (SPEC 2.2; a
+            reference is then required at every call), as in :func:`drrho_kernels.drrho_clip_loss`.
+
+    Call ``crit(img, txt, index, logit_scale, ref_img=None, ref_txt=None, return_per_sample=False)``: the
+    loss, or with ``return_per_sample`` the pair ``(loss, per_sample)`` (:class:`drrho_kernels.PerSample`).
 
     Shape:
         ``img, txt``: ``[B, d]``; ``index``: ``[B]`` distinct dataset indices; ``ref_img, ref_txt``:
@@ -85,7 +90,7 @@ class DRRhoCLIPLoss(nn.Module):
                  state_device=None, process_group=None, distributed_scheme: str = "gather_u",
                  temperature: str = "global", multiply_tau: bool = True, tau_init: float = 0.03,
                  tau_lr: float = 0.0133, tau_betas=(0.9, 0.999), tau_eps: float = 1e-8, tau_range=(0.01, 1.0),
-                 tau_grad_clamp: float = 5.0):
+                 tau_grad_clamp: float = 5.0, distill_weight: float = 0.0, distill_scale: float = 100.0):
         super().__init__()
         data_size = check_int("data_size", data_size, low=1)
         self.gamma_final = check_gamma(gamma)
@@ -107,6 +112,7 @@ class DRRhoCLIPLoss(nn.Module):
                               tau_grad_clamp=tau_grad_clamp)
         if temperature == "individual":
             check_tau_options(**self.tau_hyper, tau_init=tau_init)
+        self.distill_weight, self.distill_scale = check_distill(distill_weight, distill_scale, True, temperature)
         self.tau_init = float(tau_init)
         self.data_size = data_size
         self.gamma_schedule = gamma_schedule
@@ -198,16 +204,20 @@ class DRRhoCLIPLoss(nn.Module):
                             "(s_img, s_txt) of them with temperature='global', got None")
         return dict(logit_scale=logit_scale, multiply_tau=self.multiply_tau)
 
-    def forward(self, img, txt, index, logit_scale=None, ref_img=None, ref_txt=None):
+    def forward(self, img, txt, index, logit_scale=None, ref_img=None, ref_txt=None, return_per_sample=False):
         options = dict(ref_img=ref_img, ref_txt=ref_txt, gamma=self.gamma, eps=self.eps, rho=self.rho,
-                       backend=self.backend)
+                       backend=self.backend, distill_weight=self.distill_weight, distill_scale=self.distill_scale)
         if self.process_group is None:
             index, state = self._read_state(img, index)
             form = self._options(logit_scale, state)
-            p = validate(img, txt, form.pop("logit_scale"), state["u"][0], state["u"][1], **options, **form)
-            loss, new = compute_loss(p)
+            p = validate(img, txt, form.pop("logit_scale"), state["u"][0], state["u"][1], per_sample=return_per_sample,
+                         **options, **form)
+            loss, new, *per_sample = compute_loss(p, per_sample=return_per_sample)
             self._write_state(index, new)
-            return loss
+            return (loss, per_sample[0]) if return_per_sample else loss
+        if return_per_sample:
+            raise ValueError("return_per_sample: expected False with a process group (the per-anchor values are "
+                             "those of drrho_clip_loss on one process), got True")
         group = resolve_group(self.process_group)
         error, state, form = None, None, {}
         try:

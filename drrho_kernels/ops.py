@@ -4,14 +4,18 @@ Every fused backend ``<b>`` (``torch``: row-chunked PyTorch, ``triton``: GPU ker
 C++ extension) implements two ops whose schemas are derived here from the fields of
 :class:`~drrho_kernels._inputs.TileInputs` and :class:`~drrho_kernels._inputs.Weights`:
 
-``drrho::<b>_fwd(<TileInputs>) -> (Tensor stats, Tensor margin)``
-    ``stats`` ``[2, 3, B]``: per direction and anchor, the online statistics ``(M, E, F)`` of
-    ``d_j = s (S_j - m)`` over the anchor's negatives (see :func:`drrho_kernels._math.finish`);
-    ``margin`` ``[B]``. Accumulation dtype; no autograd (called on detached inputs).
-``drrho::<b>_bwd(Tensor gain, Tensor? col_gain, <TileInputs>, <Weights>, bool column_grads)
--> (Tensor d_img, Tensor d_txt, Tensor d_img_all, Tensor d_txt_all)``
+``drrho::<b>_fwd(<TileInputs>) -> (Tensor stats, Tensor margin, Tensor positives)``
+    ``stats`` ``[2, K, B]``: per direction and anchor, online statistics over the anchor's negatives
+    (``_inputs.STATS``: the DRRho ``(M, E, F)`` of ``d_j = s (S_j - m)``, K = 3; with ``with_distill`` or
+    ``with_alone`` also the target's, the teacher's and the reference's, K = 11); ``margin`` ``[B]``;
+    ``positives`` ``[2, B]``: the pairs' own similarities ``<x_i, t_i>`` and ``<xr_i, tr_i>``.
+    Accumulation dtype; no autograd (called on detached inputs).
+``drrho::<b>_bwd(Tensor gain, Tensor? col_gain, Tensor? dgain, Tensor? col_dgain, <TileInputs>, <Weights>,
+bool column_grads) -> (Tensor d_img, Tensor d_txt, Tensor d_img_all, Tensor d_txt_all)``
     the weighted products of the gradient: with ``P_kij = gain[k, i] w_kij`` (plus, in a fold, the
-    column anchors' ``col_gain[k', j] w_k'ji``) and ``partner_i = sum_k gain[k, i] wsum[k, i]``::
+    column anchors' ``col_gain[k', j] w_k'ji``; with distillation ``dgain[k, i] (q_kij - p_kij)`` over
+    every column, the positive included, and the fold's column anchors' likewise) and
+    ``partner_i = sum_k gain[k, i] wsum[k, i]``::
 
         d_img_i = sum_j P_0ij T_j - partner_i t_i      d_txt_i = sum_j P_1ij X_j - partner_i x_i
         d_txt_all_j = sum_i P_0ij x_i                  d_img_all_j = sum_i P_1ij t_i   (column_grads)
@@ -19,11 +23,13 @@ C++ extension) implements two ops whose schemas are derived here from the fields
     In one process (``columns_are_rows``) the fold with the rows' own weights is implied. Without
     ``column_grads`` the column outputs are empty ``[0, d]`` tensors.
 
-The backends share one op with autograd, ``drrho::phi(Tensor wdsum, <TileInputs>, <Weights>, str
-backend) -> Tensor``: it returns ``phi[k] = sum_i wdsum[k, i] = sum_ij w_kij d_kij`` and, in the
-backward, treats the weights as constants (SPEC.md: "gradients ... with w and the new u held
-constant"): ``gain = grad_phi[k] * scale``, the named backend's ``_bwd`` op for the embeddings, and
-``d phi[k] / d scale[k, i] = wdsum[k, i] / scale[k, i]``.
+The backends share one op with autograd, ``drrho::phi(Tensor wdsum, Tensor? h, Tensor? h_ds, <TileInputs>,
+<Weights>, str backend) -> Tensor``: it returns ``[2, 2]``, ``[k, 0] = sum_i wdsum[k, i] = sum_ij w_kij d_kij``
+and ``[k, 1] = sum_i h[k, i]`` (the distillation cross-entropies, 0 without), and in the backward
+treats the weights as constants (SPEC.md: "gradients ... with w and the new u held constant"):
+``gain = grad[k, 0] * scale``, ``dgain = grad[k, 1] * scale`` (d (s y) / d x = s T), the named backend's
+``_bwd`` op for the embeddings, and for the scale ``grad[k, 0] wdsum / scale + grad[k, 1] h_ds``
+(``h_ds = d h / d s``, from the epilogue).
 
 Only this module and the backends' op implementations see the flat argument lists; everything else
 passes the dataclasses. Because the ops have fake (meta) implementations and registered autograd,
@@ -50,10 +56,10 @@ def _args(pairs) -> str:
 
 TILE_ARGS = _args(_TILE_FIELDS)
 WEIGHT_ARGS = _args(_WEIGHT_FIELDS)
-FWD_SCHEMA = f"({TILE_ARGS}) -> (Tensor stats, Tensor margin)"
-BWD_SCHEMA = (f"(Tensor gain, Tensor? col_gain, {TILE_ARGS}, {WEIGHT_ARGS}, bool column_grads) "
-              "-> (Tensor d_img, Tensor d_txt, Tensor d_img_all, Tensor d_txt_all)")
-PHI_SCHEMA = f"(Tensor wdsum, {TILE_ARGS}, {WEIGHT_ARGS}, str backend) -> Tensor"
+FWD_SCHEMA = f"({TILE_ARGS}) -> (Tensor stats, Tensor margin, Tensor positives)"
+BWD_SCHEMA = (f"(Tensor gain, Tensor? col_gain, Tensor? dgain, Tensor? col_dgain, {TILE_ARGS}, {WEIGHT_ARGS}, "
+              "bool column_grads) -> (Tensor d_img, Tensor d_txt, Tensor d_img_all, Tensor d_txt_all)")
+PHI_SCHEMA = f"(Tensor wdsum, Tensor? h, Tensor? h_ds, {TILE_ARGS}, {WEIGHT_ARGS}, str backend) -> Tensor"
 
 _library = torch.library.Library(NAMESPACE, "FRAGMENT")
 _defined: set[str] = set()
@@ -82,10 +88,11 @@ def no_column_grads(img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor,
 def _fake_fwd(*args):
     tiles = tiles_of(args)
     acc, rows = _acc(tiles.img.dtype), tiles.batch
-    return tiles.img.new_empty((2, 3, rows), dtype=acc), tiles.img.new_empty(rows, dtype=acc)
+    return (tiles.img.new_empty((2, tiles.n_stats, rows), dtype=acc), tiles.img.new_empty(rows, dtype=acc),
+            tiles.img.new_empty((2, rows), dtype=acc))
 
 
-def _fake_bwd(gain, col_gain, *args):
+def _fake_bwd(gain, col_gain, dgain, col_dgain, *args):
     tiles, column_grads = tiles_of(args), args[-1]
     if column_grads:
         cols = (torch.empty_like(tiles.img_all), torch.empty_like(tiles.txt_all))
@@ -108,9 +115,10 @@ def register(backend: str, forward: Callable | None = None, backward: Callable |
              dispatch_keys=("CompositeExplicitAutograd",)) -> None:
     """Define the op pair of ``backend`` and register its Python implementations, if given.
 
-    ``forward(tiles: TileInputs) -> (stats, margin)``; ``backward(gain, col_gain, tiles, weights,
-    column_grads) -> (d_img, d_txt, d_img_all | None, d_txt_all | None)``. The C++ backend passes
-    neither: its library implements the ops it finds defined here.
+    ``forward(tiles: TileInputs) -> (stats, margin, positives)``; ``backward(gains, tiles, weights,
+    column_grads) -> (d_img, d_txt, d_img_all | None, d_txt_all | None)`` with ``gains`` the tuple
+    ``(gain, col_gain, dgain, col_dgain)``. The C++ backend passes neither: its library implements the
+    ops it finds defined here.
     """
     define(backend)
     if forward is None:
@@ -119,8 +127,9 @@ def register(backend: str, forward: Callable | None = None, backward: Callable |
     def fwd_impl(*args):
         return forward(tiles_of(args))
 
-    def bwd_impl(gain, col_gain, *args):
-        d_img, d_txt, d_img_all, d_txt_all = backward(gain, col_gain, tiles_of(args), weights_of(args), args[-1])
+    def bwd_impl(gain, col_gain, dgain, col_dgain, *args):
+        d_img, d_txt, d_img_all, d_txt_all = backward((gain, col_gain, dgain, col_dgain), tiles_of(args),
+                                                      weights_of(args), args[-1])
         if d_img_all is None:
             d_img_all, d_txt_all = no_column_grads(d_img, d_txt)
         return d_img, d_txt, d_img_all, d_txt_all
@@ -136,13 +145,14 @@ def op(backend: str, which: str):
 
 
 def forward(backend: str, tiles: TileInputs):
-    """``(stats, margin)`` of ``backend``'s forward op on (detached) tiles."""
+    """``(stats, margin, positives)`` of ``backend``'s forward op on (detached) tiles."""
     return op(backend, "fwd")(*as_args(tiles))
 
 
-def backward(backend: str, gain, col_gain, tiles: TileInputs, weights: Weights, column_grads: bool):
-    """``(d_img, d_txt, d_img_all, d_txt_all)`` of ``backend``'s backward op."""
-    return op(backend, "bwd")(gain, col_gain, *as_args(tiles), *as_args(weights), column_grads)
+def backward(backend: str, gains, tiles: TileInputs, weights: Weights, column_grads: bool):
+    """``(d_img, d_txt, d_img_all, d_txt_all)`` of ``backend``'s backward op; ``gains`` is
+    ``(gain, col_gain, dgain, col_dgain)`` (the last three may be None)."""
+    return op(backend, "bwd")(*gains, *as_args(tiles), *as_args(weights), column_grads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,48 +162,56 @@ _library.define("phi" + PHI_SCHEMA)
 
 
 @torch.library.impl(_library, "phi", "CompositeExplicitAutograd")
-def _phi_impl(wdsum, *args):
-    return wdsum.sum(-1)
+def _phi_impl(wdsum, h, h_ds, *args):
+    return torch.stack([wdsum.sum(-1), h.sum(-1) if h is not None else torch.zeros_like(wdsum[:, 0])], dim=1)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::phi", lib=_library)
-def _phi_fake(wdsum, *args):
-    return wdsum.new_empty(wdsum.shape[:-1])
+def _phi_fake(wdsum, h, h_ds, *args):
+    return wdsum.new_empty((wdsum.shape[0], 2))
 
 
-_IMG, _IMG_ALL, _SCALE = (1 + [name for name, _ in _TILE_FIELDS].index(n) for n in ("img", "img_all", "scale"))
+_LEAD = 3                            # wdsum, h, h_ds
+_IMG, _IMG_ALL, _SCALE = (_LEAD + [name for name, _ in _TILE_FIELDS].index(n) for n in ("img", "img_all", "scale"))
+_SCALARS = {name for name, kind in _TILE_FIELDS if kind in ("int", "bool", "float")}
 
 
 def _phi_setup_context(ctx, inputs, output):
-    wdsum, args, backend = inputs[0], inputs[1:-1], inputs[-1]
+    wdsum, h, h_ds, args, backend = inputs[0], inputs[1], inputs[2], inputs[_LEAD:-1], inputs[-1]
     tiles, weights = tiles_of(args), weights_of(args)
     ctx.backend = backend
-    ctx.offset, ctx.columns_are_rows = tiles.offset, tiles.columns_are_rows
-    tensors = [v for v in (*as_args(tiles), *as_args(weights)) if not isinstance(v, (int, bool))]
-    ctx.save_for_backward(wdsum, *tensors)
+    ctx.scalars = {name: getattr(tiles, name) for name in _SCALARS}
+    tensors = [getattr(tiles, name) for name, _ in _TILE_FIELDS if name not in _SCALARS] + list(as_args(weights))
+    ctx.save_for_backward(wdsum, h_ds, *tensors)
 
 
-def _phi_backward(ctx, grad_phi):
-    wdsum, *tensors = ctx.saved_tensors
+def _phi_backward(ctx, grad_out):
+    wdsum, h_ds, *tensors = ctx.saved_tensors
     it = iter(tensors)
-    tile_args = [ctx.offset if name == "offset" else ctx.columns_are_rows if name == "columns_are_rows" else next(it)
-                 for name, _ in _TILE_FIELDS]
-    tiles, weights = TileInputs(*tile_args), Weights(*it)
+    tiles = TileInputs(*[ctx.scalars[name] if name in _SCALARS else next(it) for name, _ in _TILE_FIELDS])
+    weights = Weights(*it)
     needs = ctx.needs_input_grad
-    grads = [None] * (1 + _N_TILE + _N_WEIGHT + 1)
+    grads = [None] * (_LEAD + _N_TILE + _N_WEIGHT + 1)
     acc = wdsum.dtype
-    grad_phi = grad_phi.to(acc)
+    grad_phi, grad_h = grad_out.to(acc).unbind(1)
+    scale = tiles.scale.to(acc)
     if any(needs[_IMG:_IMG + 2]) or any(needs[_IMG_ALL:_IMG_ALL + 2]):
         column_grads = not tiles.columns_are_rows and any(needs[_IMG_ALL:_IMG_ALL + 2])
-        gain = grad_phi[:, None] * tiles.scale.to(acc)
-        col_gain = None if weights.col_scale is None else grad_phi[:, None] * weights.col_scale.to(acc)
-        d_img, d_txt, d_img_all, d_txt_all = backward(ctx.backend, gain, col_gain, tiles, weights, column_grads)
+        col_scale = None if weights.col_scale is None else weights.col_scale.to(acc)
+        gains = (grad_phi[:, None] * scale, None if col_scale is None else grad_phi[:, None] * col_scale,
+                 grad_h[:, None] * scale if weights.distill else None,
+                 grad_h[:, None] * col_scale if weights.distill and col_scale is not None else None)
+        d_img, d_txt, d_img_all, d_txt_all = backward(ctx.backend, gains, tiles, weights, column_grads)
         grads[_IMG], grads[_IMG + 1] = d_img, d_txt
         if column_grads:
             grads[_IMG_ALL], grads[_IMG_ALL + 1] = d_img_all, d_txt_all
     if needs[_SCALE]:
-        # phi[k] = sum_i w d with d = scale * a and w constant: d phi[k] / d scale[k, i] = wdsum[k, i] / scale[k, i].
-        grads[_SCALE] = (grad_phi[:, None] * wdsum / tiles.scale.to(acc)).to(tiles.scale.dtype)
+        # phi[k] = sum_i w d with d = scale * a and w constant: d phi[k] / d scale[k, i] = wdsum[k, i] / scale[k, i];
+        # the distillation term's own derivative comes from the epilogue (h_ds).
+        grad_scale = grad_phi[:, None] * wdsum / scale
+        if h_ds is not None:
+            grad_scale = grad_scale + grad_h[:, None] * h_ds
+        grads[_SCALE] = grad_scale.to(tiles.scale.dtype)
     return tuple(grads)
 
 
@@ -201,6 +219,8 @@ torch.library.register_autograd(f"{NAMESPACE}::phi", _phi_backward, setup_contex
                                 lib=_library)
 
 
-def phi(backend: str, wdsum: torch.Tensor, tiles: TileInputs, weights: Weights) -> torch.Tensor:
-    """``[2]``: ``phi[k] = sum_i wdsum[k, i]``, differentiable in the embeddings and scales of ``tiles``."""
-    return torch.ops.drrho.phi.default(wdsum, *as_args(tiles), *as_args(weights), backend)
+def phi(backend: str, wdsum: torch.Tensor, tiles: TileInputs, weights: Weights, h=None, h_ds=None) -> torch.Tensor:
+    """``[2, 2]``: ``sum_i wdsum[k, i]`` and ``sum_i h[k, i]`` per direction, differentiable in the embeddings
+    and scales of ``tiles`` (weights constant; ``h`` the distillation cross-entropies, ``h_ds`` their
+    derivative in the scale)."""
+    return torch.ops.drrho.phi.default(wdsum, h, h_ds, *as_args(tiles), *as_args(weights), backend)

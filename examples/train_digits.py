@@ -14,9 +14,26 @@ Everything runs on the CPU in a couple of minutes, with no download:
 
 The accuracies and the training curves are printed and saved (``results.json``, ``curves.png``).
 
+Temperatures (``--temperature``, every form learned; applied to both targets, the reference model always
+uses ``global``):
+
+- ``global`` (default): one learnable logit scale of the model, ``s = exp(param)``, clamped to [1, 100];
+- ``per_direction``: two learnable logit scales of the model, one for the image anchors and one for the text
+  anchors, passed to the loss as a pair ``(s_img, s_txt)``;
+- ``individual``: per-sample temperatures owned by the loss (``DRRhoCLIPLoss(temperature="individual")``,
+  updated by the loss itself at each step, within [0.01, 1]); the model has no logit scale.
+
+Every form starts at the temperature ``--tau-init`` (0.07, CLIP's). ``results.json`` records the form and
+the learned temperatures; ``curves.png`` shows them over training.
+
 Single process::
 
     python examples/train_digits.py --epochs 30 --seed 0
+    python examples/train_digits.py --temperature individual
+
+Several seeds and forms (each run in ``OUT/<form>/seed<k>/``; mean +- std in ``OUT/summary.json``)::
+
+    python examples/train_digits.py --temperature all --seeds 5
 
 Data parallel on the CPU (gloo); each global batch is split across the processes, the loss uses
 the whole global batch (``process_group="world"``) and the models are wrapped in DDP::
@@ -126,17 +143,32 @@ def make_splits(seed: int, n_test: int, n_ref: int, noise: float, tok: Tokenizer
 # ------------------------------------------------------------------------------------------------
 # Model
 
-class TinyCLIP(nn.Module):
-    """MLP image encoder on the 64 pixels, bag-of-words text encoder, learnable temperature."""
+TEMPERATURES = ("global", "per_direction", "individual")
 
-    def __init__(self, vocab_size: int, dim: int = 64, hidden: int = 256):
+
+class TinyCLIP(nn.Module):
+    """MLP image encoder on the 64 pixels, bag-of-words text encoder, learnable temperature(s).
+
+    ``temperature``: ``"global"`` (one logit scale), ``"per_direction"`` (two: image anchors, text anchors)
+    or ``"individual"`` (none here: the loss module owns per-sample temperatures)."""
+
+    def __init__(self, vocab_size: int, dim: int = 64, hidden: int = 256, temperature: str = "global",
+                 tau_init: float = 0.07):
         super().__init__()
         self.image = nn.Sequential(nn.Linear(64, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                                    nn.Linear(hidden, dim))
         self.word = nn.Embedding(vocab_size, hidden, padding_idx=PAD)
         self.text = nn.Sequential(nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, dim))
-        # CLIP's temperature: logit_scale = exp(param), initialised at 1 / 0.07, clamped at 100.
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.temperature = temperature
+        # CLIP's temperature: logit_scale = exp(param), initialised at 1 / tau_init (1 / 0.07), clamped at 100.
+        if temperature == "global":
+            self.log_scale = nn.Parameter(torch.tensor(math.log(1 / tau_init)))
+        elif temperature == "per_direction":
+            self.log_scale = nn.Parameter(torch.full((2,), math.log(1 / tau_init)))
+        elif temperature == "individual":
+            self.register_parameter("log_scale", None)
+        else:
+            raise ValueError(f"temperature: expected one of {TEMPERATURES}, got {temperature!r}")
 
     def encode_image(self, x):
         return F.normalize(self.image(x), dim=-1)
@@ -146,12 +178,39 @@ class TinyCLIP(nn.Module):
         bag = (self.word(tokens) * mask).sum(1) / mask.sum(1).clamp_min(1.0)
         return F.normalize(self.text(bag), dim=-1)
 
+    def logit_scale(self):
+        """What the loss takes: one scale, a pair ``(s_img, s_txt)``, or None (individual)."""
+        if self.log_scale is None:
+            return None
+        scale = self.log_scale.exp()
+        return (scale[0], scale[1]) if self.temperature == "per_direction" else scale
+
     def forward(self, x, tokens):
-        return self.encode_image(x), self.encode_text(tokens), self.log_scale.exp()
+        return self.encode_image(x), self.encode_text(tokens), self.logit_scale()
 
     @torch.no_grad()
     def clamp_scale(self):
-        self.log_scale.clamp_(0.0, math.log(100.0))
+        if self.log_scale is not None:
+            self.log_scale.clamp_(0.0, math.log(100.0))
+
+
+@torch.no_grad()
+def temperatures(model: TinyCLIP, crit: dk.DRRhoCLIPLoss, seen: torch.Tensor | None = None) -> dict:
+    """The current temperatures tau = 1 / s: the model's scale(s), or statistics of the per-sample
+    temperatures of the samples the loss has updated (``seen``)."""
+    if model.temperature == "individual":
+        out = dict(samples=int(seen.sum()) if seen is not None else crit.data_size)
+        for k in ("img", "txt"):
+            tau = getattr(crit, f"tau_{k}")
+            tau = tau[seen.to(tau.device)] if seen is not None and bool(seen.any()) else tau
+            out[f"tau_{k}"] = dict(mean=float(tau.mean()), min=float(tau.min()), max=float(tau.max()),
+                                   std=float(tau.std()) if tau.numel() > 1 else 0.0)
+        return out
+    scale = model.log_scale.detach().exp()
+    if model.temperature == "per_direction":
+        return dict(logit_scale_img=float(scale[0]), logit_scale_txt=float(scale[1]),
+                    tau_img=float(1 / scale[0]), tau_txt=float(1 / scale[1]))
+    return dict(logit_scale=float(scale), tau=float(1 / scale))
 
 
 @torch.no_grad()
@@ -191,11 +250,13 @@ def init_distributed() -> Dist:
 
 
 def train(name: str, x, tokens, splits: Splits, args, tok: Tokenizer, ddp: Dist, dim: int,
-          reference: TinyCLIP | None = None, epochs: int | None = None, progress=None):
-    """Train one TinyCLIP; returns the model and its history (loss and zero-shot accuracy per epoch)."""
+          reference: TinyCLIP | None = None, epochs: int | None = None, progress=None,
+          temperature: str = "global"):
+    """Train one TinyCLIP; returns the model, its history (loss, zero-shot accuracy and temperatures per
+    epoch) and its final temperatures."""
     epochs = args.epochs if epochs is None else epochs
     torch.manual_seed(args.seed)                      # the same initialisation for both targets
-    model = TinyCLIP(len(tok.vocab) + 1, dim=dim)
+    model = TinyCLIP(len(tok.vocab) + 1, dim=dim, temperature=temperature, tau_init=args.tau_init)
     net = model
     if ddp.active:
         net = nn.parallel.DistributedDataParallel(model)
@@ -203,7 +264,9 @@ def train(name: str, x, tokens, splits: Splits, args, tok: Tokenizer, ddp: Dist,
     n = x.shape[0]
     crit = dk.DRRhoCLIPLoss(n, gamma=args.gamma, gamma_decay_epochs=max(1, epochs // 2), rho=args.rho,
                             backend=args.backend, process_group="world" if ddp.active else None,
-                            distributed_scheme=args.scheme)
+                            distributed_scheme=args.scheme,
+                            **(dict(temperature="individual", tau_init=args.tau_init, tau_lr=args.tau_lr)
+                               if temperature == "individual" else {}))
     global_batch = args.batch_size
     if global_batch % ddp.world:
         raise SystemExit(f"--batch-size {global_batch} must be divisible by the number of processes {ddp.world}")
@@ -212,7 +275,10 @@ def train(name: str, x, tokens, splits: Splits, args, tok: Tokenizer, ddp: Dist,
     if args.quick:
         steps = min(steps, 3)
     rng = np.random.default_rng(args.seed + 1)        # the same batches for both targets
-    hist = dict(epoch=[], step=[], loss=[], accuracy=[])
+    hist = dict(epoch=[], step=[], loss=[], accuracy=[], tau_img=[], tau_txt=[])
+    if temperature == "individual":
+        hist.update(tau_img_min=[], tau_img_max=[], tau_txt_min=[], tau_txt_max=[])
+    seen = torch.zeros(n, dtype=torch.bool)           # samples whose per-sample temperatures were updated
     step = 0
     for epoch in range(epochs):
         crit.set_epoch(epoch)
@@ -236,6 +302,7 @@ def train(name: str, x, tokens, splits: Splits, args, tok: Tokenizer, ddp: Dist,
                 dist.all_reduce(lv)
                 lv /= ddp.world
             total += float(lv)
+            seen[batch] = True                        # the loss updates the state of the whole global batch
             step += 1
             if progress is not None:
                 progress.update(1)
@@ -244,33 +311,59 @@ def train(name: str, x, tokens, splits: Splits, args, tok: Tokenizer, ddp: Dist,
         hist["step"].append(step)
         hist["loss"].append(total / max(steps, 1))
         hist["accuracy"].append(acc)
+        temp = temperatures(model, crit, seen)
+        if temperature == "individual":
+            for k in ("img", "txt"):
+                for stat in ("mean", "min", "max"):
+                    hist[f"tau_{k}" + ("" if stat == "mean" else f"_{stat}")].append(temp[f"tau_{k}"][stat])
+        else:
+            hist["tau_img"].append(temp.get("tau_img", temp.get("tau")))
+            hist["tau_txt"].append(temp.get("tau_txt", temp.get("tau")))
         if progress is not None:
             progress.set_postfix_str(f"{name} ep {epoch + 1} loss {hist['loss'][-1]:.3f} acc {acc:.3f}")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model, hist
+    return model, hist, temperatures(model, crit, seen)
 
 
-def plot(path: str, hist: dict, ref_acc: float) -> None:
+def plot(path: str, hist: dict, ref_acc: float, temperature: str = "global", tau_init: float = 0.07) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_acc, ax_tau) = plt.subplots(1, 3, figsize=(16, 4))
     colors = dict(target_drrho="tab:red", target_plain="tab:blue", reference="tab:gray")
     labels = dict(target_drrho="target, DRRho (with reference)", target_plain="target, plain (no reference)",
                   reference="reference (clean split)")
     for key in ("target_plain", "target_drrho"):
-        ax_loss.plot(hist[key]["step"], hist[key]["loss"], color=colors[key], label=labels[key])
-        ax_acc.plot(hist[key]["step"], hist[key]["accuracy"], color=colors[key], label=labels[key])
+        h = dict(hist[key])
+        for name in ("tau_img", "tau_txt", "tau_img_min", "tau_img_max", "tau_txt_min", "tau_txt_max"):
+            if name in h:                             # the temperature curves start at step 0, tau_init
+                h[name] = [tau_init] + h[name]
+        h["tau_step"] = [0] + h["step"]
+        ax_loss.plot(h["step"], h["loss"], color=colors[key], label=labels[key])
+        ax_acc.plot(h["step"], h["accuracy"], color=colors[key], label=labels[key])
+        if temperature == "global":
+            ax_tau.plot(h["tau_step"], h["tau_img"], color=colors[key], label=labels[key])
+        else:
+            what = "mean " if temperature == "individual" else ""
+            ax_tau.plot(h["tau_step"], h["tau_img"], color=colors[key], label=f"{labels[key]}: {what}image anchors")
+            ax_tau.plot(h["tau_step"], h["tau_txt"], color=colors[key], linestyle="--", label=f"{what}text anchors")
+        if temperature == "individual":
+            for k in ("img", "txt"):
+                ax_tau.fill_between(h["tau_step"], h[f"tau_{k}_min"], h[f"tau_{k}_max"], color=colors[key],
+                                    alpha=0.1)
     ax_acc.axhline(ref_acc, color=colors["reference"], linestyle="--", label=f"reference ({ref_acc:.3f})")
     ax_loss.set(xlabel="step", ylabel="training loss (epoch mean)",
                 title="training loss (the two losses differ by the RHO shift)")
     ax_acc.set(xlabel="step", ylabel="zero-shot test accuracy", title="zero-shot accuracy on the test digits",
                ylim=(0, 1))
-    for ax in (ax_loss, ax_acc):
+    ax_tau.set(xlabel="step", ylabel="temperature tau = 1 / s (end of epoch)", yscale="log",
+               title=f"temperature ({temperature}" + (", mean and min-max band)" if temperature == "individual"
+                                                      else ")"))
+    for ax in (ax_loss, ax_acc, ax_tau):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -282,7 +375,15 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=30, help="epochs of each target run")
     p.add_argument("--ref-epochs", type=int, default=None, help="epochs of the reference run (default: 3x --epochs, "
                    "its split is small)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the run (with --seeds K: the first of K)")
+    p.add_argument("--seeds", type=int, default=1, help="run K seeds (--seed, --seed + 1, ...) per temperature "
+                   "form and write the mean +- std of the accuracies to OUT/summary.json")
+    p.add_argument("--temperature", default="global", choices=list(TEMPERATURES) + ["all"],
+                   help="learnable temperature form of the targets: one logit scale, one per direction (image "
+                   "anchors, text anchors), or per-sample temperatures owned by the loss; 'all' runs the three")
+    p.add_argument("--tau-init", type=float, default=0.07, help="initial temperature of every form")
+    p.add_argument("--tau-lr", type=float, default=0.0133, help="step size of the per-sample temperatures "
+                   "(--temperature individual)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton", "reference"])
     p.add_argument("--scheme", default="gather_u", choices=list(SCHEMES), help="distributed scheme (torchrun only)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "output"),
@@ -301,6 +402,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error(f"--seeds: expected at least 1, got {args.seeds}")
+    if not 0.01 <= args.tau_init <= 1.0:
+        p.error(f"--tau-init: expected a temperature in [0.01, 1] (the clamp range of every form), got {args.tau_init}")
     if args.quick:
         args.epochs = min(args.epochs, 2)
         args.ref_epochs = 2
@@ -309,12 +414,10 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def run(args, ddp: Dist) -> dict:
+    """One seed and one temperature form (``args.seed``, ``args.temperature``): train the reference and the
+    two targets, write ``results.json`` and ``curves.png`` to ``args.out``; returns the results."""
     start = time.time()
-    torch.set_num_threads(args.threads)
-    ddp = init_distributed()
-    torch.use_deterministic_algorithms(True)
     tok = Tokenizer()
     splits = make_splits(args.seed, args.n_test, args.n_ref, args.noise, tok)
 
@@ -324,15 +427,16 @@ def main(argv=None) -> dict:
     progress = None
     if ddp.main and not args.no_progress:
         from tqdm import tqdm
-        progress = tqdm(total=total_steps, desc="digits CLIP", unit="step", dynamic_ncols=True, file=sys.stderr)
+        progress = tqdm(total=total_steps, desc=f"digits CLIP ({args.temperature}, seed {args.seed})", unit="step",
+                        dynamic_ncols=True, file=sys.stderr)
 
-    reference, ref_hist = train("reference", splits.ref_x, splits.ref_tokens, splits, args, tok, ddp,
-                                args.ref_dim, epochs=args.ref_epochs, progress=progress)
+    reference, ref_hist, ref_temp = train("reference", splits.ref_x, splits.ref_tokens, splits, args, tok, ddp,
+                                          args.ref_dim, epochs=args.ref_epochs, progress=progress)
     ref_acc = zero_shot_accuracy(reference, splits)
-    _, plain_hist = train("plain", splits.train_x, splits.train_tokens, splits, args, tok, ddp, args.dim,
-                          progress=progress)
-    _, drrho_hist = train("drrho", splits.train_x, splits.train_tokens, splits, args, tok, ddp, args.dim,
-                          reference=reference, progress=progress)
+    _, plain_hist, plain_temp = train("plain", splits.train_x, splits.train_tokens, splits, args, tok, ddp, args.dim,
+                                      progress=progress, temperature=args.temperature)
+    _, drrho_hist, drrho_temp = train("drrho", splits.train_x, splits.train_tokens, splits, args, tok, ddp, args.dim,
+                                      reference=reference, progress=progress, temperature=args.temperature)
     if progress is not None:
         progress.close()
 
@@ -344,6 +448,10 @@ def main(argv=None) -> dict:
         # information only, the headline numbers are the final ones above).
         target_plain_peak_accuracy=max(plain_hist["accuracy"]),
         target_drrho_peak_accuracy=max(drrho_hist["accuracy"]),
+        # The learned temperatures at the end (tau = 1 / s): the model's scale(s), or for "individual"
+        # statistics of the per-sample temperatures held by the loss (over the samples it updated).
+        temperature=dict(form=args.temperature, init=args.tau_init, applies_to=["target_plain", "target_drrho"],
+                         reference=dict(form="global", **ref_temp), target_plain=plain_temp, target_drrho=drrho_temp),
         config=dict(vars(args), world_size=ddp.world, n_ref=n_ref, n_train=n_train, n_test=int(splits.test_y.numel()),
                     noisy_pairs=int(splits.train_noisy.sum()),
                     resolved_backend=dk.backends.resolve(args.backend, torch.device("cpu"))),
@@ -354,15 +462,99 @@ def main(argv=None) -> dict:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
-        plot(os.path.join(args.out, "curves.png"), results["history"], ref_acc)
+        plot(os.path.join(args.out, "curves.png"), results["history"], ref_acc, args.temperature, args.tau_init)
         print(f"zero-shot test accuracy ({results['config']['n_test']} test digits, seed {args.seed}, "
-              f"{ddp.world} process{'es' if ddp.world > 1 else ''}, {results['runtime_s']:.0f} s):")
+              f"temperature {args.temperature}, {ddp.world} process{'es' if ddp.world > 1 else ''}, "
+              f"{results['runtime_s']:.0f} s):")
         rows = [(f"reference (clean split of {n_ref})", ref_acc),
                 ("target, plain global contrastive loss", results["target_plain_accuracy"]),
                 ("target, DRRho (steered by the reference)", results["target_drrho_accuracy"])]
         for label, acc in rows:
             print(f"  {label:<44s}{acc:.4f}")
+        print(f"learned temperature (from {args.tau_init}): plain {describe_temperature(plain_temp)}, "
+              f"DRRho {describe_temperature(drrho_temp)}")
         print(f"saved {os.path.join(args.out, 'results.json')} and curves.png")
+    return results
+
+
+def describe_temperature(temp: dict) -> str:
+    if "tau" in temp:
+        return f"tau {temp['tau']:.4f}"
+    if "logit_scale_img" in temp:
+        return f"tau_img {temp['tau_img']:.4f}, tau_txt {temp['tau_txt']:.4f}"
+    return ", ".join(f"{k} mean {temp[k]['mean']:.4f} [{temp[k]['min']:.4f}, {temp[k]['max']:.4f}]"
+                     for k in ("tau_img", "tau_txt"))
+
+
+ACCURACY_KEYS = dict(reference="reference_accuracy", target_plain="target_plain_accuracy",
+                     target_drrho="target_drrho_accuracy")
+
+
+def mean_temperature(temps: list[dict]) -> dict:
+    """The final temperatures of one target over seeds: the mean of each scalar; for per-sample
+    temperatures the mean of the means, the smallest minimum and the largest maximum."""
+    out = {}
+    for key, value in temps[0].items():
+        if isinstance(value, dict):
+            out[key] = dict(mean=float(np.mean([t[key]["mean"] for t in temps])),
+                            min=min(t[key]["min"] for t in temps), max=max(t[key]["max"] for t in temps))
+        elif key != "samples":
+            out[key] = float(np.mean([t[key] for t in temps]))
+    return out
+
+
+def summarize(runs: dict) -> dict:
+    """Mean and sample standard deviation (ddof = 1) of the accuracies of each form over its seeds."""
+    out = {}
+    for form, by_seed in runs.items():
+        entry = dict(seeds=sorted(by_seed))
+        for name, key in ACCURACY_KEYS.items():
+            values = [by_seed[seed][key] for seed in entry["seeds"]]
+            std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            entry[name] = dict(mean=float(np.mean(values)), std=std, values=values)
+        entry["final_temperature"] = {target: mean_temperature([by_seed[seed]["temperature"][target]
+                                                                 for seed in entry["seeds"]])
+                                      for target in ("target_plain", "target_drrho")}
+        entry["temperature"] = {seed: by_seed[seed]["temperature"] for seed in entry["seeds"]}
+        entry["runtime_s"] = dict(total=round(sum(r["runtime_s"] for r in by_seed.values()), 2),
+                                  per_run=[by_seed[seed]["runtime_s"] for seed in entry["seeds"]])
+        out[form] = entry
+    return out
+
+
+def main(argv=None) -> dict:
+    """One run (the default), or with ``--seeds K`` / ``--temperature all`` every form x seed, each in
+    ``OUT/<form>/seed<k>/``, and the summary in ``OUT/summary.json`` (returned)."""
+    args = parse_args(argv)
+    start = time.time()
+    torch.set_num_threads(args.threads)
+    ddp = init_distributed()
+    torch.use_deterministic_algorithms(True)
+    forms = list(TEMPERATURES) if args.temperature == "all" else [args.temperature]
+    if len(forms) == 1 and args.seeds == 1:
+        results = run(args, ddp)
+    else:
+        runs = {}
+        for form in forms:
+            for seed in range(args.seed, args.seed + args.seeds):
+                one = argparse.Namespace(**dict(vars(args), temperature=form, seed=seed, seeds=1,
+                                                out=os.path.join(args.out, form, f"seed{seed}")))
+                runs.setdefault(form, {})[seed] = run(one, ddp)
+        results = dict(forms=summarize(runs), config=dict(vars(args), world_size=ddp.world),
+                       runtime_s=round(time.time() - start, 2),
+                       note="accuracies: final epoch, zero-shot on the test digits; std: sample std (ddof 1) "
+                            "over the seeds; each seed also draws its own split and wrong captions")
+        if ddp.main:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "summary.json"), "w") as f:
+                json.dump(results, f, indent=2)
+            print(f"\nzero-shot test accuracy over {args.seeds} seed{'s' if args.seeds > 1 else ''} "
+                  f"({args.seed}..{args.seed + args.seeds - 1}), mean +- std, {results['runtime_s']:.0f} s:")
+            print(f"  {'temperature':<15s}{'reference':>18s}{'plain':>18s}{'DRRho':>18s}")
+            for form, entry in results["forms"].items():
+                cells = "".join(f"{entry[k]['mean']:.4f} +- {entry[k]['std']:.4f}".rjust(18) for k in ACCURACY_KEYS)
+                print(f"  {form:<15s}{cells}")
+            print(f"saved {os.path.join(args.out, 'summary.json')}")
     if ddp.active:
         dist.barrier()
         dist.destroy_process_group()

@@ -343,6 +343,21 @@ def _job_jest(spec: dict, rank: int, world: int) -> dict:
                 cond=[v for k, v in records if k == "logits"], where=where)
 
 
+def _job_package_jest(spec: dict, rank: int, world: int) -> dict:
+    """This package's :func:`drrho_kernels.jest_select` on a ``jest`` spec, in the same ranks, its draws from
+    a ``torch.Generator`` seeded like the authors' global one."""
+    from drrho_kernels.selection import jest_select
+    N = spec["img"].shape[0]
+    sl = _rank_rows(N, rank, world)
+    g = torch.Generator().manual_seed(int(spec["seeds"][rank]))
+    out = jest_select(spec["img"][sl], spec["txt"][sl], spec["ref_img"][sl], spec["ref_txt"][sl],
+                      spec["learner_scale"], ref_scale=spec.get("ref_scale", 100.0), filter_ratio=spec["filter_ratio"],
+                      n_chunks=spec["n_chunks"], topk=spec["topk"], generator=g,
+                      process_group="world" if dist.is_initialized() else None, backend=spec.get("backend", "torch"),
+                      return_scores=True)
+    return dict(inds=out.indices, diag=out.scores, cond=out.conditional)
+
+
 def _job_package_individual(spec: dict, rank: int, world: int) -> dict:
     """This package's per-sample temperatures on the steps of a ``fastclip`` spec, in the same ranks: the
     distributed call (``scheme`` "gather_u" or "gather_grad"; with ``distributed=False`` the one-process
@@ -388,8 +403,38 @@ def _job_package_individual(spec: dict, rank: int, world: int) -> dict:
     return dict(steps=records)
 
 
-_JOBS = {"sogclr": _job_sogclr, "fastclip": _job_fastclip, "jest": _job_jest, "package_individual": _job_package_individual}
-_NEEDS = {"sogclr": (DRRHO_ENV,), "fastclip": (FASTCLIP_ENV,), "jest": (DRRHO_ENV,), "package_individual": ()}
+def _job_package_sogclr(spec: dict, rank: int, world: int) -> dict:
+    """This package on the spec of a ``sogclr`` job, in the same ranks: the distributed call (``scheme``)
+    in a process group, else the one-process functional; the authors' global form (multiply_tau on or
+    off), RHO shift and distillation as train.py passes them (teacher = the reference features)."""
+    import drrho_kernels as dk
+    from drrho_kernels.distributed import distributed_drrho_clip_loss
+    N = spec["img"].shape[0]
+    sl = _rank_rows(N, rank, world)
+    img = spec["img"][sl].detach().clone().requires_grad_()
+    txt = spec["txt"][sl].detach().clone().requires_grad_()
+    s = torch.tensor(float(spec["scale"]), dtype=torch.float64, requires_grad=True)
+    distill = spec.get("distill") or {}
+    kw = dict(gamma=spec["gamma"], rho=spec["rho"], eps=spec["eps"], multiply_tau=spec["multiply_tau"],
+              backend=spec.get("backend", "torch"), distill_weight=distill.get("weight", 0.0),
+              distill_scale=distill.get("teacher_scale", 100.0))
+    if spec.get("ref_img") is not None:
+        kw.update(ref_img=spec["ref_img"][sl].clone(), ref_txt=spec["ref_txt"][sl].clone())
+    u = (spec["u_img"][sl].double(), spec["u_txt"][sl].double())
+    if dist.is_initialized():
+        out = distributed_drrho_clip_loss(img, txt, s, *u, scheme=spec.get("scheme", "gather_u"), **kw)
+        loss, u_all = out.loss, (out.u_img_all, out.u_txt_all)
+    else:
+        loss, u_img, u_txt = dk.drrho_clip_loss(img, txt, s, *u, **kw)
+        u_all = (u_img, u_txt)
+    loss.backward()
+    return dict(total=loss.item(), d_img=img.grad.clone(), d_txt=txt.grad.clone(), d_s=s.grad.item(),
+                u_img=u_all[0].clone(), u_txt=u_all[1].clone())
+
+
+_JOBS = {"sogclr": _job_sogclr, "package_sogclr": _job_package_sogclr, "fastclip": _job_fastclip, "jest": _job_jest, "package_individual": _job_package_individual,
+         "package_jest": _job_package_jest}
+_NEEDS = {"sogclr": (DRRHO_ENV,), "package_sogclr": (), "fastclip": (FASTCLIP_ENV,), "jest": (DRRHO_ENV,), "package_individual": (), "package_jest": ()}
 
 
 def _run_all(jobs: dict, rank: int, world: int) -> dict:
@@ -409,19 +454,21 @@ def _spawn_main(rank: int, world: int, store_file: str, jobs_file: str, out_dir:
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def run_jobs(jobs: dict, world_size: int = 1, process_group_: bool = True):
+def run_jobs(jobs: dict, world_size: int = 1, process_group_: bool = True, spawn: bool = False):
     """Run ``jobs`` (``{name: (kind, spec)}``) on ``world_size`` ranks; ``({name: [per-rank result]}, "")``
     or ``(None, reason)`` when a snapshot is missing.
 
     ``world_size == 1``: in this process, inside a gloo group of size 1 (``process_group_=True``, fast_clip's
     intended semantics: gathered features carry no gradient) or without any group (``False``: their
-    gathers then return the features themselves, with gradient). ``world_size > 1``: spawned gloo processes.
+    gathers then return the features themselves, with gradient). ``world_size > 1`` (or ``spawn``): spawned
+    gloo processes (torch.distributed.nn's all_gather backward keeps the group of its forward, so a group
+    destroyed and created again in one process can break the authors' code: spawn avoids it).
     """
     for kind, _ in jobs.values():
         ok, why = available(*_NEEDS[kind])
         if not ok:
             return None, why
-    if world_size == 1:
+    if world_size == 1 and not spawn:
         if process_group_:
             with process_group(0, 1):
                 result = _run_all(jobs, 0, 1)

@@ -46,8 +46,9 @@ def compare(result: dict, case: Case, *, loss_tol: float, grad_tol: float, u_tol
     return errs
 
 
-def problem(case: Case, backend: str, dtype=torch.float64, device="cpu", requires_grad=False):
-    """The checked problem (``LossInputs``) of a case, as ``drrho_clip_loss`` builds it, on ``device``."""
+def problem(case: Case, backend: str, dtype=torch.float64, device="cpu", requires_grad=False, **options):
+    """The checked problem (``LossInputs``) of a case, as ``drrho_clip_loss`` builds it, on ``device``
+    (``options``: e.g. ``distill_weight``, ``per_sample``)."""
     from drrho_kernels._validate import validate
     kw = case.kwargs(dtype=dtype, requires_grad=requires_grad)
     for k, v in kw.items():
@@ -56,7 +57,8 @@ def problem(case: Case, backend: str, dtype=torch.float64, device="cpu", require
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     kw["u_img"], kw["u_txt"] = kw["u_img"].to(acc), kw["u_txt"].to(acc)
     s = torch.tensor(float(case.logit_scale), dtype=acc, device=device, requires_grad=requires_grad)
-    return validate(kw.pop("img"), kw.pop("txt"), s, kw.pop("u_img"), kw.pop("u_txt"), backend=backend, **kw)
+    return validate(kw.pop("img"), kw.pop("txt"), s, kw.pop("u_img"), kw.pop("u_txt"), backend=backend, **kw,
+                    **options)
 
 
 def detached(tiles):

@@ -146,6 +146,58 @@ def test_sogclr_triton_float32(multiply_tau):
     assert worst["loss"] < 1e-5 and worst["grad"] < 1e-4 and worst["u"] < 1e-4, worst
 
 
+# ----------------------------------------------------------------- SogCLRLoss with distillation
+
+def sogclr_spec(multiply_tau, N=8, d=6, dr=5, seed=3, **package):
+    g = torch.Generator().manual_seed(seed)
+
+    def emb(width):
+        return torch.nn.functional.normalize(torch.randn(N, width, generator=g, dtype=torch.float64), dim=1)
+    u = torch.randn(2, N, generator=g, dtype=torch.float64)
+    u[:, ::3] = 0.0
+    return dict(img=emb(d), txt=emb(d), ref_img=emb(dr), ref_txt=emb(dr), u_img=u[0], u_txt=u[1], scale=9.0,
+                gamma=0.7, rho=11.0, eps=1e-4, multiply_tau=multiply_tau,
+                distill=dict(weight=0.8, teacher_scale=100.0), **package)
+
+
+def compare_sogclr(theirs, ours, label):
+    worst = {}
+    for t, o in zip(theirs, ours):
+        worst["loss"] = max(worst.get("loss", 0.0), abs(o["total"] - t["total"]) / abs(t["total"]))
+        worst["scale"] = max(worst.get("scale", 0.0), abs(o["d_s"] - t["d_s"]) / abs(t["d_s"]))
+        for k in ("d_img", "d_txt"):
+            worst["grad"] = max(worst.get("grad", 0.0), _rel(o[k], t[k]))
+        for k in ("u_img", "u_txt"):
+            worst["u"] = max(worst.get("u", 0.0), float((o[k] - t[k]).abs().max()))
+    FIGURES[label] = {k: float(f"{v:.2e}") for k, v in worst.items()}
+    return worst
+
+
+DISTILL_BACKENDS = ["torch"] + (["cpp"] if "cpp" in dk.available_backends() else [])
+
+
+@pytest.mark.skipif(not HAVE_DRRHO, reason=WHY_DRRHO)
+@pytest.mark.parametrize("world", [1, 2], ids=["W1", "W2"])
+@pytest.mark.parametrize("multiply_tau", [True, False], ids=["multiply_tau", "no_multiply_tau"])
+def test_sogclr_distillation(multiply_tau, world):
+    """SogCLRLoss with dist_features = the reference features, the student scale = the logit scale and the
+    teacher's 100 (train.py's ref_features_usage "ref,distill"), against this package in the same ranks."""
+    spec = sogclr_spec(multiply_tau)
+    jobs = {"theirs": ("sogclr", spec)}
+    for backend in DISTILL_BACKENDS:
+        for scheme in ("gather_u", "gather_grad"):
+            jobs[f"{backend}-{scheme}"] = ("package_sogclr", dict(spec, backend=backend, scheme=scheme))
+    results, why = ah.run_jobs(jobs, world, spawn=True)
+    if results is None:
+        pytest.skip(why)
+    for name in jobs:
+        if name == "theirs":
+            continue
+        worst = compare_sogclr(results["theirs"], results[name],
+                               f"sogclr_distill[W={world}, {name}, multiply_tau={multiply_tau}]")
+        assert all(v < 1e-9 for v in worst.values()), (name, worst)
+
+
 # -------------------------------------------------------------------------- FastCLIPLossIndividual
 
 HYPER = dict(gamma=0.6, gamma_schedule="cosine", gamma_decay_epochs=3, rho=6.0, eps=1e-14, tau_init=0.07,
@@ -226,3 +278,66 @@ def test_fastclip_individual_two_ranks(two_ranks, ours):
     rank's own loss value differs from theirs by design: docs/TEMPERATURES.md.)"""
     worst = compare_individual(two_ranks["theirs"], two_ranks[ours], f"fastclip_individual[W=2, {ours}]")
     assert all(v < 1e-9 for v in worst.values()), worst
+
+
+# -------------------------------------------------------------------------- jointly_sample_batch_softmax
+
+JEST_VARIANTS = {"topk2": dict(n_chunks=2, filter_ratio=0.5, topk=True),
+                 "topk3": dict(n_chunks=3, filter_ratio=0.75, topk=True),
+                 "sample2": dict(n_chunks=2, filter_ratio=0.5, topk=False),
+                 "sample3": dict(n_chunks=3, filter_ratio=0.5, topk=False)}
+
+
+def jest_spec(seed, N=24, d=6, **kw):
+    g = torch.Generator().manual_seed(seed)
+
+    def emb():
+        return torch.nn.functional.normalize(torch.randn(N, d, generator=g, dtype=torch.float64), dim=1)
+    return dict(ref_img=emb(), ref_txt=emb(), img=emb(), txt=emb(), learner_scale=14.0, ref_scale=100.0,
+                seeds=[seed, seed + 1], **kw)
+
+
+def compare_jest(theirs, ours, label):
+    worst = dict(cond=0.0)
+    for t, o in zip(theirs, ours):
+        assert "error" not in t, t.get("error")
+        assert torch.equal(t["inds"], o["inds"]), (label, t["inds"], o["inds"])
+        worst["cond"] = max(worst["cond"], _rel(o["diag"], t["diag"]))
+        for ct, co in zip(t["cond"], o["cond"]):
+            keep = torch.isfinite(co)                       # ours -inf where drawn, theirs -1e8
+            assert bool((ct[~keep] < -1e7).all())
+            worst["cond"] = max(worst["cond"], _rel(co[keep], ct[keep]))
+    FIGURES[label] = {k: float(f"{v:.2e}") for k, v in worst.items()}
+    return worst
+
+
+@pytest.mark.skipif(not HAVE_DRRHO, reason=WHY_DRRHO)
+@pytest.mark.parametrize("world", [1, 2], ids=["W1", "W2"])
+def test_jest_selection(world):
+    """The same indices (top-k and sampled with the same generator state) and the same conditional scores,
+    in a process group of one and of two (their function needs one), on every fused backend."""
+    specs = {name: jest_spec(60 + i, **v) for i, (name, v) in enumerate(JEST_VARIANTS.items())}
+    jobs = {f"theirs-{n}": ("jest", s) for n, s in specs.items()}
+    backends = ["torch"] + (["cpp"] if "cpp" in dk.available_backends() else [])
+    for n, s in specs.items():
+        for b in backends:
+            jobs[f"{b}-{n}"] = ("package_jest", dict(s, backend=b))
+    results, why = ah.run_jobs(jobs, world, spawn=True)
+    if results is None:
+        pytest.skip(why)
+    for n in specs:
+        for b in backends:
+            worst = compare_jest(results[f"theirs-{n}"], results[f"{b}-{n}"], f"jest[W={world}, {b}, {n}]")
+            assert worst["cond"] < 1e-6, (n, b, worst)
+
+
+@pytest.mark.skipif(not HAVE_DRRHO, reason=WHY_DRRHO)
+def test_jest_where_theirs_fails_ours_selects_the_expected_count():
+    """Chunks that do not divide: theirs draws fewer pairs than its loop expects; ours draws exactly
+    floor(b (1 - f)) (or says why not)."""
+    spec = jest_spec(90, N=12, n_chunks=4, filter_ratio=0.5, topk=True)
+    results, _ = ah.run_jobs({"theirs": ("jest", spec)}, 1, spawn=True)
+    assert len(results["theirs"][0]["inds"]) == 4                 # 12 * 0.5 / 4 -> 1 per chunk: 4, not 6
+    idx = dk.jest_select(spec["img"], spec["txt"], spec["ref_img"], spec["ref_txt"], 14.0, filter_ratio=0.5,
+                         n_chunks=4, topk=True, generator=torch.Generator().manual_seed(0))
+    assert len(idx) == 6 and len(set(idx.tolist())) == 6

@@ -328,8 +328,9 @@ def _problem(case, backend, dtype):
 
 
 def _gains(p, weights, grad_phi=1.0):
+    """``(gain, col_gain, dgain, col_dgain)`` of an upstream gradient ``grad_phi`` (no distillation)."""
     gain = grad_phi * p.tiles.scale.detach()
-    return gain, None if weights.col_scale is None else grad_phi * weights.col_scale
+    return gain, None if weights.col_scale is None else grad_phi * weights.col_scale, None, None
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
@@ -362,14 +363,14 @@ def test_fold_of_gathered_columns_gives_the_global_gradient(backend, ref, dtype)
         terms = fused_terms(p)
         assert rel_err(terms.u_new.cpu(), g_terms.u_new[:, rows].cpu()) <= TOLERANCES[dtype].state
         weights = terms.weights(col_scale=col_scale, col_log_norm=g_terms.u_new, col_margin=g_terms.margin)
-        gain, col_gain = _gains(p, weights)
-        d_img, d_txt, d_img_all, _ = ops.backward(backend, gain, col_gain, p.tiles, weights, False)
+        gains = _gains(p, weights)
+        d_img, d_txt, d_img_all, _ = ops.backward(backend, gains, p.tiles, weights, False)
         assert d_img.dtype == dtype and d_img_all.shape == (0, 11)
         norm = float(glob.logit_scale) * N * (N - 1)          # d phi / dx = s N (N - 1) dL/dx, one process
         for name, got in (("img", d_img), ("txt", d_txt)):
             assert rel_err(got.double().cpu() / norm, want["d_" + name][rows], dtype) <= tol, (r, name)
-        both = ops.backward(backend, gain, col_gain, p.tiles, weights, True)
-        plain = ops.backward(backend, gain, None, p.tiles, terms.weights(), True)
+        both = ops.backward(backend, gains, p.tiles, weights, True)
+        plain = ops.backward(backend, (gains[0], None, None, None), p.tiles, terms.weights(), True)
         for a, b in zip(both[:2], (d_img, d_txt)):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
         for a, b in zip(both[2:], plain[2:]):
@@ -394,10 +395,10 @@ def test_transpose_trick_equals_the_general_path(backend, ref, dtype):
     for a, b in ((one.u_new, two.u_new), (one.wsum, two.wsum), (one.wdsum, two.wdsum), (one.margin, two.margin)):
         torch.testing.assert_close(a, b, rtol=rtol, atol=rtol)
     weights = one.weights()
-    gain, _ = _gains(p, weights, 0.7)
+    gain = _gains(p, weights, 0.7)[0]
     own = two.weights(col_scale=p.tiles.scale.detach(), col_log_norm=two.u_new, col_margin=two.margin)
-    trick = ops.backward(backend, gain, None, p.tiles, weights, False)
-    folded = ops.backward(backend, gain, gain, general.tiles, own, False)
+    trick = ops.backward(backend, (gain, None, None, None), p.tiles, weights, False)
+    folded = ops.backward(backend, (gain, gain, None, None), general.tiles, own, False)
     for a, b in zip(trick[:2], folded[:2]):
         torch.testing.assert_close(a, b, rtol=rtol, atol=rtol)
 
@@ -553,3 +554,78 @@ def test_individual_temperatures_match_fast_clip(backend, ref, epoch, dtype):
         bound = tol.loss if k == "loss" else tol.grad if k.startswith("d_") else max(tol.state, 10 * tol.loss)
         err = rel_err(got[k], want[k], dtype if k.startswith("d_") else None)
         assert err <= bound, f"{backend} epoch {epoch} {k}: {err:.2e} > {bound:.0e}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillation (SPEC 2.2) and per-sample outputs (SPEC 2.3). Truth: family_oracle's sogclr_oracle
+# (the authors' SogCLRLoss + train.py, checked against their code) and per_sample_oracle.
+
+DISTILL_CASES = ["single-ref-B6-d5", "single-B37-d40-dr23", "single-s100", "dist-ref-B5-N23-d17-dr9",
+                 "dist-offset-end-B4-N19", "dist-eps1e-4-s100", "single-special-u"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("multiply_tau", [True, False], ids=["multiply_tau", "no_multiply_tau"])
+@pytest.mark.parametrize("name", DISTILL_CASES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_distillation_matches_oracle(backend, name, multiply_tau, dtype):
+    from family_oracle import sogclr_oracle
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("float64 resolves to the torch backend")
+    case = rounded(CASES[name](), dtype)
+    weight, teacher = 0.7, 50.0
+    want = sogclr_oracle(case, multiply_tau=multiply_tau, distill_weight=weight, teacher_scale=teacher)
+    device = DEVICES[backend]
+    kw = case.kwargs(dtype=dtype)
+    for k in EMBEDDINGS:
+        if kw[k] is not None:
+            kw[k] = kw[k].to(device)
+    leaves = ["img", "txt"] + (["img_all", "txt_all"] if kw["img_all"] is not None else [])
+    for k in leaves:
+        kw[k].requires_grad_(True)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    kw["u_img"], kw["u_txt"] = (kw[k].to(device=device, dtype=acc) for k in ("u_img", "u_txt"))
+    s = torch.tensor(float(case.logit_scale), dtype=acc, device=device, requires_grad=True)
+    loss, u_img, _ = dk.drrho_clip_loss(logit_scale=s, backend=backend, multiply_tau=multiply_tau,
+                                        distill_weight=weight, distill_scale=teacher, **kw)
+    grads = torch.autograd.grad(loss, [kw[k] for k in leaves] + [s])
+    tol = TOLERANCES[dtype]
+    errors = dict(loss=rel_err(loss.item(), want["total"]), u_img=rel_err(u_img.double().cpu(), want["u_img"]),
+                  d_s=rel_err(grads[-1].item(), want["d_s"]))
+    for k, g in zip(leaves, grads):
+        errors["d_" + k] = rel_err(g.double().cpu(), want["d_" + k], dtype)
+    bounds = dict(loss=tol.loss, u_img=tol.state, d_s=max(tol.scale, tol.loss))
+    for k, err in errors.items():
+        assert err <= bounds.get(k, tol.grad), f"{backend} {name} {k}: {err:.2e} ({errors})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("name", ["single-ref-B6-d5", "single-noref-B7-d9", "single-B37-d40-dr23", "dist-ref-B5-N23-d17-dr9",
+                                  "dist-noref-offset0-B6-N20", "single-eps1e-6-s100"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_sample_outputs_match_oracle(backend, name, dtype):
+    from family_oracle import per_sample_oracle
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("float64 resolves to the torch backend")
+    case = rounded(CASES[name](), dtype)
+    want = per_sample_oracle(case, teacher_scale=100.0)
+    device = DEVICES[backend]
+    kw = case.kwargs(dtype=dtype)
+    for k in EMBEDDINGS:
+        if kw[k] is not None:
+            kw[k] = kw[k].to(device)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    kw["u_img"], kw["u_txt"] = (kw[k].to(device=device, dtype=acc) for k in ("u_img", "u_txt"))
+    out = dk.drrho_clip_loss(logit_scale=float(case.logit_scale), backend=backend, return_per_sample=True, **kw)
+    plain = dk.drrho_clip_loss(logit_scale=float(case.logit_scale), backend=backend, **kw)
+    assert out.loss.item() == pytest.approx(plain[0].item(), rel=1e-12, abs=1e-12)   # the loss does not change
+    values = out.per_sample._asdict()
+    names = dict(distill_img="ce_img", distill_txt="ce_txt")
+    for field, value in values.items():
+        key = names.get(field, field)
+        if case.ref_img is None and key.split("_")[0] in ("ref", "ce"):
+            assert value is None, field
+            continue
+        assert value.shape == (case.img.shape[0],) and not value.requires_grad
+        bound = 10 * TOLERANCES[dtype].state
+        assert rel_err(value.double().cpu(), want[key]) <= bound, f"{backend} {name} {field}"

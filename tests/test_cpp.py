@@ -97,7 +97,7 @@ def test_gradients_keep_the_layout_of_their_inputs():
     p = dataclasses.replace(p, tiles=dataclasses.replace(p.tiles, img=p.tiles.img.T.contiguous().T))
     terms = fused_terms(p)
     gain = p.tiles.scale.detach()
-    grads = ops.backward("cpp", gain, None, detached(p.tiles), terms.weights(), False)
+    grads = ops.backward("cpp", (gain, None, None, None), detached(p.tiles), terms.weights(), False)
     assert grads[0].stride() == torch.empty_like(p.tiles.img).stride()
     assert grads[1].is_contiguous()
 
@@ -165,10 +165,13 @@ def test_direct_op_call_checks_name_the_argument():
     gain = tiles.scale
     weights = terms.weights()
     with pytest.raises(RuntimeError, match=r"drrho::cpp_bwd: log_norm: expected shape \(2, 4\)"):
-        ops.backward("cpp", gain, None, tiles, dataclasses.replace(weights, log_norm=weights.log_norm[:1]), False)
+        ops.backward("cpp", (gain, None, None, None), tiles, dataclasses.replace(weights, log_norm=weights.log_norm[:1]),
+                     False)
     half_fold = dataclasses.replace(weights, col_log_norm=weights.log_norm)
     with pytest.raises(RuntimeError, match="col_gain, col_scale, col_log_norm and col_margin"):
-        ops.backward("cpp", gain, None, tiles, half_fold, False)
+        ops.backward("cpp", (gain, None, None, None), tiles, half_fold, False)
+    with pytest.raises(RuntimeError, match="dgain: expected lse_q, lse_p"):
+        ops.backward("cpp", (gain, None, gain, None), tiles, weights, False)
 
 
 @needs_cpp
@@ -176,11 +179,12 @@ def test_empty_batch_returns_early():
     e = torch.empty(0, 3, dtype=torch.float64)
     cols = torch.randn(3, 3, dtype=torch.float64)
     z = torch.empty(2, 0, dtype=torch.float64)
-    stats, margin = torch.ops.drrho.cpp_fwd(e, e, cols, cols, None, None, None, None, z, 0, False)
-    assert stats.shape == (2, 3, 0) and margin.shape == (0,)
-    w = Weights(z, z, torch.empty(0, dtype=torch.float64), None, None, None)
-    d = ops.backward("cpp", z, None, dk._inputs.TileInputs(e, e, cols, cols, None, None, None, None, z, 0, False),
-                     w, True)
+    stats, margin, pos = torch.ops.drrho.cpp_fwd(e, e, cols, cols, None, None, None, None, z, 0, False, 100.0,
+                                                 False, False)
+    assert stats.shape == (2, 3, 0) and margin.shape == (0,) and pos.shape == (2, 0)
+    w = Weights(z, z, torch.empty(0, dtype=torch.float64), None, None, None, None, None, None, None)
+    tiles = dk._inputs.TileInputs(e, e, cols, cols, None, None, None, None, z, 0, False, 100.0, False, False)
+    d = ops.backward("cpp", (z, None, None, None), tiles, w, True)
     assert d[0].shape == (0, 3) and d[2].shape == (3, 3) and not d[2].any()
 
 

@@ -36,6 +36,7 @@ WORLD_SIZES = (2, 4)
 
 
 SCALE_TXT = 4.5                 # the text anchors' scale of the per-direction cases
+DISTILL = dict(distill_weight=0.6, distill_scale=30.0)
 TAU_OPTIONS = dict(lr=0.03, beta1=0.9, beta2=0.98, eps=1e-6, tau_min=0.01, tau_max=1.0, grad_clamp=5.0, epoch=1)
 
 
@@ -52,7 +53,7 @@ def value_cases():
                 cases.append(dict(backend=backend, dtype=dtype, scheme=scheme, ref=ref, form="multiply_tau"))
     for backend, dtype in fused:
         for scheme in ddk.SCHEMES:
-            for form in ("per_direction", "no_multiply_tau", "individual"):
+            for form in ("per_direction", "no_multiply_tau", "individual", "distill"):
                 cases.append(dict(backend=backend, dtype=dtype, scheme=scheme, ref=True, form=form))
     return cases
 
@@ -107,7 +108,7 @@ def _run_value_case(rank, world, c):
     s = torch.tensor(SCALE, dtype=acc, requires_grad=True)
     s_txt = torch.tensor(SCALE_TXT, dtype=acc, requires_grad=True)
     refs = dict(ref_img=mine["ref_img"], ref_txt=mine["ref_txt"]) if c["ref"] else {}
-    form = dict(multiply_tau=c["form"] != "no_multiply_tau")
+    form = dict(multiply_tau=c["form"] != "no_multiply_tau", **(DISTILL if c["form"] == "distill" else {}))
     scales, leaves = s, [img, txt, s]
     if c["form"] == "per_direction":
         scales, leaves = (s, s_txt), [img, txt, s, s_txt]
@@ -274,6 +275,11 @@ def _single(world, dtype, ref, form="multiply_tau"):
                      (("u", "u"), ("tau", "tau"), ("bound", "b"), ("m", "m"), ("v", "v"))}
         return dict(loss=want["loss"], d_img=want["d_img"], d_txt=want["d_txt"], u_img=want["u_img"],
                     u_txt=want["u_txt"], index=data["index"], state_all=state_all, n=n)
+    if form == "distill":
+        want = fo.sogclr_oracle(case, multiply_tau=True, distill_weight=DISTILL["distill_weight"],
+                                teacher_scale=DISTILL["distill_scale"])
+        return dict(loss=want["total"], d_img=want["d_img"], d_txt=want["d_txt"], u_img=want["u_img"],
+                    u_txt=want["u_txt"], index=data["index"], d_s=want["d_s"])
     want = fo.global_oracle(case, form=form, scale_txt=SCALE_TXT if form == "per_direction" else None)
     out = dict(loss=want["loss"], d_img=want["d_img"], d_txt=want["d_txt"], u_img=want["u_img"],
                u_txt=want["u_txt"], index=data["index"])
@@ -336,7 +342,8 @@ def test_bytes_passed_to_collectives_match_the_formula(runs, case):
     want = ddk.bytes_per_step(B, world, D, DR if case["ref"] else None, scheme=scheme, dtype=case["dtype"],
                               state_dtype=torch.float32 if case["form"] == "individual" and case["dtype"] == torch.float32
                               else torch.float64,
-                              index=True, temperature="individual" if case["form"] == "individual" else "global")
+                              index=True, temperature="individual" if case["form"] == "individual" else "global",
+                              distill=case["form"] == "distill")
     for rank, r in enumerate(results):
         log = r["values"][case_name(case)]["bytes"]
         got_parts = {}

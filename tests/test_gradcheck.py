@@ -89,10 +89,9 @@ def test_gradcheck_detects_a_wrong_gradient(monkeypatch):
 
     correct = ops.backward
 
-    def without_column_terms(backend, gain, col_gain, tiles, weights, column_grads):
+    def without_column_terms(backend, gains, tiles, weights, column_grads):
         # as if the rows were not also the columns: the fold (the column anchors' terms) is lost
-        return correct(backend, gain, col_gain, dataclasses.replace(tiles, columns_are_rows=False), weights,
-                       column_grads)
+        return correct(backend, gains, dataclasses.replace(tiles, columns_are_rows=False), weights, column_grads)
 
     monkeypatch.setattr(ops, "backward", without_column_terms)
     case = make_case(B=4, d=3, seed=12)

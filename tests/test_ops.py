@@ -52,6 +52,8 @@ MODES = {
     "dist-noref": dict(B=4, N=9, d=4, ref=False, offset=5),
 }
 DTYPES = {"f64": torch.float64, "f32": torch.float32}
+# the extra statistics and the distillation weights (SPEC 2.2, 2.3)
+EXTRA = dict(distill_weight=0.5, distill_scale=30.0, per_sample=True)
 
 
 def _no_float64_triton(backend, dtype):
@@ -59,45 +61,52 @@ def _no_float64_triton(backend, dtype):
         pytest.skip("Triton has no float64 kernels (float64 resolves to the torch backend)")
 
 
-def fwd_args(backend, mode, dtype):
+def fwd_args(backend, mode, dtype, extra=False):
     _no_float64_triton(backend, dtype)
-    p = problem(make_case(**MODES[mode]), backend, dtype)
+    p = problem(make_case(**MODES[mode]), backend, dtype, **(EXTRA if extra else {}))
     return as_args(detached(p.tiles))
 
 
-def weights_of(backend, mode, dtype, variant):
+def weights_of(backend, mode, dtype, variant, extra=False):
     """The problem, its forward terms and the backward's weights: ``variant`` "rows" (no column terms),
     "columns" (column_grads) or "fold" (column state given: the rows' own in one process, gathered
     values of the right shape otherwise)."""
-    p = problem(make_case(**MODES[mode]), backend, dtype)
+    p = problem(make_case(**MODES[mode]), backend, dtype, **(EXTRA if extra else {}))
     terms = fused_terms(p)
     if variant == "fold" and not p.tiles.columns_are_rows:
         N = p.n_columns
         g = torch.Generator().manual_seed(1)
         noise = lambda *shape: torch.randn(*shape, generator=g, dtype=terms.margin.dtype) * 0.1   # noqa: E731
+        cols = {}
+        if terms.distill:
+            cols = dict(col_lse_q=terms.extras["lse_q"].mean() + noise(2, N),
+                        col_lse_p=terms.extras["lse_p"].mean() + noise(2, N))
         weights = terms.weights(col_scale=p.tiles.scale[:, :1].expand(2, N).detach() + noise(2, N).abs(),
-                                col_log_norm=terms.u_new.mean() + noise(2, N), col_margin=noise(N))
+                                col_log_norm=terms.u_new.mean() + noise(2, N), col_margin=noise(N), **cols)
     else:
         weights = terms.weights()
     return p, terms, weights
 
 
-def bwd_args(backend, mode, dtype, variant):
+def bwd_args(backend, mode, dtype, variant, extra=False):
     _no_float64_triton(backend, dtype)
-    p, terms, weights = weights_of(backend, mode, dtype, variant)
+    p, terms, weights = weights_of(backend, mode, dtype, variant, extra)
     gain = 0.75 * p.tiles.scale.detach()
     col_gain = None if weights.col_scale is None else 0.75 * weights.col_scale
-    return (gain, col_gain, *as_args(detached(p.tiles)), *as_args(weights), variant == "columns")
+    dgain = -0.3 * p.tiles.scale.detach() if extra else None
+    col_dgain = None if not extra or weights.col_scale is None else -0.3 * weights.col_scale
+    return (gain, col_gain, dgain, col_dgain, *as_args(detached(p.tiles)), *as_args(weights), variant == "columns")
 
 
-def phi_args(backend, mode, dtype, variant):
+def phi_args(backend, mode, dtype, variant, extra=False):
     _no_float64_triton(backend, dtype)
-    p, terms, weights = weights_of(backend, mode, dtype, variant)
-    p = problem(make_case(**MODES[mode]), backend, dtype, requires_grad=True)
+    p, terms, weights = weights_of(backend, mode, dtype, variant, extra)
+    h = (terms.extras["h"], terms.extras["h_ds"]) if extra else (None, None)
+    p = problem(make_case(**MODES[mode]), backend, dtype, requires_grad=True, **(EXTRA if extra else {}))
     if variant == "rows":        # columns without gradient (the gather_u shape)
         from dataclasses import replace
         p = replace(p, tiles=replace(p.tiles, img_all=p.tiles.img_all.detach(), txt_all=p.tiles.txt_all.detach()))
-    return (terms.wdsum, *as_args(p.tiles), *as_args(weights), backend)
+    return (terms.wdsum, *h, *as_args(p.tiles), *as_args(weights), backend)
 
 
 def test_one_schema_for_every_backend():
@@ -136,6 +145,20 @@ def test_opcheck_backward(backend, mode, variant, dtype):
 def test_opcheck_phi(backend, mode, variant, dtype):
     """The op with autograd: its backward (the backend's _bwd) under opcheck's autograd and AOT tests."""
     torch.library.opcheck(torch.ops.drrho.phi.default, phi_args(backend, mode, dtype, variant))
+
+
+EXTRA_CASES = [("single-ref", "fold"), ("dist-ref", "columns"), ("dist-ref", "fold"), ("dist-ref", "rows")]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("mode,variant", EXTRA_CASES, ids=[f"{m}-{v}" for m, v in EXTRA_CASES])
+@pytest.mark.parametrize("backend", FUSED)
+def test_opcheck_with_distillation_and_per_sample_statistics(backend, mode, variant, dtype):
+    """The ops with the extra statistics (K = 12) and the distillation weights (dgain, lse_q, lse_p)."""
+    args = fwd_args(backend, mode, dtype, extra=True)          # first: it skips float64 Triton, registers the ops
+    torch.library.opcheck(ops.op(backend, "fwd"), args)
+    torch.library.opcheck(ops.op(backend, "bwd"), bwd_args(backend, mode, dtype, variant, extra=True))
+    torch.library.opcheck(torch.ops.drrho.phi.default, phi_args(backend, mode, dtype, variant, extra=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])

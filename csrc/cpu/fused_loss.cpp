@@ -147,8 +147,8 @@ Shapes check_embeddings(const char* op, const at::Tensor& img, const at::Tensor&
     TORCH_CHECK(t->scalar_type() == img.scalar_type(), op, ": ", name, ": expected dtype ",
                 img.scalar_type(), " (the dtype of img), got ", t->scalar_type());
   }
-  TORCH_CHECK(0 <= offset && offset <= N - B, op, ": offset: expected 0 <= offset <= N - B = ", N - B,
-              " (N = ", N, " columns, B = ", B, " rows), got ", offset);
+  TORCH_CHECK((0 <= offset && offset <= N - B) || offset == N, op, ": offset: expected 0 <= offset <= N - B = ",
+              N - B, " (N = ", N, " columns, B = ", B, " rows), or N (no row is a column), got ", offset);
   TORCH_CHECK(!columns_are_rows || (N == B && offset == 0), op,
               ": columns_are_rows: expected img_all of the shape of img (N = B, offset = 0), got N = ", N,
               ", B = ", B, ", offset = ", offset);
@@ -234,22 +234,14 @@ at::Tensor rows_of(const at::Tensor& t, int64_t r0, int64_t rows) {
   return t.defined() ? t.narrow(0, r0, rows) : t;
 }
 
-// Margins m_i = <x_i, t_i> - <xr_i, tr_i>.
+// The rows' own similarities <a_i, b_i>.
 template <typename T>
-void pair_margin(const at::Tensor& x, const at::Tensor& t, const at::Tensor& xr, const at::Tensor& tr,
-                 T* out) {
-  const int64_t B = x.size(0), d = x.size(1);
-  const T* px = x.data_ptr<T>();
-  const T* pt = t.data_ptr<T>();
-  const T* pxr = xr.defined() ? xr.data_ptr<T>() : nullptr;
-  const T* ptr = xr.defined() ? tr.data_ptr<T>() : nullptr;
-  const int64_t dr = xr.defined() ? xr.size(1) : 0;
+void pair_dots(const at::Tensor& a, const at::Tensor& b, T* out) {
+  const int64_t B = a.size(0), d = a.size(1);
+  const T* pa = a.data_ptr<T>();
+  const T* pb = b.data_ptr<T>();
   at::parallel_for(0, B, 256, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      T m = dot(px + i * d, pt + i * d, d);
-      if (pxr != nullptr) m -= dot(pxr + i * dr, ptr + i * dr, dr);
-      out[i] = m;
-    }
+    for (int64_t i = i0; i < i1; ++i) out[i] = dot(pa + i * d, pb + i * d, d);
   });
 }
 
@@ -330,18 +322,19 @@ class LockedAccumulator {
   std::unique_ptr<std::mutex[]> locks_;
 };
 
-// The forward's fused pass over one similarity chunk S [rows, N] (rows r0 .. r0 + rows of the batch):
-// for every row anchor, its online statistics over all columns (written to row_*, complete); with
-// `col_*` given (columns_are_rows), also every column anchor's statistics over the chunk's rows
-// (merged into col_*). Work is split in column blocks of a fixed width: a block owns its columns
-// (the column statistics need no synchronisation) and leaves per-row partials, merged in block
-// order, so the result does not depend on how blocks are spread over threads. Inside a worker the
-// at::parallel_for loops below run serially; on the calling thread they use all threads.
-// `row_scale` [B] and `col_scale` [N] are the anchors' scales (positive: d = s (S - m) increases with S).
+// The forward's fused pass over one chunk S [rows, N] (rows r0 .. r0 + rows of the batch): for every
+// row anchor, its online statistics over all columns but its positive (written to row_*, complete);
+// with `col_*` given (columns_are_rows), also every column anchor's statistics over the chunk's rows
+// (merged into col_*). The exponent is d = scale (S - m) with the anchor's scale and m; F sums e d, or
+// e V with values V [rows, N] given. Work is split in column blocks of a fixed width: a block owns its
+// columns (the column statistics need no synchronisation) and leaves per-row partials, merged in
+// block order, so the result does not depend on how blocks are spread over threads. Inside a worker
+// the at::parallel_for loops below run serially; on the calling thread they use all threads.
+// Scales are positive: d increases with S, so the maxima of S give the maxima of d.
 template <typename T>
-void chunk_stats(const T* S, int64_t rows, int64_t N, int64_t r0, int64_t offset, const T* margin,
-                 const T* row_scale, const T* col_scale, T* row_top, T* row_e, T* row_f, T* col_top, T* col_e,
-                 T* col_f) {
+void chunk_stats(const T* S, const T* V, int64_t rows, int64_t N, int64_t r0, int64_t offset, const T* row_m,
+                 const T* col_m, const T* row_scale, const T* col_scale, T* row_top, T* row_e, T* row_f,
+                 T* col_top, T* col_e, T* col_f) {
   PhaseTimer timer(kForwardPass);
   const bool cols = col_top != nullptr;
   const int64_t block = std::max<int64_t>(1, g_col_block.load());
@@ -353,38 +346,39 @@ void chunk_stats(const T* S, int64_t rows, int64_t N, int64_t r0, int64_t offset
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c0 = b * block, c1 = std::min(N, c0 + block), w = c1 - c0;
       if (cols) std::fill(cmax.begin(), cmax.begin() + w, kNegInf<T>);
-      // The (up to two) segments of row i inside [c0, c1) that exclude its positive column p.
+      // The (up to two) segments of row i inside [c0, c1) that exclude its positive column p (p >= N:
+      // the rows are not among the columns, nothing is excluded).
       auto segments = [&](int64_t i, auto&& fn) {
         const int64_t p = offset + r0 + i;
-        const T* srow = S + i * N;
-        if (p > c0) fn(srow, c0, std::min(p, c1));
+        if (p > c0) fn(i, c0, std::min(p, c1));
         const int64_t start = std::max(p + 1, c0);
-        if (start < c1) fn(srow, start, c1);
+        if (start < c1) fn(i, start, c1);
       };
-      // Pass 1: maxima of S (d = s (S - m) is increasing in S, so its maxima follow).
+      // Pass 1: maxima of S.
       for (int64_t i = 0; i < rows; ++i) {
         T m = kNegInf<T>;
-        segments(i, [&](const T* srow, int64_t a, int64_t z) {
-          m = seg_max(srow + a, z - a, m, cols ? cmax.data() + (a - c0) : nullptr);
+        segments(i, [&](int64_t, int64_t a, int64_t z) {
+          m = seg_max(S + i * N + a, z - a, m, cols ? cmax.data() + (a - c0) : nullptr);
         });
         rmax[i] = m;
       }
       if (cols) {
         for (int64_t k = 0; k < w; ++k) {
-          ctop[k] = cmax[k] == kNegInf<T> ? kNegInf<T> : (cmax[k] - margin[c0 + k]) * col_scale[c0 + k];
+          ctop[k] = cmax[k] == kNegInf<T> ? kNegInf<T> : (cmax[k] - col_m[c0 + k]) * col_scale[c0 + k];
           ce[k] = T(0);
           cf[k] = T(0);
         }
       }
       // Pass 2: the exponential sums, rows and columns in one sweep over the block.
       for (int64_t i = 0; i < rows; ++i) {
-        const T rm = margin[r0 + i], rs = row_scale[r0 + i];
+        const T rm = row_m[r0 + i], rs = row_scale[r0 + i];
         const T top = rmax[i] == kNegInf<T> ? kNegInf<T> : (rmax[i] - rm) * rs;
         T e = T(0), f = T(0);
-        segments(i, [&](const T* srow, int64_t a, int64_t z) {
+        segments(i, [&](int64_t, int64_t a, int64_t z) {
           const int64_t k = a - c0;
-          seg_sums(srow + a, z - a, rs, rm, top, &e, &f, cols ? margin + a : nullptr, cols ? col_scale + a : nullptr,
-                   cols ? ctop.data() + k : nullptr, cols ? ce.data() + k : nullptr, cols ? cf.data() + k : nullptr);
+          seg_sums(S + i * N + a, V != nullptr ? V + i * N + a : nullptr, z - a, rs, rm, top, &e, &f,
+                   cols ? col_m + a : nullptr, cols ? col_scale + a : nullptr, cols ? ctop.data() + k : nullptr,
+                   cols ? ce.data() + k : nullptr, cols ? cf.data() + k : nullptr);
         });
         partial[static_cast<size_t>(b * rows + i)] = {top, e, f};
       }
@@ -406,16 +400,20 @@ void chunk_stats(const T* S, int64_t rows, int64_t N, int64_t r0, int64_t offset
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward: stats [2, 3, B] (direction, (M, E, F), anchor) and margin [B].
+// Forward: stats [2, K, B] (direction, statistic, anchor; drrho_kernels/_inputs.py STATS), margin [B],
+// positives [2, B]. K = 3: the DRRho statistics of S = y - z. K = 12 (with_distill or with_alone): also the
+// target's (y, scale s), the teacher's (z, scale t_d, values y) and the reference's (z, scale s), each
+// over the negatives, with the pair's own y_i or z_i as the shift. y and z stay apart in two buffers
+// (the same two products as S = y - z needs).
 
 template <typename T>
-std::tuple<at::Tensor, at::Tensor> fwd_impl(const Shapes& sh, at::ScalarType acc, const at::Tensor& img,
-                                            const at::Tensor& txt, const at::Tensor& img_all,
-                                            const at::Tensor& txt_all, const OptTensor& ref_img,
-                                            const OptTensor& ref_txt, const OptTensor& ref_img_all,
-                                            const OptTensor& ref_txt_all, const at::Tensor& scale, int64_t offset,
-                                            bool columns_are_rows) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(
+    const Shapes& sh, at::ScalarType acc, const at::Tensor& img, const at::Tensor& txt, const at::Tensor& img_all,
+    const at::Tensor& txt_all, const OptTensor& ref_img, const OptTensor& ref_txt, const OptTensor& ref_img_all,
+    const OptTensor& ref_txt_all, const at::Tensor& scale, int64_t offset, bool columns_are_rows, double distill_scale,
+    bool extras) {
   const int64_t B = sh.B, N = sh.N;
+  const int64_t K = extras ? 12 : 3;
   const auto opts = img.options().dtype(acc);
   const at::Tensor x = as_acc(img, acc), t = as_acc(txt, acc);
   const at::Tensor xr = opt_acc(ref_img, acc), tr = opt_acc(ref_txt, acc);
@@ -425,79 +423,127 @@ std::tuple<at::Tensor, at::Tensor> fwd_impl(const Shapes& sh, at::ScalarType acc
   const at::Tensor Xr = columns_are_rows ? xr : opt_acc(ref_img_all, acc);
   const at::Tensor Tr = columns_are_rows ? tr : opt_acc(ref_txt_all, acc);
   const at::Tensor sc = as_acc(scale, acc);
-  const T* s_img = sc.data_ptr<T>();
-  const T* s_txt = s_img + B;
+  const T* s_dir[2] = {sc.data_ptr<T>(), sc.data_ptr<T>() + B};
+  const bool ref = sh.ref;
+  const std::vector<T> teacher(static_cast<size_t>(std::max(B, N)), static_cast<T>(distill_scale));
 
-  at::Tensor margin = at::empty({B}, opts);
-  T* pm = margin.data_ptr<T>();
-  pair_margin<T>(x, t, xr, tr, pm);
+  at::Tensor positives = at::zeros({2, B}, opts);
+  T* py = positives.data_ptr<T>();
+  T* pz = py + B;
+  pair_dots<T>(x, t, py);
+  if (ref) pair_dots<T>(xr, tr, pz);
+  at::Tensor margin = positives[0] - positives[1];
+  const T* pm = margin.data_ptr<T>();
 
-  // Online statistics (max, sum exp, sum exp * d) of the image anchors (stats[0]) and text anchors (stats[1]).
-  at::Tensor stats = at::empty({2, 3, B}, opts);
-  T* img_top = stats.data_ptr<T>();
-  T *img_e = img_top + B, *img_f = img_top + 2 * B;
-  T *txt_top = img_top + 3 * B, *txt_e = img_top + 4 * B, *txt_f = img_top + 5 * B;
+  at::Tensor stats = at::zeros({2, K, B}, opts);
+  T* base = stats.data_ptr<T>();
+  auto stat_rows = [&](int64_t dir, int64_t group) { return base + (dir * K + 3 * group) * B; };
+  // The statistic groups: (shift, scale of the rows, values, source: 0 = S, 1 = y, 2 = z).
+  struct Group {
+    const T* shift;
+    bool teacher_scale;
+    bool values_y;
+    int source;
+  };
+  std::vector<Group> groups{{pm, false, false, 0}};
+  if (extras) {
+    groups.push_back({py, false, false, 1});
+    if (ref) {
+      groups.push_back({pz, true, true, 2});
+      groups.push_back({pz, false, false, 2});
+    }
+  }
+  const int64_t G = static_cast<int64_t>(groups.size());
 
   const int64_t R = chunk_rows(B, N, sizeof(T));
   const int64_t n_chunks = (B + R - 1) / R;
   const int64_t workers = worker_count(n_chunks);
-  std::vector<at::Tensor> buffers(static_cast<size_t>(workers));
-  // Single process: each worker's column (text anchor) statistics over the chunks it took.
+  const bool split = extras && ref;       // y and z apart (else one buffer: S, or y without a reference)
+  std::vector<at::Tensor> buffers(static_cast<size_t>(workers)), zbuffers(static_cast<size_t>(workers));
+  // Single process: each worker's column (text anchor) statistics over the chunks it took, per group.
   std::vector<std::vector<T>> col_stats(static_cast<size_t>(columns_are_rows ? workers : 0));
+  auto direction = [&](int64_t dir, const at::Tensor& rows_t, const at::Tensor& cols_t, const at::Tensor& rref,
+                       const at::Tensor& cref, int64_t r0, int64_t rows, int64_t w) {
+    at::Tensor& yb = buffers[static_cast<size_t>(w)];
+    if (!yb.defined()) yb = at::empty({R, N}, opts);
+    at::Tensor Y = yb.narrow(0, 0, rows);
+    at::Tensor Z;
+    if (split) {
+      at::Tensor& zb = zbuffers[static_cast<size_t>(w)];
+      if (!zb.defined()) zb = at::empty({R, N}, opts);
+      Z = zb.narrow(0, 0, rows);
+      PhaseTimer timer(kSimilarityGemm);
+      at::mm_out(Y, rows_of(rows_t, r0, rows), cols_t.t());
+      at::mm_out(Z, rows_of(rref, r0, rows), cref.t());
+    } else {
+      similarity(Y, rows_of(rows_t, r0, rows), cols_t, extras ? at::Tensor() : rows_of(rref, r0, rows), cref);
+    }
+    const bool cols = columns_are_rows;
+    std::vector<T> unused;
+    auto& cs = cols ? col_stats[static_cast<size_t>(w)] : unused;
+    if (cols && cs.empty()) {
+      cs.assign(static_cast<size_t>(3 * G * N), T(0));
+      for (int64_t g = 0; g < G; ++g) std::fill(cs.begin() + 3 * g * N, cs.begin() + (3 * g + 1) * N, kNegInf<T>);
+    }
+    // the extra groups first (they read y and z), then S = y - z in y's buffer for the DRRho group
+    for (int64_t g = G - 1; g >= 0; --g) {
+      const Group& grp = groups[static_cast<size_t>(g)];
+      if (g == 0 && split) Y.sub_(Z);
+      const T* src = grp.source == 2 ? Z.data_ptr<T>() : Y.data_ptr<T>();
+      const T* row_scale = grp.teacher_scale ? teacher.data() : s_dir[dir];
+      const T* col_scale = grp.teacher_scale ? teacher.data() : s_dir[1 - dir];
+      T* rs = stat_rows(dir, g);
+      T* cg = cols ? cs.data() + 3 * g * N : nullptr;
+      chunk_stats<T>(src, grp.values_y ? Y.data_ptr<T>() : nullptr, rows, N, r0, offset, grp.shift, grp.shift,
+                     row_scale, col_scale, rs, rs + B, rs + 2 * B, cg, cols ? cg + N : nullptr,
+                     cols ? cg + 2 * N : nullptr);
+    }
+  };
   run_chunks(n_chunks, workers, [&](int64_t c, int64_t w) {
     const int64_t r0 = c * R, rows = std::min(R, B - r0);
-    at::Tensor& buffer = buffers[static_cast<size_t>(w)];
-    if (!buffer.defined()) buffer = at::empty({R, N}, opts);
-    at::Tensor S = buffer.narrow(0, 0, rows);
-    // Image anchors against text columns: S^I = x_c T^T - xr_c Tr^T.
-    similarity(S, rows_of(x, r0, rows), Tc, rows_of(xr, r0, rows), Tr);
-    if (columns_are_rows) {
-      // Column j of S^I is text anchor j over image columns i: S^T = (S^I)^T.
-      auto& cs = col_stats[static_cast<size_t>(w)];
-      if (cs.empty()) {
-        cs.assign(static_cast<size_t>(3 * N), T(0));
-        std::fill(cs.begin(), cs.begin() + N, kNegInf<T>);
-      }
-      chunk_stats<T>(S.data_ptr<T>(), rows, N, r0, offset, pm, s_img, s_txt, img_top, img_e, img_f, cs.data(),
-                     cs.data() + N, cs.data() + 2 * N);
-    } else {
-      chunk_stats<T>(S.data_ptr<T>(), rows, N, r0, offset, pm, s_img, nullptr, img_top, img_e, img_f, nullptr,
-                     nullptr, nullptr);
-      // Text anchors against image columns: S^T = t_c X^T - tr_c Xr^T.
-      similarity(S, rows_of(t, r0, rows), X, rows_of(tr, r0, rows), Xr);
-      chunk_stats<T>(S.data_ptr<T>(), rows, N, r0, offset, pm, s_txt, nullptr, txt_top, txt_e, txt_f, nullptr,
-                     nullptr, nullptr);
-    }
+    // Image anchors against text columns: y = x_c T^T, z = xr_c Tr^T.
+    direction(0, x, Tc, xr, Tr, r0, rows, w);
+    // One process: column j of the chunk is text anchor j over image columns i (S^T = (S^I)^T); else
+    // the text anchors against the image columns.
+    if (!columns_are_rows) direction(1, t, X, tr, Xr, r0, rows, w);
   });
   buffers.clear();
+  zbuffers.clear();
   if (columns_are_rows) {   // the text anchors' statistics: the workers' column statistics merged
     at::parallel_for(0, N, 512, [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j) {
-        T top = kNegInf<T>, e = T(0), f = T(0);
-        for (const auto& cs : col_stats) {
-          if (!cs.empty()) merge_into(top, e, f, cs[j], cs[N + j], cs[2 * N + j]);
+      for (int64_t g = 0; g < G; ++g) {
+        T* out = stat_rows(1, g);
+        for (int64_t j = j0; j < j1; ++j) {
+          T top = kNegInf<T>, e = T(0), f = T(0);
+          for (const auto& cs : col_stats) {
+            if (!cs.empty()) merge_into(top, e, f, cs[3 * g * N + j], cs[(3 * g + 1) * N + j], cs[(3 * g + 2) * N + j]);
+          }
+          out[j] = top, out[B + j] = e, out[2 * B + j] = f;
         }
-        txt_top[j] = top, txt_e[j] = e, txt_f[j] = f;
       }
     });
   }
-  return {stats, margin};
+  return {stats, margin, positives};
 }
 
 // ---------------------------------------------------------------------------------------------
 // Backward.
 
-// One anchor set's weight description: w_ij = gain_i exp(scale_i (S_ij - margin_i) - norm_i).
+// One anchor set's weight description: w_ij = gain_i exp(scale_i (S_ij - margin_i) - norm_i), and
+// with distillation dgain_i (exp(scale_i y_ij - lse_q_i) - exp(t_d z_ij - lse_p_i)).
 template <typename T>
 struct AnchorWeights {
   const T *scale, *margin, *norm, *gain;
+  const T *lse_q = nullptr, *lse_p = nullptr, *dgain = nullptr;
 };
 
 // The weights of one chunk, in place: S [rows, N] becomes P_ij = row weight of anchor r0 + i
-// + [col.norm] the column anchor j's weight, with the positives set to 0.
+// + [col.norm] the column anchor j's weight, with the positives set to 0; then, with distillation
+// (y, z given), the distillation weights of the row anchor and [col.dgain] of the column anchor, over
+// every column, the positive included.
 template <typename T>
-void chunk_weights(T* S, int64_t rows, int64_t N, int64_t r0, int64_t offset, const AnchorWeights<T>& row,
-                   const AnchorWeights<T>& col) {
+void chunk_weights(T* S, const T* y, const T* z, T t_d, int64_t rows, int64_t N, int64_t r0, int64_t offset,
+                   const AnchorWeights<T>& row, const AnchorWeights<T>& col) {
   PhaseTimer timer(kBackwardPass);
   at::parallel_for(0, rows, 4, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
@@ -505,7 +551,11 @@ void chunk_weights(T* S, int64_t rows, int64_t N, int64_t r0, int64_t offset, co
       const int64_t r = r0 + i;
       seg_weights(p, N, row.scale[r], row.margin[r], row.norm[r], row.gain[r], col.margin, col.scale, col.norm,
                   col.gain);
-      p[offset + r] = T(0);
+      if (offset + r < N) p[offset + r] = T(0);
+      if (y != nullptr && row.dgain != nullptr) {
+        seg_distill(p, y + i * N, z + i * N, N, t_d, row.scale[r], row.lse_q[r], row.lse_p[r], row.dgain[r],
+                    col.scale, col.lse_q, col.lse_p, col.dgain);
+      }
     }
   });
 }
@@ -538,17 +588,22 @@ struct Direction {
   LockedAccumulator* out_cols;
 };
 
+const at::Tensor* opt_ptr(const OptTensor& t) { return t.has_value() ? &*t : nullptr; }
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
-    const Shapes& sh, at::ScalarType acc, const at::Tensor& gain, const OptTensor& col_gain, const at::Tensor& img,
-    const at::Tensor& txt, const at::Tensor& img_all, const at::Tensor& txt_all, const OptTensor& ref_img,
-    const OptTensor& ref_txt, const OptTensor& ref_img_all, const OptTensor& ref_txt_all, const at::Tensor& scale,
-    int64_t offset, bool columns_are_rows, const at::Tensor& log_norm, const at::Tensor& wsum,
-    const at::Tensor& margin, const OptTensor& col_scale, const OptTensor& col_log_norm,
-    const OptTensor& col_margin, bool column_grads) {
+    const Shapes& sh, at::ScalarType acc, const at::Tensor& gain, const OptTensor& col_gain, const OptTensor& dgain,
+    const OptTensor& col_dgain, const at::Tensor& img, const at::Tensor& txt, const at::Tensor& img_all,
+    const at::Tensor& txt_all, const OptTensor& ref_img, const OptTensor& ref_txt, const OptTensor& ref_img_all,
+    const OptTensor& ref_txt_all, const at::Tensor& scale, int64_t offset, bool columns_are_rows, double distill_scale,
+    const at::Tensor& log_norm, const at::Tensor& wsum, const at::Tensor& margin, const OptTensor& col_scale,
+    const OptTensor& col_log_norm, const OptTensor& col_margin, const OptTensor& lse_q, const OptTensor& lse_p,
+    const OptTensor& col_lse_q, const OptTensor& col_lse_p, bool column_grads) {
   const int64_t B = sh.B, N = sh.N, d = sh.d;
   const auto opts = img.options().dtype(acc);
   const bool fold = columns_are_rows || col_log_norm.has_value();
+  const bool distill = dgain.has_value();
+  const T t_d = static_cast<T>(distill_scale);
   column_grads = column_grads && !columns_are_rows;
 
   const at::Tensor x = as_acc(img, acc), t = as_acc(txt, acc);
@@ -557,46 +612,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
   const at::Tensor m = as_acc(margin, acc);
   const at::Tensor partner = (g * as_acc(wsum, acc)).sum(0).contiguous();   // sum_k gain_k wsum_k per row
   const T* pp = partner.data_ptr<T>();
-  // The rows' weights per direction (k = 0: image anchors, 1: text anchors), and the fold's columns.
-  auto rows_of_dir = [&](const at::Tensor& s, const at::Tensor& n, const at::Tensor& gg, const at::Tensor& mm,
-                         int64_t k, int64_t len) {
-    return AnchorWeights<T>{s.data_ptr<T>() + k * len, mm.data_ptr<T>(), n.data_ptr<T>() + k * len,
-                            gg.data_ptr<T>() + k * len};
+  const at::Tensor dg = opt_acc(dgain, acc), lq = opt_acc(lse_q, acc), lp = opt_acc(lse_p, acc);
+  // The anchors' weights per direction (k = 0: image anchors, 1: text anchors), rows and the fold's columns.
+  auto anchors = [&](const at::Tensor& s, const at::Tensor& n, const at::Tensor& gg, const at::Tensor& mm,
+                     const at::Tensor& q, const at::Tensor& p, const at::Tensor& dgg, int64_t k, int64_t len) {
+    AnchorWeights<T> a{s.data_ptr<T>() + k * len, mm.data_ptr<T>(), n.data_ptr<T>() + k * len,
+                       gg.data_ptr<T>() + k * len};
+    if (dgg.defined()) {
+      a.lse_q = q.data_ptr<T>() + k * len, a.lse_p = p.data_ptr<T>() + k * len, a.dgain = dgg.data_ptr<T>() + k * len;
+    }
+    return a;
   };
-  const AnchorWeights<T> row_w[2] = {rows_of_dir(sc, nu, g, m, 0, B), rows_of_dir(sc, nu, g, m, 1, B)};
-  at::Tensor csc, cnu, cg, cm;
+  const AnchorWeights<T> row_w[2] = {anchors(sc, nu, g, m, lq, lp, dg, 0, B), anchors(sc, nu, g, m, lq, lp, dg, 1, B)};
+  at::Tensor csc, cnu, cg, cm, clq, clp, cdg;
   AnchorWeights<T> col_w[2] = {{nullptr, nullptr, nullptr, nullptr}, {nullptr, nullptr, nullptr, nullptr}};
   if (columns_are_rows) {
     col_w[0] = row_w[0], col_w[1] = row_w[1];
   } else if (fold) {
     csc = as_acc(*col_scale, acc), cnu = as_acc(*col_log_norm, acc), cg = as_acc(*col_gain, acc);
     cm = as_acc(*col_margin, acc);
-    col_w[0] = rows_of_dir(csc, cnu, cg, cm, 0, N), col_w[1] = rows_of_dir(csc, cnu, cg, cm, 1, N);
+    if (distill) clq = as_acc(*col_lse_q, acc), clp = as_acc(*col_lse_p, acc), cdg = as_acc(*col_dgain, acc);
+    col_w[0] = anchors(csc, cnu, cg, cm, clq, clp, cdg, 0, N), col_w[1] = anchors(csc, cnu, cg, cm, clq, clp, cdg, 1, N);
   }
   const AnchorWeights<T> none{nullptr, nullptr, nullptr, nullptr};
 
   const int64_t R = chunk_rows(B, N, sizeof(T));
   const int64_t n_chunks = (B + R - 1) / R;
   const int64_t workers = worker_count(n_chunks);
-  std::vector<at::Tensor> buffers(static_cast<size_t>(workers)), spares(static_cast<size_t>(workers));
+  std::vector<at::Tensor> buffers(static_cast<size_t>(workers)), spares(static_cast<size_t>(workers)),
+      ybuf(static_cast<size_t>(workers)), zbuf(static_cast<size_t>(workers));
   auto buffer_of = [&](std::vector<at::Tensor>& pool, int64_t w, int64_t rows) {
     at::Tensor& b = pool[static_cast<size_t>(w)];
     if (!b.defined()) b = at::empty({R, N}, opts);
     return b.narrow(0, 0, rows);
   };
+  // The chunk's S (and, with distillation, y and z apart: two products, as S alone needs).
+  auto scores = [&](at::Tensor& P, const at::Tensor& rc, const at::Tensor& cols, const at::Tensor& rref,
+                    const at::Tensor& cref, int64_t r0, int64_t rows, int64_t w) -> std::pair<const T*, const T*> {
+    if (!distill) {
+      similarity(P, rc, cols, rows_of(rref, r0, rows), cref);
+      return {nullptr, nullptr};
+    }
+    at::Tensor Y = buffer_of(ybuf, w, rows), Z = buffer_of(zbuf, w, rows);
+    {
+      PhaseTimer timer(kSimilarityGemm);
+      at::mm_out(Y, rc, cols.t());
+      at::mm_out(Z, rows_of(rref, r0, rows), cref.t());
+    }
+    at::sub_out(P, Y, Z);
+    return {Y.data_ptr<T>(), Z.data_ptr<T>()};
+  };
   at::Tensor d_img = at::empty({B, d}, opts);
   at::Tensor d_txt, d_img_all, d_txt_all;
 
   if (columns_are_rows) {
-    // P = G^I W^I + (G^T W^T)^T on each chunk of S = S^I; d x_c = P_c t, d t += P_c^T x_c.
+    // P = G^I W^I + (G^T W^T)^T (+ distillation) on each chunk of S = S^I; d x_c = P_c t, d t += P_c^T x_c.
     d_txt = at::zeros({B, d}, opts);
     LockedAccumulator dt(d_txt, workers);
     run_chunks(n_chunks, workers, [&](int64_t c, int64_t w) {
       const int64_t r0 = c * R, rows = std::min(R, B - r0);
       at::Tensor P = buffer_of(buffers, w, rows);
       const at::Tensor xc = x.narrow(0, r0, rows);
-      similarity(P, xc, t, rows_of(xr, r0, rows), tr);
-      chunk_weights<T>(P.data_ptr<T>(), rows, N, r0, offset, row_w[0], col_w[1]);
+      const auto [py, pz] = scores(P, xc, t, xr, tr, r0, rows, w);
+      chunk_weights<T>(P.data_ptr<T>(), py, pz, t_d, rows, N, r0, offset, row_w[0], col_w[1]);
       {
         PhaseTimer timer(kWeightedGemm);
         at::Tensor dx = d_img.narrow(0, r0, rows);
@@ -626,7 +704,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
       for (const Direction<T>& dir : dirs) {
         at::Tensor P = buffer_of(buffers, w, rows);
         const at::Tensor rc = dir.rows.narrow(0, r0, rows);
-        similarity(P, rc, dir.cols, rows_of(dir.ref_rows, r0, rows), dir.ref_cols);
+        const auto [py, pz] = scores(P, rc, dir.cols, dir.ref_rows, dir.ref_cols, r0, rows, w);
         if (dir.out_cols != nullptr) {
           // With fold, the columns get this direction's anchors' weights only: keep a copy of S.
           at::Tensor Q;
@@ -634,17 +712,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
             Q = buffer_of(spares, w, rows);
             Q.copy_(P);
           }
-          chunk_weights<T>(P.data_ptr<T>(), rows, N, r0, offset, dir.weights, none);
+          chunk_weights<T>(P.data_ptr<T>(), py, pz, t_d, rows, N, r0, offset, dir.weights, none);
           {
             PhaseTimer timer(kWeightedGemm);
             dir.out_cols->add(P, rc, 1.0, w);   // d cols_j += sum_i P_ij rows_i
           }
           if (fold) {
-            chunk_weights<T>(Q.data_ptr<T>(), rows, N, r0, offset, dir.weights, dir.fold);
+            chunk_weights<T>(Q.data_ptr<T>(), py, pz, t_d, rows, N, r0, offset, dir.weights, dir.fold);
             P = Q;
           }
         } else {
-          chunk_weights<T>(P.data_ptr<T>(), rows, N, r0, offset, dir.weights, dir.fold);
+          chunk_weights<T>(P.data_ptr<T>(), py, pz, t_d, rows, N, r0, offset, dir.weights, dir.fold);
         }
         PhaseTimer timer(kWeightedGemm);
         at::Tensor out = dir.out.narrow(0, r0, rows);
@@ -677,36 +755,40 @@ void check_directions(const char* op, const char* name, const at::Tensor& t, int
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> fused_fwd(const at::Tensor& img, const at::Tensor& txt,
-                                             const at::Tensor& img_all, const at::Tensor& txt_all,
-                                             const OptTensor& ref_img, const OptTensor& ref_txt,
-                                             const OptTensor& ref_img_all, const OptTensor& ref_txt_all,
-                                             const at::Tensor& scale, int64_t offset, bool columns_are_rows) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_fwd(
+    const at::Tensor& img, const at::Tensor& txt, const at::Tensor& img_all, const at::Tensor& txt_all,
+    const OptTensor& ref_img, const OptTensor& ref_txt, const OptTensor& ref_img_all, const OptTensor& ref_txt_all,
+    const at::Tensor& scale, int64_t offset, bool columns_are_rows, double distill_scale, bool with_distill,
+    bool with_alone) {
   constexpr const char* op = "drrho::cpp_fwd";
   const Shapes sh = check_embeddings(op, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all,
                                      ref_txt_all, offset, columns_are_rows);
   check_directions(op, "scale", scale, sh.B);
+  TORCH_CHECK(distill_scale > 0, op, ": distill_scale: expected a value > 0, got ", distill_scale);
   // Nested ATen calls (mm, addmm) are plain computations: keep autograd out of them.
   at::AutoDispatchBelowADInplaceOrView guard;
   const at::ScalarType acc = acc_dtype(img);
+  const bool extras = with_distill || with_alone;
   if (sh.B == 0) {   // nothing to reduce: empty per-row outputs
     const auto opts = img.options().dtype(acc);
-    return {at::empty({2, 3, 0}, opts), at::empty({0}, opts)};
+    return {at::empty({2, extras ? 12 : 3, 0}, opts), at::empty({0}, opts), at::empty({2, 0}, opts)};
   }
   if (acc == at::kDouble) {
     return fwd_impl<double>(sh, acc, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt_all, scale,
-                            offset, columns_are_rows);
+                            offset, columns_are_rows, distill_scale, extras);
   }
   return fwd_impl<float>(sh, acc, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all, ref_txt_all, scale,
-                         offset, columns_are_rows);
+                         offset, columns_are_rows, distill_scale, extras);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_bwd(
-    const at::Tensor& gain, const OptTensor& col_gain, const at::Tensor& img, const at::Tensor& txt,
-    const at::Tensor& img_all, const at::Tensor& txt_all, const OptTensor& ref_img, const OptTensor& ref_txt,
-    const OptTensor& ref_img_all, const OptTensor& ref_txt_all, const at::Tensor& scale, int64_t offset,
-    bool columns_are_rows, const at::Tensor& log_norm, const at::Tensor& wsum, const at::Tensor& margin,
-    const OptTensor& col_scale, const OptTensor& col_log_norm, const OptTensor& col_margin, bool column_grads) {
+    const at::Tensor& gain, const OptTensor& col_gain, const OptTensor& dgain, const OptTensor& col_dgain,
+    const at::Tensor& img, const at::Tensor& txt, const at::Tensor& img_all, const at::Tensor& txt_all,
+    const OptTensor& ref_img, const OptTensor& ref_txt, const OptTensor& ref_img_all, const OptTensor& ref_txt_all,
+    const at::Tensor& scale, int64_t offset, bool columns_are_rows, double distill_scale, bool with_distill,
+    bool with_alone, const at::Tensor& log_norm, const at::Tensor& wsum, const at::Tensor& margin,
+    const OptTensor& col_scale, const OptTensor& col_log_norm, const OptTensor& col_margin, const OptTensor& lse_q,
+    const OptTensor& lse_p, const OptTensor& col_lse_q, const OptTensor& col_lse_p, bool column_grads) {
   constexpr const char* op = "drrho::cpp_bwd";
   const Shapes sh = check_embeddings(op, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all,
                                      ref_txt_all, offset, columns_are_rows);
@@ -724,6 +806,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_bwd(
     check_directions(op, "col_log_norm", *col_log_norm, sh.N);
     check_vector(op, "col_margin", *col_margin, sh.N);
   }
+  const bool distill = dgain.has_value();
+  TORCH_CHECK(!distill || (sh.ref && lse_q.has_value() && lse_p.has_value()), op,
+              ": dgain: expected lse_q, lse_p and a reference model with it");
+  TORCH_CHECK(!(distill && fold) || (col_dgain.has_value() && col_lse_q.has_value() && col_lse_p.has_value()), op,
+              ": col_dgain, col_lse_q and col_lse_p: expected with dgain and a fold's columns");
+  if (distill) {
+    check_directions(op, "dgain", *dgain, sh.B);
+    check_directions(op, "lse_q", *lse_q, sh.B);
+    check_directions(op, "lse_p", *lse_p, sh.B);
+  }
   at::AutoDispatchBelowADInplaceOrView guard;
   const at::ScalarType acc = acc_dtype(img);
   if (sh.B == 0) {   // no anchors: every gradient is zero
@@ -732,13 +824,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_bwd(
     return {at::empty_like(img), at::empty_like(txt), cols.first, cols.second};
   }
   if (acc == at::kDouble) {
-    return bwd_impl<double>(sh, acc, gain, col_gain, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all,
-                            ref_txt_all, scale, offset, columns_are_rows, log_norm, wsum, margin, col_scale,
-                            col_log_norm, col_margin, column_grads);
+    return bwd_impl<double>(sh, acc, gain, col_gain, dgain, col_dgain, img, txt, img_all, txt_all, ref_img, ref_txt,
+                            ref_img_all, ref_txt_all, scale, offset, columns_are_rows, distill_scale, log_norm, wsum,
+                            margin, col_scale, col_log_norm, col_margin, lse_q, lse_p, col_lse_q, col_lse_p,
+                            column_grads);
   }
-  return bwd_impl<float>(sh, acc, gain, col_gain, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all,
-                         ref_txt_all, scale, offset, columns_are_rows, log_norm, wsum, margin, col_scale,
-                         col_log_norm, col_margin, column_grads);
+  return bwd_impl<float>(sh, acc, gain, col_gain, dgain, col_dgain, img, txt, img_all, txt_all, ref_img, ref_txt,
+                         ref_img_all, ref_txt_all, scale, offset, columns_are_rows, distill_scale, log_norm, wsum,
+                         margin, col_scale, col_log_norm, col_margin, lse_q, lse_p, col_lse_q, col_lse_p,
+                         column_grads);
 }
 
 void set_profiling(bool enabled) { g_profiling.store(enabled); }

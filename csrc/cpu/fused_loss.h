@@ -18,20 +18,23 @@ namespace drrho::cpu {
 
 using OptTensor = std::optional<at::Tensor>;
 
-// drrho::cpp_fwd(<TileInputs>) -> (stats [2, 3, B], margin [B])
-std::tuple<at::Tensor, at::Tensor> fused_fwd(const at::Tensor& img, const at::Tensor& txt, const at::Tensor& img_all,
-                                             const at::Tensor& txt_all, const OptTensor& ref_img,
-                                             const OptTensor& ref_txt, const OptTensor& ref_img_all,
-                                             const OptTensor& ref_txt_all, const at::Tensor& scale, int64_t offset,
-                                             bool columns_are_rows);
+// drrho::cpp_fwd(<TileInputs>) -> (stats [2, K, B], margin [B], positives [2, B])
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_fwd(
+    const at::Tensor& img, const at::Tensor& txt, const at::Tensor& img_all, const at::Tensor& txt_all,
+    const OptTensor& ref_img, const OptTensor& ref_txt, const OptTensor& ref_img_all, const OptTensor& ref_txt_all,
+    const at::Tensor& scale, int64_t offset, bool columns_are_rows, double distill_scale, bool with_distill,
+    bool with_alone);
 
-// drrho::cpp_bwd(gain, col_gain, <TileInputs>, <Weights>, column_grads) -> (d_img, d_txt, d_img_all, d_txt_all)
+// drrho::cpp_bwd(gain, col_gain, dgain, col_dgain, <TileInputs>, <Weights>, column_grads)
+//   -> (d_img, d_txt, d_img_all, d_txt_all)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_bwd(
-    const at::Tensor& gain, const OptTensor& col_gain, const at::Tensor& img, const at::Tensor& txt,
-    const at::Tensor& img_all, const at::Tensor& txt_all, const OptTensor& ref_img, const OptTensor& ref_txt,
-    const OptTensor& ref_img_all, const OptTensor& ref_txt_all, const at::Tensor& scale, int64_t offset,
-    bool columns_are_rows, const at::Tensor& log_norm, const at::Tensor& wsum, const at::Tensor& margin,
-    const OptTensor& col_scale, const OptTensor& col_log_norm, const OptTensor& col_margin, bool column_grads);
+    const at::Tensor& gain, const OptTensor& col_gain, const OptTensor& dgain, const OptTensor& col_dgain,
+    const at::Tensor& img, const at::Tensor& txt, const at::Tensor& img_all, const at::Tensor& txt_all,
+    const OptTensor& ref_img, const OptTensor& ref_txt, const OptTensor& ref_img_all, const OptTensor& ref_txt_all,
+    const at::Tensor& scale, int64_t offset, bool columns_are_rows, double distill_scale, bool with_distill,
+    bool with_alone, const at::Tensor& log_norm, const at::Tensor& wsum, const at::Tensor& margin,
+    const OptTensor& col_scale, const OptTensor& col_log_norm, const OptTensor& col_margin, const OptTensor& lse_q,
+    const OptTensor& lse_p, const OptTensor& col_lse_q, const OptTensor& col_lse_p, bool column_grads);
 
 // Tiling knobs (process-wide): the bytes of one worker's [R, N] similarity chunk (R = rows per
 // chunk), the width of the column blocks of the forward's statistics pass, and the smallest chunk

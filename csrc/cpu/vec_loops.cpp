@@ -121,10 +121,22 @@ DRRHO_INLINE T seg_max_impl(const T* s, int64_t n, T row_max, T* col_max) {
 }
 
 template <typename T>
-DRRHO_INLINE void seg_sums_impl(const T* s, int64_t n, T row_scale, T row_m, T row_top, T* row_e, T* row_f,
-                                const T* col_m, const T* col_scale, const T* col_top, T* col_e, T* col_f) {
+DRRHO_INLINE void seg_sums_impl(const T* s, const T* v, int64_t n, T row_scale, T row_m, T row_top, T* row_e,
+                                T* row_f, const T* col_m, const T* col_scale, const T* col_top, T* col_e, T* col_f) {
   T e_sum = T(0), f_sum = T(0);
-  if (col_e != nullptr) {
+  if (col_e != nullptr && v != nullptr) {
+#pragma omp simd reduction(+ : e_sum, f_sum)
+    for (int64_t k = 0; k < n; ++k) {
+      const T d = (s[k] - row_m) * row_scale;
+      const T e = vexp(d - row_top);
+      e_sum += e;
+      f_sum += e * v[k];
+      const T c = (s[k] - col_m[k]) * col_scale[k];
+      const T f = vexp(c - col_top[k]);
+      col_e[k] += f;
+      col_f[k] += f * v[k];
+    }
+  } else if (col_e != nullptr) {
 #pragma omp simd reduction(+ : e_sum, f_sum)
     for (int64_t k = 0; k < n; ++k) {
       const T d = (s[k] - row_m) * row_scale;
@@ -135,6 +147,13 @@ DRRHO_INLINE void seg_sums_impl(const T* s, int64_t n, T row_scale, T row_m, T r
       const T f = vexp(c - col_top[k]);
       col_e[k] += f;
       col_f[k] += f * c;
+    }
+  } else if (v != nullptr) {
+#pragma omp simd reduction(+ : e_sum, f_sum)
+    for (int64_t k = 0; k < n; ++k) {
+      const T e = vexp((s[k] - row_m) * row_scale - row_top);
+      e_sum += e;
+      f_sum += e * v[k];
     }
   } else {
 #pragma omp simd reduction(+ : e_sum, f_sum)
@@ -162,6 +181,25 @@ DRRHO_INLINE void seg_weights_impl(T* p, int64_t n, T row_scale, T row_m, T row_
   } else {
 #pragma omp simd
     for (int64_t k = 0; k < n; ++k) p[k] = row_gain * vexp((p[k] - row_m) * row_scale - row_norm);
+  }
+}
+
+template <typename T>
+DRRHO_INLINE void seg_distill_impl(T* p, const T* y, const T* z, int64_t n, T t_d, T row_scale, T row_lse_q,
+                                   T row_lse_p, T row_gain, const T* col_scale, const T* col_lse_q,
+                                   const T* col_lse_p, const T* col_gain) {
+  if (col_gain != nullptr) {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) {
+      const T zt = z[k] * t_d;
+      p[k] += row_gain * (vexp(y[k] * row_scale - row_lse_q) - vexp(zt - row_lse_p)) +
+              col_gain[k] * (vexp(y[k] * col_scale[k] - col_lse_q[k]) - vexp(zt - col_lse_p[k]));
+    }
+  } else {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) {
+      p[k] += row_gain * (vexp(y[k] * row_scale - row_lse_q) - vexp(z[k] * t_d - row_lse_p));
+    }
   }
 }
 
@@ -198,9 +236,17 @@ DRRHO_CLONES double seg_max(const double* s, int64_t n, double row_max, double* 
 #define DRRHO_BOTH(DECL) DECL(float) DECL(double)
 
 #define DRRHO_SEG_SUMS(T)                                                                                     \
-  DRRHO_CLONES void seg_sums(const T* s, int64_t n, T row_scale, T row_m, T row_top, T* row_e, T* row_f,     \
-                             const T* col_m, const T* col_scale, const T* col_top, T* col_e, T* col_f) {      \
-    seg_sums_impl(s, n, row_scale, row_m, row_top, row_e, row_f, col_m, col_scale, col_top, col_e, col_f);   \
+  DRRHO_CLONES void seg_sums(const T* s, const T* v, int64_t n, T row_scale, T row_m, T row_top, T* row_e,    \
+                             T* row_f, const T* col_m, const T* col_scale, const T* col_top, T* col_e,        \
+                             T* col_f) {                                                                      \
+    seg_sums_impl(s, v, n, row_scale, row_m, row_top, row_e, row_f, col_m, col_scale, col_top, col_e, col_f); \
+  }
+#define DRRHO_SEG_DISTILL(T)                                                                                  \
+  DRRHO_CLONES void seg_distill(T* p, const T* y, const T* z, int64_t n, T t_d, T row_scale, T row_lse_q,    \
+                                T row_lse_p, T row_gain, const T* col_scale, const T* col_lse_q,               \
+                                const T* col_lse_p, const T* col_gain) {                                       \
+    seg_distill_impl(p, y, z, n, t_d, row_scale, row_lse_q, row_lse_p, row_gain, col_scale, col_lse_q,        \
+                     col_lse_p, col_gain);                                                                     \
   }
 #define DRRHO_SEG_WEIGHTS(T)                                                                                  \
   DRRHO_CLONES void seg_weights(T* p, int64_t n, T row_scale, T row_m, T row_norm, T row_gain, const T* col_m, \
@@ -213,6 +259,7 @@ DRRHO_CLONES double seg_max(const double* s, int64_t n, double row_max, double* 
   DRRHO_CLONES void axpy_rows(T* g, const T* partner, int64_t n, T w) { axpy_impl(g, partner, n, w); }
 
 DRRHO_BOTH(DRRHO_SEG_SUMS)
+DRRHO_BOTH(DRRHO_SEG_DISTILL)
 DRRHO_BOTH(DRRHO_SEG_WEIGHTS)
 DRRHO_BOTH(DRRHO_DOT)
 DRRHO_BOTH(DRRHO_AXPY)

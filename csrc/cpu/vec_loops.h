@@ -21,12 +21,24 @@ double seg_max(const double* s, int64_t n, double row_max, double* col_max);
 // Online log-sum-exp sums of one row segment, with the shifts fixed by the max pass:
 //   row anchor:  d = (s[k] - row_m) * row_scale,          e = exp(d - row_top),    E += e,  F += e d
 //   column k:    c = (s[k] - col_m[k]) * col_scale[k],   f = exp(c - col_top[k]),  col_e[k] += f, col_f[k] += f c
-// (the column part only when col_e is not null). E and F are added to *row_e, *row_f.
-void seg_sums(const float* s, int64_t n, float row_scale, float row_m, float row_top, float* row_e, float* row_f,
-              const float* col_m, const float* col_scale, const float* col_top, float* col_e, float* col_f);
-void seg_sums(const double* s, int64_t n, double row_scale, double row_m, double row_top, double* row_e,
-              double* row_f, const double* col_m, const double* col_scale, const double* col_top, double* col_e,
-              double* col_f);
+// (the column part only when col_e is not null; with values v, F sums e v[k] instead of e d, and the
+// columns f v[k]). E and F are added to *row_e, *row_f.
+void seg_sums(const float* s, const float* v, int64_t n, float row_scale, float row_m, float row_top, float* row_e,
+              float* row_f, const float* col_m, const float* col_scale, const float* col_top, float* col_e,
+              float* col_f);
+void seg_sums(const double* s, const double* v, int64_t n, double row_scale, double row_m, double row_top,
+              double* row_e, double* row_f, const double* col_m, const double* col_scale, const double* col_top,
+              double* col_e, double* col_f);
+
+// Distillation weights added to one row, over every column (SPEC 2.2):
+//   p[k] += row_gain (exp(row_scale y[k] - row_lse_q) - exp(t_d z[k] - row_lse_p))
+//         + col_gain[k] (exp(col_scale[k] y[k] - col_lse_q[k]) - exp(t_d z[k] - col_lse_p[k]))   (when col_gain)
+void seg_distill(float* p, const float* y, const float* z, int64_t n, float t_d, float row_scale, float row_lse_q,
+                 float row_lse_p, float row_gain, const float* col_scale, const float* col_lse_q,
+                 const float* col_lse_p, const float* col_gain);
+void seg_distill(double* p, const double* y, const double* z, int64_t n, double t_d, double row_scale,
+                 double row_lse_q, double row_lse_p, double row_gain, const double* col_scale,
+                 const double* col_lse_q, const double* col_lse_p, const double* col_gain);
 
 // Backward weights of one row, in place:
 //   p[k] = row_gain exp((p[k] - row_m) row_scale - row_norm)

@@ -2,7 +2,7 @@
 
 This module defines the op pair ``drrho::cpp_fwd`` / ``drrho::cpp_bwd`` (schemas, fake
 implementations: :func:`drrho_kernels.ops.register`), then imports the extension (csrc/), whose
-``TORCH_LIBRARY_IMPL(drrho, CPU)`` implements them with the CPU kernels. The schemas are spelled
+``register_kernels()`` implements them with the CPU kernels. The schemas are spelled
 out only on the Python side; the dispatcher checks at load time that the C++ signatures match
 them. Without the extension the package still imports and ``backend="auto"`` falls back to the
 torch backend.
@@ -24,8 +24,9 @@ _load_error: str | None = None
 
 ops.register("cpp")          # defined here, implemented by the extension
 try:
-    from .. import _C  # noqa: F811  (importing registers the ops with the dispatcher)
-except Exception as exc:  # ImportError (not built), OSError or an undefined symbol (torch mismatch)
+    from .. import _C  # noqa: F811
+    _C.register_kernels()    # raises if the build's kernel signatures do not match the schemas (a stale build)
+except Exception as exc:  # ImportError (not built), OSError, an undefined symbol (torch mismatch), a stale build
     _C = None
     _load_error = f"{type(exc).__name__}: {exc}"
     warnings.warn(f"drrho_kernels: the C++ extension could not be loaded ({_load_error}); CPU tensors "

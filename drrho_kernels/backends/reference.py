@@ -14,8 +14,9 @@ from .._inputs import LossInputs
 from .._math import ma_update
 
 
-def reference_loss(p: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(loss, u_new)`` for a checked problem (``u_new`` ``[2, B]`` in the accumulation dtype)."""
+def reference_loss(p: LossInputs) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Return ``(loss, u_new, per_sample)`` for a checked problem: ``u_new`` ``[2, B]`` in the accumulation
+    dtype, ``per_sample`` the fields of :class:`drrho_kernels.functional.PerSample` (SPEC 2.3)."""
     acc = p.acc_dtype
     k = p.tiles
     form = p.temperature
@@ -29,27 +30,31 @@ def reference_loss(p: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
 
     # a^I_ij = (<x_i, T_j> - <x_i, t_i>) - (<xr_i, Tr_j> - <xr_i, tr_i>); a^T_ij likewise with t_i, X_j.
     positive = (x * t).sum(-1, keepdim=True)
-    a_img = x @ T.T - positive
-    a_txt = t @ X.T - positive
+    y_img, y_txt = x @ T.T, t @ X.T                       # the target's similarities (the student's logits / s)
+    a_img = y_img - positive
+    a_txt = y_txt - positive
+    z_img = z_txt = None
     if k.has_ref:
         xr, tr = k.ref_img.to(acc), k.ref_txt.to(acc)
         Xr, Tr = k.ref_img_all.to(acc), k.ref_txt_all.to(acc)
         ref_positive = (xr * tr).sum(-1, keepdim=True)
-        a_img = a_img - (xr @ Tr.T - ref_positive)
-        a_txt = a_txt - (tr @ Xr.T - ref_positive)
+        z_img, z_txt = xr @ Tr.T, tr @ Xr.T               # the reference's (the teacher's logits / t_d)
+        a_img = a_img - (z_img - ref_positive)
+        a_txt = a_txt - (z_txt - ref_positive)
     d_img, d_txt = s_img * a_img, s_txt * a_txt
 
     # Negatives only: every column but p(i) = offset + i.
     negative = torch.ones(B, N, dtype=torch.bool, device=x.device)
     negative[torch.arange(B, device=x.device), k.offset + torch.arange(B, device=x.device)] = False
 
-    with torch.no_grad():
-        def log_eps_plus_g(d):
-            log_g = torch.logsumexp(d.masked_fill(~negative, -math.inf), dim=1) - math.log(N)
-            return torch.logaddexp(log_g, torch.full_like(log_g, math.log(p.eps)))
+    def log_eps_plus_g(d):
+        log_g = torch.logsumexp(d.masked_fill(~negative, -math.inf), dim=1) - math.log(N)
+        return torch.logaddexp(log_g, torch.full_like(log_g, math.log(p.eps)))
 
-        u_img = ma_update(p.u_img, log_eps_plus_g(d_img), p.gamma)
-        u_txt = ma_update(p.u_txt, log_eps_plus_g(d_txt), p.gamma)
+    with torch.no_grad():
+        l_img, l_txt = log_eps_plus_g(d_img), log_eps_plus_g(d_txt)
+        u_img = ma_update(p.u_img, l_img, p.gamma)
+        u_txt = ma_update(p.u_txt, l_txt, p.gamma)
         w_img = torch.exp(d_img - u_img[:, None]) * negative
         w_txt = torch.exp(d_txt - u_txt[:, None]) * negative
 
@@ -63,4 +68,29 @@ def reference_loss(p: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         loss = (A_img / s_img.detach() + u_img.mean() / s_img + p.rho / s_img
                 + A_txt / s_txt.detach() + u_txt.mean() / s_txt + p.rho / s_txt)
-    return loss, torch.stack([u_img, u_txt])
+
+    # SPEC 2.2: H(p_i, q_i) over all N columns, q the student's softmax, p the teacher's.
+    def cross_entropy(y, z, s):
+        return -(torch.softmax(k.distill_scale * z, dim=1) * torch.log_softmax(s * y, dim=1)).sum(1)
+
+    h_img = h_txt = None
+    if k.has_ref and (p.distill_weight > 0 or p.per_sample):
+        h_img, h_txt = cross_entropy(y_img, z_img, s_img), cross_entropy(y_txt, z_txt, s_txt)
+        if p.distill_weight > 0:
+            distill = p.distill_weight * 0.5 * (h_img.mean() + h_txt.mean()) if form.kind == "global" else None
+            if not form.multiply_tau:
+                loss = loss + p.distill_weight * 0.5 * (h_img.mean() + h_txt.mean())
+            elif form.kind == "global":
+                loss = loss + distill / s_img.detach()
+            else:
+                loss = loss + p.distill_weight * 0.5 * (h_img.mean() / s_img.detach() + h_txt.mean() / s_txt.detach())
+    values = {}
+    if p.per_sample:
+        with torch.no_grad():
+            alone = lambda sim, s: log_eps_plus_g(s * (sim - sim.diagonal(k.offset)[:, None])) / s  # noqa: E731
+            refs = (alone(z_img, s_img), alone(z_txt, s_txt)) if k.has_ref else (None, None)
+            hs = (h_img.detach(), h_txt.detach()) if h_img is not None else (None, None)
+            values = dict(l_img=l_img, l_txt=l_txt, u_img=u_img, u_txt=u_txt, target_img=alone(y_img, s_img),
+                          target_txt=alone(y_txt, s_txt), ref_img=refs[0], ref_txt=refs[1], distill_img=hs[0],
+                          distill_txt=hs[1])
+    return loss, torch.stack([u_img, u_txt]), values

@@ -30,7 +30,7 @@ import torch
 
 from .. import ops
 from .._inputs import TileInputs, Weights
-from .._math import pair_margin
+from .._math import positive_similarities
 
 CHUNK_ELEMENTS = 1 << 22   # elements of one [R, N] chunk temporary (16 MiB in float32)
 
@@ -41,36 +41,41 @@ def chunk_rows(batch: int, n_columns: int, chunk_elements: int = CHUNK_ELEMENTS)
     return max(1, min(batch, chunk_elements // n_columns))
 
 
-def _similarity(rows, cols, ref_rows, ref_cols, r0, r1, acc):
-    """``<rows_i, cols_j> - <ref_rows_i, ref_cols_j>`` for rows r0:r1, in ``acc``; ``cols`` already in ``acc``."""
-    sim = rows[r0:r1].to(acc) @ cols.T
+def _similarity(rows, cols, ref_rows, ref_cols, r0, r1, acc, split=False):
+    """``<rows_i, cols_j> - <ref_rows_i, ref_cols_j>`` for rows r0:r1, in ``acc``; ``cols`` already in ``acc``.
+    ``split``: ``(y, z)``, the two products apart (z is None without a reference)."""
+    y = rows[r0:r1].to(acc) @ cols.T
+    if split:
+        return y, None if ref_rows is None else ref_rows[r0:r1].to(acc) @ ref_cols.T
     if ref_rows is not None:
-        sim.addmm_(ref_rows[r0:r1].to(acc), ref_cols.T, alpha=-1.0)
-    return sim
+        y.addmm_(ref_rows[r0:r1].to(acc), ref_cols.T, alpha=-1.0)
+    return y
 
 
-def _positive_entries(r0, r1, offset, device, transposed=False):
-    """Index of the positive entries (row i, column offset + i) of a chunk of rows r0:r1."""
+def _positive_entries(r0, r1, offset, device, n_columns):
+    """Index of the positive entries (row i, column offset + i) of a chunk of rows r0:r1 (none when the
+    rows are not among the columns: offset + i >= N)."""
     rows = torch.arange(r1 - r0, device=device)
     cols = rows + (r0 + offset)
-    return (cols, rows) if transposed else (rows, cols)
+    keep = cols < n_columns
+    return rows[keep], cols[keep]
 
 
-def _online_stats(d, dim, positive):
-    """Max, sum of exp(d - max) and sum of exp(d - max) * d along ``dim``, the positives excluded.
-
-    ``d`` is overwritten. A line whose entries are all excluded (a column whose only row in this
-    chunk is its positive) gets max -inf and sums 0, which :func:`_merge` handles.
-    """
+def _online_stats(d, dim, positive, values=None):
+    """Max, sum of exp(d - max) and sum of exp(d - max) * v along ``dim`` (``v = d`` unless ``values``),
+    the positives excluded. ``d`` is overwritten. A line whose entries are all excluded (a column whose
+    only row in this chunk is its positive) gets max -inf and sums 0, which :func:`_merge` handles."""
     d[positive] = _NEG_INF
     top = d.amax(dim=dim, keepdim=True)
     e = (d - torch.where(top == _NEG_INF, torch.zeros_like(top), top)).exp_()
-    d[positive] = 0.0
-    return top.squeeze(dim), e.sum(dim), e.mul_(d).sum(dim)
+    if values is None:
+        d[positive] = 0.0
+        values = d
+    return top.squeeze(dim), e.sum(dim), e.mul_(values).sum(dim)
 
 
 def _merge(stats_a, stats_b):
-    """Merge the online statistics (max, sumexp, sumexp_d) of two disjoint sets of entries."""
+    """Merge the online statistics (max, sumexp, sumexp_v) of two disjoint sets of entries."""
     (ma, sa, da), (mb, sb, db) = stats_a, stats_b
     top = torch.maximum(ma, mb)
     fa = torch.where(sa > 0, torch.exp(ma - top), torch.zeros_like(sa))
@@ -78,17 +83,43 @@ def _merge(stats_a, stats_b):
     return top, sa * fa + sb * fb, da * fa + db * fb
 
 
-def _concat(chunks):
-    return torch.stack([torch.cat(parts) for parts in zip(*chunks)])
+def _line(v, along_rows):
+    return v[:, None] if along_rows else v[None, :]
+
+
+def _chunk_stats(sim, y, z, k: TileInputs, dim, lines, positive, margin, pos, scale):
+    """Statistics ``[K, lines]`` of one chunk along ``dim`` (1: the chunk's rows are the anchors, 0: its
+    columns are) in the order of ``_inputs.STATS``; ``margin``, ``pos`` ``[2]`` and ``scale`` are the
+    anchors' (already cut to ``lines``). ``sim`` is overwritten."""
+    rows = dim == 1
+    s = _line(scale, rows)
+    out = list(_online_stats((sim - _line(margin, rows)).mul_(s), dim, positive))
+    if k.with_distill or k.with_alone:
+        out += _online_stats((y - _line(pos[0], rows)).mul_(s), dim, positive)
+        if k.has_ref:
+            zc = z - _line(pos[1], rows)
+            out += _online_stats(zc * k.distill_scale, dim, positive, values=y)
+            out += _online_stats(zc.mul_(s), dim, positive)
+        else:
+            empty = torch.full((lines,), _NEG_INF, dtype=sim.dtype, device=sim.device), sim.new_zeros(lines)
+            out += [*empty, sim.new_zeros(lines)] * 2
+    return out
+
+
+def _merge_all(a, b):
+    """Merge lists of statistics, triple (M, E, F) by triple."""
+    return [v for g in range(0, len(a), 3) for v in _merge(a[g:g + 3], b[g:g + 3])]
 
 
 @torch.no_grad()
 def forward(k: TileInputs):
-    """``(stats [2, 3, B], margin [B])`` in the accumulation dtype (see ``ops.py``)."""
+    """``(stats [2, K, B], margin [B], positives [2, B])`` in the accumulation dtype (see ``ops.py``)."""
     acc = k.acc_dtype
     B, N = k.batch, k.n_columns
     scale = k.scale.to(acc)
-    margin = pair_margin(k.img, k.txt, k.ref_img, k.ref_txt)
+    pos = positive_similarities(k.img, k.txt, k.ref_img, k.ref_txt)
+    margin = pos[0] - pos[1]
+    split = k.with_distill or k.with_alone
     R = chunk_rows(B, N)
     T = k.txt_all.to(acc)
     Tr = None if k.ref_img is None else k.ref_txt_all.to(acc)
@@ -97,14 +128,14 @@ def forward(k: TileInputs):
         col_stats = None
         for r0 in range(0, B, R):
             r1 = min(r0 + R, B)
-            sim = _similarity(k.img, T, k.ref_img, Tr, r0, r1, acc)
-            positive = _positive_entries(r0, r1, k.offset, sim.device)
-            d_img = (sim - margin[r0:r1, None]).mul_(scale[0, r0:r1, None])
-            img_stats.append(_online_stats(d_img, 1, positive))
-            del d_img
-            d_txt_t = sim.sub_(margin[None, :]).mul_(scale[1][None, :])   # [i, j] = d^T_{j, i}: text anchor j
-            chunk = _online_stats(d_txt_t, 0, positive)
-            col_stats = chunk if col_stats is None else _merge(col_stats, chunk)
+            r = slice(r0, r1)
+            y, z = _similarity(k.img, T, k.ref_img, Tr, r0, r1, acc, split=True)
+            sim = y if z is None else y - z
+            positive = _positive_entries(r0, r1, k.offset, sim.device, N)
+            img_stats.append(_chunk_stats(sim.clone(), y, z, k, 1, r1 - r0, positive, margin[r], pos[:, r], scale[0, r]))
+            # column j of the chunk is text anchor j over image columns i
+            chunk = _chunk_stats(sim, y, z, k, 0, B, positive, margin, pos, scale[1])
+            col_stats = chunk if col_stats is None else _merge_all(col_stats, chunk)
         txt_stats = torch.stack(col_stats)
     else:
         X = k.img_all.to(acc)
@@ -112,14 +143,20 @@ def forward(k: TileInputs):
         txt_chunks = []
         for r0 in range(0, B, R):
             r1 = min(r0 + R, B)
+            r = slice(r0, r1)
             for rows, cols, ref_rows, ref_cols, s, out in ((k.img, T, k.ref_img, Tr, scale[0], img_stats),
                                                             (k.txt, X, k.ref_txt, Xr, scale[1], txt_chunks)):
-                d = _similarity(rows, cols, ref_rows, ref_cols, r0, r1, acc)
-                d.sub_(margin[r0:r1, None]).mul_(s[r0:r1, None])
-                out.append(_online_stats(d, 1, _positive_entries(r0, r1, k.offset, d.device)))
-                del d
+                y, z = _similarity(rows, cols, ref_rows, ref_cols, r0, r1, acc, split=True)
+                sim = y if z is None else y - z
+                positive = _positive_entries(r0, r1, k.offset, sim.device, N)
+                out.append(_chunk_stats(sim if split else sim, y, z, k, 1, r1 - r0, positive, margin[r], pos[:, r],
+                                        s[r]))
         txt_stats = _concat(txt_chunks)
-    return torch.stack([_concat(img_stats), txt_stats]), margin
+    return torch.stack([_concat(img_stats), txt_stats]), margin, pos
+
+
+def _concat(chunks):
+    return torch.stack([torch.cat(parts) for parts in zip(*chunks)])
 
 
 def _weights(sim, scale, margin, log_norm, gain, along_rows: bool):
@@ -129,35 +166,50 @@ def _weights(sim, scale, margin, log_norm, gain, along_rows: bool):
     return (sim - view(margin)).mul_(view(scale)).sub_(view(log_norm)).exp_().mul_(view(gain))
 
 
+def _distill_weights(y, z, scale, distill_scale, lse_q, lse_p, dgain, along_rows: bool):
+    """``dgain (exp(s y - lse_q) - exp(t_d z - lse_p))`` over every column: the distillation's weights."""
+    view = (lambda v: v[:, None]) if along_rows else (lambda v: v[None, :])
+    q = (y * view(scale)).sub_(view(lse_q)).exp_()
+    return q.sub_((z * distill_scale).sub_(view(lse_p)).exp_()).mul_(view(dgain))
+
+
 @torch.no_grad()
-def backward(gain, col_gain, k: TileInputs, w: Weights, column_grads: bool):
+def backward(gains, k: TileInputs, w: Weights, column_grads: bool):
     """Gradients for img, txt (and img_all, txt_all when ``column_grads``), see ``ops.py``.
 
     A fold (``columns_are_rows``, or ``w.col_*`` given) adds the column anchors' terms to the row
     gradients; column gradients, when asked, hold the row anchors' terms only.
     """
+    gain, col_gain, dgain, col_dgain = gains
     acc = k.acc_dtype
     B, N = k.batch, k.n_columns
     scale, log_norm, gain = k.scale.to(acc), w.log_norm.to(acc), gain.to(acc)
     partner = (gain * w.wsum.to(acc)).sum(0)
     margin = w.margin.to(acc)
+    distill = dgain is not None
     R = chunk_rows(B, N)
     x_acc, t_acc = k.img.to(acc), k.txt.to(acc)
     Tr = None if k.ref_img is None else k.ref_txt_all.to(acc)
     d_img = torch.empty_like(x_acc)
     d_txt = torch.empty_like(t_acc)
+    lse = (w.lse_q.to(acc), w.lse_p.to(acc), dgain.to(acc)) if distill else None
 
     if k.columns_are_rows:
-        # One similarity chunk gives both directions' weights: P = G^I W^I + (G^T W^T)^T.
+        # One similarity chunk gives both directions' weights: P = G^I W^I + (G^T W^T)^T (+ distillation).
         d_txt.zero_()
         for r0 in range(0, B, R):
             r1 = min(r0 + R, B)
             r = slice(r0, r1)
-            positive = _positive_entries(r0, r1, k.offset, x_acc.device)
-            sim = _similarity(k.img, t_acc, k.ref_img, Tr, r0, r1, acc)
+            positive = _positive_entries(r0, r1, k.offset, x_acc.device, N)
+            y, z = _similarity(k.img, t_acc, k.ref_img, Tr, r0, r1, acc, split=True)
+            sim = y if z is None else y - z
             p = _weights(sim, scale[0, r], margin[r], log_norm[0, r], gain[0, r], True)
             p += _weights(sim, scale[1], margin, log_norm[1], gain[1], False)
             p[positive] = 0.0
+            if distill:
+                q_, p_, g_ = lse
+                p += _distill_weights(y, z, scale[0, r], k.distill_scale, q_[0, r], p_[0, r], g_[0, r], True)
+                p += _distill_weights(y, z, scale[1], k.distill_scale, q_[1], p_[1], g_[1], False)
             d_img[r0:r1] = p @ t_acc
             d_txt.addmm_(p.T, x_acc[r0:r1])
         d_img.sub_(partner[:, None] * t_acc)
@@ -171,21 +223,30 @@ def backward(gain, col_gain, k: TileInputs, w: Weights, column_grads: bool):
     d_txt_all = torch.zeros_like(T) if column_grads else None
     col = (lambda kk: (w.col_scale[kk].to(acc), w.col_margin.to(acc), w.col_log_norm[kk].to(acc),
                        col_gain[kk].to(acc))) if w.fold else None
+    col_distill = (lambda kk: (w.col_scale[kk].to(acc), k.distill_scale, w.col_lse_q[kk].to(acc),
+                               w.col_lse_p[kk].to(acc), col_dgain[kk].to(acc))) if w.fold and distill else None
     for r0 in range(0, B, R):
         r1 = min(r0 + R, B)
         r = slice(r0, r1)
-        positive = _positive_entries(r0, r1, k.offset, x_acc.device)
+        positive = _positive_entries(r0, r1, k.offset, x_acc.device, N)
         for kk, rows, rows_acc, cols, ref_rows, ref_cols, out, out_cols in (
                 (0, k.img, x_acc, T, k.ref_img, Tr, d_img, d_txt_all),
                 (1, k.txt, t_acc, X, k.ref_txt, Xr, d_txt, d_img_all)):
-            sim = _similarity(rows, cols, ref_rows, ref_cols, r0, r1, acc)
+            y, z = _similarity(rows, cols, ref_rows, ref_cols, r0, r1, acc, split=True)
+            sim = y if z is None else y - z
             p = _weights(sim, scale[kk, r], margin[r], log_norm[kk, r], gain[kk, r], True)
             p[positive] = 0.0
+            if distill:
+                q_, p_, g_ = lse
+                p += _distill_weights(y, z, scale[kk, r], k.distill_scale, q_[kk, r], p_[kk, r], g_[kk, r], True)
             if out_cols is not None:                 # column gradients: this process's anchors only
                 out_cols.addmm_(p.T, rows_acc[r0:r1])
             if col is not None:                      # the column anchors of the other direction
-                p += _weights(sim, *col(1 - kk), False)
-                p[positive] = 0.0
+                fold = _weights(sim, *col(1 - kk), False)
+                fold[positive] = 0.0
+                p += fold
+                if col_distill is not None:
+                    p += _distill_weights(y, z, *col_distill(1 - kk), False)
             out[r0:r1] = p @ cols
             del sim, p
     d_img.sub_(partner[:, None] * t_acc)

@@ -26,7 +26,7 @@ from .launch import INTERPRETING
 
 def _on_device(fn, name: str):
     def checked(*args):
-        tiles = args[0] if name == "fwd" else args[2]
+        tiles = args[0] if name == "fwd" else args[1]
         if tiles.img.device.type == "cpu" and not INTERPRETING:
             raise RuntimeError(
                 f"drrho::triton_{name}: the tensors are on cpu: the Triton kernels need CUDA (or ROCm) tensors, or "

@@ -19,6 +19,11 @@ One generic kernel serves both: a program owns a block of "outer" vectors and lo
     column   0 (I)      T   Tr   x   xr   inner anchors (k = 0)                        d_txt_all
     column   1 (T)      X   Xr   t   tr   inner anchors (k = 1)                        d_img_all
 
+With ``DISTILL`` the target's and the reference's tiles stay apart (``y``, ``z``: the same two products)
+and every weight gains the distillation term over every column, the positive included (SPEC 2.2):
+``dgain_ki (exp(s_ki y_ij - lse_q_ki) - exp(t_d z_ij - lse_p_ki))``, and in a fold the column anchors'
+likewise (their own ``y_ji = y_ij``, ``z_ji = z_ij`` in the same tile).
+
 Grids (cdiv(B or N, BM), 2 directions, cdiv(d, BD)). In one process the fold's column anchors are the
 rows themselves. Every dot accumulates in float32; the weights are cast to the input dtype for the
 weighted product. Float16 cannot hold every weight, so with ``SCALE_P`` each outer row keeps a
@@ -32,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .helpers import _dot, _scores
+from .helpers import _dot, _scores, _scores_split
 from .launch import dot_flags, f32, launch, operands
 
 P_EXP = tl.constexpr(14)   # float16 weights fed to a dot stay below 2^14 = 16384 (max 65504)
@@ -50,12 +55,23 @@ def _anchor_weights(b_sc, p_scale, p_norm, p_gain, p_margin, o, m, AXIS: tl.cons
     return b_g * tl.exp(b_s * (b_sc - b_m) - b_n)
 
 
+@triton.jit
+def _distill_weights(b_y, b_z, t_d, p_scale, p_lse_q, p_lse_p, p_dgain, o, m, AXIS: tl.constexpr):
+    """dgain (exp(s y - lse_q) - exp(t_d z - lse_p)) of the anchors ``o`` along ``AXIS`` of the tile."""
+    b_s = tl.expand_dims(tl.load(p_scale + o, mask=m, other=1.0), AXIS)
+    b_q = tl.expand_dims(tl.load(p_lse_q + o, mask=m, other=0.0), AXIS)
+    b_p = tl.expand_dims(tl.load(p_lse_p + o, mask=m, other=0.0), AXIS)
+    b_g = tl.expand_dims(tl.load(p_dgain + o, mask=m, other=0.0), AXIS)
+    return b_g * (tl.exp(b_s * b_y - b_q) - tl.exp(t_d * b_z - b_p))
+
+
 @triton.jit(do_not_specialize=["B", "N", "offset"])
 def _bwd_kernel(p_x, p_t, p_X, p_T, p_xr, p_tr, p_Xr, p_Tr,
                 p_scale, p_norm, p_gain, p_wsum, p_margin, p_cscale, p_cnorm, p_cgain, p_cmargin,
-                p_out_img, p_out_txt, B, N, offset,
+                p_lse_q, p_lse_p, p_dgain, p_clse_q, p_clse_p, p_cdgain,
+                p_out_img, p_out_txt, B, N, offset, t_d,
                 D: tl.constexpr, DR: tl.constexpr, HAS_REF: tl.constexpr, IS_ROW: tl.constexpr,
-                FOLD: tl.constexpr, SCALE_P: tl.constexpr,
+                FOLD: tl.constexpr, DISTILL: tl.constexpr, SCALE_P: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKR: tl.constexpr, BD: tl.constexpr,
                 PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One [BM, BD] output block per program (table in the module doc).
@@ -101,9 +117,15 @@ def _bwd_kernel(p_x, p_t, p_X, p_T, p_xr, p_tr, p_Xr, p_Tr,
         o_n = j + tl.arange(0, BN)
         m_n = o_n < n_in
         o_n64 = o_n.to(tl.int64)
-        b_sc = _scores(p_o, p_i, p_or, p_ir, o_m64, o_n64, m_m, m_n,
-                       D, DR, HAS_REF, BM, BN, BK, BKR, PREC, UPCAST)
-        m_w = m_m[:, None] & m_n[None, :] & (o_n[None, :] != o_pos[:, None])
+        if DISTILL:
+            b_y, b_z = _scores_split(p_o, p_i, p_or, p_ir, o_m64, o_n64, m_m, m_n,
+                                     D, DR, HAS_REF, BM, BN, BK, BKR, PREC, UPCAST)
+            b_sc = b_y - b_z
+        else:
+            b_sc = _scores(p_o, p_i, p_or, p_ir, o_m64, o_n64, m_m, m_n,
+                           D, DR, HAS_REF, BM, BN, BK, BKR, PREC, UPCAST)
+        m_in = m_m[:, None] & m_n[None, :]
+        m_w = m_in & (o_n[None, :] != o_pos[:, None])
         if IS_ROW:
             b_p = _anchor_weights(b_sc, p_scale + k_row, p_norm + k_row, p_gain + k_row, p_margin, o_m64, m_m, 1)
             if FOLD:
@@ -112,6 +134,17 @@ def _bwd_kernel(p_x, p_t, p_X, p_T, p_xr, p_tr, p_Xr, p_Tr,
         else:
             b_p = _anchor_weights(b_sc, p_scale + k_row, p_norm + k_row, p_gain + k_row, p_margin, o_n64, m_n, 0)
         b_p = tl.where(m_w, b_p, 0.0)
+        if DISTILL:              # every column, the positive included
+            if IS_ROW:
+                b_q = _distill_weights(b_y, b_z, t_d, p_scale + k_row, p_lse_q + k_row, p_lse_p + k_row,
+                                       p_dgain + k_row, o_m64, m_m, 1)
+                if FOLD:
+                    b_q += _distill_weights(b_y, b_z, t_d, p_cscale + k_col, p_clse_q + k_col, p_clse_p + k_col,
+                                            p_cdgain + k_col, o_n64, m_n, 0)
+            else:
+                b_q = _distill_weights(b_y, b_z, t_d, p_scale + k_row, p_lse_q + k_row, p_lse_p + k_row,
+                                       p_dgain + k_row, o_n64, m_n, 0)
+            b_p += tl.where(m_in, b_q, 0.0)
         if SCALE_P:
             b_pmax = tl.maximum(tl.max(tl.abs(b_p), axis=1), C_INIT)   # rows without weights keep c
             b_c_new = tl.maximum(b_c, tl.exp2(tl.ceil(tl.log2(b_pmax)) - P_EXP))
@@ -136,29 +169,39 @@ def _bwd_kernel(p_x, p_t, p_X, p_T, p_xr, p_tr, p_Xr, p_Tr,
     tl.store(p_out + o_md, b_out.to(p_out.dtype.element_ty), mask=m_md)
 
 
-def backward(gain, col_gain, k, w, column_grads: bool):
+def backward(gains, k, w, column_grads: bool):
     """Launch the row (and, with ``column_grads``, the column) backward kernel of a ``TileInputs`` ``k``
     and ``Weights`` ``w``; returns ``(d_img, d_txt, d_img_all | None, d_txt_all | None)`` in the input dtype."""
+    gain, col_gain, dgain, col_dgain = gains
     x, t, X, T, xr, tr, Xr, Tr = operands(k)
     B, D = x.shape
     N = X.shape[0]
     rows = [f32(v) for v in (k.scale, w.log_norm, gain, w.wsum, w.margin)]
     fold = k.columns_are_rows or w.fold
+    distill = dgain is not None
     if k.columns_are_rows:                     # the fold's column anchors are the rows themselves
         cols = [rows[0], rows[1], rows[2], rows[4]]
     elif w.fold:
         cols = [f32(v) for v in (w.col_scale, w.col_log_norm, col_gain, w.col_margin)]
     else:
         cols = [rows[0], rows[1], rows[2], rows[4]]    # dummies, never read
+    dist = [f32(v) for v in (w.lse_q, w.lse_p, dgain)] if distill else [rows[1]] * 3     # dummies without
+    if distill and w.fold and not k.columns_are_rows:
+        col_dist = [f32(v) for v in (w.col_lse_q, w.col_lse_p, col_dgain)]
+    else:
+        col_dist = dist                        # one process: the rows' own (or dummies)
     d_img, d_txt = torch.empty_like(x), torch.empty_like(t)
-    common = dict(D=D, DR=k.ref_dim, HAS_REF=k.has_ref, SCALE_P=x.dtype == torch.float16, **dot_flags(x.dtype))
+    common = dict(D=D, DR=k.ref_dim, HAS_REF=k.has_ref, DISTILL=distill, SCALE_P=x.dtype == torch.float16,
+                  **dot_flags(x.dtype))
     embeddings = (x, t, X, T, xr, tr, Xr, Tr)
+    t_d = float(k.distill_scale)
     launch(_bwd_kernel, "bwd", lambda tiles: (triton.cdiv(B, tiles.BM), 2, triton.cdiv(D, tiles.BD)),
-           (*embeddings, *rows, *cols, d_img, d_txt, B, N, k.offset), dict(IS_ROW=True, FOLD=fold, **common))
+           (*embeddings, *rows, *cols, *dist, *col_dist, d_img, d_txt, B, N, k.offset, t_d),
+           dict(IS_ROW=True, FOLD=fold, **common))
     if not column_grads or k.columns_are_rows:
         return d_img, d_txt, None, None
     d_img_all, d_txt_all = torch.empty_like(X), torch.empty_like(T)
     launch(_bwd_kernel, "bwd", lambda tiles: (triton.cdiv(N, tiles.BM), 2, triton.cdiv(D, tiles.BD)),
-           (*embeddings, *rows, *rows[:3], rows[4], d_img_all, d_txt_all, B, N, k.offset),
+           (*embeddings, *rows, *rows[:3], rows[4], *dist, *dist, d_img_all, d_txt_all, B, N, k.offset, t_d),
            dict(IS_ROW=False, FOLD=False, **common))
     return d_img, d_txt, d_img_all, d_txt_all

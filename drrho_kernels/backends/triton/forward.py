@@ -15,8 +15,12 @@ number):
     S_ij = <o_i, C_j> - <or_i, Cr_j>      m_i = <x_i, t_i> - <xr_i, tr_i>      d_ij = s_i (S_ij - m_i)
     M_i = max_j d_ij     E_i = sum_j exp(d_ij - M_i)     F_i = sum_j exp(d_ij - M_i) d_ij     (j != p(i))
 
-Outputs: ``stats`` [2, 3, B] f32 (direction, (M, E, F), anchor) and ``margin`` [B] f32. The
-epilogue (new u, weights) is ``drrho_kernels._math.finish``. Grid (cdiv(B, BM), 2 directions).
+With ``EXTRA`` (distillation or per-sample outputs) the target's and the reference's tiles stay apart
+(``Y``, ``Z``; the same two products) and three more groups of statistics follow (``helpers.py``):
+the target ``s (y - y_i)``, the teacher ``t_d (z - z_i)`` with values ``y``, the reference ``s (z - z_i)``.
+
+Outputs: ``stats`` [2, K, B] f32 (direction, statistic, anchor; K = 3, or 12 with EXTRA) and ``margin``
+[B] f32. The epilogue (new u, weights) is ``drrho_kernels._math``. Grid (cdiv(B, BM), 2 directions).
 Legend of the names: ``helpers.py``.
 """
 from __future__ import annotations
@@ -25,44 +29,71 @@ import torch
 import triton
 import triton.language as tl
 
-from .helpers import _online, _row_margin, _scores, _store_stats
+from .helpers import _group_exponent, _online, _pair_dots, _scores, _scores_split, _store_stats
 from .launch import dot_flags, f32, launch, operands
 
 
 @triton.jit(do_not_specialize=["B", "N", "offset"])
-def _fwd_kernel(p_x, p_t, p_X, p_T, p_xr, p_tr, p_Xr, p_Tr, p_scale, p_stats, p_margin, B, N, offset,
-                D: tl.constexpr, DR: tl.constexpr, HAS_REF: tl.constexpr,
+def _fwd_kernel(p_x, p_t, p_X, p_T, p_xr, p_tr, p_Xr, p_Tr, p_scale, p_stats, p_margin, B, N, offset, t_d,
+                D: tl.constexpr, DR: tl.constexpr, HAS_REF: tl.constexpr, EXTRA: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKR: tl.constexpr,
                 PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Program (i_m, i_dir): anchors i_m*BM .. +BM of direction i_dir, one pass over all N columns;
-    direction 0 also writes the margins."""
+    direction 0 also writes the margins. Without a reference the teacher and reference groups stay
+    unwritten (the statistics buffer is zeroed)."""
     i_m = tl.program_id(0)
     i_dir = tl.program_id(1)
     if i_dir == 0:
         p_rows, p_cols, p_rrows, p_rcols = p_x, p_T, p_xr, p_Tr
     else:
         p_rows, p_cols, p_rrows, p_rcols = p_t, p_X, p_tr, p_Xr
+    NSTAT: tl.constexpr = 12 if EXTRA else 3
 
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < B
     o_m64 = o_m.to(tl.int64)
-    b_margin = _row_margin(p_x, p_t, p_xr, p_tr, o_m64, m_m, D, DR, HAS_REF, BM, BK, BKR)
+    b_ypos, b_zpos = _pair_dots(p_x, p_t, p_xr, p_tr, o_m64, m_m, D, DR, HAS_REF, BM, BK, BKR)
+    b_margin = b_ypos - b_zpos
     if i_dir == 0:
         tl.store(p_margin + o_m64, b_margin, mask=m_m)
     b_s = tl.load(p_scale + i_dir * B + o_m64, mask=m_m, other=1.0)
     o_pos = o_m + offset                                   # column index of each row's positive
 
-    b_max = tl.full([BM], float("-inf"), dtype=tl.float32)
-    b_e = tl.zeros([BM], dtype=tl.float32)
-    b_f = tl.zeros([BM], dtype=tl.float32)
+    b_max0 = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_e0 = tl.zeros([BM], dtype=tl.float32)
+    b_f0 = tl.zeros([BM], dtype=tl.float32)
+    b_max1, b_e1, b_f1 = b_max0, b_e0, b_f0
+    b_max2, b_e2, b_f2 = b_max0, b_e0, b_f0
+    b_max3, b_e3, b_f3 = b_max0, b_e0, b_f0
     for j in range(0, N, BN):
         o_n = j + tl.arange(0, BN)
         m_n = o_n < N
-        b_sc = _scores(p_rows, p_cols, p_rrows, p_rcols, o_m64, o_n.to(tl.int64), m_m, m_n,
-                       D, DR, HAS_REF, BM, BN, BK, BKR, PREC, UPCAST)
+        o_n64 = o_n.to(tl.int64)
         m_neg = m_n[None, :] & (o_n[None, :] != o_pos[:, None])       # negatives, by index
-        b_max, b_e, b_f = _online(b_max, b_e, b_f, b_s[:, None] * (b_sc - b_margin[:, None]), m_neg, 1)
-    _store_stats(p_stats + i_dir * 3 * B, b_max, b_e, b_f, o_m64, m_m, B)
+        if EXTRA:
+            b_y, b_z = _scores_split(p_rows, p_cols, p_rrows, p_rcols, o_m64, o_n64, m_m, m_n,
+                                     D, DR, HAS_REF, BM, BN, BK, BKR, PREC, UPCAST)
+            b_d, b_v = _group_exponent(b_y, b_z, b_s, b_ypos, b_zpos, b_margin, t_d, 0, 1)
+            b_max0, b_e0, b_f0 = _online(b_max0, b_e0, b_f0, b_d, b_v, m_neg, 1)
+            b_d, b_v = _group_exponent(b_y, b_z, b_s, b_ypos, b_zpos, b_margin, t_d, 1, 1)
+            b_max1, b_e1, b_f1 = _online(b_max1, b_e1, b_f1, b_d, b_v, m_neg, 1)
+            if HAS_REF:
+                b_d, b_v = _group_exponent(b_y, b_z, b_s, b_ypos, b_zpos, b_margin, t_d, 2, 1)
+                b_max2, b_e2, b_f2 = _online(b_max2, b_e2, b_f2, b_d, b_v, m_neg, 1)
+                b_d, b_v = _group_exponent(b_y, b_z, b_s, b_ypos, b_zpos, b_margin, t_d, 3, 1)
+                b_max3, b_e3, b_f3 = _online(b_max3, b_e3, b_f3, b_d, b_v, m_neg, 1)
+        else:
+            b_sc = _scores(p_rows, p_cols, p_rrows, p_rcols, o_m64, o_n64, m_m, m_n,
+                           D, DR, HAS_REF, BM, BN, BK, BKR, PREC, UPCAST)
+            b_d = b_s[:, None] * (b_sc - b_margin[:, None])
+            b_max0, b_e0, b_f0 = _online(b_max0, b_e0, b_f0, b_d, b_d, m_neg, 1)
+    p_out = p_stats + i_dir * NSTAT * B
+    _store_stats(p_out, b_max0, b_e0, b_f0, o_m64, m_m, B)
+    if EXTRA:
+        _store_stats(p_out + 3 * B, b_max1, b_e1, b_f1, o_m64, m_m, B)
+        if HAS_REF:
+            _store_stats(p_out + 6 * B, b_max2, b_e2, b_f2, o_m64, m_m, B)
+            _store_stats(p_out + 9 * B, b_max3, b_e3, b_f3, o_m64, m_m, B)
 
 
 def forward(k):
@@ -74,9 +105,16 @@ def forward(k):
     x, t, X, T, xr, tr, Xr, Tr = operands(k)
     B, D = x.shape
     N = X.shape[0]
-    stats = torch.empty(2, 3, B, dtype=torch.float32, device=x.device)
+    stats = torch.zeros(2, k.n_stats, B, dtype=torch.float32, device=x.device)
     margin = torch.empty(B, dtype=torch.float32, device=x.device)
-    args = (x, t, X, T, xr, tr, Xr, Tr, f32(k.scale), stats, margin, B, N, k.offset)
-    flags = dict(D=D, DR=k.ref_dim, HAS_REF=k.has_ref, **dot_flags(x.dtype))
+    args = (x, t, X, T, xr, tr, Xr, Tr, f32(k.scale), stats, margin, B, N, k.offset, float(k.distill_scale))
+    flags = dict(D=D, DR=k.ref_dim, HAS_REF=k.has_ref, EXTRA=k.with_distill or k.with_alone, **dot_flags(x.dtype))
     launch(_fwd_kernel, "fwd", lambda tiles: (triton.cdiv(B, tiles.BM), 2), args, flags)
-    return stats, margin
+    return stats, margin, positive_pairs(k)
+
+
+def positive_pairs(k):
+    """``[2, B]``: ``<x_i, t_i>`` and ``<xr_i, tr_i>`` (float32; the one-process forward's margin kernel
+    writes them itself)."""
+    from ..._math import positive_similarities
+    return positive_similarities(k.img, k.txt, k.ref_img, k.ref_txt).float()

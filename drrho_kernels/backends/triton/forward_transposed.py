@@ -26,38 +26,61 @@ import torch
 import triton
 import triton.language as tl
 
-from .helpers import _merge_stats, _online, _row_margin, _scores, _store_stats
+from .helpers import _group_exponent, _merge_stats, _online, _pair_dots, _scores, _scores_split, _store_stats
 from .launch import INTERPRETING, device_arch, dot_flags, f32, launch, launch_fixed, operands
 from .tiles import INTERPRETER_L2_BYTES, INTERPRETER_SMS, INTERPRETER_TILES, Plan, candidates, transposed_plan
 
 
 @triton.jit(do_not_specialize=["B"])
-def _margin_kernel(p_x, p_t, p_xr, p_tr, p_margin, B,
+def _margin_kernel(p_x, p_t, p_xr, p_tr, p_margin, p_pos, B,
                    D: tl.constexpr, DR: tl.constexpr, HAS_REF: tl.constexpr,
                    BM: tl.constexpr, BK: tl.constexpr, BKR: tl.constexpr):
-    """m_i = <x_i, t_i> - <xr_i, tr_i>, grid (cdiv(B, BM),)."""
+    """m_i = <x_i, t_i> - <xr_i, tr_i> and the two similarities apart (``p_pos`` [2, B]), grid (cdiv(B, BM),)."""
     o_m = tl.program_id(0) * BM + tl.arange(0, BM)
     m_m = o_m < B
     o_m64 = o_m.to(tl.int64)
-    b_m = _row_margin(p_x, p_t, p_xr, p_tr, o_m64, m_m, D, DR, HAS_REF, BM, BK, BKR)
-    tl.store(p_margin + o_m64, b_m, mask=m_m)
+    b_y, b_z = _pair_dots(p_x, p_t, p_xr, p_tr, o_m64, m_m, D, DR, HAS_REF, BM, BK, BKR)
+    tl.store(p_margin + o_m64, b_y - b_z, mask=m_m)
+    tl.store(p_pos + o_m64, b_y, mask=m_m)
+    tl.store(p_pos + B + o_m64, b_z, mask=m_m)
+
+
+@triton.jit
+def _load_stats(p, o64, m, B):
+    """(M, E, F) of a block of anchors from one ``[3, B]`` slot (empty statistics where ``m`` is false)."""
+    return (tl.load(p + o64, mask=m, other=float("-inf")), tl.load(p + B + o64, mask=m, other=0.0),
+            tl.load(p + 2 * B + o64, mask=m, other=0.0))
+
+
+@triton.jit
+def _column_update(p_cp, b_d, b_v, m_neg, o_n64, m_cseen, m_n, B, BN: tl.constexpr):
+    """Merge one tile's column statistics into this program's column slot (read, merge, write back)."""
+    b_tmax, b_te, b_tf = _online(tl.full([BN], float("-inf"), tl.float32), tl.zeros([BN], tl.float32),
+                                 tl.zeros([BN], tl.float32), b_d, b_v, m_neg, 0)
+    b_cmax, b_ce, b_cf = _load_stats(p_cp, o_n64, m_cseen, B)
+    b_cmax, b_ce, b_cf = _merge_stats(b_cmax, b_ce, b_cf, b_tmax, b_te, b_tf)
+    tl.debug_barrier()        # every thread has read this tile's column slots (write after read)
+    _store_stats(p_cp, b_cmax, b_ce, b_cf, o_n64, m_n, B)
+    tl.debug_barrier()        # ... and sees them at the next row block (read after write)
 
 
 @triton.jit(do_not_specialize=["B", "n_groups", "n_splits", "panel_cols"])
-def _fwd_t_kernel(p_x, p_t, p_xr, p_tr, p_scale, p_margin, p_row_part, p_col_part,
-                  B, n_groups, n_splits, panel_cols,
-                  D: tl.constexpr, DR: tl.constexpr, HAS_REF: tl.constexpr,
+def _fwd_t_kernel(p_x, p_t, p_xr, p_tr, p_scale, p_margin, p_pos, p_row_part, p_col_part,
+                  B, n_groups, n_splits, panel_cols, t_d,
+                  D: tl.constexpr, DR: tl.constexpr, HAS_REF: tl.constexpr, EXTRA: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKR: tl.constexpr,
                   PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Partial (M, E, F) of both directions from one pass over S = x t^T - xr tr^T.
+    """Partial statistics of both directions from one pass over S = x t^T - xr tr^T.
 
     Program (g, c): the column blocks (BN text anchors) of group g times the row blocks (BM image
     anchors) of split c. Each tile S_ij feeds the image anchors i (``p_row_part`` slot g) and the
-    text anchors j (``p_col_part`` slot c). Every slot entry has exactly one writer, whose first
-    visit initialises it (the masked load returns the empty statistics).
+    text anchors j (``p_col_part`` slot c); with EXTRA every statistic group has its own [3, B] part of
+    the slots (``NSTAT`` rows per slot). Every slot entry has exactly one writer, whose first visit
+    initialises it (the masked load returns the empty statistics).
     """
     i_g = tl.program_id(0)
     i_c = tl.program_id(1)
+    NSTAT: tl.constexpr = 12 if EXTRA else 3
     n_bm = tl.cdiv(B, BM)
     n_bn = tl.cdiv(B, BN)
     r_lo = (i_c * n_bm // n_splits) * BM
@@ -67,8 +90,8 @@ def _fwd_t_kernel(p_x, p_t, p_xr, p_tr, p_scale, p_margin, p_row_part, p_col_par
     n_blocks = (c_hi - c_lo) // BN                                     # >= 1 (n_groups <= n_bn)
     n_panels = tl.cdiv(n_blocks, tl.maximum(panel_cols // BN, 1))
     panel = tl.cdiv(n_blocks, n_panels) * BN                           # even panels, whole blocks
-    p_rp = p_row_part + i_g * 3 * B          # this program's slots: M at +0, E at +B, F at +2B
-    p_cp = p_col_part + i_c * 3 * B
+    p_rp = p_row_part + i_g * NSTAT * B      # this program's slots: group k's M at +3kB, E at +(3k+1)B, F at +(3k+2)B
+    p_cp = p_col_part + i_c * NSTAT * B
 
     for q in range(c_lo, c_hi, panel):
         q_hi = tl.minimum(q + panel, c_hi)
@@ -78,59 +101,91 @@ def _fwd_t_kernel(p_x, p_t, p_xr, p_tr, p_scale, p_margin, p_row_part, p_col_par
             o_m64 = o_m.to(tl.int64)
             b_mr = tl.load(p_margin + o_m64, mask=m_m, other=0.0)
             b_sr = tl.load(p_scale + o_m64, mask=m_m, other=1.0)          # image anchors' scales
+            b_yr = tl.load(p_pos + o_m64, mask=m_m, other=0.0)
+            b_zr = tl.load(p_pos + B + o_m64, mask=m_m, other=0.0)
             # earlier panels of this group (a vector comparison: the interpreter mistypes scalar ones)
             m_seen = m_m & (o_m * 0 + q > c_lo)
-            b_rmax = tl.load(p_rp + o_m64, mask=m_seen, other=float("-inf"))
-            b_re = tl.load(p_rp + B + o_m64, mask=m_seen, other=0.0)
-            b_rf = tl.load(p_rp + 2 * B + o_m64, mask=m_seen, other=0.0)
+            b_rmax0, b_re0, b_rf0 = _load_stats(p_rp, o_m64, m_seen, B)
+            b_rmax1, b_re1, b_rf1 = b_rmax0, b_re0, b_rf0
+            b_rmax2, b_re2, b_rf2 = b_rmax0, b_re0, b_rf0
+            b_rmax3, b_re3, b_rf3 = b_rmax0, b_re0, b_rf0
+            if EXTRA:
+                b_rmax1, b_re1, b_rf1 = _load_stats(p_rp + 3 * B, o_m64, m_seen, B)
+                if HAS_REF:
+                    b_rmax2, b_re2, b_rf2 = _load_stats(p_rp + 6 * B, o_m64, m_seen, B)
+                    b_rmax3, b_re3, b_rf3 = _load_stats(p_rp + 9 * B, o_m64, m_seen, B)
             for j in range(q, q_hi, BN):
                 o_n = j + tl.arange(0, BN)
                 m_n = o_n < B
                 o_n64 = o_n.to(tl.int64)
-                b_sc = _scores(p_x, p_t, p_xr, p_tr, o_m64, o_n64, m_m, m_n,
-                               D, DR, HAS_REF, BM, BN, BK, BKR, PREC, UPCAST)
                 m_neg = m_m[:, None] & m_n[None, :] & (o_m[:, None] != o_n[None, :])
-                b_rmax, b_re, b_rf = _online(b_rmax, b_re, b_rf, b_sr[:, None] * (b_sc - b_mr[:, None]), m_neg, 1)
                 b_mc = tl.load(p_margin + o_n64, mask=m_n, other=0.0)
                 b_scol = tl.load(p_scale + B + o_n64, mask=m_n, other=1.0)  # text anchors' scales
-                b_tmax, b_te, b_tf = _online(tl.full([BN], float("-inf"), tl.float32), tl.zeros([BN], tl.float32),
-                                             tl.zeros([BN], tl.float32), b_scol[None, :] * (b_sc - b_mc[None, :]),
-                                             m_neg, 0)
                 m_cseen = m_n & (o_n * 0 + i > r_lo)                   # earlier row blocks of this split
-                b_cmax = tl.load(p_cp + o_n64, mask=m_cseen, other=float("-inf"))
-                b_ce = tl.load(p_cp + B + o_n64, mask=m_cseen, other=0.0)
-                b_cf = tl.load(p_cp + 2 * B + o_n64, mask=m_cseen, other=0.0)
-                b_cmax, b_ce, b_cf = _merge_stats(b_cmax, b_ce, b_cf, b_tmax, b_te, b_tf)
-                tl.debug_barrier()        # every thread has read this tile's column slots (write after read)
-                _store_stats(p_cp, b_cmax, b_ce, b_cf, o_n64, m_n, B)
-                tl.debug_barrier()        # ... and sees them at the next row block (read after write)
-            _store_stats(p_rp, b_rmax, b_re, b_rf, o_m64, m_m, B)
+                if EXTRA:
+                    b_y, b_z = _scores_split(p_x, p_t, p_xr, p_tr, o_m64, o_n64, m_m, m_n,
+                                             D, DR, HAS_REF, BM, BN, BK, BKR, PREC, UPCAST)
+                    b_yc = tl.load(p_pos + o_n64, mask=m_n, other=0.0)
+                    b_zc = tl.load(p_pos + B + o_n64, mask=m_n, other=0.0)
+                    b_d, b_v = _group_exponent(b_y, b_z, b_sr, b_yr, b_zr, b_mr, t_d, 0, 1)
+                    b_rmax0, b_re0, b_rf0 = _online(b_rmax0, b_re0, b_rf0, b_d, b_v, m_neg, 1)
+                    b_d, b_v = _group_exponent(b_y, b_z, b_scol, b_yc, b_zc, b_mc, t_d, 0, 0)
+                    _column_update(p_cp, b_d, b_v, m_neg, o_n64, m_cseen, m_n, B, BN)
+                    b_d, b_v = _group_exponent(b_y, b_z, b_sr, b_yr, b_zr, b_mr, t_d, 1, 1)
+                    b_rmax1, b_re1, b_rf1 = _online(b_rmax1, b_re1, b_rf1, b_d, b_v, m_neg, 1)
+                    b_d, b_v = _group_exponent(b_y, b_z, b_scol, b_yc, b_zc, b_mc, t_d, 1, 0)
+                    _column_update(p_cp + 3 * B, b_d, b_v, m_neg, o_n64, m_cseen, m_n, B, BN)
+                    if HAS_REF:
+                        b_d, b_v = _group_exponent(b_y, b_z, b_sr, b_yr, b_zr, b_mr, t_d, 2, 1)
+                        b_rmax2, b_re2, b_rf2 = _online(b_rmax2, b_re2, b_rf2, b_d, b_v, m_neg, 1)
+                        b_d, b_v = _group_exponent(b_y, b_z, b_scol, b_yc, b_zc, b_mc, t_d, 2, 0)
+                        _column_update(p_cp + 6 * B, b_d, b_v, m_neg, o_n64, m_cseen, m_n, B, BN)
+                        b_d, b_v = _group_exponent(b_y, b_z, b_sr, b_yr, b_zr, b_mr, t_d, 3, 1)
+                        b_rmax3, b_re3, b_rf3 = _online(b_rmax3, b_re3, b_rf3, b_d, b_v, m_neg, 1)
+                        b_d, b_v = _group_exponent(b_y, b_z, b_scol, b_yc, b_zc, b_mc, t_d, 3, 0)
+                        _column_update(p_cp + 9 * B, b_d, b_v, m_neg, o_n64, m_cseen, m_n, B, BN)
+                else:
+                    b_sc = _scores(p_x, p_t, p_xr, p_tr, o_m64, o_n64, m_m, m_n,
+                                   D, DR, HAS_REF, BM, BN, BK, BKR, PREC, UPCAST)
+                    b_d = b_sr[:, None] * (b_sc - b_mr[:, None])
+                    b_rmax0, b_re0, b_rf0 = _online(b_rmax0, b_re0, b_rf0, b_d, b_d, m_neg, 1)
+                    b_d = b_scol[None, :] * (b_sc - b_mc[None, :])
+                    _column_update(p_cp, b_d, b_d, m_neg, o_n64, m_cseen, m_n, B, BN)
+            _store_stats(p_rp, b_rmax0, b_re0, b_rf0, o_m64, m_m, B)
+            if EXTRA:
+                _store_stats(p_rp + 3 * B, b_rmax1, b_re1, b_rf1, o_m64, m_m, B)
+                if HAS_REF:
+                    _store_stats(p_rp + 6 * B, b_rmax2, b_re2, b_rf2, o_m64, m_m, B)
+                    _store_stats(p_rp + 9 * B, b_rmax3, b_re3, b_rf3, o_m64, m_m, B)
             tl.debug_barrier()
 
 
 @triton.jit
-def _merge_parts(p_part, n_parts, B, o_m64, m_m, BM: tl.constexpr):
-    """Merge of the (M, E, F) partials ``p_part`` [n_parts, 3, B] of a block of anchors."""
+def _merge_parts(p_part, n_parts, stride, B, o_m64, m_m, BM: tl.constexpr):
+    """Merge of the (M, E, F) partials ``p_part`` (one ``[3, B]`` group every ``stride`` entries) of a block."""
     b_max = tl.full([BM], float("-inf"), dtype=tl.float32)
     b_e = tl.zeros([BM], dtype=tl.float32)
     b_f = tl.zeros([BM], dtype=tl.float32)
     for k in range(0, n_parts):
-        p = p_part + k * 3 * B + o_m64
-        b_max, b_e, b_f = _merge_stats(b_max, b_e, b_f, tl.load(p, mask=m_m, other=float("-inf")),
-                                       tl.load(p + B, mask=m_m, other=0.0), tl.load(p + 2 * B, mask=m_m, other=0.0))
+        b_pmax, b_pe, b_pf = _load_stats(p_part + k * stride, o_m64, m_m, B)
+        b_max, b_e, b_f = _merge_stats(b_max, b_e, b_f, b_pmax, b_pe, b_pf)
     return b_max, b_e, b_f
 
 
 @triton.jit(do_not_specialize=["B", "n_groups", "n_splits"])
-def _fwd_t_merge_kernel(p_row_part, p_col_part, p_stats, B, n_groups, n_splits, BM: tl.constexpr):
-    """Grid (cdiv(B, BM),): image anchors over the column groups, text anchors over the row splits."""
+def _fwd_t_merge_kernel(p_row_part, p_col_part, p_stats, B, n_groups, n_splits, NGROUPS: tl.constexpr,
+                        BM: tl.constexpr):
+    """Grid (cdiv(B, BM),): image anchors over the column groups, text anchors over the row splits, for
+    each of the ``NGROUPS`` statistic groups."""
     o_m = tl.program_id(0) * BM + tl.arange(0, BM)
     m_m = o_m < B
     o_m64 = o_m.to(tl.int64)
-    b_max, b_e, b_f = _merge_parts(p_row_part, n_groups, B, o_m64, m_m, BM)
-    _store_stats(p_stats, b_max, b_e, b_f, o_m64, m_m, B)
-    b_max, b_e, b_f = _merge_parts(p_col_part, n_splits, B, o_m64, m_m, BM)
-    _store_stats(p_stats + 3 * B, b_max, b_e, b_f, o_m64, m_m, B)
+    NSTAT: tl.constexpr = 12 if NGROUPS > 1 else 3
+    for g in tl.static_range(NGROUPS):
+        b_max, b_e, b_f = _merge_parts(p_row_part + 3 * g * B, n_groups, NSTAT * B, B, o_m64, m_m, BM)
+        _store_stats(p_stats + 3 * g * B, b_max, b_e, b_f, o_m64, m_m, B)
+        b_max, b_e, b_f = _merge_parts(p_col_part + 3 * g * B, n_splits, NSTAT * B, B, o_m64, m_m, BM)
+        _store_stats(p_stats + (NSTAT + 3 * g) * B, b_max, b_e, b_f, o_m64, m_m, B)
 
 
 def _largest_blocks(D: int, DR: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
@@ -168,16 +223,20 @@ def forward_transposed(k, plan: Plan | None = None):
         if not (1 <= plan.groups <= triton.cdiv(B, bn) and 1 <= plan.splits <= triton.cdiv(B, bm)):
             raise ValueError(f"plan {plan}: needs 1 <= groups <= {triton.cdiv(B, bn)} column blocks and "
                              f"1 <= splits <= {triton.cdiv(B, bm)} row blocks at B = {B}")
+    extra = k.with_distill or k.with_alone
+    n_stat = k.n_stats
     margin = torch.empty(B, **f32_opts)
-    stats = torch.empty(2, 3, B, **f32_opts)
-    row_part = torch.empty(plan.groups, 3, B, **f32_opts)
-    col_part = torch.empty(plan.splits, 3, B, **f32_opts)
+    positives = torch.empty(2, B, **f32_opts)
+    stats = torch.zeros(2, n_stat, B, **f32_opts)
+    row_part = torch.empty(plan.groups, n_stat, B, **f32_opts)
+    col_part = torch.empty(plan.splits, n_stat, B, **f32_opts)
     shapes = dict(D=D, DR=DR, HAS_REF=k.has_ref)
-    launch_fixed(_margin_kernel, "margin", lambda tl_: (triton.cdiv(B, tl_.BM),), (x, t, xr, tr, margin, B),
-                 shapes, D, DR)
+    launch_fixed(_margin_kernel, "margin", lambda tl_: (triton.cdiv(B, tl_.BM),),
+                 (x, t, xr, tr, margin, positives, B), shapes, D, DR)
     launch(_fwd_t_kernel, "fwdt", lambda tiles: plan.grid,
-           (x, t, xr, tr, f32(k.scale), margin, row_part, col_part, B, plan.groups, plan.splits, plan.panel_cols),
-           dict(**shapes, **dot_flags(x.dtype)))
+           (x, t, xr, tr, f32(k.scale), margin, positives, row_part, col_part, B, plan.groups, plan.splits,
+            plan.panel_cols, float(k.distill_scale)), dict(**shapes, EXTRA=extra, **dot_flags(x.dtype)))
+    n_groups = (4 if k.has_ref else 2) if extra else 1
     launch_fixed(_fwd_t_merge_kernel, "merge", lambda tl_: (triton.cdiv(B, tl_.BM),),
-                 (row_part, col_part, stats, B, plan.groups, plan.splits), {})
-    return stats, margin
+                 (row_part, col_part, stats, B, plan.groups, plan.splits), dict(NGROUPS=n_groups))
+    return stats, margin, positives

@@ -3,7 +3,10 @@
 Legend (fla's prefixes): ``i_`` program ids, ``o_`` index vectors (int64 once they address memory),
 ``m_`` boolean masks, ``p_`` pointers, ``b_`` blocks and per-row vectors held in registers.
 Statistics ``(M, E, F)`` of a set of exponents ``d_j``: ``M = max_j d_j``, ``E = sum_j exp(d_j - M)``,
-``F = sum_j exp(d_j - M) d_j``; the empty set is ``(-inf, 0, 0)``.
+``F = sum_j exp(d_j - M) d_j`` (or of other values); the empty set is ``(-inf, 0, 0)``. The groups of
+the forward (``_inputs.STATS``), with ``y``, ``z`` the target's and the reference's tiles and ``y_i``,
+``z_i`` the pair's own: 0 DRRho ``s (y - z - m_i)``; 1 target ``s (y - y_i)``; 2 teacher ``t_d (z - z_i)``
+with values ``y``; 3 reference ``s (z - z_i)``.
 """
 from __future__ import annotations
 
@@ -54,6 +57,20 @@ def _scores(p_o, p_i, p_or, p_ir, o_out, o_in, m_out, m_in,
 
 
 @triton.jit
+def _scores_split(p_o, p_i, p_or, p_ir, o_out, o_in, m_out, m_in,
+                  D: tl.constexpr, DR: tl.constexpr, HAS_REF: tl.constexpr,
+                  BO: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr, BKR: tl.constexpr,
+                  PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``(Y, Z)``: the target's ``O I^T`` and the reference's ``Or Ir^T`` tiles apart (Z = 0 without a
+    reference); the same two products as :func:`_scores`, kept in two accumulators."""
+    b_z = tl.zeros([BO, BI], dtype=tl.float32)
+    if HAS_REF:
+        b_z = _panel_dot(b_z, p_or, p_ir, o_out, o_in, m_out, m_in, DR, BKR, PREC, UPCAST)
+    b_y = _panel_dot(tl.zeros([BO, BI], dtype=tl.float32), p_o, p_i, o_out, o_in, m_out, m_in, D, BK, PREC, UPCAST)
+    return b_y, b_z
+
+
+@triton.jit
 def _rowwise_dot(p_a, p_b, o_m, m_m, W: tl.constexpr, BM: tl.constexpr, BW: tl.constexpr):
     """<a_i, b_i> in float32 for a block of rows of row-major [*, W] matrices, in K-blocks of BW."""
     b_m = tl.zeros([BM], dtype=tl.float32)
@@ -68,6 +85,17 @@ def _rowwise_dot(p_a, p_b, o_m, m_m, W: tl.constexpr, BM: tl.constexpr, BW: tl.c
 
 
 @triton.jit
+def _pair_dots(p_x, p_t, p_xr, p_tr, o_m, m_m, D: tl.constexpr, DR: tl.constexpr,
+               HAS_REF: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BKR: tl.constexpr):
+    """``(<x_i, t_i>, <xr_i, tr_i>)`` for a block of rows, float32 (the second 0 without a reference)."""
+    b_y = _rowwise_dot(p_x, p_t, o_m, m_m, D, BM, BK)
+    b_z = tl.zeros([BM], dtype=tl.float32)
+    if HAS_REF:
+        b_z = _rowwise_dot(p_xr, p_tr, o_m, m_m, DR, BM, BKR)
+    return b_y, b_z
+
+
+@triton.jit
 def _row_margin(p_x, p_t, p_xr, p_tr, o_m, m_m, D: tl.constexpr, DR: tl.constexpr,
                 HAS_REF: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BKR: tl.constexpr):
     """m_i = <x_i, t_i> - <xr_i, tr_i> for a block of rows, float32."""
@@ -78,15 +106,16 @@ def _row_margin(p_x, p_t, p_xr, p_tr, o_m, m_m, D: tl.constexpr, DR: tl.constexp
 
 
 @triton.jit
-def _online(b_max, b_e, b_f, b_d, m_neg, AXIS: tl.constexpr):
+def _online(b_max, b_e, b_f, b_d, b_v, m_neg, AXIS: tl.constexpr):
     """Fold a tile of exponents ``b_d`` (finite everywhere; only the entries where ``m_neg`` count)
-    into the running (M, E, F) of the lines along ``AXIS`` (1: the rows' statistics, 0: the columns')."""
+    into the running (M, E, F) of the lines along ``AXIS`` (1: the rows' statistics, 0: the columns');
+    F sums ``exp(d - M) v`` with the values ``b_v`` (``b_d`` itself for the usual F)."""
     b_max_new = tl.maximum(b_max, tl.max(tl.where(m_neg, b_d, float("-inf")), axis=AXIS))
     b_shift = tl.where(b_max_new == float("-inf"), 0.0, b_max_new)     # a line without negatives yet
     b_alpha = tl.exp(b_max - b_shift)
     b_p = tl.exp(tl.where(m_neg, b_d - tl.expand_dims(b_shift, AXIS), float("-inf")))   # 0 where excluded
     b_e = b_e * b_alpha + tl.sum(b_p, axis=AXIS)
-    b_f = b_f * b_alpha + tl.sum(b_p * b_d, axis=AXIS)
+    b_f = b_f * b_alpha + tl.sum(b_p * b_v, axis=AXIS)
     return b_max_new, b_e, b_f
 
 
@@ -98,6 +127,26 @@ def _merge_stats(b_max, b_e, b_f, b_max2, b_e2, b_f2):
     b_a = tl.exp(b_max - b_shift)
     b_b = tl.exp(b_max2 - b_shift)
     return b_top, b_e * b_a + b_e2 * b_b, b_f * b_a + b_f2 * b_b
+
+
+@triton.jit
+def _group_exponent(b_y, b_z, b_s, b_y_pos, b_z_pos, b_m_pos, t_d, GROUP: tl.constexpr, AXIS: tl.constexpr):
+    """``(d, v)`` of statistic group ``GROUP`` for a tile, the anchors' vectors (``b_s`` scale, ``b_*_pos``
+    the pair's own similarities and margin) lying along ``AXIS`` of the tile (1: rows, 0: columns)."""
+    b_s = tl.expand_dims(b_s, AXIS)
+    if GROUP == 0:
+        b_d = b_s * ((b_y - b_z) - tl.expand_dims(b_m_pos, AXIS))
+        b_v = b_d
+    elif GROUP == 1:
+        b_d = b_s * (b_y - tl.expand_dims(b_y_pos, AXIS))
+        b_v = b_d
+    elif GROUP == 2:
+        b_d = t_d * (b_z - tl.expand_dims(b_z_pos, AXIS))
+        b_v = b_y
+    else:
+        b_d = b_s * (b_z - tl.expand_dims(b_z_pos, AXIS))
+        b_v = b_d
+    return b_d, b_v
 
 
 @triton.jit

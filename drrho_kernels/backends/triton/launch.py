@@ -1,11 +1,16 @@
-"""What every kernel launch shares: interpreter or GPU (decided once), the dot precision, the
-autotuned or fixed launch, and the contiguous operands.
+"""What every kernel launch shares: interpreter or GPU (decided once), the GPU target, the dot
+precision, the autotuned or fixed launch, and the contiguous operands.
 
-Float32 dots use ``FP32_PRECISION = "tf32x3"`` (three TF32 tensor-core products, about float32
-accuracy): SPEC's 1e-4 against float64 rules out plain TF32 (docs/DESIGN.md, "Numerics"). ROCm has
-no tf32x3: "ieee" there. Half-precision dots take the tensor cores directly. Triton's interpreter
-ignores ``input_precision`` (it computes in float32), so no interpreter test can tell the choices
-apart: the AOT report checks the precision in the compiled code.
+Float32 dots: the precision depends on the target, chosen here in one place (:func:`fp32_precision`,
+used by the launches and by ``benchmarks/aot_report.py``). NVIDIA: ``"tf32x3"`` (three TF32
+tensor-core products, about float32 accuracy): SPEC's 1e-4 against float64 rules out plain TF32
+(docs/DESIGN.md, "Numerics"). AMD has no tf32x3 (its Triton backend accepts ieee, bf16x3, bf16x6, and
+tf32 on gfx942 only): ``FP32_PRECISION_AMD`` per architecture, the fastest precision whose measured
+error stays a factor 4 below SPEC's tolerance (``benchmarks/precision_study.py``, figures in
+``benchmarks/results/precision_study.json``). Half-precision dots take the tensor / matrix cores
+directly. Triton's interpreter ignores ``input_precision`` (it computes in float32) and accepts only
+tf32, tf32x3 and ieee: the interpreter gets ``FP32_PRECISION_NVIDIA``; the precision study emulates
+each precision instead, and the AOT report checks the precision in the compiled code.
 """
 from __future__ import annotations
 
@@ -17,7 +22,14 @@ import triton
 from . import helpers
 from .tiles import INTERPRETER_TILES, TUNE_KEYS, Tiles, candidates, every_candidate
 
-FP32_PRECISION = "tf32x3"
+FP32_PRECISION_NVIDIA = "tf32x3"
+FP32_PRECISION = FP32_PRECISION_NVIDIA          # the name earlier releases exported
+# AMD: per architecture (gfx name without target features); bf16x3 = three bfloat16 matrix-core
+# products of a = hi + mid, hi = bf16(a), mid = bf16(a - hi): worst error 2.9e-5 of the loss, u and
+# gradients at s = 100 against SPEC's 1e-4 (tf32, gfx942 only: 1e-2; ieee and bf16x6 ~2e-6 but 1.3-5x
+# slower by the data sheets' peaks), see benchmarks/results/precision_study.json.
+FP32_PRECISION_AMD = {"gfx90a": "bf16x3", "gfx942": "bf16x3", "gfx950": "bf16x3"}
+FP32_PRECISION_AMD_OTHER = "ieee"               # an AMD architecture the study did not cover: exact float32
 # Contraction of a * b + c into one fused multiply-add, stated for every launch rather than left to
 # Triton's default (which flips from on to off in Triton 3.10): on, as every release so far compiled
 # these kernels, so speed and rounding do not change with the Triton version. Compile-time only; the
@@ -34,22 +46,44 @@ def interpreting() -> bool:
     return INTERPRETING
 
 
-def device_arch(device: torch.device | None = None) -> int:
-    """Compute capability as an int (90 for sm_90) of ``device`` (default: the current CUDA device)."""
+def device_arch(device: torch.device | None = None) -> int | str:
+    """The GPU target of ``device`` (default: the current device), as the tile tables and
+    :func:`fp32_precision` name it: on CUDA the compute capability as an int (90 for sm_90), on ROCm
+    the gfx architecture (``"gfx942"``, target features such as ``:sramecc+`` removed). Touches the
+    device only when called, never at import."""
+    if torch.version.hip:
+        return torch.cuda.get_device_properties(device).gcnArchName.split(":")[0]
     major, minor = torch.cuda.get_device_capability(device)
     return 10 * major + minor
 
 
-def dot_flags(dtype: torch.dtype) -> dict:
-    """``PREC``: the float32 dot precision (None for half dtypes: the option only concerns float32);
-    ``UPCAST``: widen bfloat16 operands (interpreter only)."""
+def is_amd(arch: int | str) -> bool:
+    """Whether ``arch`` (from :func:`device_arch`) names an AMD target ("gfx...")."""
+    return isinstance(arch, str) and arch.startswith("gfx")
+
+
+def fp32_precision(arch: int | str) -> str:
+    """The ``input_precision`` of float32 dots on target ``arch`` (an int compute capability or a
+    "gfx..." name): the one place that decides it, for the launches and for the AOT report."""
+    if is_amd(arch):
+        return FP32_PRECISION_AMD.get(arch.split(":")[0], FP32_PRECISION_AMD_OTHER)
+    return FP32_PRECISION_NVIDIA
+
+
+def dot_flags(dtype: torch.dtype, arch: int | str | None = None) -> dict:
+    """``PREC``: the float32 dot precision on ``arch`` (default: the current device's, the one Triton
+    compiles for; None for half dtypes: the option only concerns float32); ``UPCAST``: widen bfloat16
+    operands (interpreter only)."""
     prec = None
     if dtype == torch.float32:
-        prec = "ieee" if torch.version.hip else FP32_PRECISION
+        if INTERPRETING:
+            prec = FP32_PRECISION_NVIDIA        # ignored by the interpreter, and among the values it accepts
+        else:
+            prec = fp32_precision(device_arch() if arch is None else arch)
     return dict(PREC=prec, UPCAST=INTERPRETING and dtype == torch.bfloat16)
 
 
-def default_tiles(kernel: str, D: int, DR: int, dtype: torch.dtype, arch: int) -> Tiles:
+def default_tiles(kernel: str, D: int, DR: int, dtype: torch.dtype, arch: int | str) -> Tiles:
     """What runs without autotuning: the first candidate (the fixed small tiles in the interpreter)."""
     if INTERPRETING:
         return INTERPRETER_TILES[kernel]

@@ -1,10 +1,18 @@
 """Tile sizes of the Triton kernels: the candidate tables per kernel, dtype family and GPU
 generation, and the one-process forward's launch plan. Pure configuration: no kernel here.
 
-Every candidate is compiled ahead of time for sm_80/sm_90/sm_100 by ``benchmarks/aot_report.py``
-(``tests/test_triton_aot.py``) with Triton 3.6 and the newest: no register spills, shared memory
-within the limit; docs/DESIGN.md ("Tile tables") says why each shape is in its list. The first
-candidate of each list is the default; the others are what autotuning tries on a GPU.
+Every candidate is compiled ahead of time for sm_80/sm_90/sm_100 and for AMD gfx90a/gfx942/gfx950 by
+``benchmarks/aot_report.py`` (``tests/test_triton_aot.py``) with Triton 3.6 and the newest: no
+register spills (no scratch on AMD), shared memory (LDS) within the limit; docs/DESIGN.md ("Tile
+tables") says why each shape is in its list. The first candidate of each list is the default; the
+others are what autotuning tries on a GPU.
+
+Generations: NVIDIA by compute capability (an int, 90 = sm_90): ampere, hopper, blackwell. AMD by
+gfx name (a str, ``launch.device_arch`` on ROCm): cdna2 (gfx90a, MI200), cdna3 (gfx94x, MI300),
+cdna4 (gfx950, MI350). On AMD ``num_warps`` counts 64-lane wavefronts, so the AMD tables start from
+the NVIDIA shapes at half the warps (the same threads per program, ``wave64_seeds``); a vector
+register file of 512 per lane (VGPRs and AGPRs, unified on CDNA2-4, halved per wave when a program
+puts two waves on a SIMD) and 64 KiB of LDS per workgroup (160 KiB on gfx950) decide what fits.
 
     BM  outer block (anchors per program)      BN  inner block (columns per step)
     BK, BKR  chunks of d and dr in the score K-loops
@@ -94,12 +102,19 @@ _FWDT = {
     ("fp32", "ampere"): _FWDT_FP32,
     ("fp32", "blackwell"): _FWDT_FP32,
 }
+# AMD (wavefront 64; the AOT report compiles each entry for gfx90a, gfx942 and gfx950).
+# Placeholder until the AOT pruning below: filled in by hand from benchmarks/results/triton_aot_amd_*.json.
+_AMD_FWD = {}
+_AMD_BWD = {}
+_AMD_FWDT = {}
 # The margin and merge kernels are memory-bound one-shots over [B] (no dot): one configuration each.
 MARGIN_TILES = Tiles(BM=32, BK=64, BKR=64, num_warps=4, num_stages=1)
 MERGE_TILES = Tiles(BM=256, num_warps=4, num_stages=1)
-TABLES = {"fwd": _FWD, "fwdt": _FWDT, "bwd": _BWD}
-TUNE_KEYS = {"fwd": ["D", "DR", "HAS_REF"], "fwdt": ["D", "DR", "HAS_REF"],
-             "bwd": ["D", "DR", "HAS_REF", "IS_ROW", "FOLD", "SCALE_P"]}
+TABLES = {"fwd": {**_FWD, **_AMD_FWD}, "fwdt": {**_FWDT, **_AMD_FWDT}, "bwd": {**_BWD, **_AMD_BWD}}
+NVIDIA_GENERATIONS = ("ampere", "hopper", "blackwell")
+AMD_GENERATIONS = {"gfx90a": "cdna2", "gfx940": "cdna3", "gfx941": "cdna3", "gfx942": "cdna3", "gfx950": "cdna4"}
+TUNE_KEYS = {"fwd": ["D", "DR", "HAS_REF", "EXTRA"], "fwdt": ["D", "DR", "HAS_REF", "EXTRA"],
+             "bwd": ["D", "DR", "HAS_REF", "IS_ROW", "FOLD", "DISTILL", "SCALE_P"]}
 # Under TRITON_INTERPRET=1: small fixed tiles (the interpreter checks logic, not speed), so that tiny
 # test shapes still span several programs and K chunks.
 INTERPRETER_TILES = {"fwd": Tiles(BM=16, BN=16, BK=16, BKR=16, num_warps=1, num_stages=1),
@@ -114,8 +129,15 @@ def family(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "half"
 
 
-def generation(arch: int) -> str:
-    """hopper: sm_90; blackwell: sm_100 and later; ampere: the rest (sm_80, sm_86, sm_89)."""
+def generation(arch: int | str) -> str:
+    """NVIDIA (an int compute capability): hopper: sm_90; blackwell: sm_100 and later; ampere: the
+    rest (sm_80, sm_86, sm_89). AMD (a "gfx..." name, target features after ":" ignored): cdna2
+    (gfx90a), cdna3 (gfx940-942), cdna4 (gfx950); any other AMD architecture gets cdna2's tables,
+    the smallest tiles (fewest registers, least LDS)."""
+    if isinstance(arch, str):
+        if not arch.startswith("gfx"):
+            raise ValueError(f"arch {arch!r}: an int compute capability (90) or an AMD gfx name ('gfx942')")
+        return AMD_GENERATIONS.get(arch.split(":")[0], "cdna2")
     return "hopper" if arch // 10 == 9 else "blackwell" if arch >= 100 else "ampere"
 
 
@@ -126,9 +148,10 @@ def clamp(t: Tiles, D: int, DR: int) -> Tiles:
                    BD=t.BD and min(t.BD, _pow2_at_least_16(D)))
 
 
-def candidates(kernel: str, D: int, DR: int, dtype: torch.dtype, arch: int = HOPPER) -> list[Tiles]:
-    """The configurations autotuning tries for ``kernel`` ("fwd", "fwdt" or "bwd") on compute capability
-    ``arch`` (90 = sm_90), clamped to ``D``, ``DR`` and deduplicated; the first is the default.
+def candidates(kernel: str, D: int, DR: int, dtype: torch.dtype, arch: int | str = HOPPER) -> list[Tiles]:
+    """The configurations autotuning tries for ``kernel`` ("fwd", "fwdt" or "bwd") on ``arch`` (a
+    compute capability, 90 = sm_90, or an AMD gfx name, "gfx942"), clamped to ``D``, ``DR`` and
+    deduplicated; the first is the default.
     "margin" and "merge" (no autotuning) have their one configuration."""
     if kernel == "margin":
         return [clamp(MARGIN_TILES, D, DR)]
@@ -140,6 +163,14 @@ def candidates(kernel: str, D: int, DR: int, dtype: torch.dtype, arch: int = HOP
 def every_candidate(kernel: str) -> list[Tiles]:
     """The union of the tables of ``kernel`` (what the autotuner is built with before pruning)."""
     return list(dict.fromkeys(t for table in TABLES[kernel].values() for t in table))
+
+
+def wave64_seeds(kernel: str) -> list[Tiles]:
+    """The NVIDIA candidates of ``kernel`` moved to 64-lane wavefronts: half the warps (the same
+    threads per program) and two stages (AMD's software pipeliner), where the AMD tables started;
+    ``benchmarks/aot_report.py --seeds`` compiles them all for the AMD targets."""
+    nvidia = [t for (fam, gen), table in TABLES[kernel].items() if gen in NVIDIA_GENERATIONS for t in table]
+    return list(dict.fromkeys(replace(t, num_warps=max(1, t.num_warps // 2), num_stages=2) for t in nvidia))
 
 
 # ----------------------------------------------------------------------------------------------
