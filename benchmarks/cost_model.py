@@ -47,6 +47,9 @@ def _padded(n: int, block: int) -> int:
     return _cdiv(n, block) * block
 
 
+DISTILL_EXPS = 2     # per score and direction: exp(s <x, T>) of the student, exp(t_d <xr, Tr>) of the teacher
+
+
 def _candidates(kernel, d, dr, dtype, arch):
     return tile_tables.candidates(kernel, d, dr, getattr(torch, dtype), arch)
 
@@ -73,7 +76,7 @@ def _kernel_cost(name, *, grid, tiles, n_inner, d, dr, ref, weighted, exps_per_s
 
 
 def transposed_forward_kernels(B, d, dr, dtype, ref, arch=90, programs_per_sm=1, sms=H100["sms"],
-                               l2_bytes=H100["l2_bytes"], tiles=None):
+                               l2_bytes=H100["l2_bytes"], tiles=None, distill=False):
     """Margin kernel, ``_fwd_t_kernel`` on the plan's (groups, splits) grid, merge. Each score tile once (two
     exps per score). HBM: the columns (t, tr) once (a group's panel is shared in L2), the rows (x, xr) once
     per panel, scale [2, B] and margins [B], the partials written once and read by the merge, which writes
@@ -92,7 +95,7 @@ def transposed_forward_kernels(B, d, dr, dtype, ref, arch=90, programs_per_sm=1,
     margin = _candidates("margin", d, dr_eff, dtype, arch)[0]
     fwdt = dict(kernel="fwd_t", grid=list(plan.grid), tiles=t.name, programs=programs,
                 waves=_cdiv(programs, sms * programs_per_sm), flops=flops, score_flops=flops, weighted_flops=0,
-                exps=2 * n_tiles * t.BM * t.BN,
+                exps=2 * n_tiles * t.BM * t.BN * (1 + DISTILL_EXPS * distill),
                 hbm_bytes=B * vec_bytes + n_panels * B * vec_bytes + 3 * F32 * B + partial,
                 plan=dict(groups=plan.groups, splits=plan.splits, panel_cols=plan.panel_cols, panels=n_panels),
                 partial_bytes=partial,
@@ -103,10 +106,16 @@ def transposed_forward_kernels(B, d, dr, dtype, ref, arch=90, programs_per_sm=1,
 
 
 def triton_kernels(B, N, d, dr=None, dtype="bfloat16", ref=True, column_grads=None, arch=90,
-                   programs_per_sm=1, sms=H100["sms"], tiles=None):
+                   programs_per_sm=1, sms=H100["sms"], tiles=None, distill=False):
     """Per-kernel costs of one forward + backward. ``column_grads`` (default ``N != B``): the scheme that gathers
     with gradient (row kernel without fold + column kernel); else the row kernel folds the column anchors'
-    terms. ``tiles``: ``{"fwd" | "fwdt" | "bwd": Tiles}`` overrides the default (first) candidates."""
+    terms. ``tiles``: ``{"fwd" | "fwdt" | "bwd": Tiles}`` overrides the default (first) candidates.
+    ``distill`` (needs ``ref``): the distillation term of SPEC 2.2 in the same kernels: the same tiles and
+    products (no FLOP added), ``DISTILL_EXPS`` more exponentials per score (the student's and the teacher's
+    softmax numerators) and the rows' two log-sum-exps per direction as extra per-row vectors."""
+    if distill and not ref:
+        raise ValueError("distill: the teacher is the reference model (ref=True)")
+    extra = DISTILL_EXPS * distill
     dr = d if dr is None else dr
     dr_eff = dr if ref else 0
     column_grads = (N != B) if column_grads is None else column_grads
@@ -117,27 +126,30 @@ def triton_kernels(B, N, d, dr=None, dtype="bfloat16", ref=True, column_grads=No
     vec = lambda n: n * (d + dr_eff) * elem            # noqa: E731  target + reference vectors
     common = dict(d=d, dr=dr, ref=ref, concurrent=concurrent)
     if N == B and not column_grads:
-        ks = transposed_forward_kernels(B, d, dr, dtype, ref, arch, programs_per_sm, sms, tiles=(tiles or {}).get("fwdt"))
+        ks = transposed_forward_kernels(B, d, dr, dtype, ref, arch, programs_per_sm, sms, tiles=(tiles or {}).get("fwdt"),
+                                        distill=distill)
     else:
         # each direction reads its rows, and its margin prologue the partner rows; scale [2, B] read,
         # statistics [2, 3, B] and margins [B] written
         ks = [_kernel_cost("fwd", grid=(_cdiv(B, t_fwd.BM), 2), tiles=t_fwd, n_inner=N, weighted=False,
-                           exps_per_score=1, outer_reads=4 * vec(B), inner_reads=2 * vec(N),
-                           vector_bytes=F32 * B * (2 + 6 + 1), out_bytes=0, **common)]
+                           exps_per_score=1 + extra, outer_reads=4 * vec(B), inner_reads=2 * vec(N),
+                           vector_bytes=F32 * B * (2 + 6 + 1 + 3 * extra), out_bytes=0, **common)]
     fold = not column_grads
     slices = _cdiv(d, t_bwd.BD)
     ks.append(_kernel_cost(
         "bwd_row_fold" if fold else "bwd_row", grid=(_cdiv(B, t_bwd.BM), 2, slices), tiles=t_bwd, n_inner=N,
-        weighted=True, exps_per_score=2 if fold else 1,
+        weighted=True, exps_per_score=(2 if fold else 1) * (1 + extra),
         # every d-slice program re-reads its outer rows (slices of one row block are not co-resident); the
         # partner rows (t for x, x for t) once per slice, in the epilogue. Per row: scale, norm, gain, wsum
         # [2, B] and margins [B]; a fold's columns (in one process the rows' own): scale, norm, gain [2, N], margins [N]
         outer_reads=slices * (2 * vec(B) + 2 * B * t_bwd.BD * elem), inner_reads=2 * vec(N),
-        vector_bytes=F32 * (9 * B + (7 * N if fold else 0)), out_bytes=2 * B * d * elem, **common))
+        vector_bytes=F32 * (9 * B + (7 * N if fold else 0) + 2 * extra * (B + (N if fold else 0))),
+        out_bytes=2 * B * d * elem, **common))
     if column_grads:
         ks.append(_kernel_cost(
-            "bwd_col", grid=(_cdiv(N, t_bwd.BM), 2, slices), tiles=t_bwd, n_inner=B, weighted=True, exps_per_score=1,
-            outer_reads=slices * 2 * vec(N), inner_reads=2 * vec(B), vector_bytes=F32 * 7 * B,
+            "bwd_col", grid=(_cdiv(N, t_bwd.BM), 2, slices), tiles=t_bwd, n_inner=B, weighted=True,
+            exps_per_score=1 + extra, outer_reads=slices * 2 * vec(N), inner_reads=2 * vec(B),
+            vector_bytes=F32 * (7 + 2 * extra) * B,
             out_bytes=2 * N * d * elem, **common))
     return ks
 
@@ -154,7 +166,8 @@ def _roofline(flops, hbm_bytes, exps, dtype, hw=H100):
 
 
 def triton_cost(B, N, d, dr=None, dtype="bfloat16", ref=True, column_grads=None, arch=90, **kw) -> dict:
-    """FLOPs and HBM bytes of one fused forward + backward, with the per-kernel split and a roofline."""
+    """FLOPs and HBM bytes of one fused forward + backward, with the per-kernel split and a roofline
+    (``distill=True``: with the distillation term, see :func:`triton_kernels`)."""
     ks = triton_kernels(B, N, d, dr, dtype, ref, column_grads, arch, **kw)
     flops = sum(k["flops"] for k in ks)
     hbm = sum(k["hbm_bytes"] for k in ks)
@@ -315,6 +328,7 @@ def report(shapes=SHAPES, dtypes=("bfloat16", "float32")) -> dict:
     rows = []
     for shape, dtype in ((s, t) for s in shapes for t in dtypes):
         row = dict(shape=shape, dtype=dtype, triton=triton_cost(**shape, dtype=dtype),
+                   triton_distill=triton_cost(**shape, dtype=dtype, distill=True),
                    unfused=unfused_cost(**{k: shape[k] for k in ("B", "N", "d", "dr")}, dtype=dtype),
                    floor=floor_cost(**shape, dtype=dtype), grad_in_forward=grad_in_forward_flops(**shape, dtype=dtype))
         if shape["B"] == shape["N"]:
@@ -347,6 +361,10 @@ def table(rep: dict) -> str:
                      f"{r['grad_in_forward']['flops'] / tri['flops']:.2f}x the FLOPs; kernels: "
                      + ", ".join(f"{k['kernel']} {k['tiles']} grid {k['grid']}" + (f" plan {k['plan']}" if "plan" in k
                                                                                     else "") for k in tri["kernels"]))
+        dis = r["triton_distill"]
+        lines.append(f"{'':<39}with distillation: FLOP {dis['flops'] / tri['flops']:.2f}x (no extra product), exps "
+                     f"{dis['exps'] / tri['exps']:.2f}x, t_exp {dis['t_exp_s'] * 1e3:.2f}m, bound "
+                     f"{dis['t_bound_s'] / tri['t_bound_s']:.2f}x ({dis['bound_by']})")
     return "\n".join(lines)
 
 

@@ -9,7 +9,8 @@ from .module import DRRhoCLIPLoss
 from .reference_features import ReferenceFeatures
 from .risk import DRRhoRisk, drrho_risk
 from .selection import jest_select, rho_select
+from .sharded_state import merge_state_shards, split_state
 
 __all__ = ["drrho_clip_loss", "DRRhoCLIPLoss", "available_backends", "PerSample", "LossOutput", "ReferenceFeatures", "drrho_risk", "DRRhoRisk",
-           "jest_select", "rho_select"]
+           "jest_select", "rho_select", "merge_state_shards", "split_state"]
 __version__ = "0.1.0"

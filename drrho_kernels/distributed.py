@@ -32,12 +32,13 @@ with the same updated ``u``. Two schemes meet it:
 Communication per step and per process (``k = W - 1``; ``e`` bytes per element of the embeddings'
 dtype, the reference embeddings are sent in that dtype too; ``a`` = 4, or 8 for float64 inputs; ``su``
 bytes per element of the state ``u`` (4 for the module's float32 state); ``dr = 0`` without a
-reference model). A rank's "bytes" are the bytes it receives in the all-gathers and reduce-scatters;
+reference model). A rank's "bytes" are the bytes it receives in the all-gathers, reduce-scatters and all-to-all;
 a ring or tree implementation sends about as many::
 
                                    gather_grad            gather_u
-    forward   meta (shape check)   k * 13 * 8             k * 13 * 8
+    forward   meta (shape check)   k * 17 * 8             k * 17 * 8
               indices (if given)   k * B * 8              k * B * 8
+              sharded state fetch  f * 2 n * su           f * 2 n * su
               features x, t        k * B * 2d * e         k * B * 2d * e
               reference xr, tr     k * B * 2dr * e        k * B * 2dr * e
               new state            k * B * 2 n * su       k * B * (2 n + 1 [+ 4] [+ 4]) * a
@@ -46,12 +47,17 @@ a ring or tree implementation sends about as many::
 ``n``: state arrays per direction (1: ``u``; 5 with per-sample temperatures: ``u``, ``tau``, bound,
 two Adam moments). ``gather_u`` adds the margins and, with per-sample temperatures, the columns' old
 scales and weight normalisers per direction (the fold's column anchors); with distillation the
-columns' two log-sum-exps per direction.
+columns' two log-sum-exps per direction. State fetch: only with the module's
+``state_sharding="sharded"`` (:mod:`drrho_kernels.sharded_state`), one ``all_to_all_single``; ``f`` is
+the number of this rank's ``B`` rows whose owner is another rank (``k B / W`` on average for uniformly
+drawn indices), ``su * f`` bytes per state array and direction. Returning the new entries to their
+owners costs nothing more: both schemes already all-gather the new state of the global batch, and each
+owner keeps its entries of it.
 
 :func:`bytes_per_step` evaluates this table; :func:`count_bytes` records what the code actually
 passes to the collectives (the tests check that they agree). Every collective used
-(``all_gather_into_tensor``, ``reduce_scatter_tensor``) exists in torch 2.5, the oldest that
-``pyproject.toml`` admits.
+(``all_gather_into_tensor``, ``reduce_scatter_tensor``, ``all_to_all_single``) exists in torch 2.5, the
+oldest that ``pyproject.toml`` admits.
 
 Usage with DDP (every process; the loss module is not wrapped, the model is)::
 
@@ -67,8 +73,9 @@ Usage with DDP (every process; the loss module is not wrapped, the model is)::
 
 Errors: every process first checks its own arguments (``_validate.check_rows``: the checks that need
 no columns, so B = 1 per process is fine); then, before any other collective, every process
-all-gathers a small metadata vector (whether its own arguments passed the checks, ``B``, ``d``, ``dr``, dtypes, reference present or not, scheme,
-gamma, eps, rho). A mismatch between processes, or a bad argument on any process, raises on *every*
+all-gathers a small metadata vector (whether its own arguments passed the checks, ``B``, ``d``, ``dr``,
+dtypes, reference present or not, scheme, gamma, eps, rho, temperature form, distillation, sharded state
+or not). A mismatch between processes, or a bad argument on any process, raises on *every*
 process (a ``ValueError`` naming the argument and the per-rank values; the process whose own input
 was bad raises its own error), never a hang and never a corrupted state. A failure *after* these
 checks on one process only (say, out of memory in a kernel) is like any collective failure: the
@@ -77,23 +84,26 @@ other processes wait in the next collective until the process group's timeout.
 from __future__ import annotations
 
 import contextlib
+import math
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from ._inputs import TEMPERATURES
+from ._inputs import TEMPERATURES, TauState
 from ._math import accumulation_dtype
-from ._validate import FLOAT_DTYPES, STATE_DTYPES, check_index, check_n_columns, check_rows, with_columns
+from ._validate import (FLOAT_DTYPES, STATE_DTYPES, check_index, check_n_columns, check_rows, row_scales,
+                        with_columns)
 from .functional import compute_loss, fused_terms, loss_from_terms, state_out
 
 __all__ = ["SCHEMES", "DistributedLoss", "distributed_drrho_clip_loss", "bytes_per_step", "count_bytes",
            "resolve_group", "check_distributed_args"]
 
 SCHEMES = ("gather_u", "gather_grad")
-META_LEN = 16          # entries of the metadata vector (float64) all-gathered first
+META_LEN = 17          # entries of the metadata vector (float64) all-gathered first
 _META_FIELDS = ("ok", "B", "d", "has_ref", "dr", "dtype", "u_dtype", "has_index", "scheme",
-                "gamma", "eps", "rho", "temperature", "multiply_tau", "distill_weight", "distill_scale")
+                "gamma", "eps", "rho", "temperature", "multiply_tau", "distill_weight", "distill_scale", "sharded")
 STATE_ARRAYS = {"global": ("u",), "per_direction": ("u",), "individual": ("u", "tau", "bound", "m", "v")}
 _DTYPES = FLOAT_DTYPES + tuple(d for d in STATE_DTYPES if d not in FLOAT_DTYPES)
 
@@ -121,10 +131,11 @@ _byte_logs: list[list[dict]] = []
 def count_bytes():
     """Record every collective of this module while the block runs.
 
-    Yields a list that fills with one dict per collective: ``op`` (``"all_gather"`` or
-    ``"reduce_scatter"``), ``what`` (meta, index, features, reference, state, column_grads),
-    ``phase`` (forward or backward), ``local_bytes`` (this process's ``[B, ...]`` piece) and
-    ``bytes`` (``(W - 1) * local_bytes``: what this process receives).
+    Yields a list that fills with one dict per collective: ``op`` (``"all_gather"``,
+    ``"reduce_scatter"`` or ``"all_to_all"``), ``what`` (meta, index, features, reference, state,
+    column_grads, state_fetch), ``phase`` (forward or backward), ``local_bytes`` (this process's
+    ``[B, ...]`` piece; for the all-to-all what it sends) and ``bytes`` (what this process receives from
+    the others: ``(W - 1) * local_bytes`` for the gathers and reduce-scatters).
     """
     log: list[dict] = []
     _byte_logs.append(log)
@@ -134,10 +145,11 @@ def count_bytes():
         _byte_logs.remove(log)
 
 
-def _record(op: str, what: str, phase: str, piece: torch.Tensor, world: int) -> None:
+def _record(op: str, what: str, phase: str, piece: torch.Tensor, world: int, received: int | None = None) -> None:
     if _byte_logs:
         local = piece.numel() * piece.element_size()
-        entry = dict(op=op, what=what, phase=phase, local_bytes=local, bytes=(world - 1) * local)
+        entry = dict(op=op, what=what, phase=phase, local_bytes=local,
+                     bytes=(world - 1) * local if received is None else received)
         for log in _byte_logs:
             log.append(entry)
 
@@ -159,6 +171,19 @@ def _reduce_scatter(x: torch.Tensor, group, what: str, phase: str = "backward") 
     out = x.new_empty((x.shape[0] // world, *x.shape[1:]))
     _record("reduce_scatter", what, phase, out, world)
     dist.reduce_scatter_tensor(out, x, group=group)
+    return out
+
+
+def _all_to_all(x: torch.Tensor, send_rows: list[int], recv_rows: list[int], group, what: str,
+                phase: str = "forward") -> torch.Tensor:
+    """Send rows ``[sum(send_rows[:q]), ...)`` of ``x`` to rank ``q``; receive ``recv_rows[q]`` rows from each
+    rank ``q``, concatenated in rank order."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    x = x.contiguous()
+    out = x.new_empty((sum(recv_rows), *x.shape[1:]))
+    row_bytes = math.prod(x.shape[1:]) * x.element_size()
+    _record("all_to_all", what, phase, x, world, received=(sum(recv_rows) - recv_rows[rank]) * row_bytes)
+    dist.all_to_all_single(out, x, output_split_sizes=recv_rows, input_split_sizes=send_rows, group=group)
     return out
 
 
@@ -211,12 +236,12 @@ def _comm_device(group, img) -> torch.device:
     return torch.device("cpu")
 
 
-def _meta(p, index, scheme) -> list[float]:
+def _meta(p, index, scheme, sharded: bool) -> list[float]:
     """This process's metadata vector (the fields of ``_META_FIELDS``) from its checked rows."""
     return [1.0, p.batch, p.tiles.img.shape[1], float(p.tiles.has_ref), p.tiles.ref_dim if p.tiles.has_ref else -1,
             _DTYPES.index(p.tiles.img.dtype), _DTYPES.index(p.u_img.dtype), float(index is not None),
             SCHEMES.index(scheme), p.gamma, p.eps, p.rho, TEMPERATURES.index(p.temperature.kind),
-            float(p.temperature.multiply_tau), p.distill_weight, p.tiles.distill_scale]
+            float(p.temperature.multiply_tau), p.distill_weight, p.tiles.distill_scale, float(sharded)]
 
 
 def _describe_values(values, ranks) -> str:
@@ -256,6 +281,8 @@ def _agree(meta: torch.Tensor, rank: int, local_error: BaseException | None) -> 
         ("multiply_tau", "multiply_tau", "the same multiply_tau on every rank", lambda v: str(bool(v))),
         ("distill_weight", "distill_weight", "the same distill_weight on every rank", float),
         ("distill_scale", "distill_scale", "the same distill_scale on every rank", float),
+        ("sharded", "state_sharding", "the same state_sharding on every rank",
+         lambda v: repr("sharded" if v else "replicated")),
     ]
     for field, arg, expected, fmt in checks:
         bad, values = differs(field)
@@ -266,7 +293,7 @@ def _agree(meta: torch.Tensor, rank: int, local_error: BaseException | None) -> 
 
 def _step(img, txt, logit_scale, u_img, u_txt, *, ref_img, ref_txt, index, data_size, gamma, eps, rho,
           backend, scheme, group, local_error=None, multiply_tau=True, tau_state=None,
-          tau_options=None, distill_weight=0.0, distill_scale=100.0) -> DistributedLoss:
+          tau_options=None, distill_weight=0.0, distill_scale=100.0, fetch_state=None) -> DistributedLoss:
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     meta_row, p = [0.0] * META_LEN, None
     if local_error is None:
@@ -278,7 +305,9 @@ def _step(img, txt, logit_scale, u_img, u_txt, *, ref_img, ref_txt, index, data_
                            tau_options=tau_options, distill_weight=distill_weight, distill_scale=distill_scale)
             if index is not None:
                 index = check_index(index, p.batch, data_size if data_size is not None else 2 ** 62)
-            meta_row = _meta(p, index, scheme)
+            elif fetch_state is not None:
+                raise ValueError("index: expected the dataset indices of the rows with a sharded state, got None")
+            meta_row = _meta(p, index, scheme, fetch_state is not None)
         except Exception as exc:        # re-raised after every rank has heard of it
             local_error = exc
     device = _comm_device(group, img)
@@ -295,6 +324,8 @@ def _step(img, txt, logit_scale, u_img, u_txt, *, ref_img, ref_txt, index, data_
             raise ValueError("index: expected distinct dataset indices across the global batch (each sample "
                              "has one u entry), got a sample on more than one rank or twice "
                              f"(raised on every rank; this is rank {rank})")
+    if fetch_state is not None:         # sharded state: the rows' entries from their owners (sharded_state.py)
+        p = _with_state(p, fetch_state(index_all))
     rows = p.tiles
     refs = [_all_gather(r, group, "reference") for r in (rows.ref_img, rows.ref_txt)] if rows.has_ref else [None, None]
     if scheme == "gather_u" and p.backend == "reference":
@@ -339,11 +370,20 @@ def _step(img, txt, logit_scale, u_img, u_txt, *, ref_img, ref_txt, index, data_
                            state_all)
 
 
+def _with_state(p, state: dict):
+    """``p`` with the rows' state ``[2, B]`` per kind in place of the placeholders it was checked with."""
+    t, tiles = p.temperature, p.tiles
+    if t.kind == "individual":          # the temperatures are state, and the rows' scales are 1 / tau
+        t = replace(t, state=TauState(state["tau"], state["bound"], state["m"], state["v"]))
+        tiles = replace(tiles, scale=row_scales(t, p.batch, p.acc_dtype))
+    return replace(p, tiles=tiles, temperature=t, u_img=state["u"][0], u_txt=state["u"][1])
+
+
 def distributed_drrho_clip_loss(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_txt=None,
                                 index=None, data_size=None, gamma=0.8, eps=1e-14, rho=8.0, backend="auto",
                                 scheme="gather_u", group=None, local_error=None, multiply_tau=True,
                                 tau_state=None, tau_options=None, distill_weight=0.0,
-                                distill_scale=100.0) -> DistributedLoss:
+                                distill_scale=100.0, fetch_state=None) -> DistributedLoss:
     """The DRRho-CLIP loss of this process's ``B`` anchors against the global batch of all processes.
 
     Every process of ``group`` must call it at the same step with the same ``B``, ``d``, ``dr``, dtypes,
@@ -368,6 +408,10 @@ def distributed_drrho_clip_loss(img, txt, logit_scale, u_img, u_txt, *, ref_img=
             (``logit_scale=None`` with a ``tau_state``).
         distill_weight, distill_scale: the distillation term (SPEC 2.2), as in
             :func:`drrho_kernels.drrho_clip_loss`; its softmax runs over all N columns of the global batch.
+        fetch_state: the module's sharded state (:mod:`drrho_kernels.sharded_state`): called with the
+            gathered ``[N]`` indices once every rank agreed, it returns this rank's rows' state (``[2, B]``
+            per kind), which replaces ``u_img``, ``u_txt`` and ``tau_state`` (then placeholders of the
+            right shapes, for the checks). Needs ``index``.
 
     Returns:
         :class:`DistributedLoss`: this process's loss, its anchors' new ``u``, and the new ``u`` of the
@@ -381,7 +425,8 @@ def distributed_drrho_clip_loss(img, txt, logit_scale, u_img, u_txt, *, ref_img=
     return _step(img, txt, logit_scale, u_img, u_txt, ref_img=ref_img, ref_txt=ref_txt, index=index,
                  data_size=data_size, gamma=gamma, eps=eps, rho=rho, backend=backend, scheme=scheme,
                  group=group, local_error=local_error, multiply_tau=multiply_tau, tau_state=tau_state,
-                 tau_options=tau_options, distill_weight=distill_weight, distill_scale=distill_scale)
+                 tau_options=tau_options, distill_weight=distill_weight, distill_scale=distill_scale,
+                 fetch_state=fetch_state)
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -391,7 +436,8 @@ def _element_size(dtype: torch.dtype) -> int:
 def bytes_per_step(batch: int, world_size: int, dim: int, ref_dim: int | None = None, *,
                    scheme: str = "gather_u", dtype: torch.dtype = torch.float32,
                    state_dtype: torch.dtype = torch.float32, index: bool = True,
-                   temperature: str = "global", distill: bool = False) -> dict:
+                   temperature: str = "global", distill: bool = False, state_sharding: str = "replicated",
+                   fetch_rows: float | None = None) -> dict:
     """Bytes one process receives per step in the collectives of ``scheme`` (the table of the module doc).
 
     Args:
@@ -402,13 +448,19 @@ def bytes_per_step(batch: int, world_size: int, dim: int, ref_dim: int | None = 
         temperature: ``"global"``, ``"per_direction"`` or ``"individual"`` (five state arrays, and the
             fold's old scales and weight normalisers).
         distill: a distillation term (``gather_u`` also gathers the columns' two log-sum-exps per direction).
+        state_sharding: ``"replicated"`` or ``"sharded"`` (the module's state spread over the ranks: the
+            all-to-all that fetches the batch's entries from their owners).
+        fetch_rows: with ``"sharded"``, ``f``: how many of this rank's ``B`` rows another rank owns; default
+            ``(W - 1) B / W``, the mean for uniformly drawn indices (then the parts are floats).
 
     Returns:
         a dict with ``forward``, ``backward``, ``total`` and the parts ``meta``, ``index``, ``features``,
-        ``reference``, ``state``, ``column_grads``.
+        ``reference``, ``state``, ``column_grads``, ``state_fetch``.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
+    if state_sharding not in ("replicated", "sharded"):
+        raise ValueError(f"state_sharding: expected 'replicated' or 'sharded', got {state_sharding!r}")
     k = world_size - 1
     n = len(STATE_ARRAYS[temperature])
     e = _element_size(dtype)
@@ -421,8 +473,12 @@ def bytes_per_step(batch: int, world_size: int, dim: int, ref_dim: int | None = 
         state=k * batch * ((2 * n + 1 + (4 if temperature == "individual" else 0) + (4 if distill else 0)) * a
                            if scheme == "gather_u" else 2 * n * _element_size(state_dtype)),
         column_grads=0 if scheme == "gather_u" else k * batch * 2 * dim * e,
+        state_fetch=0,
     )
-    forward = parts["meta"] + parts["index"] + parts["features"] + parts["reference"] + parts["state"]
+    if state_sharding == "sharded":
+        f = k * batch / world_size if fetch_rows is None else fetch_rows
+        parts["state_fetch"] = f * 2 * n * _element_size(state_dtype)
+    forward = sum(parts[part] for part in ("meta", "index", "features", "reference", "state", "state_fetch"))
     return dict(parts, forward=forward, backward=parts["column_grads"], total=forward + parts["column_grads"])
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dataclasses import replace
+from functools import partial
 
 from ._inputs import TauState
 from ._math import gamma_at_epoch
@@ -13,6 +13,7 @@ from ._validate import (check_backend, check_distill, check_eps, check_gamma, ch
                         check_tau_options, check_tensor, validate)
 from .distributed import STATE_ARRAYS, check_distributed_args, distributed_drrho_clip_loss, resolve_group
 from .functional import compute_loss
+from .sharded_state import STATE_SHARDINGS, ShardLayout, check_loaded_layout, placeholder_state
 
 GAMMA_SCHEDULES = ("cosine", "constant")
 TEMPERATURE_FORMS = ("global", "individual")
@@ -54,6 +55,10 @@ class DRRhoCLIPLoss(nn.Module):
             updated for all samples of the global batch (see :mod:`drrho_kernels.distributed`).
         distributed_scheme: ``"gather_u"`` (default: features gathered without gradient plus the new
             ``u``, no collective in the backward) or ``"gather_grad"`` (all-gather with gradient).
+        state_sharding: ``"replicated"`` (default: every process stores the whole dataset's state) or
+            ``"sharded"`` (needs a process group, initialised when the module is built: rank ``r`` of ``W``
+            stores the samples ``i`` with ``i % W == r`` in slot ``i // W``, fetched by their users at each
+            step; its ``state_dict`` is its shard with the layout; see :mod:`drrho_kernels.sharded_state`).
         temperature: ``"global"`` (default) or ``"individual"``.
         multiply_tau: the global forms' loss (default True: the authors'; False: FastCLIP-v0's ``A_I + A_T``).
         tau_init, tau_lr, tau_betas, tau_eps, tau_range, tau_grad_clamp: the per-sample temperatures'
@@ -90,7 +95,8 @@ class DRRhoCLIPLoss(nn.Module):
                  state_device=None, process_group=None, distributed_scheme: str = "gather_u",
                  temperature: str = "global", multiply_tau: bool = True, tau_init: float = 0.03,
                  tau_lr: float = 0.0133, tau_betas=(0.9, 0.999), tau_eps: float = 1e-8, tau_range=(0.01, 1.0),
-                 tau_grad_clamp: float = 5.0, distill_weight: float = 0.0, distill_scale: float = 100.0):
+                 tau_grad_clamp: float = 5.0, distill_weight: float = 0.0, distill_scale: float = 100.0,
+                 state_sharding: str = "replicated"):
         super().__init__()
         data_size = check_int("data_size", data_size, low=1)
         self.gamma_final = check_gamma(gamma)
@@ -101,6 +107,11 @@ class DRRhoCLIPLoss(nn.Module):
         self.eps = check_eps(eps)
         self.backend = check_backend(backend)
         check_distributed_args(process_group, distributed_scheme)
+        if state_sharding not in STATE_SHARDINGS:
+            raise ValueError(f"state_sharding: expected one of {STATE_SHARDINGS}, got {state_sharding!r}")
+        if state_sharding == "sharded" and process_group is None:
+            raise ValueError("state_sharding: 'sharded' spreads the state over the ranks of a process group; "
+                             "expected process_group='world' or a ProcessGroup, got None")
         if temperature not in TEMPERATURE_FORMS:
             raise ValueError(f"temperature: expected one of {TEMPERATURE_FORMS}, got {temperature!r}")
         if not isinstance(multiply_tau, bool):
@@ -120,12 +131,15 @@ class DRRhoCLIPLoss(nn.Module):
         self.state_device = None if state_device is None else torch.device(state_device)
         self.process_group = process_group
         self.distributed_scheme = distributed_scheme
+        self.state_sharding = state_sharding
+        self._layout = ShardLayout.of(process_group, data_size) if state_sharding == "sharded" else None
         self._epoch = 0
         device = self.state_device or "cpu"
+        size = data_size if self._layout is None else self._layout.size
         for kind in STATE_ARRAYS["individual" if temperature == "individual" else "global"]:
             for name in BUFFERS[kind]:
                 init = self.tau_init if kind == "tau" else 0.0
-                self.register_buffer(name, torch.full((data_size,), init, dtype=torch.float32, device=device))
+                self.register_buffer(name, torch.full((size,), init, dtype=torch.float32, device=device))
 
     @property
     def state_names(self) -> tuple[str, ...]:
@@ -149,10 +163,21 @@ class DRRhoCLIPLoss(nn.Module):
         self._epoch = check_int("epoch", epoch, low=0)
 
     def get_extra_state(self):
-        return {"epoch": self._epoch}
+        if self._layout is None:
+            return {"epoch": self._epoch}
+        return {"epoch": self._epoch, "state_layout": self._layout.as_dict()}
 
     def set_extra_state(self, state):
         self.set_epoch(int(state["epoch"]))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        check_loaded_layout(self._layout, state_dict, prefix)     # before anything is copied
+        for name in BUFFERS["tau"] if self.temperature == "individual" else ():
+            tau = state_dict.get(prefix + name)
+            if isinstance(tau, torch.Tensor) and not bool(torch.isfinite(tau).all() and (tau > 0).all()):
+                # sharded steps check placeholders, not the fetched entries: a bad table is refused here
+                raise ValueError(f"state_dict: {prefix + name} holds temperatures that are not finite and > 0")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):
         # The state stays float32 (a .half() must not round it) and, with a pinned state_device, stays there.
@@ -172,14 +197,19 @@ class DRRhoCLIPLoss(nn.Module):
 
     def _read_state(self, img, index):
         """Check ``img`` and ``index``; return ``(index, state)``: the batch's entries of every state array,
-        ``[2, B]`` per kind, on img's device."""
+        ``[2, B]`` per kind, on img's device (sharded: placeholders; the step fetches the entries)."""
         img = check_tensor("img", img, ndim=2)
         index = check_index(index, img.shape[0], self.data_size)
         self._state_for(img.device)
+        if self._layout is not None:
+            return index, placeholder_state(self._kinds, img.shape[0], img.device)
+        return index, self._gather(index, img.device)
+
+    def _gather(self, index, device) -> dict:
+        """The entries ``index`` of this module's buffers, ``[2, len(index)]`` per kind, on ``device``."""
         state_index = index.to(self.u_img.device)
-        state = {kind: torch.stack([getattr(self, name)[state_index] for name in BUFFERS[kind]]).to(img.device)
-                 for kind in self._kinds}
-        return index, state
+        return {kind: torch.stack([getattr(self, name)[state_index] for name in BUFFERS[kind]]).to(device)
+                for kind in self._kinds}
 
     @torch.no_grad()
     def _write_state(self, index, state: dict) -> None:
@@ -219,17 +249,23 @@ class DRRhoCLIPLoss(nn.Module):
             raise ValueError("return_per_sample: expected False with a process group (the per-anchor values are "
                              "those of drrho_clip_loss on one process), got True")
         group = resolve_group(self.process_group)
-        error, state, form = None, None, {}
+        error, state, form, fetch = None, None, {}, None
         try:
             index, state = self._read_state(img, index)
             form = self._options(logit_scale, state)
+            if self._layout is not None:
+                self._layout.check_group(group)
+                fetch = partial(self._layout.fetch, self._gather, group)    # called with the gathered indices
         except Exception as exc:            # every rank hears of it in the first collective
             error = exc
         u = (state["u"][0], state["u"][1]) if state is not None else (None, None)
         out = distributed_drrho_clip_loss(img, txt, form.pop("logit_scale", logit_scale), *u, index=index,
                                           data_size=self.data_size, scheme=self.distributed_scheme, group=group,
-                                          local_error=error, **options, **form)
-        self._write_state(out.index_all, out.state_all)   # every sample of the global batch
+                                          local_error=error, fetch_state=fetch, **options, **form)
+        index_all, state_all = out.index_all, out.state_all      # every sample of the global batch
+        if self._layout is not None:                              # ... of which this rank keeps its own
+            index_all, state_all = self._layout.owned(index_all, state_all)
+        self._write_state(index_all, state_all)
         return out.loss
 
     def extra_repr(self) -> str:
@@ -237,5 +273,7 @@ class DRRhoCLIPLoss(nn.Module):
                 f"gamma_decay_epochs={self.gamma_decay_epochs}, rho={self.rho}, eps={self.eps}, "
                 f"backend={self.backend!r}, state_device={self.state_device}, epoch={self._epoch}, "
                 f"temperature={self.temperature!r}"
+                + (f", state_sharding='sharded' (rank {self._layout.rank} of {self._layout.world_size})"
+                   if self._layout is not None else "")
                 + (f", tau_init={self.tau_init}, {', '.join(f'{k}={v}' for k, v in self.tau_hyper.items())}"
                    if self.temperature == "individual" else f", multiply_tau={self.multiply_tau}"))

@@ -7,7 +7,7 @@ C++ extension) implements two ops whose schemas are derived here from the fields
 ``drrho::<b>_fwd(<TileInputs>) -> (Tensor stats, Tensor margin, Tensor positives)``
     ``stats`` ``[2, K, B]``: per direction and anchor, online statistics over the anchor's negatives
     (``_inputs.STATS``: the DRRho ``(M, E, F)`` of ``d_j = s (S_j - m)``, K = 3; with ``with_distill`` or
-    ``with_alone`` also the target's, the teacher's and the reference's, K = 11); ``margin`` ``[B]``;
+    ``with_alone`` also the target's, the teacher's and the reference's, K = 12); ``margin`` ``[B]``;
     ``positives`` ``[2, B]``: the pairs' own similarities ``<x_i, t_i>`` and ``<xr_i, tr_i>``.
     Accumulation dtype; no autograd (called on detached inputs).
 ``drrho::<b>_bwd(Tensor gain, Tensor? col_gain, Tensor? dgain, Tensor? col_dgain, <TileInputs>, <Weights>,

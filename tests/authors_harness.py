@@ -1,14 +1,9 @@
 """Drive the authors' released code, read from local snapshots, exactly as their train.py drives it.
 
-Nothing of theirs is copied into this repository: the sources are read at test time from
-
-- ``DRRHO_AUTHORS_REPO``: Optimization-AI/DRRho-CLIP (``src/fast_clip/loss.py``: ``SogCLRLoss``;
-  ``src/training/train.py``: ``jointly_sample_batch_softmax``; ``src/training/distributed.py``);
-- ``FASTCLIP_REPO``: Optimization-AI/fast_clip (``src/fast_clip/loss.py``: ``FastCLIPLossIndividual``;
-  ``src/training/distributed.py``: ``all_gather_tuple_tensor``),
-
-each a checkout or a bare git directory whose ``HEAD`` is read. There is no fallback location: with a
-variable unset every entry point returns ``(None, reason)``.
+Nothing of theirs is copied into this repository: the sources are read at test time by
+:mod:`benchmarks.authors` from the snapshots named by ``DRRHO_AUTHORS_REPO`` (Optimization-AI/DRRho-CLIP)
+and ``FASTCLIP_REPO`` (Optimization-AI/fast_clip), each a checkout or a bare git directory whose ``HEAD``
+is read. There is no fallback location: with a variable unset every entry point returns ``(None, reason)``.
 
 Runs are described as *jobs* ``{name: (kind, spec)}`` (kinds ``"sogclr"``, ``"fastclip"``, ``"jest"``; the
 spec holds the *global* batch and each rank takes its rows) and executed by :func:`run_jobs` in one of three
@@ -18,132 +13,39 @@ in-process with a FileStore and destroyed afterwards), or ``world_size`` gloo pr
 """
 from __future__ import annotations
 
-import ast
 import contextlib
 import functools
 import os
-import subprocess
 import tempfile
-import types
 import warnings
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-DRRHO_ENV = "DRRHO_AUTHORS_REPO"
-FASTCLIP_ENV = "FASTCLIP_REPO"
-LOSS_PATH = "src/fast_clip/loss.py"
-TRAIN_PATH = "src/training/train.py"
-DIST_PATH = "src/training/distributed.py"
-JEST_FUNCTIONS = ("softmax_neg", "softmax_nll", "jointly_sample_batch_softmax")
+from benchmarks.authors import (DIST_PATH, DRRHO_ENV, FASTCLIP_ENV, LOSS_PATH, exec_module, jest_namespace,  # noqa: F401
+                                read_source)
+
 FASTCLIP_TABLES = ("u_im", "u_tt", "tau_im", "tau_tt", "bound_im", "bound_tt", "m_grad_tau_im", "m_grad_tau_tt",
                    "v_grad_tau_im", "v_grad_tau_tt")
 
 
 # ------------------------------------------------------------------------------------------ loading
 @functools.lru_cache(maxsize=None)
-def read_source(env: str, relpath: str) -> tuple[str | None, str]:
-    """``(text, where)`` of ``relpath`` in the snapshot named by ``$env``, or ``(None, why not)``."""
-    value = os.environ.get(env)
-    if not value:
-        return None, f"{env} is not set (a checkout or bare git dir of the authors' repository)"
-    root = Path(value)
-    if (root / relpath).is_file():
-        return (root / relpath).read_text(), f"{root}/{relpath}"
-    if root.is_dir():
-        proc = subprocess.run(["git", f"--git-dir={root}", "show", f"HEAD:{relpath}"], capture_output=True, text=True)
-        if proc.returncode == 0:
-            return proc.stdout, f"{root}:HEAD:{relpath}"
-        return None, f"{env}={root} holds no {relpath} ({proc.stderr.strip() or 'git show failed'})"
-    return None, f"{env}={root} is not a directory"
-
-
-def _exec_module(env: str, relpath: str, name: str):
-    source, where = read_source(env, relpath)
-    if source is None:
-        return None, where
-    module = types.ModuleType(name)
-    module.__file__ = where
-    exec(compile(source, where, "exec"), module.__dict__)
-    return module, where
-
-
-@functools.lru_cache(maxsize=None)
 def drrho_loss():
     """The DRRho-CLIP ``loss.py`` module (``SogCLRLoss``, and its copy of ``FastCLIPLossIndividual``)."""
-    return _exec_module(DRRHO_ENV, LOSS_PATH, "drrho_authors_loss")
+    return exec_module(DRRHO_ENV, LOSS_PATH, "drrho_authors_loss")
 
 
 @functools.lru_cache(maxsize=None)
 def fastclip_loss():
     """The fast_clip ``loss.py`` module (``FastCLIPLossIndividual``)."""
-    return _exec_module(FASTCLIP_ENV, LOSS_PATH, "fastclip_authors_loss")
+    return exec_module(FASTCLIP_ENV, LOSS_PATH, "fastclip_authors_loss")
 
 
 @functools.lru_cache(maxsize=None)
 def distributed_utils(env: str):
     """``src/training/distributed.py`` of the snapshot named by ``env`` (``all_gather_tuple_tensor``)."""
-    return _exec_module(env, DIST_PATH, f"authors_distributed_{env.lower()}")
-
-
-class _Probe(ast.NodeTransformer):
-    """Record ``logits_ii`` after it is computed and the conditional ``logits`` of every later chunk just
-    before the top-k / sampling branch, through a ``__probe__(name, value)`` call (nothing else changes)."""
-
-    def __init__(self):
-        self.placed = set()
-
-    @staticmethod
-    def _call(name):
-        return ast.parse(f"__probe__({name!r}, {name})").body[0]
-
-    def visit_FunctionDef(self, node):
-        if node.name != "jointly_sample_batch_softmax":
-            return node
-        body = []
-        for stmt in node.body:
-            body.append(stmt)
-            if isinstance(stmt, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "logits_ii"
-                                                    for t in stmt.targets):
-                body.append(self._call("logits_ii"))
-                self.placed.add("logits_ii")
-            if isinstance(stmt, ast.For):
-                inner = []
-                for s in stmt.body:
-                    if isinstance(s, ast.If) and isinstance(s.test, ast.Name) and s.test.id == "topk":
-                        inner.append(self._call("logits"))
-                        self.placed.add("logits")
-                    inner.append(s)
-                stmt.body = inner
-        node.body = body
-        return node
-
-
-@functools.lru_cache(maxsize=None)
-def jest_namespace():
-    """``(namespace, where)``: ``softmax_neg``, ``softmax_nll`` and ``jointly_sample_batch_softmax`` taken
-    out of DRRho-CLIP's train.py with ``ast`` (train.py itself imports the whole training stack) and
-    executed with what they use (``torch``, and ``torch.distributed.nn``, which their process has imported
-    through ``fast_clip/loss.py``), with probes on the scores (set ``ns["__probe__"]`` to record them)."""
-    source, where = read_source(DRRHO_ENV, TRAIN_PATH)
-    if source is None:
-        return None, where
-    tree = ast.parse(source)
-    nodes = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in JEST_FUNCTIONS]
-    missing = set(JEST_FUNCTIONS) - {n.name for n in nodes}
-    if missing:
-        return None, f"{where} defines no {sorted(missing)}"
-    probe = _Probe()
-    nodes = [probe.visit(n) for n in nodes]
-    if probe.placed != {"logits_ii", "logits"}:
-        return None, f"{where}: jointly_sample_batch_softmax changed shape (probes placed: {sorted(probe.placed)})"
-    module = ast.Module(body=nodes, type_ignores=[])
-    ast.fix_missing_locations(module)
-    import torch.distributed.nn  # noqa: F401  (their loss.py imports it; train.py relies on that)
-    ns = {"torch": torch, "__probe__": lambda name, value: None}
-    exec(compile(module, where, "exec"), ns)
-    return ns, where
+    return exec_module(env, DIST_PATH, f"authors_distributed_{env.lower()}")
 
 
 def available(*envs: str) -> tuple[bool, str]:

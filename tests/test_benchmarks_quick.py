@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import harness, plot, steps, sweep
 
@@ -271,7 +272,7 @@ def test_bytes_table_for_the_readme(capsys):
     plot.main(["--bytes-table", "256", "8", "512", "512"])
     out = capsys.readouterr().out
     assert "| scheme | forward | backward | total per step |" in out
-    assert re.search(r"\| gather_u \| .* \| 0 B \| 7\.03 MiB \|", out), out
+    assert re.search(r"\| gather_u \| .* \| 0 B \| 7\.04 MiB \|", out), out
     assert re.search(r"\| gather_grad \| .* \| 3\.50 MiB \| 10\.53 MiB \|", out), out
 
 
@@ -304,3 +305,22 @@ def test_no_machine_paths_in_the_benchmarks():
     bad = [f"{p.relative_to(REPO)}: {m.group(0)}" for p in files
            for m in re.finditer(r"/(?:work|home|Users|root|mnt|tmp)/[\w.+-]+", p.read_text())]
     assert not bad, bad
+
+
+@pytest.mark.parametrize("preset", ["distill", "selection"])
+def test_family_benchmark_writes_its_ratios(preset, tmp_path):
+    """The family benchmark end to end at a toy size: every case measured (memory in its own process,
+    time interleaved) and the ratio against its base written."""
+    from benchmarks import family
+    out = tmp_path / "family.json"
+    assert family.main([preset, "--B", "64", "--sizes", "64", "--d", "16", "--dr", "8", "--repeat", "1",
+                        "--backend", "torch", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    names = {"distill": {"without", "with_distill"}, "selection": {"ours_b64"}}[preset]
+    assert names <= set(rep["results"])
+    for name in names:
+        assert rep["results"][name]["time"]["median_s"] > 0, rep["results"][name]
+        assert rep["results"][name]["memory"]["peak_extra_bytes"] >= 0
+    if preset == "distill":
+        assert rep["ratios"]["with_distill/without"] > 0
+    assert rep["meta"]["torch"] == torch.__version__

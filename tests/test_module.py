@@ -292,3 +292,17 @@ def test_per_direction_and_no_multiply_tau_through_the_module():
                                             ref_txt=ref_txt, gamma=0.8, backend="torch", multiply_tau=multiply_tau)
         torch.testing.assert_close(loss, want, rtol=0, atol=0)
         torch.testing.assert_close(crit.u_img[:6], u_img, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.02, float("nan"), float("inf")])
+def test_loading_a_temperature_table_that_is_not_positive_raises_and_copies_nothing(bad):
+    """A corrupted checkpoint is refused at load time (a sharded step checks placeholders, not the fetched
+    entries, so it could not catch it later), and the module keeps its own tables."""
+    crit = dk.DRRhoCLIPLoss(10, temperature="individual", backend="torch")
+    mine = {k: v.clone() for k, v in crit.state_dict().items() if isinstance(v, torch.Tensor)}
+    other = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in crit.state_dict().items()}
+    other["u_img"] += 1.0
+    other["tau_txt"][4] = bad
+    with pytest.raises(ValueError, match="tau_txt"):
+        crit.load_state_dict(other)
+    assert all(torch.equal(mine[k], v) for k, v in crit.state_dict().items() if isinstance(v, torch.Tensor))
