@@ -100,7 +100,8 @@ def transposed_forward_kernels(B, d, dr, dtype, ref, arch=90, programs_per_sm=1,
                 plan=dict(groups=plan.groups, splits=plan.splits, panel_cols=plan.panel_cols, panels=n_panels),
                 partial_bytes=partial,
                 l2_partial_bytes=2 * 3 * F32 * (n_tiles * t.BN + n_panels * plan.groups * n_bm * t.BM))
-    return [_fixed("fwd_t_margin", margin, _cdiv(B, margin.BM), 2 * B * vec_bytes + F32 * B), fwdt,
+    # the margin kernel reads the pairs once and writes the margins [B] and the positives [2, B]
+    return [_fixed("fwd_t_margin", margin, _cdiv(B, margin.BM), 2 * B * vec_bytes + 3 * F32 * B), fwdt,
             _fixed("fwd_t_merge", tile_tables.MERGE_TILES, _cdiv(B, tile_tables.MERGE_TILES.BM), partial + 6 * F32 * B,
                    exps=2 * (plan.groups + plan.splits) * B)]
 
@@ -133,7 +134,9 @@ def triton_kernels(B, N, d, dr=None, dtype="bfloat16", ref=True, column_grads=No
         # statistics [2, 3, B] and margins [B] written
         ks = [_kernel_cost("fwd", grid=(_cdiv(B, t_fwd.BM), 2), tiles=t_fwd, n_inner=N, weighted=False,
                            exps_per_score=1 + extra, outer_reads=4 * vec(B), inner_reads=2 * vec(N),
-                           vector_bytes=F32 * B * (2 + 6 + 1 + 3 * extra), out_bytes=0, **common)]
+                           vector_bytes=F32 * B * (2 + 6 + 1 + 3 * extra), out_bytes=0, **common),
+              # the positives [2, B] (<x_i, t_i>, <xr_i, tr_i>): one pass over the rows in PyTorch
+              _fixed("fwd_positives", t_fwd, 1, 2 * vec(B) + 2 * F32 * B)]
     fold = not column_grads
     slices = _cdiv(d, t_bwd.BD)
     ks.append(_kernel_cost(
@@ -321,6 +324,10 @@ SHAPES = (
     dict(B=4096, N=65536, d=512, dr=512, column_grads=False),    # same, the scheme that gathers u (fold)
     dict(B=4096, N=16384, d=768, dr=768),
     dict(B=32768, N=32768, d=1024, dr=1024),
+    # the widest common CLIP embeddings (ViT-L 768, ViT-H 1024, ViT-bigG 1280) with a ViT-B reference (512)
+    dict(B=32768, N=32768, d=768, dr=512),
+    dict(B=32768, N=32768, d=1024, dr=512),
+    dict(B=32768, N=32768, d=1280, dr=512),
 )
 
 
@@ -368,12 +375,29 @@ def table(rep: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(rep: dict) -> str:
+    """The README's table: every shape and dtype, modelled H100 time of each path and the ratios."""
+    lines = ["| shape | dtype | Triton: modelled time (bound) | / GEMM floor | / unfused loss | with distillation |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rep["rows"]:
+        s, tri = r["shape"], r["triton"]
+        shape = (f"B = {s['B']}, N = {s['N']}, d = {s['d']}, dr = {s['dr']}"
+                 + (", `gather_u`" if s.get("column_grads") is False else (", `gather_grad`" if s["N"] != s["B"] else "")))
+        ratio_u = tri["t_bound_s"] / r["unfused"]["t_bound_s"]
+        lines.append(f"| {shape} | {r['dtype']} | {tri['t_bound_s'] * 1e3:.1f} ms ({tri['bound_by']}) | "
+                     f"{tri['t_bound_s'] / r['floor']['t_bound_s']:.2f}x | "
+                     f"{'**' if ratio_u > 1 else ''}{ratio_u:.2f}x{'**' if ratio_u > 1 else ''} | "
+                     f"{r['triton_distill']['t_bound_s'] / tri['t_bound_s']:.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "cost_model.json")
+    parser.add_argument("--markdown", action="store_true", help="print the README's table instead of the text one")
     args = parser.parse_args(argv)
     rep = report()
-    print(table(rep))
+    print(markdown(rep) if args.markdown else table(rep))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rep, indent=1) + "\n")
     print(f"written {args.out}")

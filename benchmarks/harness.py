@@ -64,11 +64,14 @@ def machine_info(device: str = "cpu") -> dict:
     """Who measured what where: device, threads, versions, commit, date, load."""
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        flags = next(line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
+        # the vector extensions that decide the CPU kernels' and the GEMMs' speed ("AMD EPYC" alone does not)
+        simd = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma", "f16c"))
     except (OSError, StopIteration):
-        cpu = platform.processor() or platform.machine()
+        cpu, simd = platform.processor() or platform.machine(), None
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": git_commit(), "python": platform.python_version(), "torch": torch.__version__, "triton": None,
-            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
+            "cpu": cpu, "cpu_simd_flags": simd, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
             "load_average": os.getloadavg(), "triton_interpreter": os.environ.get("TRITON_INTERPRET")}
     try:
         import triton

@@ -243,7 +243,8 @@ def bytes_table(batch: int, world_size: int, dim: int, ref_dim: int | None = Non
 
 def main(argv=None) -> list[Path]:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__.split("\n\n")[0])
-    ap.add_argument("json", nargs="*", type=Path, help="sweep result files")
+    ap.add_argument("json", nargs="*", type=Path,
+                    help="sweep result files (default: every benchmarks/results/sweep_*.json)")
     ap.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where PNGs go (default benchmarks/results/)")
     ap.add_argument("--no-hbm", action="store_true", help="skip the cost-model (HBM bytes) figures")
     ap.add_argument("--markdown", action="store_true", help="print the forward + backward tables instead of plotting")
@@ -255,7 +256,9 @@ def main(argv=None) -> list[Path]:
         print(bytes_table(*args.bytes_table, dtype=args.dtype))
         return []
     if not args.json:
-        ap.error("give sweep result files (or --bytes-table)")
+        args.json = sorted(RESULTS_DIR.glob("sweep_*.json"))
+        if not args.json:
+            ap.error(f"no sweep_*.json in {RESULTS_DIR}: give sweep result files (or --bytes-table)")
     if args.markdown:
         for path in args.json:
             payload = load(path)

@@ -26,6 +26,21 @@ uses ``global``):
 Every form starts at the temperature ``--tau-init`` (0.07, CLIP's). ``results.json`` records the form and
 the learned temperatures; ``curves.png`` shows them over training.
 
+Other uses of the reference model (each adds one more target, trained from the same initialisation;
+``--distill`` and ``--select`` may be given together):
+
+- ``--distill``: DRRho plus the distillation term with the reference model as the teacher
+  (``DRRhoCLIPLoss(distill_weight=--distill-weight, distill_scale=--distill-scale)``, 1.0 and 100 as in
+  the authors' ``train.py``): the ``target_drrho_distill`` run.
+- ``--select``: DRRho on sub-batches chosen from super-batches by joint example selection
+  (``dk.jest_select``, the authors' ``jointly_sample_batch_softmax``): each step draws a super-batch of
+  ``S = ceil(B / (1 - --filter-ratio))`` distinct random training pairs, scores it without gradient with
+  the target (its own logit scale) and the reference (scale ``--select-ref-scale``, 100 as the authors'),
+  keeps the ``floor(S (1 - f)) = B`` pairs drawn in ``--select-chunks`` chunks, and takes the DRRho step on
+  them (their dataset indices index the loss's state): the ``target_drrho_select`` run. It takes as many
+  steps of ``B`` pairs as the other targets; ``results.json`` records the sub-batch sizes, the pairs
+  trained on and the share of wrong captions among the candidates and among the pairs kept.
+
 Single process::
 
     python examples/train_digits.py --epochs 30 --seed 0
@@ -34,6 +49,7 @@ Single process::
 Several seeds and forms (each run in ``OUT/<form>/seed<k>/``; mean +- std in ``OUT/summary.json``)::
 
     python examples/train_digits.py --temperature all --seeds 5
+    python examples/train_digits.py --distill --select --seeds 5      # + DRRho with distillation, with selection
 
 Data parallel on the CPU (gloo); each global batch is split across the processes, the loss uses
 the whole global batch (``process_group="world"``) and the models are wrapped in DDP::
@@ -51,6 +67,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -60,6 +77,7 @@ from torch.nn import functional as F
 
 import drrho_kernels as dk
 from drrho_kernels.distributed import SCHEMES
+from drrho_kernels.selection import selection_sizes
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 # {w}: the digit's name, {n}: its numeral. Varied so that a caption is not a single token.
@@ -144,6 +162,22 @@ def make_splits(seed: int, n_test: int, n_ref: int, noise: float, tok: Tokenizer
 # Model
 
 TEMPERATURES = ("global", "per_direction", "individual")
+# The target runs: always plain and DRRho; --distill and --select each add one.
+TARGETS = ("target_plain", "target_drrho", "target_drrho_distill", "target_drrho_select")
+TARGET_LABELS = dict(target_plain="target, plain (no reference)", target_drrho="target, DRRho (with reference)",
+                     target_drrho_distill="target, DRRho + distillation",
+                     target_drrho_select="target, DRRho on selected pairs")
+TARGET_ROWS = dict(target_plain="target, plain global contrastive loss",
+                   target_drrho="target, DRRho (steered by the reference)",
+                   target_drrho_distill="target, DRRho + distillation from the reference",
+                   target_drrho_select="target, DRRho on sub-batches chosen by jest_select")
+TARGET_SHORT = dict(target_plain="plain", target_drrho="DRRho", target_drrho_distill="DRRho+distill",
+                    target_drrho_select="DRRho+select")
+
+
+def targets_of(args) -> tuple[str, ...]:
+    return ("target_plain", "target_drrho") + (("target_drrho_distill",) if args.distill else ()) \
+        + (("target_drrho_select",) if args.select else ())
 
 
 class TinyCLIP(nn.Module):
@@ -249,13 +283,38 @@ def init_distributed() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size())
 
 
+def super_batch_size(local: int, filter_ratio: float) -> int:
+    """The smallest super-batch from which selection keeps ``local`` pairs: ``ceil(local / (1 - f))``
+    (exact: then ``floor(S (1 - f)) = local``, as ``drrho_kernels.selection.selection_sizes`` computes it)."""
+    keep = 1 - Fraction(repr(float(filter_ratio)))
+    return math.ceil(local / keep)
+
+
+@torch.no_grad()
+def select_sub_batch(model: TinyCLIP, reference: TinyCLIP, x, tokens, candidates: torch.Tensor, args,
+                     generator: torch.Generator, ddp: Dist) -> torch.Tensor:
+    """The dataset indices, among this process's ``candidates`` (its share of the super-batch), that joint
+    example selection keeps: ``floor(len(candidates) (1 - f))`` of them, chunk by chunk."""
+    img, txt = model.encode_image(x[candidates]), model.encode_text(tokens[candidates])
+    ref_img, ref_txt = reference.encode_image(x[candidates]), reference.encode_text(tokens[candidates])
+    keep = dk.jest_select(img, txt, ref_img, ref_txt, model.logit_scale().detach(), ref_scale=args.select_ref_scale,
+                          filter_ratio=args.filter_ratio, n_chunks=args.select_chunks, generator=generator,
+                          process_group="world" if ddp.active else None, backend=args.backend)
+    return candidates[keep]
+
+
 def train(name: str, x, tokens, splits: Splits, args, tok: Tokenizer, ddp: Dist, dim: int,
           reference: TinyCLIP | None = None, epochs: int | None = None, progress=None,
-          temperature: str = "global"):
+          temperature: str = "global", distill: bool = False, select: bool = False):
     """Train one TinyCLIP; returns the model, its history (loss, zero-shot accuracy and temperatures per
-    epoch) and its final temperatures."""
+    epoch), its final temperatures and, with ``select``, the selection's record (else None).
+
+    ``distill``: the loss adds the distillation term with the reference as the teacher. ``select``: each step
+    trains on the pairs :func:`select_sub_batch` keeps from a super-batch of random distinct pairs."""
+    if (distill or select) and reference is None:
+        raise ValueError(f"{name}: distillation and selection need the reference model")
     epochs = args.epochs if epochs is None else epochs
-    torch.manual_seed(args.seed)                      # the same initialisation for both targets
+    torch.manual_seed(args.seed)                      # the same initialisation for every target
     model = TinyCLIP(len(tok.vocab) + 1, dim=dim, temperature=temperature, tau_init=args.tau_init)
     net = model
     if ddp.active:
@@ -266,7 +325,9 @@ def train(name: str, x, tokens, splits: Splits, args, tok: Tokenizer, ddp: Dist,
                             backend=args.backend, process_group="world" if ddp.active else None,
                             distributed_scheme=args.scheme,
                             **(dict(temperature="individual", tau_init=args.tau_init, tau_lr=args.tau_lr)
-                               if temperature == "individual" else {}))
+                               if temperature == "individual" else {}),
+                            **(dict(distill_weight=args.distill_weight, distill_scale=args.distill_scale)
+                               if distill else {}))
     global_batch = args.batch_size
     if global_batch % ddp.world:
         raise SystemExit(f"--batch-size {global_batch} must be divisible by the number of processes {ddp.world}")
@@ -274,19 +335,50 @@ def train(name: str, x, tokens, splits: Splits, args, tok: Tokenizer, ddp: Dist,
     steps = n // global_batch                         # drop the last partial batch: equal B on every rank
     if args.quick:
         steps = min(steps, 3)
-    rng = np.random.default_rng(args.seed + 1)        # the same batches for both targets
+    rng = np.random.default_rng(args.seed + 1)        # the same batches for every target (but selection's)
     hist = dict(epoch=[], step=[], loss=[], accuracy=[], tau_img=[], tau_txt=[])
     if temperature == "individual":
         hist.update(tau_img_min=[], tau_img_max=[], tau_txt_min=[], tau_txt_max=[])
-    seen = torch.zeros(n, dtype=torch.bool)           # samples whose per-sample temperatures were updated
-    step = 0
+    seen = torch.zeros(n, dtype=torch.bool)           # samples the loss updated (trained on)
+    selection = None
+    if select:
+        local_super = super_batch_size(local, args.filter_ratio)
+        global_super = local_super * ddp.world
+        noisy = torch.from_numpy(splits.train_noisy)
+        candidate = torch.zeros(n, dtype=torch.bool)  # samples that were in some super-batch
+        generator = torch.Generator().manual_seed(args.seed + 2 + 1000 * ddp.rank)
+        selection = dict(filter_ratio=args.filter_ratio, n_chunks=args.select_chunks, ref_scale=args.select_ref_scale,
+                         super_batch=global_super, super_batch_per_process=local_super,
+                         sub_batch=selection_sizes(local_super, args.filter_ratio, 1)[0] * ddp.world,
+                         sub_batch_sizes=[])
+        hist.update(candidate_noisy_fraction=[], selected_noisy_fraction=[])
+    step, run_counts = 0, [0, 0, 0, 0]
     for epoch in range(epochs):
         crit.set_epoch(epoch)
         perm = torch.from_numpy(rng.permutation(n))
         total = 0.0
+        noisy_counts = [0, 0, 0, 0]                   # selection, this epoch: wrong captions and pairs, drawn then kept
         for k in range(steps):
-            batch = perm[k * global_batch:(k + 1) * global_batch]
-            mine = batch[ddp.rank * local:(ddp.rank + 1) * local]    # this process's share
+            if select:                                # S distinct random pairs; each process scores its share
+                batch = torch.from_numpy(rng.choice(n, global_super, replace=False))
+                mine = select_sub_batch(model, reference, x, tokens,
+                                        batch[ddp.rank * local_super:(ddp.rank + 1) * local_super], args,
+                                        generator, ddp)
+                kept = mine
+                if ddp.active:                        # the whole global sub-batch, for the records
+                    parts = [torch.empty_like(mine) for _ in range(ddp.world)]
+                    dist.all_gather(parts, mine)
+                    kept = torch.cat(parts)
+                selection["sub_batch_sizes"].append(int(kept.numel()))
+                noisy_counts[0] += int(noisy[batch].sum())
+                noisy_counts[1] += int(batch.numel())
+                noisy_counts[2] += int(noisy[kept].sum())
+                noisy_counts[3] += int(kept.numel())
+                candidate[batch] = True
+                batch = kept
+            else:
+                batch = perm[k * global_batch:(k + 1) * global_batch]
+                mine = batch[ddp.rank * local:(ddp.rank + 1) * local]    # this process's share
             img, txt, scale = net(x[mine], tokens[mine])
             refs = {}
             if reference is not None:
@@ -319,12 +411,26 @@ def train(name: str, x, tokens, splits: Splits, args, tok: Tokenizer, ddp: Dist,
         else:
             hist["tau_img"].append(temp.get("tau_img", temp.get("tau")))
             hist["tau_txt"].append(temp.get("tau_txt", temp.get("tau")))
+        if select:
+            hist["candidate_noisy_fraction"].append(noisy_counts[0] / max(noisy_counts[1], 1))
+            hist["selected_noisy_fraction"].append(noisy_counts[2] / max(noisy_counts[3], 1))
+            run_counts = [a + b for a, b in zip(run_counts, noisy_counts)]
         if progress is not None:
             progress.set_postfix_str(f"{name} ep {epoch + 1} loss {hist['loss'][-1]:.3f} acc {acc:.3f}")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model, hist, temperatures(model, crit, seen)
+    if select:
+        # Which pairs the loss saw: its state u is set (non-zero) exactly for the samples it was given.
+        updated = (crit.u_img.cpu() != 0) | (crit.u_txt.cpu() != 0)
+        selection.update(candidate_samples=int(candidate.sum()), trained_samples=int(seen.sum()),
+                         state_updated_samples=int(updated.sum()),
+                         state_updated_only_trained=bool(not (updated & ~seen).any()),
+                         # Over all steps, each pair counted as often as it was drawn / trained on:
+                         candidate_noisy_fraction=run_counts[0] / max(run_counts[1], 1),
+                         selected_noisy_fraction=run_counts[2] / max(run_counts[3], 1),
+                         steps=step, sub_batch_sizes=sorted(set(selection["sub_batch_sizes"])))
+    return model, hist, temperatures(model, crit, seen), selection
 
 
 def plot(path: str, hist: dict, ref_acc: float, temperature: str = "global", tau_init: float = 0.07) -> None:
@@ -332,10 +438,12 @@ def plot(path: str, hist: dict, ref_acc: float, temperature: str = "global", tau
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax_loss, ax_acc, ax_tau) = plt.subplots(1, 3, figsize=(16, 4))
-    colors = dict(target_drrho="tab:red", target_plain="tab:blue", reference="tab:gray")
-    labels = dict(target_drrho="target, DRRho (with reference)", target_plain="target, plain (no reference)",
-                  reference="reference (clean split)")
-    for key in ("target_plain", "target_drrho"):
+    colors = dict(target_drrho="tab:red", target_plain="tab:blue", reference="tab:gray",
+                  target_drrho_distill="tab:purple", target_drrho_select="tab:green")
+    labels = dict(TARGET_LABELS, reference="reference (clean split)")
+    for key in TARGETS:
+        if key not in hist:
+            continue
         h = dict(hist[key])
         for name in ("tau_img", "tau_txt", "tau_img_min", "tau_img_max", "tau_txt_min", "tau_txt_max"):
             if name in h:                             # the temperature curves start at step 0, tau_init
@@ -355,7 +463,8 @@ def plot(path: str, hist: dict, ref_acc: float, temperature: str = "global", tau
                                     alpha=0.1)
     ax_acc.axhline(ref_acc, color=colors["reference"], linestyle="--", label=f"reference ({ref_acc:.3f})")
     ax_loss.set(xlabel="step", ylabel="training loss (epoch mean)",
-                title="training loss (the two losses differ by the RHO shift)")
+                title="training loss (DRRho's differs by the RHO shift" + (", distillation's by its term too)"
+                                                                       if "target_drrho_distill" in hist else ")"))
     ax_acc.set(xlabel="step", ylabel="zero-shot test accuracy", title="zero-shot accuracy on the test digits",
                ylim=(0, 1))
     ax_tau.set(xlabel="step", ylabel="temperature tau = 1 / s (end of epoch)", yscale="log",
@@ -369,9 +478,21 @@ def plot(path: str, hist: dict, ref_acc: float, temperature: str = "global", tau
     plt.close(fig)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown, except None (the options whose default depends on others say it in their help)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+# The options of --distill and --select: (flag, attribute, default); None in args means "not given".
+DISTILL_OPTIONS = (("--distill-weight", "distill_weight", 1.0), ("--distill-scale", "distill_scale", 100.0))
+SELECT_OPTIONS = (("--filter-ratio", "filter_ratio", 0.5), ("--select-chunks", "select_chunks", 2),
+                  ("--select-ref-scale", "select_ref_scale", 100.0))
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
     p.add_argument("--epochs", type=int, default=30, help="epochs of each target run")
     p.add_argument("--ref-epochs", type=int, default=None, help="epochs of the reference run (default: 3x --epochs, "
                    "its split is small)")
@@ -401,11 +522,59 @@ def parse_args(argv=None):
     p.add_argument("--ref-dim", type=int, default=32, help="reference embedding width (may differ)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("other uses of the reference model (each adds a target run)")
+    g.add_argument("--distill", action="store_true", help="also train the target with DRRho plus the distillation "
+                   "term, the reference model's embeddings as the teacher (target_drrho_distill)")
+    g.add_argument("--distill-weight", type=float, default=None, help="--distill: weight lambda > 0 of the "
+                   "distillation term (default 1.0, the authors')")
+    g.add_argument("--distill-scale", type=float, default=None, help="--distill: the teacher's logit scale > 0 "
+                   "(default 100, the authors')")
+    g.add_argument("--select", action="store_true", help="also train the target with DRRho on the sub-batches "
+                   "dk.jest_select keeps from super-batches of ceil(B / (1 - f)) pairs (target_drrho_select)")
+    g.add_argument("--filter-ratio", type=float, default=None, help="--select: share f in (0, 1) of each "
+                   "super-batch left out (default 0.5: super-batches of 2 B; the authors' train.py defaults to 0.8)")
+    g.add_argument("--select-chunks", type=int, default=None, help="--select: chunks of the joint draw, 1..B "
+                   "(default 2, the authors')")
+    g.add_argument("--select-ref-scale", type=float, default=None, help="--select: the reference's logit scale in "
+                   "the learnability scores (default 100, what the authors' train.py passes)")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error(f"--seeds: expected at least 1, got {args.seeds}")
     if not 0.01 <= args.tau_init <= 1.0:
         p.error(f"--tau-init: expected a temperature in [0.01, 1] (the clamp range of every form), got {args.tau_init}")
+    for mode, options in (("--distill", DISTILL_OPTIONS), ("--select", SELECT_OPTIONS)):
+        on = getattr(args, mode[2:])
+        for flag, name, default in options:
+            if getattr(args, name) is None:
+                setattr(args, name, default if on else None)
+            elif not on:
+                p.error(f"{flag}: applies to {mode} only, which was not given")
+    if args.distill or args.select:
+        what = "--distill" if args.distill else "--select"
+        if args.n_ref < args.batch_size:
+            p.error(f"{what} needs a trained reference model: --n-ref {args.n_ref} is smaller than --batch-size "
+                    f"{args.batch_size}, so the reference would take no training step")
+    if args.distill and args.temperature in ("individual", "all"):
+        p.error(f"--distill: expected --temperature global or per_direction (the distillation term is defined for the "
+                f"model's logit scale(s), not for per-sample temperatures), got {args.temperature!r}")
+    if args.distill:
+        for flag, value in (("--distill-weight", args.distill_weight), ("--distill-scale", args.distill_scale)):
+            if not (math.isfinite(value) and value > 0):
+                p.error(f"{flag}: expected a finite value > 0, got {value}"
+                        + (" (weight 0 is the DRRho run without distillation, always trained)"
+                           if flag == "--distill-weight" else ""))
+    if args.select:
+        if args.temperature != "global":
+            p.error(f"--select: expected --temperature global (joint example selection scores the learner with one "
+                    f"logit scale), got {args.temperature!r}")
+        if not (math.isfinite(args.filter_ratio) and 0 < args.filter_ratio < 1):
+            p.error(f"--filter-ratio: expected the share of each super-batch left out, in (0, 1), got "
+                    f"{args.filter_ratio}")
+        if not (math.isfinite(args.select_ref_scale) and args.select_ref_scale > 0):
+            p.error(f"--select-ref-scale: expected a finite logit scale > 0, got {args.select_ref_scale}")
+        if not 1 <= args.select_chunks <= args.batch_size:
+            p.error(f"--select-chunks: expected 1 to --batch-size ({args.batch_size}) chunks (each draws at least "
+                    f"one pair), got {args.select_chunks}")
     if args.quick:
         args.epochs = min(args.epochs, 2)
         args.ref_epochs = 2
@@ -422,42 +591,55 @@ def run(args, ddp: Dist) -> dict:
     splits = make_splits(args.seed, args.n_test, args.n_ref, args.noise, tok)
 
     n_ref, n_train = splits.ref_x.shape[0], splits.train_x.shape[0]
+    if args.select:
+        size = super_batch_size(args.batch_size // ddp.world, args.filter_ratio) * ddp.world
+        if size > n_train:
+            raise SystemExit(f"--filter-ratio {args.filter_ratio}: the super-batch of {size} pairs (ceil(B / (1 - f)) "
+                             f"per process) exceeds the {n_train} training pairs")
     steps = lambda n, e: e * (min(n // args.batch_size, 3) if args.quick else n // args.batch_size)  # noqa: E731
-    total_steps = steps(n_ref, args.ref_epochs) + 2 * steps(n_train, args.epochs)
+    targets = targets_of(args)
+    total_steps = steps(n_ref, args.ref_epochs) + len(targets) * steps(n_train, args.epochs)
     progress = None
     if ddp.main and not args.no_progress:
         from tqdm import tqdm
         progress = tqdm(total=total_steps, desc=f"digits CLIP ({args.temperature}, seed {args.seed})", unit="step",
                         dynamic_ncols=True, file=sys.stderr)
 
-    reference, ref_hist, ref_temp = train("reference", splits.ref_x, splits.ref_tokens, splits, args, tok, ddp,
-                                          args.ref_dim, epochs=args.ref_epochs, progress=progress)
+    reference, ref_hist, ref_temp, _ = train("reference", splits.ref_x, splits.ref_tokens, splits, args, tok, ddp,
+                                             args.ref_dim, epochs=args.ref_epochs, progress=progress)
     ref_acc = zero_shot_accuracy(reference, splits)
-    _, plain_hist, plain_temp = train("plain", splits.train_x, splits.train_tokens, splits, args, tok, ddp, args.dim,
-                                      progress=progress, temperature=args.temperature)
-    _, drrho_hist, drrho_temp = train("drrho", splits.train_x, splits.train_tokens, splits, args, tok, ddp, args.dim,
-                                      reference=reference, progress=progress, temperature=args.temperature)
+    hist, temp, selection = dict(reference=ref_hist), {}, None
+    for target in targets:                            # the same seed, initialisation and (but selection) batches
+        _, hist[target], temp[target], sel = train(
+            target.removeprefix("target_"), splits.train_x, splits.train_tokens, splits, args, tok, ddp, args.dim,
+            reference=None if target == "target_plain" else reference, progress=progress,
+            temperature=args.temperature, distill=target == "target_drrho_distill",
+            select=target == "target_drrho_select")
+        selection = sel if sel is not None else selection
     if progress is not None:
         progress.close()
 
     results = dict(
         reference_accuracy=ref_acc,
-        target_plain_accuracy=plain_hist["accuracy"][-1],
-        target_drrho_accuracy=drrho_hist["accuracy"][-1],
+        **{f"{t}_accuracy": hist[t]["accuracy"][-1] for t in targets},
         # The best epoch of each target run (what early stopping on the test set would pick; for
         # information only, the headline numbers are the final ones above).
-        target_plain_peak_accuracy=max(plain_hist["accuracy"]),
-        target_drrho_peak_accuracy=max(drrho_hist["accuracy"]),
+        **{f"{t}_peak_accuracy": max(hist[t]["accuracy"]) for t in targets},
         # The learned temperatures at the end (tau = 1 / s): the model's scale(s), or for "individual"
         # statistics of the per-sample temperatures held by the loss (over the samples it updated).
-        temperature=dict(form=args.temperature, init=args.tau_init, applies_to=["target_plain", "target_drrho"],
-                         reference=dict(form="global", **ref_temp), target_plain=plain_temp, target_drrho=drrho_temp),
+        temperature=dict(form=args.temperature, init=args.tau_init, applies_to=list(targets),
+                         reference=dict(form="global", **ref_temp), **temp),
         config=dict(vars(args), world_size=ddp.world, n_ref=n_ref, n_train=n_train, n_test=int(splits.test_y.numel()),
-                    noisy_pairs=int(splits.train_noisy.sum()),
+                    noisy_pairs=int(splits.train_noisy.sum()), targets=list(targets),
                     resolved_backend=dk.backends.resolve(args.backend, torch.device("cpu"))),
-        history=dict(reference=ref_hist, target_plain=plain_hist, target_drrho=drrho_hist),
+        history=hist,
         runtime_s=round(time.time() - start, 2),
     )
+    if args.distill:
+        results["distillation"] = dict(weight=args.distill_weight, teacher_scale=args.distill_scale,
+                                       teacher="the reference model's embeddings")
+    if selection is not None:
+        results["selection"] = selection
     if ddp.main:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -466,13 +648,16 @@ def run(args, ddp: Dist) -> dict:
         print(f"zero-shot test accuracy ({results['config']['n_test']} test digits, seed {args.seed}, "
               f"temperature {args.temperature}, {ddp.world} process{'es' if ddp.world > 1 else ''}, "
               f"{results['runtime_s']:.0f} s):")
-        rows = [(f"reference (clean split of {n_ref})", ref_acc),
-                ("target, plain global contrastive loss", results["target_plain_accuracy"]),
-                ("target, DRRho (steered by the reference)", results["target_drrho_accuracy"])]
+        rows = [(f"reference (clean split of {n_ref})", ref_acc)]
+        rows += [(TARGET_ROWS[t], results[f"{t}_accuracy"]) for t in targets]
         for label, acc in rows:
-            print(f"  {label:<44s}{acc:.4f}")
-        print(f"learned temperature (from {args.tau_init}): plain {describe_temperature(plain_temp)}, "
-              f"DRRho {describe_temperature(drrho_temp)}")
+            print(f"  {label:<52s}{acc:.4f}")
+        print(f"learned temperature (from {args.tau_init}): "
+              + ", ".join(f"{TARGET_SHORT[t]} {describe_temperature(temp[t])}" for t in targets))
+        if selection is not None:
+            print(f"selection: sub-batches of {selection['sub_batch']} from super-batches of "
+                  f"{selection['super_batch']}; wrong captions {selection['candidate_noisy_fraction']:.3f} of the "
+                  f"candidates drawn, {selection['selected_noisy_fraction']:.3f} of the pairs kept (over all steps)")
         print(f"saved {os.path.join(args.out, 'results.json')} and curves.png")
     return results
 
@@ -487,7 +672,8 @@ def describe_temperature(temp: dict) -> str:
 
 
 ACCURACY_KEYS = dict(reference="reference_accuracy", target_plain="target_plain_accuracy",
-                     target_drrho="target_drrho_accuracy")
+                     target_drrho="target_drrho_accuracy", target_drrho_distill="target_drrho_distill_accuracy",
+                     target_drrho_select="target_drrho_select_accuracy")
 
 
 def mean_temperature(temps: list[dict]) -> dict:
@@ -508,13 +694,22 @@ def summarize(runs: dict) -> dict:
     out = {}
     for form, by_seed in runs.items():
         entry = dict(seeds=sorted(by_seed))
+        targets = by_seed[entry["seeds"][0]]["config"]["targets"]
         for name, key in ACCURACY_KEYS.items():
+            if name != "reference" and name not in targets:
+                continue
             values = [by_seed[seed][key] for seed in entry["seeds"]]
             std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
             entry[name] = dict(mean=float(np.mean(values)), std=std, values=values)
         entry["final_temperature"] = {target: mean_temperature([by_seed[seed]["temperature"][target]
                                                                  for seed in entry["seeds"]])
-                                      for target in ("target_plain", "target_drrho")}
+                                      for target in targets}
+        if "target_drrho_select" in targets:          # the share of wrong captions, candidates vs kept
+            sel = [by_seed[seed]["selection"] for seed in entry["seeds"]]
+            entry["selection"] = dict(
+                super_batch=sel[0]["super_batch"], sub_batch=sel[0]["sub_batch"],
+                candidate_noisy_fraction=float(np.mean([x["candidate_noisy_fraction"] for x in sel])),
+                selected_noisy_fraction=float(np.mean([x["selected_noisy_fraction"] for x in sel])))
         entry["temperature"] = {seed: by_seed[seed]["temperature"] for seed in entry["seeds"]}
         entry["runtime_s"] = dict(total=round(sum(r["runtime_s"] for r in by_seed.values()), 2),
                                   per_run=[by_seed[seed]["runtime_s"] for seed in entry["seeds"]])
@@ -550,9 +745,11 @@ def main(argv=None) -> dict:
                 json.dump(results, f, indent=2)
             print(f"\nzero-shot test accuracy over {args.seeds} seed{'s' if args.seeds > 1 else ''} "
                   f"({args.seed}..{args.seed + args.seeds - 1}), mean +- std, {results['runtime_s']:.0f} s:")
-            print(f"  {'temperature':<15s}{'reference':>18s}{'plain':>18s}{'DRRho':>18s}")
+            columns = ("reference",) + targets_of(args)
+            heads = "".join((k if k == "reference" else TARGET_SHORT[k]).rjust(18) for k in columns)
+            print(f"  {'temperature':<15s}{heads}")
             for form, entry in results["forms"].items():
-                cells = "".join(f"{entry[k]['mean']:.4f} +- {entry[k]['std']:.4f}".rjust(18) for k in ACCURACY_KEYS)
+                cells = "".join(f"{entry[k]['mean']:.4f} +- {entry[k]['std']:.4f}".rjust(18) for k in columns)
                 print(f"  {form:<15s}{cells}")
             print(f"saved {os.path.join(args.out, 'summary.json')}")
     if ddp.active:
