@@ -9,16 +9,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from drrho_kernels import reference_features as rfm
+from processes import spawn
 from drrho_kernels.reference_features import (CacheMismatchError, ConcurrentWriterError, CorruptChunkError,
                                               NotBuiltError, ReferenceFeatures)
 
@@ -304,12 +302,6 @@ def test_no_pickle_anywhere_in_the_new_readers():
 # ------------------------------------------------------------------------------------------------
 # Split across torch.distributed ranks (gloo, 2 processes)
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, path):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -325,22 +317,10 @@ def _worker(rank, world, port, path):
         torch.distributed.destroy_process_group()
 
 
-def _spawn(world, path, timeout=120.0):
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), path), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                if proc.is_alive():
-                    proc.kill()
-            pytest.fail(f"distributed build (W = {world}) did not finish in {timeout} s (a hang?)")
-
-
 @pytest.mark.slow
 def test_distributed_build_splits_the_chunks(tmp_path):
     path = str(tmp_path / "c")
-    _spawn(2, path)
+    spawn(_worker, 2, path, timeout=120.0, what="distributed build")
     seen = [json.loads(Path(f"{path}.rank{r}.json").read_text()) for r in range(2)]
     assert all(s["ok"] is True for s in seen)
     a, b = set(seen[0]["seen"]), set(seen[1]["seen"])

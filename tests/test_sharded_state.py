@@ -15,18 +15,18 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")   # before drrho_kernels is imported, here and in children
 
-import socket  # noqa: E402
-import time  # noqa: E402
 from datetime import timedelta  # noqa: E402
+
+import time  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 import drrho_kernels as dk  # noqa: E402
 from drrho_kernels import distributed as ddk  # noqa: E402
 from drrho_kernels.sharded_state import RULE, ShardLayout  # noqa: E402
+from processes import spawn  # noqa: E402
 
 B, D, DR, STEPS = 3, 5, 4, 3
 WORLD_SIZES = (2, 4)
@@ -208,22 +208,8 @@ def _worker(rank, world, port, outdir, previous):
 # ------------------------------------------------------------------------------------------------
 # Test side.
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _spawn(world, outdir, previous=None, timeout=150.0):
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(outdir), previous and str(previous)),
-                             nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                if proc.is_alive():
-                    proc.kill()
-            pytest.fail(f"distributed workers (W = {world}) did not finish in {timeout} s (a hang?)")
+    spawn(_worker, world, str(outdir), previous and str(previous), timeout=timeout)
     return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 
 

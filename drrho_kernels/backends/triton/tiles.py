@@ -102,11 +102,51 @@ _FWDT = {
     ("fp32", "ampere"): _FWDT_FP32,
     ("fp32", "blackwell"): _FWDT_FP32,
 }
-# AMD (wavefront 64; the AOT report compiles each entry for gfx90a, gfx942 and gfx950).
-# Placeholder until the AOT pruning below: filled in by hand from benchmarks/results/triton_aot_amd_*.json.
-_AMD_FWD = {}
-_AMD_BWD = {}
-_AMD_FWDT = {}
+# AMD (wavefront 64; num_warps counts 64-lane waves). Pruned from ``wave64_seeds`` (the NVIDIA shapes at
+# half the warps, two stages) by compiling every seed, every kernel variant (with and without the EXTRA
+# / DISTILL paths) and dtype for gfx90a, gfx942 and gfx950 with Triton 3.9 (``benchmarks/aot_report.py
+# --family amd --seeds``; the tables then with 3.6 too), float32 at launch.FP32_PRECISION_AMD (ieee on
+# gfx90a, bf16x6 on gfx942/gfx950: the six-product split keeps three bfloat16 parts of both operands in
+# registers). Dropped, every one for spills to memory (scratch; VGPRs parked in AGPRs, a register move
+# on CDNA, are allowed: Triton 3.6 does that on the EXTRA forwards): in float32, every seed with BK =
+# 64 and a 64 x 64 or larger score tile (forward 128 x 128 w4, 128 x 64 w2, 64 x 128 w2: 20-1568 B of
+# scratch per lane; one-process forward 64 x 64 w2 on all three, 64 x 32 / 128 x 32 at BK = 64 with
+# EXTRA on gfx942; backward BM128_BN64_BK64_BD128 on gfx942/gfx950 and BD512 with DISTILL on gfx942),
+# and 64 x 128 w2 at BK = 32 with EXTRA on gfx942; in half precision none. Backward BD = 512 at BN = 32
+# (d = 512 in one slice) fills the 64 KiB of LDS of gfx90a/gfx942 exactly (a [32, 512] half operand, two
+# stages): listed, not first there.
+_AMD_FWD_HALF = (Tiles(BM=128, BN=128, BK=64, BKR=64, num_warps=4, num_stages=2),
+                 Tiles(BM=128, BN=64, BK=32, BKR=32, num_warps=4, num_stages=2),
+                 Tiles(BM=64, BN=128, BK=32, BKR=32, num_warps=2, num_stages=2))
+_AMD_FWD_FP32 = (Tiles(BM=128, BN=64, BK=32, BKR=32, num_warps=4, num_stages=2),
+                 Tiles(BM=128, BN=64, BK=16, BKR=16, num_warps=4, num_stages=2),
+                 Tiles(BM=64, BN=64, BK=32, BKR=32, num_warps=2, num_stages=2))
+_AMD_FWD = {
+    ("half", "cdna2"): _AMD_FWD_HALF, ("half", "cdna3"): _AMD_FWD_HALF,
+    ("half", "cdna4"): _AMD_FWD_HALF,
+    ("fp32", "cdna2"): _AMD_FWD_FP32, ("fp32", "cdna3"): _AMD_FWD_FP32, ("fp32", "cdna4"): _AMD_FWD_FP32,
+}
+_AMD_BWD_HALF = (Tiles(BM=64, BN=64, BK=32, BKR=32, BD=256, num_warps=4, num_stages=2),
+                 Tiles(BM=64, BN=32, BK=64, BKR=64, BD=512, num_warps=4, num_stages=2),
+                 Tiles(BM=64, BN=64, BK=64, BKR=64, BD=256, num_warps=4, num_stages=2))
+_AMD_BWD_FP32 = (Tiles(BM=64, BN=64, BK=16, BKR=16, BD=128, num_warps=4, num_stages=2),
+                 Tiles(BM=64, BN=32, BK=32, BKR=32, BD=128, num_warps=4, num_stages=2),
+                 Tiles(BM=64, BN=32, BK=32, BKR=32, BD=256, num_warps=4, num_stages=2))
+_AMD_BWD = {
+    ("half", "cdna2"): _AMD_BWD_HALF, ("half", "cdna3"): _AMD_BWD_HALF,
+    ("half", "cdna4"): (_AMD_BWD_HALF[1], _AMD_BWD_HALF[0], _AMD_BWD_HALF[2]),
+    ("fp32", "cdna2"): _AMD_BWD_FP32, ("fp32", "cdna3"): _AMD_BWD_FP32, ("fp32", "cdna4"): _AMD_BWD_FP32,
+}
+_AMD_FWDT_HALF = (Tiles(BM=64, BN=64, BK=32, BKR=32, num_warps=4, num_stages=2),
+                  Tiles(BM=128, BN=32, BK=32, BKR=32, num_warps=4, num_stages=2),
+                  Tiles(BM=64, BN=64, BK=64, BKR=64, num_warps=2, num_stages=2))
+_AMD_FWDT_FP32 = (Tiles(BM=64, BN=64, BK=16, BKR=16, num_warps=4, num_stages=2),
+                  Tiles(BM=128, BN=32, BK=16, BKR=16, num_warps=4, num_stages=2),
+                  Tiles(BM=64, BN=32, BK=32, BKR=32, num_warps=2, num_stages=2))
+_AMD_FWDT = {
+    ("half", "cdna2"): _AMD_FWDT_HALF, ("half", "cdna3"): _AMD_FWDT_HALF, ("half", "cdna4"): _AMD_FWDT_HALF,
+    ("fp32", "cdna2"): _AMD_FWDT_FP32, ("fp32", "cdna3"): _AMD_FWDT_FP32, ("fp32", "cdna4"): _AMD_FWDT_FP32,
+}
 # The margin and merge kernels are memory-bound one-shots over [B] (no dot): one configuration each.
 MARGIN_TILES = Tiles(BM=32, BK=64, BKR=64, num_warps=4, num_stages=1)
 MERGE_TILES = Tiles(BM=256, num_warps=4, num_stages=1)
