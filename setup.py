@@ -80,6 +80,8 @@ def _extension_build():
 
         def _skip(self, exc, ext=None):
             if MODE == "1":
+                _note(f"DRRHO_KERNELS_BUILD_CPP=1: the C++ extension failed to build ({type(exc).__name__}: "
+                      f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}); failing the install")
                 raise exc
             _note(f"building without the C++ extension: the build failed ({type(exc).__name__}: "
                   f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}). The package works "

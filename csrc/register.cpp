@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "cpu/fused_loss.h"
+#include "cpu/half_gemm.h"
 #include "cpu/vec_loops.h"
 
 namespace {
@@ -54,6 +55,44 @@ pybind11::dict build_info() {
   info["col_block"] = tiling.col_block;
   info["spread_rows"] = tiling.spread_rows;
   return info;
+}
+
+// Which tile products the kernels use for half inputs of `dtype` ("bfloat16" / "float16"), and why
+// (decided on first use, once per process: cpu/half_gemm.h).
+pybind11::dict choice_dict(const drrho::cpu::HalfGemmChoice& c) {
+  pybind11::dict info;
+  info["dtype"] = c.dtype;
+  info["mode"] = c.mode;
+  info["path"] = c.error ? pybind11::object(pybind11::none()) : pybind11::object(pybind11::str(drrho::cpu::half_path_name(c.path)));
+  info["error"] = c.error;
+  info["reason"] = c.reason;
+  pybind11::dict candidates;
+  for (const auto& k : c.candidates) {
+    pybind11::dict e;
+    e["usable"] = k.usable;
+    e["note"] = k.note;
+    e["self_test_s"] = k.seconds >= 0 ? pybind11::object(pybind11::float_(k.seconds)) : pybind11::object(pybind11::none());
+    candidates[k.name.c_str()] = e;
+  }
+  info["candidates"] = candidates;
+  info["cpu_flags"] = c.cpu_flags;
+  info["upcast_self_test_s"] =
+      c.upcast_seconds >= 0 ? pybind11::object(pybind11::float_(c.upcast_seconds)) : pybind11::object(pybind11::none());
+  return info;
+}
+
+at::ScalarType half_dtype(const std::string& dtype) {
+  TORCH_CHECK(dtype == "bfloat16" || dtype == "float16", "half_gemm_info: dtype: expected 'bfloat16' or 'float16', got '",
+              dtype, "'");
+  return dtype == "bfloat16" ? at::kBFloat16 : at::kHalf;
+}
+
+pybind11::dict half_gemm_info(const std::string& dtype) {
+  return choice_dict(drrho::cpu::half_gemm_choice(half_dtype(dtype)));
+}
+
+pybind11::dict half_gemm_redecide(const std::string& dtype, const std::string& mode) {
+  return choice_dict(drrho::cpu::half_gemm_redecide(half_dtype(dtype), mode));
 }
 
 // The kernels' vectorized exponential on a tensor (tests check its accuracy against std::exp).
@@ -104,6 +143,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       "Thread seconds per phase since the last reset: similarity_gemm, forward_exp_pass, backward_exp_pass, "
       "weighted_gemm.");
   module.def("_vexp", &vexp, pybind11::arg("x"), "exp as the kernels compute it (for tests).");
+  module.def("half_gemm_info", &half_gemm_info, pybind11::arg("dtype"),
+             "The tile-product path for half inputs of dtype ('bfloat16' / 'float16'): dict with mode, path "
+             "(upcast, brgemm, mkl, emulate; None when the mode asks for one that cannot run), error, reason, "
+             "candidates, upcast_self_test_s. Decided once per process on first use "
+             "(DRRHO_KERNELS_CPU_HALF_GEMM=auto|on|off|brgemm|mkl|emulate|timed).");
+  module.def("_half_gemm_redecide", &half_gemm_redecide, pybind11::arg("dtype"), pybind11::arg("mode") = "",
+             "Decide the half-precision path of dtype again with mode in place of DRRHO_KERNELS_CPU_HALF_GEMM "
+             "('': the variable again); returns half_gemm_info. For tests and benchmarks, not while kernels run.");
   module.def(
       "default_tiling",
       []() {

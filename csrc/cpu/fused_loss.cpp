@@ -24,6 +24,13 @@
 // P = G^I W^I + (G^T W^T)^T once and gives d x_c = P_c t and d t += P_c^T x_c. Six GEMM-sized products per
 // step (2 forward, 2 recomputed, 2 weighted), the floor.
 //
+// Half inputs (bfloat16, float16): where half_gemm.h chose a half-precision path for the dtype (once per
+// process), the products read the inputs in their dtype with float32 accumulation and float32 output;
+// the backward's weights are rounded to the dtype for the two weighted products, and the column-sum
+// gradients accumulate transposed ([d, n], blocks of 64 columns). Otherwise (the upcast path) the
+// inputs are converted to float32 once and everything is the float32 computation. Either way every
+// exponential, statistic and sum is float32.
+//
 // Reproducibility: row statistics and row gradients are computed by one worker in a fixed order.
 // Sums over rows (the text anchors' statistics in one process, d t in one process, the column
 // gradients) add the chunks' contributions in the order the workers finish them, so with more
@@ -46,6 +53,7 @@
 #include <optional>
 #include <vector>
 
+#include "half_gemm.h"
 #include "vec_loops.h"
 
 namespace drrho::cpu {
@@ -261,6 +269,7 @@ template <typename F>
 void run_chunks(int64_t n_chunks, int64_t workers, const F& body) {
   if (workers <= 1) {
     for (int64_t c = 0; c < n_chunks; ++c) body(c, int64_t(0));
+    half_gemm_release();   // brgemm's hardware context of this thread (no-op when none was used)
     return;
   }
   std::atomic<int64_t> next{0};
@@ -270,6 +279,7 @@ void run_chunks(int64_t n_chunks, int64_t workers, const F& body) {
     for (int64_t w = w0; w < w1; ++w) {
       for (int64_t c = next.fetch_add(1); c < n_chunks; c = next.fetch_add(1)) body(c, w);
     }
+    half_gemm_release();
   });
 }
 
@@ -277,15 +287,28 @@ void run_chunks(int64_t n_chunks, int64_t workers, const F& body) {
 // split in blocks, each with a lock; a worker updates the blocks in its own rotation and skips a
 // busy block for later, so workers rarely wait. (The order in which chunks reach a block then
 // depends on timing: with more than one worker the sums are reproducible to rounding, not bitwise.)
+// `transposed` (the half-precision products): the target is outT [d, n], its columns split in blocks
+// that start at multiples of `align`, updated by add_with's function.
 class LockedAccumulator {
  public:
-  LockedAccumulator(at::Tensor out, int64_t workers) : out_(std::move(out)), workers_(std::max<int64_t>(1, workers)) {
-    const int64_t n = out_.size(0);
-    blocks_ = workers_ == 1 ? 1 : std::clamp<int64_t>(4 * workers_, 1, std::max<int64_t>(1, n / 64));
+  LockedAccumulator(at::Tensor out, int64_t workers, int64_t align = 1, bool transposed = false)
+      : out_(std::move(out)), workers_(std::max<int64_t>(1, workers)), align_(std::max<int64_t>(1, align)) {
+    n_ = transposed ? out_.size(1) : out_.size(0);
+    blocks_ = workers_ == 1 ? 1 : std::clamp<int64_t>(4 * workers_, 1, std::max<int64_t>(1, n_ / 64));
     locks_ = std::make_unique<std::mutex[]>(static_cast<size_t>(blocks_));
   }
 
+  at::Tensor& target() { return out_; }
+
   void add(const at::Tensor& P, const at::Tensor& a, double alpha, int64_t worker) {
+    add_with(worker, [&](int64_t j0, int64_t j1) {
+      out_.narrow(0, j0, j1 - j0).addmm_(P.narrow(1, j0, j1 - j0).t(), a, /*beta=*/1, /*alpha=*/alpha);
+    });
+  }
+
+  // update(j0, j1) for every block [j0, j1) of the target, each under its lock.
+  template <typename F>
+  void add_with(int64_t worker, const F& update) {
     std::vector<char> done(static_cast<size_t>(blocks_), 0);
     int64_t left = blocks_;
     const int64_t start = (worker % workers_) * blocks_ / workers_;
@@ -296,31 +319,60 @@ class LockedAccumulator {
         if (done[b]) continue;
         std::unique_lock<std::mutex> lock(locks_[b], std::try_to_lock);
         if (!lock.owns_lock()) continue;
-        update(b, P, a, alpha);
+        run_block(b, update);
         done[b] = 1, --left, progress = true;
       }
       if (!progress) {   // every remaining block is busy: wait for one
         int64_t b = 0;
         while (done[b]) ++b;
         std::lock_guard<std::mutex> lock(locks_[b]);
-        update(b, P, a, alpha);
+        run_block(b, update);
         done[b] = 1, --left;
       }
     }
   }
 
  private:
-  void update(int64_t b, const at::Tensor& P, const at::Tensor& a, double alpha) {
-    const int64_t n = out_.size(0);
-    const int64_t j0 = b * n / blocks_, j1 = (b + 1) * n / blocks_;
-    if (j1 == j0) return;
-    out_.narrow(0, j0, j1 - j0).addmm_(P.narrow(1, j0, j1 - j0).t(), a, /*beta=*/1, /*alpha=*/alpha);
+  int64_t bound(int64_t b) const { return b >= blocks_ ? n_ : (b * n_ / blocks_) / align_ * align_; }
+
+  template <typename F>
+  void run_block(int64_t b, const F& update) {
+    const int64_t j0 = bound(b), j1 = bound(b + 1);
+    if (j1 > j0) update(j0, j1);
   }
 
   at::Tensor out_;
-  int64_t workers_, blocks_;
+  int64_t workers_, align_, n_ = 0, blocks_ = 1;
   std::unique_ptr<std::mutex[]> locks_;
 };
+
+// The half-precision tile products of one direction (half_gemm.h): its anchor rows (and the reference's)
+// in the input dtype, its columns packed once per step for the scores (the reference's with the factor
+// `ref_alpha`: -1 when the two products accumulate into S = y - z, 1 when z is kept apart) and, with
+// `values`, for the weighted product P cols.
+struct HalfDirection {
+  at::Tensor rows, ref_rows;
+  PackedHalf cols, ref_cols, values;
+};
+
+HalfDirection half_direction(HalfPath path, const at::Tensor& rows, const OptTensor& ref_rows, const at::Tensor& cols,
+                             const OptTensor& ref_cols, double ref_alpha, bool values) {
+  HalfDirection h;
+  h.rows = rows.detach().contiguous();
+  h.cols = PackedHalf::for_nt(path, cols.detach(), 1.0);
+  if (ref_rows.has_value()) {
+    h.ref_rows = ref_rows->detach().contiguous();
+    h.ref_cols = PackedHalf::for_nt(path, ref_cols->detach(), ref_alpha);
+  }
+  if (values) h.values = PackedHalf::for_nn(path, cols.detach());
+  return h;
+}
+
+std::vector<HalfWorker> half_workers(HalfPath path, at::ScalarType dtype, int64_t workers) {
+  std::vector<HalfWorker> out(static_cast<size_t>(workers));
+  for (HalfWorker& w : out) w.path = path, w.dtype = dtype;
+  return out;
+}
 
 // The forward's fused pass over one chunk S [rows, N] (rows r0 .. r0 + rows of the batch): for every
 // row anchor, its online statistics over all columns but its positive (written to row_*, complete);
@@ -415,13 +467,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(
   const int64_t B = sh.B, N = sh.N;
   const int64_t K = extras ? 12 : 3;
   const auto opts = img.options().dtype(acc);
+  // Half inputs: tile products in the input dtype with float32 accumulation where that path was chosen
+  // (half_gemm.h), else (upcast) the float32 products on the inputs converted once.
+  const HalfPath hp = std::is_same_v<T, float> ? half_gemm_path(img.scalar_type()) : HalfPath::kUpcast;
+  const bool half = hp != HalfPath::kUpcast;
   const at::Tensor x = as_acc(img, acc), t = as_acc(txt, acc);
   const at::Tensor xr = opt_acc(ref_img, acc), tr = opt_acc(ref_txt, acc);
-  // Single process: the columns are the rows (same values), use the rows' buffers.
-  const at::Tensor X = columns_are_rows ? x : as_acc(img_all, acc);
-  const at::Tensor Tc = columns_are_rows ? t : as_acc(txt_all, acc);
-  const at::Tensor Xr = columns_are_rows ? xr : opt_acc(ref_img_all, acc);
-  const at::Tensor Tr = columns_are_rows ? tr : opt_acc(ref_txt_all, acc);
+  // Single process: the columns are the rows (same values), use the rows' buffers. (Half path: the
+  // products read the inputs themselves; no float32 columns.)
+  const at::Tensor X = columns_are_rows ? x : half ? at::Tensor() : as_acc(img_all, acc);
+  const at::Tensor Tc = columns_are_rows ? t : half ? at::Tensor() : as_acc(txt_all, acc);
+  const at::Tensor Xr = columns_are_rows ? xr : half ? at::Tensor() : opt_acc(ref_img_all, acc);
+  const at::Tensor Tr = columns_are_rows ? tr : half ? at::Tensor() : opt_acc(ref_txt_all, acc);
   const at::Tensor sc = as_acc(scale, acc);
   const T* s_dir[2] = {sc.data_ptr<T>(), sc.data_ptr<T>() + B};
   const bool ref = sh.ref;
@@ -460,6 +517,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(
   const int64_t workers = worker_count(n_chunks);
   const bool split = extras && ref;       // y and z apart (else one buffer: S, or y without a reference)
   std::vector<at::Tensor> buffers(static_cast<size_t>(workers)), zbuffers(static_cast<size_t>(workers));
+  HalfDirection hdir[2];
+  std::vector<HalfWorker> hworkers;
+  if (half) {
+    const double ref_alpha = split ? 1.0 : -1.0;
+    hdir[0] = half_direction(hp, img, ref_img, columns_are_rows ? txt : txt_all, columns_are_rows ? ref_txt : ref_txt_all,
+                             ref_alpha, false);
+    if (!columns_are_rows) hdir[1] = half_direction(hp, txt, ref_txt, img_all, ref_img_all, ref_alpha, false);
+    hworkers = half_workers(hp, img.scalar_type(), workers);
+  }
   // Single process: each worker's column (text anchor) statistics over the chunks it took, per group.
   std::vector<std::vector<T>> col_stats(static_cast<size_t>(columns_are_rows ? workers : 0));
   auto direction = [&](int64_t dir, const at::Tensor& rows_t, const at::Tensor& cols_t, const at::Tensor& rref,
@@ -472,6 +538,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(
       at::Tensor& zb = zbuffers[static_cast<size_t>(w)];
       if (!zb.defined()) zb = at::empty({R, N}, opts);
       Z = zb.narrow(0, 0, rows);
+    }
+    if (half) {
+      PhaseTimer timer(kSimilarityGemm);
+      const HalfDirection& h = hdir[dir];
+      HalfWorker& hw = hworkers[static_cast<size_t>(w)];
+      half_gemm_nt(Y, h.rows.narrow(0, r0, rows), h.cols, false, hw);
+      if (split) {
+        half_gemm_nt(Z, h.ref_rows.narrow(0, r0, rows), h.ref_cols, false, hw);
+      } else if (ref && !extras) {
+        half_gemm_nt(Y, h.ref_rows.narrow(0, r0, rows), h.ref_cols, true, hw);   // S = y - z
+      }
+    } else if (split) {
       PhaseTimer timer(kSimilarityGemm);
       at::mm_out(Y, rows_of(rows_t, r0, rows), cols_t.t());
       at::mm_out(Z, rows_of(rref, r0, rows), cref.t());
@@ -646,65 +724,117 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
     if (!b.defined()) b = at::empty({R, N}, opts);
     return b.narrow(0, 0, rows);
   };
+  // Half inputs on a half-precision path (half_gemm.h): the products read the inputs in their dtype (the
+  // columns packed once here); the column-sum gradients accumulate transposed ([d, n], blocks of 64).
+  const HalfPath hp = std::is_same_v<T, float> ? half_gemm_path(img.scalar_type()) : HalfPath::kUpcast;
+  const bool half = hp != HalfPath::kUpcast;
+  HalfDirection hdir[2];
+  std::vector<HalfWorker> hworkers;
+  if (half) {
+    const double ref_alpha = distill ? 1.0 : -1.0;   // distillation keeps y and z apart
+    hdir[0] = half_direction(hp, img, ref_img, columns_are_rows ? txt : txt_all, columns_are_rows ? ref_txt : ref_txt_all,
+                             ref_alpha, true);
+    if (!columns_are_rows) hdir[1] = half_direction(hp, txt, ref_txt, img_all, ref_img_all, ref_alpha, true);
+    hworkers = half_workers(hp, img.scalar_type(), workers);
+  }
   // The chunk's S (and, with distillation, y and z apart: two products, as S alone needs).
   auto scores = [&](at::Tensor& P, const at::Tensor& rc, const at::Tensor& cols, const at::Tensor& rref,
-                    const at::Tensor& cref, int64_t r0, int64_t rows, int64_t w) -> std::pair<const T*, const T*> {
+                    const at::Tensor& cref, int64_t r0, int64_t rows, int64_t w,
+                    int k) -> std::pair<const T*, const T*> {
     if (!distill) {
-      similarity(P, rc, cols, rows_of(rref, r0, rows), cref);
+      if (half) {
+        PhaseTimer timer(kSimilarityGemm);
+        const HalfDirection& h = hdir[k];
+        HalfWorker& hw = hworkers[static_cast<size_t>(w)];
+        half_gemm_nt(P, h.rows.narrow(0, r0, rows), h.cols, false, hw);
+        if (h.ref_rows.defined()) half_gemm_nt(P, h.ref_rows.narrow(0, r0, rows), h.ref_cols, true, hw);
+      } else {
+        similarity(P, rc, cols, rows_of(rref, r0, rows), cref);
+      }
       return {nullptr, nullptr};
     }
     at::Tensor Y = buffer_of(ybuf, w, rows), Z = buffer_of(zbuf, w, rows);
     {
       PhaseTimer timer(kSimilarityGemm);
-      at::mm_out(Y, rc, cols.t());
-      at::mm_out(Z, rows_of(rref, r0, rows), cref.t());
+      if (half) {
+        const HalfDirection& h = hdir[k];
+        HalfWorker& hw = hworkers[static_cast<size_t>(w)];
+        half_gemm_nt(Y, h.rows.narrow(0, r0, rows), h.cols, false, hw);
+        half_gemm_nt(Z, h.ref_rows.narrow(0, r0, rows), h.ref_cols, false, hw);
+      } else {
+        at::mm_out(Y, rc, cols.t());
+        at::mm_out(Z, rows_of(rref, r0, rows), cref.t());
+      }
     }
     at::sub_out(P, Y, Z);
     return {Y.data_ptr<T>(), Z.data_ptr<T>()};
   };
+  // d cols += P^T rows of chunk rows r0 .. r0 + rows (P: this worker's weights, already rounded on the
+  // half path, with `col`).
+  auto add_columns = [&](LockedAccumulator& acc, const at::Tensor& P, const at::Tensor& rc, int64_t k, int64_t r0,
+                         int64_t rows, int64_t w) {
+    if (!half) {
+      acc.add(P, rc, 1.0, w);
+      return;
+    }
+    HalfWorker& hw = hworkers[static_cast<size_t>(w)];
+    half_prepare_rows(hdir[k].rows.narrow(0, r0, rows), hw);
+    acc.add_with(w, [&](int64_t j0, int64_t j1) { half_gemm_xtp_acc(acc.target(), hw, j0, j1, 1.0); });
+  };
+  // A column-sum gradient's accumulator: [n, d] (float32 products), or [d, n] (half path).
+  auto column_target = [&](int64_t n) { return half ? at::zeros({d, n}, opts) : at::zeros({n, d}, opts); };
+  auto untranspose = [&](const at::Tensor& target) { return half ? target.t().contiguous() : target; };
+  const int64_t align = half ? kHalfBlockN : 1;
   at::Tensor d_img = at::empty({B, d}, opts);
   at::Tensor d_txt, d_img_all, d_txt_all;
 
   if (columns_are_rows) {
     // P = G^I W^I + (G^T W^T)^T (+ distillation) on each chunk of S = S^I; d x_c = P_c t, d t += P_c^T x_c.
-    d_txt = at::zeros({B, d}, opts);
-    LockedAccumulator dt(d_txt, workers);
+    LockedAccumulator dt(column_target(B), workers, align, half);
     run_chunks(n_chunks, workers, [&](int64_t c, int64_t w) {
       const int64_t r0 = c * R, rows = std::min(R, B - r0);
       at::Tensor P = buffer_of(buffers, w, rows);
       const at::Tensor xc = x.narrow(0, r0, rows);
-      const auto [py, pz] = scores(P, xc, t, xr, tr, r0, rows, w);
+      const auto [py, pz] = scores(P, xc, t, xr, tr, r0, rows, w, 0);
       chunk_weights<T>(P.data_ptr<T>(), py, pz, t_d, rows, N, r0, offset, row_w[0], col_w[1]);
       {
         PhaseTimer timer(kWeightedGemm);
         at::Tensor dx = d_img.narrow(0, r0, rows);
-        at::mm_out(dx, P, t);
+        if (half) {
+          HalfWorker& hw = hworkers[static_cast<size_t>(w)];
+          half_round_weights(P, true, true, hw);
+          half_gemm_pv(dx, hw, hdir[0].values);
+        } else {
+          at::mm_out(dx, P, t);
+        }
         subtract_partner<T>(d_img, t, pp, r0, rows);
-        dt.add(P, xc, 1.0, w);
+        add_columns(dt, P, xc, 0, r0, rows, w);
       }
     });
+    d_txt = untranspose(dt.target());
     subtract_partner<T>(d_txt, x, pp, 0, B);
   } else {
     // Two similarity matrices; each direction's weighted product, plus the column gradients.
-    const at::Tensor X = as_acc(img_all, acc), Tc = as_acc(txt_all, acc);
-    const at::Tensor Xr = opt_acc(ref_img_all, acc), Tr = opt_acc(ref_txt_all, acc);
+    const at::Tensor X = half ? at::Tensor() : as_acc(img_all, acc), Tc = half ? at::Tensor() : as_acc(txt_all, acc);
+    const at::Tensor Xr = half ? at::Tensor() : opt_acc(ref_img_all, acc);
+    const at::Tensor Tr = half ? at::Tensor() : opt_acc(ref_txt_all, acc);
     d_txt = at::empty({B, d}, opts);
     std::optional<LockedAccumulator> dX, dT;
     if (column_grads) {
-      d_img_all = at::zeros({N, d}, opts);
-      d_txt_all = at::zeros({N, d}, opts);
-      dX.emplace(d_img_all, workers);
-      dT.emplace(d_txt_all, workers);
+      dX.emplace(column_target(N), workers, align, half);
+      dT.emplace(column_target(N), workers, align, half);
     }
     // Direction I folds the text column anchors (col_w[1]), direction T the image ones (col_w[0]).
     const Direction<T> dirs[2] = {{x, xr, Tc, Tr, row_w[0], fold ? col_w[1] : none, d_img, column_grads ? &*dT : nullptr},
                                   {t, tr, X, Xr, row_w[1], fold ? col_w[0] : none, d_txt, column_grads ? &*dX : nullptr}};
     run_chunks(n_chunks, workers, [&](int64_t c, int64_t w) {
       const int64_t r0 = c * R, rows = std::min(R, B - r0);
-      for (const Direction<T>& dir : dirs) {
+      for (int k = 0; k < 2; ++k) {
+        const Direction<T>& dir = dirs[k];
         at::Tensor P = buffer_of(buffers, w, rows);
         const at::Tensor rc = dir.rows.narrow(0, r0, rows);
-        const auto [py, pz] = scores(P, rc, dir.cols, dir.ref_rows, dir.ref_cols, r0, rows, w);
+        const auto [py, pz] = scores(P, rc, dir.cols, dir.ref_rows, dir.ref_cols, r0, rows, w, k);
+        bool rounded = false;   // half path: P already rounded for the weighted product below
         if (dir.out_cols != nullptr) {
           // With fold, the columns get this direction's anchors' weights only: keep a copy of S.
           at::Tensor Q;
@@ -715,7 +845,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
           chunk_weights<T>(P.data_ptr<T>(), py, pz, t_d, rows, N, r0, offset, dir.weights, none);
           {
             PhaseTimer timer(kWeightedGemm);
-            dir.out_cols->add(P, rc, 1.0, w);   // d cols_j += sum_i P_ij rows_i
+            if (half) {
+              rounded = !fold;   // without fold the same P serves P cols below
+              half_round_weights(P, rounded, true, hworkers[static_cast<size_t>(w)]);
+            }
+            add_columns(*dir.out_cols, P, rc, k, r0, rows, w);   // d cols_j += sum_i P_ij rows_i
           }
           if (fold) {
             chunk_weights<T>(Q.data_ptr<T>(), py, pz, t_d, rows, N, r0, offset, dir.weights, dir.fold);
@@ -726,11 +860,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
         }
         PhaseTimer timer(kWeightedGemm);
         at::Tensor out = dir.out.narrow(0, r0, rows);
-        at::mm_out(out, P, dir.cols);
+        if (half) {
+          HalfWorker& hw = hworkers[static_cast<size_t>(w)];
+          if (!rounded) half_round_weights(P, true, false, hw);
+          half_gemm_pv(out, hw, hdir[k].values);
+        } else {
+          at::mm_out(out, P, dir.cols);
+        }
       }
       subtract_partner<T>(d_img, t, pp, r0, rows);
       subtract_partner<T>(d_txt, x, pp, r0, rows);
     });
+    if (column_grads) {
+      d_img_all = untranspose(dX->target());
+      d_txt_all = untranspose(dT->target());
+    }
   }
   buffers.clear();
   spares.clear();

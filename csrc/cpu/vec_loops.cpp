@@ -267,6 +267,99 @@ DRRHO_BOTH(DRRHO_AXPY)
 DRRHO_CLONES void exp_array(const float* x, float* y, int64_t n) { exp_array_impl(x, y, n); }
 DRRHO_CLONES void exp_array(const double* x, double* y, int64_t n) { exp_array_impl(x, y, n); }
 
+// ---------------------------------------------------------------------------------------------
+// float32 -> bfloat16 / float16 (half_gemm.cpp's rounding of weights).
+
+namespace {
+
+DRRHO_INLINE uint16_t to_bf16(float f) {
+  const uint32_t u = std::bit_cast<uint32_t>(f);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  return static_cast<uint16_t>(nan ? ((u >> 16) | 0x0040u) : rounded);
+}
+
+// IEEE half from float, branch free (the algorithm of FP16's fp16_ieee_from_fp32_value, as in
+// c10::detail): overflow to inf, subnormals and ties to even by float arithmetic.
+DRRHO_INLINE uint16_t to_f16(float f) {
+  const float scale_to_inf = 0x1.0p+112f;
+  const float scale_to_zero = 0x1.0p-110f;
+  const float af = f < 0.f ? -f : f;
+  float base = (af * scale_to_inf) * scale_to_zero;
+  const uint32_t w = std::bit_cast<uint32_t>(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  bias = bias < 0x71000000u ? 0x71000000u : bias;
+  base = std::bit_cast<float>((bias >> 1) + 0x07800000u) + base;
+  const uint32_t b = std::bit_cast<uint32_t>(base);
+  const uint32_t exp_bits = (b >> 13) & 0x00007C00u;
+  const uint32_t mantissa_bits = b & 0x00000FFFu;
+  const uint32_t nonsign = exp_bits + mantissa_bits;
+  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+template <bool BF16>
+DRRHO_INLINE uint16_t to_half(float f) {
+  if constexpr (BF16) {
+    return to_bf16(f);
+  } else {
+    return to_f16(f);
+  }
+}
+
+template <bool BF16>
+DRRHO_INLINE void round_row_impl(const float* __restrict src, uint16_t* __restrict dst, int64_t n, float scale) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) dst[k] = to_half<BF16>(src[k] * scale);
+}
+
+template <bool BF16>
+DRRHO_INLINE void round_pair_impl(const float* __restrict a, const float* __restrict b, uint16_t* __restrict dst,
+                                  int64_t n, float scale) {
+  if (b == nullptr) {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) {
+      dst[2 * k] = to_half<BF16>(a[k] * scale);
+      dst[2 * k + 1] = 0;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) {
+      dst[2 * k] = to_half<BF16>(a[k] * scale);
+      dst[2 * k + 1] = to_half<BF16>(b[k] * scale);
+    }
+  }
+}
+
+}  // namespace
+
+DRRHO_CLONES void round_half_row(bool bf16, const float* src, uint16_t* dst, int64_t n, float scale) {
+  if (bf16) {
+    round_row_impl<true>(src, dst, n, scale);
+  } else {
+    round_row_impl<false>(src, dst, n, scale);
+  }
+}
+
+DRRHO_CLONES void round_half_pair(bool bf16, const float* a, const float* b, uint16_t* dst, int64_t n, float scale) {
+  if (bf16) {
+    round_pair_impl<true>(a, b, dst, n, scale);
+  } else {
+    round_pair_impl<false>(a, b, dst, n, scale);
+  }
+}
+
+DRRHO_CLONES float abs_max(const float* src, int64_t n) {
+  float m = 0.f;
+#pragma omp simd reduction(max : m)
+  for (int64_t k = 0; k < n; ++k) {
+    const float v = src[k] < 0.f ? -src[k] : src[k];
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
 const char* simd_level() {
 #if DRRHO_MULTIVERSION
   __builtin_cpu_init();

@@ -61,6 +61,17 @@ void axpy_rows(double* g, const double* partner, int64_t n, double w);
 void exp_array(const float* x, float* y, int64_t n);
 void exp_array(const double* x, double* y, int64_t n);
 
+// float32 -> bfloat16 / float16 bits (round to nearest even; NaN stays NaN, float16 overflows to inf),
+// for the half-precision tile products (half_gemm.cpp). Each value is multiplied by `scale` (a power of
+// two: exact) first.
+//   round_half_row:   dst[k] = half(src[k] scale), n values
+//   round_half_pair:  dst[2 k] = half(a[k] scale), dst[2 k + 1] = half(b[k] scale) (b null: 0): one VNNI
+//                     row pair
+void round_half_row(bool bf16, const float* src, uint16_t* dst, int64_t n, float scale);
+void round_half_pair(bool bf16, const float* a, const float* b, uint16_t* dst, int64_t n, float scale);
+// max_k |src[k]| (NaN ignored)
+float abs_max(const float* src, int64_t n);
+
 // The instruction set the multiversioned loops run with on this CPU: "avx512", "avx2" or "default".
 const char* simd_level();
 
