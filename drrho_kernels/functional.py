@@ -39,7 +39,19 @@ class PerSample(NamedTuple):
 
 
 class LossOutput(NamedTuple):
-    """What :func:`drrho_clip_loss` returns with ``return_per_sample=True``."""
+    """What :func:`drrho_clip_loss` returns with ``return_per_sample=True``.
+
+    Example::
+
+        >>> import torch, drrho_kernels as dk
+        >>> x = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)
+        >>> y = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)
+        >>> out = dk.drrho_clip_loss(x, y, 10.0, torch.zeros(6), torch.zeros(6), ref_img=y, ref_txt=x,
+        ...                          backend="torch", return_per_sample=True)
+        >>> loss, u_img, u_txt, per_sample = out
+        >>> torch.equal(per_sample.u_img, u_img), per_sample.l_img.shape, per_sample.ref_img is not None
+        (True, torch.Size([6]), True)
+    """
 
     loss: torch.Tensor
     u_img: torch.Tensor

@@ -447,6 +447,19 @@ class ReferenceFeatures:
             looked up, by reading the chunk once), ``"full"`` (every built chunk now) or ``"none"``.
         require_complete: raise :class:`NotBuiltError` at open if some chunk was never built (default:
             only a lookup of such an index raises).
+
+    Example::
+
+        >>> import tempfile, torch, drrho_kernels as dk
+        >>> data = [torch.randn(4) for _ in range(10)]                  # a dataset of 10 samples
+        >>> encode = lambda batch: (batch[:, :3], batch[:, 1:])          # the reference model: (img, txt)
+        >>> with tempfile.TemporaryDirectory() as path:
+        ...     cache = dk.ReferenceFeatures.build(path, encode, data, fingerprint="demo", chunk_size=4,
+        ...                                        progress=False)
+        ...     ref_img, ref_txt = cache.lookup(torch.tensor([7, 2]))
+        ...     again = dk.ReferenceFeatures(path, fingerprint="demo").lookup([7])[0]
+        >>> ref_img.shape, ref_txt.dtype, torch.equal(again, ref_img[:1])
+        (torch.Size([2, 3]), torch.float16, True)
     """
 
     def __init__(self, path, *, fingerprint: str, num_samples: int | None = None, dim_img: int | None = None,

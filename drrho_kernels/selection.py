@@ -185,6 +185,16 @@ def rho_select(img, txt, ref_img, ref_txt, logit_scale, *, filter_ratio=0.8, eps
     ``(1/s) log(eps + (1/N) sum_{j != i} exp(s (sim_ij - sim_ii)))`` with ``s = logit_scale`` for both),
     averaged over its image and text anchors, against this process's pairs (or, with a process group,
     the global batch). Arguments as in :func:`jest_select`.
+
+    Example::
+
+        >>> import torch, drrho_kernels as dk
+        >>> g = torch.Generator().manual_seed(0)
+        >>> f = lambda: torch.nn.functional.normalize(torch.randn(10, 8, generator=g), dim=1)
+        >>> img, txt, ref_img, ref_txt = f(), f(), f(), f()
+        >>> idx = dk.rho_select(img, txt, ref_img, ref_txt, 10.0, filter_ratio=0.7, backend="torch")
+        >>> len(idx), len(set(idx.tolist()))          # floor(10 (1 - 0.7)) = 3 distinct pairs
+        (3, 3)
     """
     from .functional import drrho_clip_loss
     img, txt, ref_img, ref_txt, t_l, _, f = _check(img, txt, ref_img, ref_txt, logit_scale, 100.0, filter_ratio)

@@ -76,6 +76,14 @@ def _backend_param(name):
 BACKENDS = [_backend_param(name) for name in ("reference", "torch", "cpp", "triton")]
 
 
+def backend_dtypes(dtypes, backends=None):
+    """``(backend, dtype)`` parameters, ids ``<backend>-<dtype>``, without Triton x float64: Triton has no
+    float64 kernels, float64 resolves to the torch backend (test_float64_on_triton_resolves_to_torch)."""
+    return [pytest.param(b.values[0], dtype, marks=b.marks, id=f"{b.values[0]}-{DTYPE_IDS[dtype]}")
+            for b in (BACKENDS if backends is None else backends) for dtype in dtypes
+            if not (b.values[0] == "triton" and dtype == torch.float64)]
+
+
 def separated(B=9, N=None, d=16, dr=12, eps=1e-4, seed=0, scale=100.0) -> Case:
     """Well-separated pairs (<x_i, t_i> ~ 0.95, negatives ~ +-0.25) at s = 100: g_i ~ e^-50, so
     ``log(eps + g)`` is ``log(eps)`` to many digits and a kernel that drops eps is far off."""
@@ -210,12 +218,9 @@ def assert_conforms(got: dict, case: Case, dtype, label: str = "") -> dict:
     return errors
 
 
-@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,dtype", backend_dtypes(TOLERANCES))
 def test_backend_matches_oracle(backend, name, dtype):
-    if backend == "triton" and dtype == torch.float64:
-        pytest.skip("float64 resolves to the torch backend (test_float64_on_triton_resolves_to_torch)")
     case = rounded(CASES[name](), dtype)
     got = run(case, backend, dtype)
     if case.img_all is not None:
@@ -264,23 +269,50 @@ def test_large_logit_scale_stays_finite(backend):
     assert_conforms(got, case, torch.float32, backend)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_half_tolerance_catches_a_similarity_rounded_to_half(backend, dtype):
-    """The s = 100 case fails the half tolerance when its similarities are rounded to the input dtype
-    (what a kernel that forgot float32 accumulation would compute), so the suite can tell."""
-    case = rounded(CASES["single-s100-norm1.5"](), dtype)
-    want = oracle(case)
-    x, t, xr, tr = (getattr(case, k).numpy() for k in ("img", "txt", "ref_img", "ref_txt"))
+def clustered(c: float, sigma: float, B=12, d=8, dr=6, seed=7) -> Case:
+    """Embeddings ``c e_1 + sigma * noise`` (references unit-scale, spread 0.5) at s = 100: similarities
+    near ``c^2`` whose spread is a few units of d, so that many weights of a row count, and the rounding
+    of a similarity to a half dtype (about ``c^2`` ulps) moves d by O(0.1 - 1)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def emb(width, centre, spread):
+        e = torch.zeros(width, dtype=torch.float64)
+        e[0] = centre
+        return e + spread * torch.randn(B, width, generator=g, dtype=torch.float64)
+
+    img, txt, ref_img, ref_txt = emb(d, c, sigma), emb(d, c, sigma), emb(dr, 1.0, 0.5), emb(dr, 1.0, 0.5)
+    u = [torch.randn(B, generator=g, dtype=torch.float64).float() for _ in range(2)]
+    return Case(img=img, txt=txt, logit_scale=100.0, u_img=u[0], u_txt=u[1], ref_img=ref_img, ref_txt=ref_txt,
+                gamma=0.8)
+
+
+# Per half dtype, a case whose similarities lose to the dtype's rounding (float16 keeps 11 bits: norm 8;
+# bfloat16 8 bits, whose inputs also lose a spread below ~c/128: norm 4, spread 0.015).
+HALF_ACCUMULATION = {torch.float16: lambda: clustered(8.0, 0.003), torch.bfloat16: lambda: clustered(4.0, 0.015)}
+
+
+def u_from_half_similarities(case: Case, dtype) -> np.ndarray:
+    """The image anchors' new u that a kernel computes if it rounds its similarity tiles ``x T^T`` and
+    ``xr Tr^T`` to ``dtype`` before use (the pairs' own similarities kept exact): float64 NumPy."""
+    x, t, xr, tr = (getattr(case, k).double().numpy() for k in ("img", "txt", "ref_img", "ref_txt"))
     half = lambda a: torch.from_numpy(a).to(dtype).double().numpy()   # noqa: E731
-    pos = half((x * t).sum(1)) - half((xr * tr).sum(1))
-    d = case.logit_scale * (half(x @ t.T) - half(xr @ tr.T) - pos[:, None])
+    d = case.logit_scale * (half(x @ t.T) - half(xr @ tr.T) - ((x * t).sum(1) - (xr * tr).sum(1))[:, None])
     np.fill_diagonal(d, -np.inf)
-    w = np.exp(d - want["u_img"][:, None])
-    w_exact = np.exp(case.logit_scale * (x @ t.T - xr @ tr.T - ((x * t).sum(1) - (xr * tr).sum(1))[:, None])
-                     - want["u_img"][:, None])
-    np.fill_diagonal(w_exact, 0.0)
-    assert rel_err(w @ t, w_exact @ t) > 2 * TOLERANCES[dtype].grad     # the rounded computation would fail
+    top = d.max(1)
+    l = np.logaddexp(math.log(case.eps), top + np.log(np.exp(d - top[:, None]).sum(1) / d.shape[1]))
+    u_old = case.u_img.double().numpy()
+    assert np.all(np.isfinite(u_old) & (u_old != 0))                    # every entry set: the blend applies
+    return np.logaddexp(u_old + math.log1p(-case.gamma), l + math.log(case.gamma))
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtypes([torch.float16, torch.bfloat16]))
+def test_half_tolerance_catches_a_similarity_rounded_to_half(backend, dtype):
+    """Half inputs whose float32 accumulation matters: a similarity rounded to the input dtype (what a
+    kernel that forgot float32 accumulation computes) misses the tolerance of u by more than 5x in
+    float16 and in bfloat16 (checked here in NumPy), while every backend meets it."""
+    case = rounded(HALF_ACCUMULATION[dtype](), dtype)
+    want = oracle(case)
+    assert rel_err(u_from_half_similarities(case, dtype), want["u_img"]) > 5 * TOLERANCES[dtype].state
     assert_conforms(run(case, backend, dtype), case, dtype, backend)
 
 
@@ -305,14 +337,22 @@ def test_fp16_tiny_weights_with_loss_scaling(backend):
 
 
 def test_float64_on_triton_resolves_to_torch():
-    """Triton has no float64 kernels: the one resolution rule sends float64 to the torch backend."""
+    """Triton has no float64 kernels: the one resolution rule sends float64 to the torch backend (which is
+    why the suite generates no Triton x float64 case): ``backend="triton"`` on float64 inputs gives the
+    torch backend's numbers, bit for bit."""
     from drrho_kernels.backends import resolve
     device = torch.device(TRITON_DEVICE or "cpu")
-    if TRITON_DEVICE is not None:
-        assert resolve("triton", device, torch.float64) == "torch"
-        assert resolve("triton", device, torch.float32) == "triton"
+    if TRITON_DEVICE is None:
+        pytest.skip("triton cannot run here")
+    assert resolve("triton", device, torch.float64) == "torch"
+    assert resolve("triton", device, torch.float32) == "triton"
     if device.type == "cuda":
         assert resolve("auto", device, torch.float64) == "torch"
+    case = make_case(B=5, N=11, d=4, dr=3)
+    on_triton, on_torch = run(case, "triton", torch.float64), run(case, "torch", torch.float64)
+    for key, value in on_torch.items():
+        if key != "dtypes":
+            np.testing.assert_array_equal(on_triton[key], value, err_msg=key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,16 +373,13 @@ def _gains(p, weights, grad_phi=1.0):
     return gain, None if weights.col_scale is None else grad_phi * weights.col_scale, None, None
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("ref", [True, False], ids=["ref", "noref"])
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend,dtype", backend_dtypes([torch.float64, torch.float32, torch.bfloat16], FUSED))
 def test_fold_of_gathered_columns_gives_the_global_gradient(backend, ref, dtype):
     """The gather_u scheme's backward: a process holding rows [off, off + B) of a global batch of N,
     with every anchor's new state and margin given as the fold's columns, gets exactly the
     one-process gradient of those samples. With column gradients asked too, the columns get the
     rows' anchors' weights only (what the unfolded call gives)."""
-    if backend == "triton" and dtype == torch.float64:
-        pytest.skip("Triton has no float64 kernels")
     from drrho_kernels import ops
     from drrho_kernels.functional import fused_terms
     W, B = 3, 5
@@ -377,14 +414,11 @@ def test_fold_of_gathered_columns_gives_the_global_gradient(backend, ref, dtype)
             torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("ref", [True, False], ids=["ref", "noref"])
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend,dtype", backend_dtypes([torch.float64, torch.float32], FUSED))
 def test_transpose_trick_equals_the_general_path(backend, ref, dtype):
     """One process (one similarity matrix per chunk feeds both directions) gives what the
     two-matrix path gives with the rows' own weights as the fold's columns: forward and backward."""
-    if backend == "triton" and dtype == torch.float64:
-        pytest.skip("Triton has no float64 kernels")
     from drrho_kernels import ops
     from drrho_kernels.functional import fused_terms
     case = make_case(B=21, d=5, dr=3, ref=ref, seed=2)
@@ -439,14 +473,11 @@ def _scale_error(got: float, want: dict, k: str, s: float, rho: float) -> float:
     return abs(got - want[f"d_s_{k}"]) / (abs(want[f"d_s_{k}"]) + 1e-3 * terms)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("form", ["no_multiply_tau", "per_direction", "per_direction_tied"])
 @pytest.mark.parametrize("name", FORM_CASES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,dtype", backend_dtypes([torch.float64, torch.float32, torch.bfloat16], BACKENDS))
 def test_temperature_form_matches_oracle(backend, name, form, dtype):
     from family_oracle import global_oracle
-    if backend == "triton" and dtype == torch.float64:
-        pytest.skip("float64 resolves to the torch backend")
     case = rounded(CASES[name](), dtype)
     s_txt = case.logit_scale * (0.6 if form == "per_direction" else 1.0)
     oracle_form = "no_multiply_tau" if form == "no_multiply_tau" else "per_direction"
@@ -528,17 +559,14 @@ def run_individual(case: Case, states, backend, dtype, epoch, options):
 INDIVIDUAL_OPTIONS = dict(lr=0.0133, beta1=0.9, beta2=0.999, eps=1e-8, tau_min=0.01, tau_max=1.0, grad_clamp=5.0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("epoch", [0, 1, 2])
 @pytest.mark.parametrize("ref", [True, False], ids=["ref", "noref"])
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend,dtype", backend_dtypes([torch.float64, torch.float32, torch.bfloat16], FUSED))
 def test_individual_temperatures_match_fast_clip(backend, ref, epoch, dtype):
     """Per-sample temperatures, one process: fast_clip's loss value, embedding gradients and new tables
     (tau, u, b, m, v), with s = 100 next to s = 1 in the same tile and reset entries of u; with a
     reference model every margin is RHO-shifted (no released code does this)."""
     from family_oracle import individual_oracle
-    if backend == "triton" and dtype == torch.float64:
-        pytest.skip("float64 resolves to the torch backend")
     B = 19
     case = rounded(make_case(B=B, d=13, dr=9, ref=ref, seed=21 + epoch, gamma=0.7), dtype)
     case = dataclasses.replace(case, eps=1e-6)
@@ -564,14 +592,11 @@ DISTILL_CASES = ["single-ref-B6-d5", "single-B37-d40-dr23", "single-s100", "dist
                  "dist-offset-end-B4-N19", "dist-eps1e-4-s100", "single-special-u"]
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("multiply_tau", [True, False], ids=["multiply_tau", "no_multiply_tau"])
 @pytest.mark.parametrize("name", DISTILL_CASES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,dtype", backend_dtypes([torch.float64, torch.float32, torch.bfloat16], BACKENDS))
 def test_distillation_matches_oracle(backend, name, multiply_tau, dtype):
     from family_oracle import sogclr_oracle
-    if backend == "triton" and dtype == torch.float64:
-        pytest.skip("float64 resolves to the torch backend")
     case = rounded(CASES[name](), dtype)
     weight, teacher = 0.7, 50.0
     want = sogclr_oracle(case, multiply_tau=multiply_tau, distill_weight=weight, teacher_scale=teacher)
@@ -599,14 +624,11 @@ def test_distillation_matches_oracle(backend, name, multiply_tau, dtype):
         assert err <= bounds.get(k, tol.grad), f"{backend} {name} {k}: {err:.2e} ({errors})"
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("name", ["single-ref-B6-d5", "single-noref-B7-d9", "single-B37-d40-dr23", "dist-ref-B5-N23-d17-dr9",
                                   "dist-noref-offset0-B6-N20", "single-eps1e-6-s100"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,dtype", backend_dtypes([torch.float64, torch.float32], BACKENDS))
 def test_per_sample_outputs_match_oracle(backend, name, dtype):
     from family_oracle import per_sample_oracle
-    if backend == "triton" and dtype == torch.float64:
-        pytest.skip("float64 resolves to the torch backend")
     case = rounded(CASES[name](), dtype)
     want = per_sample_oracle(case, teacher_scale=100.0)
     device = DEVICES[backend]

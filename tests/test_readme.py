@@ -29,3 +29,14 @@ def test_documented_example_runs(where, block):
 def test_readme_commands_are_the_ci_commands():
     ci = (README.parent / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert ci in README.read_text()
+    commands = re.findall(r"```bash\n# \d\..*?\n(.*?)\n```", README.read_text(), flags=re.S)
+    install, tests = commands[0], commands[1]
+    assert tests == ci                                          # command 2 is CI's, word for word
+    assert "DRRHO_KERNELS_BUILD_CPP=1" in tests and "python -m pytest" in tests    # CI requires the extension
+    assert "DRRHO_KERNELS_BUILD_CPP" not in install             # the user's install keeps the fallback
+
+
+def test_readme_documents_the_gpu_and_mutation_commands():
+    text = README.read_text()
+    assert "python -m pytest -m gpu -rs" in text and "python tools/mutants.py" in text
+    assert (README.parent / "tools" / "mutants.py").is_file()

@@ -122,6 +122,16 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
         ops.forward("triton", k)
 
 
+def test_float64_tensors_are_refused_by_the_ops():
+    """The public API sends float64 to the torch backend; a direct call of the Triton ops refuses it."""
+    k = detached(problem(make_case(B=3, N=7, d=4), "triton", torch.float32).tiles)
+    wide = dataclasses.replace(k, **{name: getattr(k, name).double() for name in
+                                     ("img", "txt", "img_all", "txt_all", "ref_img", "ref_txt", "ref_img_all",
+                                      "ref_txt_all")})
+    with pytest.raises(TypeError, match="drrho::triton_fwd: float64 inputs have no Triton kernel"):
+        ops.forward("triton", wide)
+
+
 @pytest.mark.parametrize("arch", [80, 90, 100])
 def test_autotune_wiring(monkeypatch, arch):
     """The GPU path's pruning (no GPU needed): per-arch candidates, clamped to d and dr; grids."""

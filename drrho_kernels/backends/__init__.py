@@ -43,7 +43,15 @@ def cpp_usable(device: torch.device) -> bool:
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run on tensors of ``device`` here, best first."""
+    """Backends that can run on tensors of ``device`` here, best first (``backend="auto"`` takes the first).
+
+    Example::
+
+        >>> import drrho_kernels as dk
+        >>> names = dk.available_backends("cpu")
+        >>> names[0] in ("cpp", "torch"), "torch" in names, names[-1]    # cpp first when it is built
+        (True, True, 'reference')
+    """
     device = torch.device(device)
     names = []
     if device.type == "cuda" and triton_usable(device):
