@@ -1,7 +1,7 @@
 """Half precision on the CPU (issue 16): the C++ step in bfloat16 against torch's bfloat16 products.
 
     python -m benchmarks.cpu_half                      # ~40 min on 2 cores; -> results/cpu_half_<tag>_<date>.json
-    python -m benchmarks.cpu_half --B 512 1024 --skip-step --out /tmp/x.json      # a quick look
+    python -m benchmarks.cpu_half --B 512 1024 --skip-step --out x.json      # a quick look
 
 One run, interleaved per shape (``harness.time_steps``), forward + backward, with a reference model:
 

@@ -7,9 +7,10 @@
 //   upcast   inputs converted to float32 once per step, float32 products (ATen / MKL sgemm).
 //   brgemm   oneDNN's batch-reduce GEMM ukernel as libtorch exports it (at::native::cpublas::brgemm,
 //            ATen/native/CPUBlas.h, the routine PyTorch's CPU flash attention uses) on operands packed
-//            here in the VNNI layout ([K / 2][64 columns][2]). libtorch 2.13 runs it for bfloat16 only
-//            where oneDNN finds AMX (Sapphire Rapids and later) and for float16 only with AMX-FP16;
-//            elsewhere it throws, and the path is unusable.
+//            here in the VNNI layout ([K / 2][64 columns][2]). libtorch 2.13 runs it for bfloat16 where
+//            oneDNN has a bfloat16 ukernel for the CPU (AMX, and avx512_bf16: seen on an AMD EPYC
+//            without AMX, 2026-12-02) and for float16 only with AMX-FP16; elsewhere it throws (as on an
+//            AVX2-only CPU), and the path is unusable.
 //   mkl      MKL's cblas_gemm_bf16bf16f32 / cblas_gemm_f16f16f32 (half inputs, float32 accumulation),
 //            found at load time among libtorch's exported symbols (x86-64 Linux builds with MKL); MKL
 //            dispatches native bf16 dot products (avx512_bf16) or AMX where the CPU has them and
