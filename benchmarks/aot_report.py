@@ -92,7 +92,12 @@ VARIANTS = {
     "bwd_col_distill": ("backward", "_bwd_kernel", "bwd", dict(HAS_REF=True, IS_ROW=False, FOLD=False, DISTILL=True)),
 }
 NO_DOT = {"fwd_t_margin", "fwd_t_merge", "fwd_t_merge_extra"}   # memory-bound [B] passes, no tensor-core product
-D, DR = 768, 512
+# Embedding widths (d, dr): the widest common CLIP towers, ViT-L (768), ViT-H (1024) and ViT-bigG (1280),
+# each against a ViT-B reference (dr = 512). d = 768 is the first (and the shape of the reports before
+# these widths); 768 and 1280 are not powers of two (masked last K chunk and BD slice; BD = 512 gives
+# two and three slices). Kernels without d, dr (the merge) compile once, with D = DR = None in their rows.
+WIDTHS = ((768, 512), (1024, 512), (1280, 512))
+D, DR = WIDTHS[0]
 _EMBEDDING_ARGS = {"p_x", "p_t", "p_X", "p_T", "p_xr", "p_tr", "p_Xr", "p_Tr", "p_out_img", "p_out_txt"}
 _INT_ARGS = {"B", "N", "offset", "n_groups", "n_splits", "panel_cols"}
 
@@ -108,22 +113,33 @@ def parse_arch(text: str):
     return text if text.startswith("gfx") else int(text.removeprefix("sm_"))
 
 
-def jobs(archs=ARCHS, variants=tuple(VARIANTS), dtypes=tuple(DTYPES), seeds: bool = False):
-    """Every (variant, dtype, arch, tiles) to compile: the candidates of each arch, or (``seeds``) the
-    pool ``tiles.wave64_seeds`` the AMD tables were pruned from (clamped to D, DR)."""
+def takes_widths(variant: str) -> bool:
+    """Whether the variant's kernel has the D, DR constexprs (all but the merge kernels)."""
+    import importlib
+    module, fn_name = VARIANTS[variant][:2]
+    fn = getattr(importlib.import_module(f"drrho_kernels.backends.triton.{module}"), fn_name)
+    return "D" in fn.arg_names
+
+
+def jobs(archs=ARCHS, variants=tuple(VARIANTS), dtypes=tuple(DTYPES), seeds: bool = False, widths=WIDTHS):
+    """Every (variant, dtype, arch, tiles, D, DR) to compile: at each width (``widths``: (d, dr) pairs;
+    once, with D = DR = None, for a kernel without them), the candidates of each arch for the variant's
+    path (``tiles.candidates`` with the variant's flags: EXTRA, DISTILL), or (``seeds``) the pool
+    ``tiles.wave64_seeds`` the AMD tables were pruned from (clamped to the width)."""
     import torch
     from drrho_kernels.backends.triton import tiles as tables
     out = []
     for variant in variants:
-        kind = VARIANTS[variant][2]
-        for dt in dtypes:
-            for cc in archs:
-                if seeds and kind in tables.TABLES:
-                    cands = list(dict.fromkeys(tables.clamp(t, D, DR) for t in tables.wave64_seeds(kind)))
-                else:
-                    cands = tables.candidates(kind, D, DR, getattr(torch, DTYPES[dt]), cc)
-                for tiles in cands:
-                    out.append((variant, dt, cc, tiles))
+        kind, flags = VARIANTS[variant][2:]
+        for d, dr in (widths if takes_widths(variant) else ((None, None),)):
+            for dt in dtypes:
+                for cc in archs:
+                    if seeds and kind in tables.TABLES:
+                        cands = list(dict.fromkeys(tables.clamp(t, d, dr) for t in tables.wave64_seeds(kind)))
+                    else:
+                        cands = tables.candidates(kind, d or 0, dr or 0, getattr(torch, DTYPES[dt]), cc, flags)
+                    for tiles in cands:
+                        out.append((variant, dt, cc, tiles, d, dr))
     return out
 
 
@@ -172,7 +188,7 @@ def occupancy(cc: int, regs: int, num_warps: int, shared: int) -> dict:
 
 def _compile(job):
     """``(row, compiled kernel or None)`` of one job; a compile failure is a row with ``error``."""
-    variant, dt, cc, tiles = job
+    variant, dt, cc, tiles, d, dr = job
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -183,9 +199,9 @@ def _compile(job):
     from drrho_kernels.backends.triton import launch
     module, fn_name, kind, flags = VARIANTS[variant]
     fn = getattr(importlib.import_module(f"drrho_kernels.backends.triton.{module}"), fn_name)
-    row = {"kernel": variant, "config": tiles.name, "dtype": dt, "arch": arch_label(cc), "D": D, "DR": DR,
+    row = {"kernel": variant, "config": tiles.name, "dtype": dt, "arch": arch_label(cc), "D": d, "DR": dr,
            "num_warps": tiles.num_warps, "num_stages": tiles.num_stages, "has_dot": variant not in NO_DOT}
-    constexprs = dict(D=D, DR=DR, **flags, **tiles.meta(), **launch.dot_flags(getattr(torch, DTYPES[dt]), cc))
+    constexprs = dict(D=d, DR=dr, **flags, **tiles.meta(), **launch.dot_flags(getattr(torch, DTYPES[dt]), cc))
     if kind == "bwd":
         constexprs["SCALE_P"] = dt == "fp16"
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
@@ -324,9 +340,56 @@ def problems(row: dict) -> list[str]:
     return bad
 
 
-def run(workers: int = 2, archs=ARCHS, variants=tuple(VARIANTS), dtypes=tuple(DTYPES), seeds: bool = False) -> dict:
+# What the report's rows depend on: the kernels and their jit helpers (forward, forward_transposed,
+# backward, helpers), the dot flags and FMA contraction (launch), the tables (tiles) and this script (the
+# jobs, the signature, the problems). A change to one without a new report makes the report stale
+# (tests/test_triton_aot.py::test_committed_report). Not the backend's __init__.py (it registers ops).
+SOURCES = tuple(f"drrho_kernels/backends/triton/{m}.py" for m in
+                ("backward", "forward", "forward_transposed", "helpers", "launch", "tiles")) + ("benchmarks/aot_report.py",)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def provenance() -> dict:
+    """Where and from what the report was made: UTC date, the commit (``-dirty`` when the files the
+    rows depend on, ``SOURCES``, differ from it: ``dirty_sources`` names them) and a SHA-256 of those
+    files as compiled, the Triton / torch / Python versions, the machine (CPU, cores, load), and that no
+    GPU took part (compiled ahead of time for ``GPUTarget``s; no kernel ran)."""
+    import datetime
+    import hashlib
+
+    import torch
     import triton
-    todo = jobs(archs, variants, dtypes, seeds)
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                                  check=True).stdout.rstrip("\n")   # porcelain lines start with a space
+        except (OSError, subprocess.CalledProcessError):
+            return None
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = (git("status", "--porcelain", "--", *SOURCES) or "").splitlines()
+    dirty = sorted(line[3:] for line in dirty if line.strip() and not line[3:].endswith((".pyc", "/")))
+    digest = hashlib.sha256()
+    for path in sorted(p for src in SOURCES for p in ([REPO_ROOT / src] if (REPO_ROOT / src).is_file()
+                                                        else (REPO_ROOT / src).rglob("*.py"))):
+        digest.update(str(path.relative_to(REPO_ROOT)).encode() + b"\0" + path.read_bytes())
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit + ("-dirty" if dirty else ""), "dirty_sources": dirty,
+            "sources_sha256": digest.hexdigest(), "triton": triton.__version__, "torch": torch.__version__,
+            "python": platform.python_version(), "machine": {"cpu": cpu, "cpu_count": os.cpu_count(),
+                                                              "load_average": [round(v, 2) for v in os.getloadavg()]},
+            "gpu": None, "generated": "ahead of time on a CPU machine without a GPU: triton.compile for a GPUTarget, "
+                                      "binaries read with the tools Triton ships; no kernel ran"}
+
+
+def run(workers: int = 2, archs=ARCHS, variants=tuple(VARIANTS), dtypes=tuple(DTYPES), seeds: bool = False,
+        widths=WIDTHS) -> dict:
+    import triton
+    todo = jobs(archs, variants, dtypes, seeds, widths)
     t0 = time.perf_counter()
     if workers > 1:
         with cf.ProcessPoolExecutor(workers) as pool:
@@ -335,9 +398,12 @@ def run(workers: int = 2, archs=ARCHS, variants=tuple(VARIANTS), dtypes=tuple(DT
         rows = [compile_one(j) for j in todo]
     for r in rows:
         r["problems"] = problems(r)
-    report = {"triton": triton.__version__, "python": platform.python_version(), "D": D, "DR": DR,
-              "wall_s": round(time.perf_counter() - t0, 1),
-              "note": "wall_s includes Triton cache hits (~/.triton/cache); a cold cache takes about 2 minutes",
+    report = {"triton": triton.__version__, "python": platform.python_version(),
+              "widths": [list(w) for w in widths], "variants_at_every_width": sorted(variants),
+              "compiles": len(rows), "wall_s": round(time.perf_counter() - t0, 1), "workers": workers,
+              "provenance": provenance(),
+              "note": "wall_s includes Triton cache hits (~/.triton/cache); a cold cache takes about 30 minutes on "
+                      "2 cores (about 600 compiles)",
               "rows": rows}
     if any(isinstance(a, str) for a in archs):
         from drrho_kernels.backends.triton import launch
@@ -365,14 +431,15 @@ def amd_unavailable() -> str | None:
 
 
 def amd_summary(report: dict) -> str:
-    lines = [f"triton {report['triton']}: {len(report['rows'])} AMD compiles in {report['wall_s']} s (d={D}, dr={DR})",
-             f"{'kernel':<21}{'dtype':<6}{'arch':<8}{'config':<38}{'vgpr':>5}{'agpr':>5}{'sgpr':>5}{'scr':>5}"
+    lines = [f"triton {report['triton']}: {len(report['rows'])} AMD compiles in {report['wall_s']} s "
+             f"(d, dr: {', '.join(f'{d}:{dr}' for d, dr in report['widths'])})",
+             f"{'kernel':<21}{'D':>5} {'dtype':<6}{'arch':<8}{'config':<38}{'vgpr':>5}{'agpr':>5}{'sgpr':>5}{'scr':>5}"
              f"{'LDS KiB':>8}{'mfma':>6}{'w/SIMD':>7}  problems"]
     for r in report["rows"]:
         if "error" in r:
-            lines.append(f"{r['kernel']:<21}{r['dtype']:<6}{r['arch']:<8}{r['config']:<38} ERROR {r['error']}")
+            lines.append(f"{r['kernel']:<21}{r['D'] or '-':>5} {r['dtype']:<6}{r['arch']:<8}{r['config']:<38} ERROR {r['error']}")
             continue
-        lines.append(f"{r['kernel']:<21}{r['dtype']:<6}{r['arch']:<8}{r['config']:<38}{r['vgprs']:>5}{r['agprs']:>5}"
+        lines.append(f"{r['kernel']:<21}{r['D'] or '-':>5} {r['dtype']:<6}{r['arch']:<8}{r['config']:<38}{r['vgprs']:>5}{r['agprs']:>5}"
                      f"{r['sgprs']:>5}{r['scratch_bytes']:>5}{r['lds_bytes'] / 1024:>8.1f}{r['mfma_count']:>6}"
                      f"{r['waves_per_simd']:>7}  {'; '.join(r['problems'])}")
     return "\n".join(lines)
@@ -381,14 +448,15 @@ def amd_summary(report: dict) -> str:
 def summary(report: dict) -> str:
     if "targets" in report:
         return amd_summary(report)
-    lines = [f"triton {report['triton']}: {len(report['rows'])} compiles in {report['wall_s']} s (d={D}, dr={DR})",
-             f"{'kernel':<13}{'dtype':<6}{'arch':<7}{'config':<38}{'regs':>5}{'spill':>6}{'smem KiB':>9}"
+    lines = [f"triton {report['triton']}: {len(report['rows'])} compiles in {report['wall_s']} s "
+             f"(d, dr: {', '.join(f'{d}:{dr}' for d, dr in report['widths'])})",
+             f"{'kernel':<21}{'D':>5} {'dtype':<6}{'arch':<7}{'config':<38}{'regs':>5}{'spill':>6}{'smem KiB':>9}"
              f"{'mma':>5}{'prog/SM':>8}  problems"]
     for r in report["rows"]:
         if "error" in r:
-            lines.append(f"{r['kernel']:<13}{r['dtype']:<6}{r['arch']:<7}{r['config']:<38} ERROR {r['error']}")
+            lines.append(f"{r['kernel']:<21}{r['D'] or '-':>5} {r['dtype']:<6}{r['arch']:<7}{r['config']:<38} ERROR {r['error']}")
             continue
-        lines.append(f"{r['kernel']:<13}{r['dtype']:<6}{r['arch']:<7}{r['config']:<38}{r['registers']:>5}"
+        lines.append(f"{r['kernel']:<21}{r['D'] or '-':>5} {r['dtype']:<6}{r['arch']:<7}{r['config']:<38}{r['registers']:>5}"
                      f"{r['spill_local_bytes'] + r['stack_bytes']:>6}{r['shared_bytes'] / 1024:>9.1f}"
                      f"{r['mma_count']:>5}{r['programs_per_sm']:>8}  {'; '.join(r['problems'])}")
     return "\n".join(lines)
@@ -411,12 +479,18 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", nargs="*", default=list(DTYPES))
     parser.add_argument("--seeds", action="store_true",
                         help="compile tiles.wave64_seeds (the pool of the AMD tables) instead of the candidates")
+    parser.add_argument("--widths", nargs="*", default=None, metavar="D:DR",
+                        help="embedding widths d:dr to compile at (default: every one of WIDTHS, "
+                             + " ".join(f"{d}:{dr}" for d, dr in WIDTHS) + ")")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default benchmarks/results/...; one family only)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("aot_report: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)", file=sys.stderr)
         return 2
+    widths = tuple(tuple(int(v) for v in w.split(":")) for w in args.widths) if args.widths else WIDTHS
+    if any(len(w) != 2 for w in widths):
+        parser.error(f"--widths {args.widths}: each d:dr, e.g. 768:512")
     families = ("nvidia", "amd") if args.family == "all" else (args.family,)
     if args.out is not None and len(families) > 1:
         parser.error("--out names one report: give --family nvidia or amd")
@@ -429,7 +503,7 @@ def main(argv=None) -> int:
         archs = tuple(parse_arch(a) for a in args.archs) if args.archs else FAMILIES[family]
         if any(isinstance(a, str) != (family == "amd") for a in archs):
             parser.error(f"--archs {args.archs} are not {family} targets")
-        report = run(args.workers, archs, tuple(args.variants), tuple(args.dtypes), args.seeds)
+        report = run(args.workers, archs, tuple(args.variants), tuple(args.dtypes), args.seeds, widths)
         out = args.out or default_out(family, args.seeds)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1) + "\n")

@@ -50,8 +50,10 @@ def _padded(n: int, block: int) -> int:
 DISTILL_EXPS = 2     # per score and direction: exp(s <x, T>) of the student, exp(t_d <xr, Tr>) of the teacher
 
 
-def _candidates(kernel, d, dr, dtype, arch):
-    return tile_tables.candidates(kernel, d, dr, getattr(torch, dtype), arch)
+def _candidates(kernel, d, dr, dtype, arch, extra=False):
+    """The launcher's candidates (``extra``: the EXTRA / DISTILL path's table, as distillation launches)."""
+    return tile_tables.candidates(kernel, d, dr, getattr(torch, dtype), arch,
+                                  {tile_tables.PATH_FLAGS.get(kernel, "EXTRA"): extra})
 
 
 def _fixed(name, tiles, programs, hbm_bytes, exps=0):
@@ -82,7 +84,7 @@ def transposed_forward_kernels(B, d, dr, dtype, ref, arch=90, programs_per_sm=1,
     per panel, scale [2, B] and margins [B], the partials written once and read by the merge, which writes
     the statistics [2, 3, B]; the partial slots' read-modify-writes stay in L2 (``l2_partial_bytes``)."""
     dr_eff = dr if ref else 0
-    cands = _candidates("fwdt", d, dr_eff, dtype, arch)
+    cands = _candidates("fwdt", d, dr_eff, dtype, arch, distill)
     t = tiles or cands[0]
     vec_bytes = (d + dr_eff) * ELEM[dtype]
     plan = tile_tables.transposed_plan(B, max(c.BM for c in cands), max(c.BN for c in cands), vec_bytes, sms, l2_bytes)
@@ -121,12 +123,13 @@ def triton_kernels(B, N, d, dr=None, dtype="bfloat16", ref=True, column_grads=No
     dr_eff = dr if ref else 0
     column_grads = (N != B) if column_grads is None else column_grads
     elem = ELEM[dtype]
-    t_fwd = (tiles or {}).get("fwd") or _candidates("fwd", d, dr_eff, dtype, arch)[0]
-    t_bwd = (tiles or {}).get("bwd") or _candidates("bwd", d, dr_eff, dtype, arch)[0]
+    t_fwd = (tiles or {}).get("fwd") or _candidates("fwd", d, dr_eff, dtype, arch, distill)[0]
+    t_bwd = (tiles or {}).get("bwd") or _candidates("bwd", d, dr_eff, dtype, arch, distill)[0]
     concurrent = sms * programs_per_sm
     vec = lambda n: n * (d + dr_eff) * elem            # noqa: E731  target + reference vectors
     common = dict(d=d, dr=dr, ref=ref, concurrent=concurrent)
-    if N == B and not column_grads:
+    # one process: the transposed forward, except where its path has no spill-free tile (launcher's rule)
+    if N == B and not column_grads and tile_tables.transposed_forward_runs(getattr(torch, dtype), arch, distill):
         ks = transposed_forward_kernels(B, d, dr, dtype, ref, arch, programs_per_sm, sms, tiles=(tiles or {}).get("fwdt"),
                                         distill=distill)
     else:

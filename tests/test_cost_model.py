@@ -29,12 +29,28 @@ def test_triton_and_floor_flops_by_hand_bfloat16(d, dr, slices):
 
 @pytest.mark.parametrize("shape", cost_model.SHAPES)
 def test_distillation_adds_no_product_only_exponentials(shape):
+    """Same tiles (the plain path's defaults; the EXTRA / DISTILL tables may pick smaller ones, whose
+    padding changes the executed FLOPs) on sm_100, where every path has its transposed forward."""
+    d = shape["d"]
+    dr = shape.get("dr") or d
     for dtype in ("bfloat16", "float32"):
-        plain = cost_model.triton_cost(**shape, dtype=dtype)
-        distill = cost_model.triton_cost(**shape, dtype=dtype, distill=True)
+        same = {k: cost_model._candidates(k, d, dr, dtype, 100)[0] for k in ("fwd", "fwdt", "bwd")}
+        plain = cost_model.triton_cost(**shape, dtype=dtype, arch=100, tiles=same)
+        distill = cost_model.triton_cost(**shape, dtype=dtype, arch=100, tiles=same, distill=True)
         assert distill["flops"] == plain["flops"]
         assert distill["exps"] == pytest.approx(3 * plain["exps"], rel=2e-3)   # the merge's few exps stay
         assert distill["hbm_bytes"] > plain["hbm_bytes"]
+
+
+def test_float32_distillation_in_one_process_on_sm90_runs_the_general_forward():
+    """Where the transposed forward's EXTRA path has no spill-free tile (float32, sm_80 / sm_90), the model
+    follows the launcher: the general forward, each score tile once per direction (twice the products)."""
+    shape = dict(B=4096, N=4096, d=512, dr=512, dtype="float32", arch=90)
+    plain = {k["kernel"]: k for k in cost_model.triton_kernels(**shape)}
+    distill = {k["kernel"]: k for k in cost_model.triton_kernels(**shape, distill=True)}
+    assert "fwd_t" in plain and "fwd" not in plain
+    assert "fwd" in distill and "fwd_t" not in distill
+    assert distill["fwd"]["score_flops"] == 2 * plain["fwd_t"]["score_flops"] == 2 * 2 * 4096 * 4096 * 1024
 
 
 def test_distillation_needs_the_teacher():

@@ -177,3 +177,24 @@ def test_tiles_are_built_with_keywords():
         tiles.Tiles(64, 32, 32, 32, 128, 8, 2)       # positional: refused
     t = tiles.Tiles(BM=64, BN=32, num_warps=4, num_stages=2)
     assert t.meta() == {"BM": 64, "BN": 32} and t.name == "BM64_BN32_w4_s2"
+
+
+@pytest.mark.parametrize("arch,extra,transposed", [(80, True, False), (90, True, False), (100, True, True),
+                                                    (80, False, True)])
+def test_one_process_forward_falls_back_where_the_transposed_kernel_spills(monkeypatch, arch, extra, transposed):
+    """fp32 with EXTRA (distillation) on sm_80 / sm_90: the transposed kernel has no spill-free tile
+    (empty table groups), so the one-process forward runs the general kernel with the rows as columns;
+    it meets the oracle. The choice is read from the tables (the GPU arch faked, the kernels interpreted)."""
+    import test_conformance as conf
+    calls = []
+    real = ft.forward_transposed
+    monkeypatch.setattr(ft, "forward_transposed", lambda k, *a: calls.append(1) or real(k, *a))
+    monkeypatch.setattr(triton_forward, "INTERPRETING", False)
+    monkeypatch.setattr(triton_forward, "device_arch", lambda device: arch)
+    assert tiles.transposed_forward_runs(torch.float32, arch, extra) == transposed
+    if extra:
+        conf.test_distillation_matches_oracle("triton", "single-B37-d40-dr23", True, torch.float32)
+    else:
+        case = rounded(conf.CASES["single-ref-B6-d5"](), torch.float32)
+        assert_conforms(run(case, "triton", torch.float32), case, torch.float32, "triton")
+    assert bool(calls) == transposed

@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 from .helpers import _group_exponent, _online, _pair_dots, _scores, _scores_split, _store_stats
-from .launch import dot_flags, f32, launch, operands
+from .launch import INTERPRETING, device_arch, dot_flags, f32, launch, operands
+from .tiles import transposed_forward_runs
 
 
 @triton.jit(do_not_specialize=["B", "N", "offset"])
@@ -98,8 +99,10 @@ def _fwd_kernel(p_x, p_t, p_X, p_T, p_xr, p_tr, p_Xr, p_Tr, p_scale, p_stats, p_
 
 def forward(k):
     """``(stats [2, 3, B], margin [B])`` (float32) of a ``TileInputs``: the one-process forward
-    (``forward_transposed``, each score tile once) or ``_fwd_kernel``."""
-    if k.columns_are_rows:
+    (``forward_transposed``, each score tile once) or ``_fwd_kernel`` (columns given, or one process on a
+    path and GPU where the transposed kernel has no spill-free configuration: ``tiles.transposed_forward_runs``)."""
+    if k.columns_are_rows and (INTERPRETING or transposed_forward_runs(
+            k.img.dtype, device_arch(k.img.device), k.with_distill or k.with_alone)):
         from .forward_transposed import forward_transposed
         return forward_transposed(k)
     x, t, X, T, xr, tr, Xr, Tr = operands(k)

@@ -188,19 +188,22 @@ def _fwd_t_merge_kernel(p_row_part, p_col_part, p_stats, B, n_groups, n_splits, 
         _store_stats(p_stats + (NSTAT + 3 * g) * B, b_max, b_e, b_f, o_m64, m_m, B)
 
 
-def _largest_blocks(D: int, DR: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
-    """(BM, BN) maxima over the configurations ``_fwd_t_kernel`` may run with on ``device``."""
+def _largest_blocks(D: int, DR: int, dtype: torch.dtype, device: torch.device,
+                    extra: bool = False) -> tuple[int, int]:
+    """(BM, BN) maxima over the configurations ``_fwd_t_kernel`` may run with on ``device`` (of the
+    EXTRA path's table with ``extra``)."""
     if INTERPRETING:
         return INTERPRETER_TILES["fwdt"].BM, INTERPRETER_TILES["fwdt"].BN
-    tiles = candidates("fwdt", D, DR, dtype, device_arch(device))
+    tiles = candidates("fwdt", D, DR, dtype, device_arch(device), dict(EXTRA=extra))
     return max(t.BM for t in tiles), max(t.BN for t in tiles)
 
 
-def plan_for(B: int, D: int, DR: int, dtype: torch.dtype, device: torch.device) -> Plan:
+def plan_for(B: int, D: int, DR: int, dtype: torch.dtype, device: torch.device, extra: bool = False) -> Plan:
     """The plan of this call: from the device's SM count and L2 size, and the largest tiles among the
-    candidates (so that every autotuned configuration has at least one block per group and split)."""
+    candidates of its path (``extra``: EXTRA; so that every autotuned configuration has at least one
+    block per group and split)."""
     vec_bytes = (D + DR) * torch.empty((), dtype=dtype).element_size()
-    bm, bn = _largest_blocks(D, DR, dtype, device)
+    bm, bn = _largest_blocks(D, DR, dtype, device, extra)
     if INTERPRETING:
         return transposed_plan(B, bm, bn, vec_bytes, INTERPRETER_SMS, INTERPRETER_L2_BYTES)
     props = torch.cuda.get_device_properties(device)
@@ -216,14 +219,14 @@ def forward_transposed(k, plan: Plan | None = None):
     B, D = x.shape
     DR = k.ref_dim
     f32_opts = dict(dtype=torch.float32, device=x.device)
+    extra = k.with_distill or k.with_alone
     if plan is None:
-        plan = plan_for(B, D, DR, x.dtype, x.device)
+        plan = plan_for(B, D, DR, x.dtype, x.device, extra)
     else:
-        bm, bn = _largest_blocks(D, DR, x.dtype, x.device)
+        bm, bn = _largest_blocks(D, DR, x.dtype, x.device, extra)
         if not (1 <= plan.groups <= triton.cdiv(B, bn) and 1 <= plan.splits <= triton.cdiv(B, bm)):
             raise ValueError(f"plan {plan}: needs 1 <= groups <= {triton.cdiv(B, bn)} column blocks and "
                              f"1 <= splits <= {triton.cdiv(B, bm)} row blocks at B = {B}")
-    extra = k.with_distill or k.with_alone
     n_stat = k.n_stats
     margin = torch.empty(B, **f32_opts)
     positives = torch.empty(2, B, **f32_opts)

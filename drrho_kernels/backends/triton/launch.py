@@ -87,18 +87,21 @@ def dot_flags(dtype: torch.dtype, arch: int | str | None = None) -> dict:
     return dict(PREC=prec, UPCAST=INTERPRETING and dtype == torch.bfloat16)
 
 
-def default_tiles(kernel: str, D: int, DR: int, dtype: torch.dtype, arch: int | str) -> Tiles:
+def default_tiles(kernel: str, D: int, DR: int, dtype: torch.dtype, arch: int | str,
+                  flags: dict | None = None) -> Tiles:
     """What runs without autotuning: the first candidate (the fixed small tiles in the interpreter)."""
     if INTERPRETING:
         return INTERPRETER_TILES[kernel]
-    return candidates(kernel, D, DR, dtype, arch)[0]
+    return candidates(kernel, D, DR, dtype, arch, flags)[0]
 
 
 def _prune(kernel: str):
     def prune(configs, named_args, **kwargs):
+        # the launch's arguments and constexprs: D, DR, the dtype of p_x and the path flags (EXTRA,
+        # DISTILL) pick the candidates, through tiles.candidates alone
         args = {**named_args, **kwargs}
         x = args["p_x"]
-        return [c.config() for c in candidates(kernel, args["D"], args["DR"], x.dtype, device_arch(x.device))]
+        return [c.config() for c in candidates(kernel, args["D"], args["DR"], x.dtype, device_arch(x.device), args)]
     return prune
 
 

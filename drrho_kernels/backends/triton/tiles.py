@@ -63,39 +63,39 @@ _FWD_FP32_SMALL = (Tiles(BM=128, BN=64, BK=16, BKR=16, num_warps=8, num_stages=3
                    Tiles(BM=64, BN=64, BK=16, BKR=16, num_warps=4, num_stages=3))
 _FWD = {
     ("half", "hopper"): (Tiles(BM=128, BN=128, BK=64, BKR=64, num_warps=8, num_stages=3),
-                         Tiles(BM=128, BN=64, BK=64, BKR=64, num_warps=4, num_stages=3),
                          Tiles(BM=64, BN=128, BK=64, BKR=64, num_warps=4, num_stages=3)),
     ("half", "ampere"): _FWD_HALF_SMALL,
     ("half", "blackwell"): _FWD_HALF_SMALL,
     ("fp32", "hopper"): (Tiles(BM=128, BN=64, BK=32, BKR=32, num_warps=8, num_stages=3),
                          Tiles(BM=64, BN=64, BK=32, BKR=32, num_warps=4, num_stages=3)),
     ("fp32", "ampere"): _FWD_FP32_SMALL,
-    ("fp32", "blackwell"): _FWD_FP32_SMALL,
+    ("fp32", "blackwell"): (Tiles(BM=64, BN=64, BK=16, BKR=16, num_warps=4, num_stages=3),
+                            Tiles(BM=128, BN=32, BK=16, BKR=16, num_warps=8, num_stages=3)),
 }
 # Backward (``_bwd_kernel``): the score tile plus a [BM, BD] float32 accumulator.
 _BWD_FP32 = (Tiles(BM=64, BN=64, BK=16, BKR=16, BD=128, num_warps=8, num_stages=2),
              Tiles(BM=64, BN=32, BK=32, BKR=32, BD=128, num_warps=8, num_stages=2))
 _BWD = {
     ("half", "hopper"): (Tiles(BM=64, BN=32, BK=64, BKR=64, BD=512, num_warps=8, num_stages=2),
-                         Tiles(BM=64, BN=64, BK=64, BKR=64, BD=256, num_warps=8, num_stages=3),
-                         Tiles(BM=128, BN=64, BK=64, BKR=64, BD=128, num_warps=8, num_stages=3)),
+                         Tiles(BM=64, BN=64, BK=64, BKR=64, BD=256, num_warps=8, num_stages=3)),
     ("half", "ampere"): (Tiles(BM=64, BN=64, BK=32, BKR=32, BD=256, num_warps=8, num_stages=3),
                          Tiles(BM=64, BN=32, BK=32, BKR=32, BD=256, num_warps=8, num_stages=3)),
-    ("half", "blackwell"): (Tiles(BM=64, BN=32, BK=32, BKR=32, BD=256, num_warps=8, num_stages=3),),
+    ("half", "blackwell"): (Tiles(BM=64, BN=32, BK=32, BKR=32, BD=256, num_warps=8, num_stages=3),
+                            Tiles(BM=64, BN=32, BK=16, BKR=16, BD=256, num_warps=8, num_stages=3),
+                            Tiles(BM=64, BN=32, BK=32, BKR=32, BD=256, num_warps=8, num_stages=2)),
     ("fp32", "hopper"): _BWD_FP32 + (Tiles(BM=64, BN=16, BK=16, BKR=16, BD=256, num_warps=8, num_stages=2),),
     ("fp32", "ampere"): _BWD_FP32,
-    ("fp32", "blackwell"): _BWD_FP32,
+    ("fp32", "blackwell"): (_BWD_FP32[0], Tiles(BM=64, BN=16, BK=16, BKR=16, BD=128, num_warps=8, num_stages=2)),
 }
 # Forward, one process (``_fwd_t_kernel``): each score tile feeds the row and the column statistics.
 _FWDT_FP32 = (Tiles(BM=128, BN=32, BK=16, BKR=16, num_warps=8, num_stages=3),
               Tiles(BM=64, BN=32, BK=32, BKR=32, num_warps=4, num_stages=3))
 _FWDT = {
     ("half", "hopper"): (Tiles(BM=64, BN=64, BK=64, BKR=64, num_warps=4, num_stages=2),
-                         Tiles(BM=128, BN=32, BK=64, BKR=64, num_warps=8, num_stages=3),
                          Tiles(BM=64, BN=64, BK=32, BKR=32, num_warps=8, num_stages=3),
                          Tiles(BM=64, BN=32, BK=64, BKR=64, num_warps=4, num_stages=3)),
-    ("half", "ampere"): (Tiles(BM=64, BN=64, BK=32, BKR=32, num_warps=8, num_stages=3),
-                         Tiles(BM=128, BN=32, BK=16, BKR=16, num_warps=8, num_stages=3)),
+    ("half", "ampere"): (Tiles(BM=128, BN=32, BK=16, BKR=16, num_warps=8, num_stages=3),
+                         Tiles(BM=64, BN=16, BK=16, BKR=16, num_warps=8, num_stages=3)),
     ("half", "blackwell"): (Tiles(BM=128, BN=32, BK=32, BKR=32, num_warps=8, num_stages=3),
                             Tiles(BM=64, BN=32, BK=64, BKR=64, num_warps=4, num_stages=3)),
     ("fp32", "hopper"): (Tiles(BM=64, BN=64, BK=16, BKR=16, num_warps=8, num_stages=3),) + _FWDT_FP32,
@@ -150,7 +150,67 @@ _AMD_FWDT = {
 # The margin and merge kernels are memory-bound one-shots over [B] (no dot): one configuration each.
 MARGIN_TILES = Tiles(BM=32, BK=64, BKR=64, num_warps=4, num_stages=1)
 MERGE_TILES = Tiles(BM=256, num_warps=4, num_stages=1)
-TABLES = {"fwd": {**_FWD, **_AMD_FWD}, "fwdt": {**_FWDT, **_AMD_FWDT}, "bwd": {**_BWD, **_AMD_BWD}}
+# NVIDIA, the EXTRA / DISTILL paths (distillation, per-sample outputs): the teacher's and the reference's
+# score tiles kept apart and more statistics need more registers than the plain kernels at the same tile
+# (up to 1.2 KiB of stack per thread at the plain tables' tiles), so these paths have their own, smaller
+# tiles. Every table (plain and path) was pruned at d = 1280 and then compiled at d = 768, 1024, 1280
+# (dr = 512) with Triton 3.6 and 3.9 (benchmarks/aot_report.py); what spilled anywhere was dropped, the
+# first of each list is the largest tile left.
+_FWD_EXTRA = {
+    ("half", "hopper"): (Tiles(BM=64, BN=128, BK=64, BKR=64, num_warps=8, num_stages=3),
+                         Tiles(BM=64, BN=64, BK=64, BKR=64, num_warps=8, num_stages=3),
+                         Tiles(BM=128, BN=32, BK=64, BKR=64, num_warps=8, num_stages=3),
+                         Tiles(BM=64, BN=64, BK=32, BKR=32, num_warps=8, num_stages=3)),
+    ("half", "ampere"): (Tiles(BM=128, BN=64, BK=16, BKR=16, num_warps=8, num_stages=3),
+                         Tiles(BM=64, BN=128, BK=16, BKR=16, num_warps=8, num_stages=3),
+                         Tiles(BM=64, BN=64, BK=32, BKR=32, num_warps=8, num_stages=3)),
+    ("half", "blackwell"): (Tiles(BM=64, BN=128, BK=16, BKR=16, num_warps=8, num_stages=3),
+                            Tiles(BM=128, BN=32, BK=32, BKR=32, num_warps=8, num_stages=3)),
+    ("fp32", "hopper"): (Tiles(BM=64, BN=64, BK=32, BKR=32, num_warps=8, num_stages=3),
+                         Tiles(BM=64, BN=64, BK=16, BKR=16, num_warps=8, num_stages=3),
+                         Tiles(BM=128, BN=32, BK=16, BKR=16, num_warps=8, num_stages=3)),
+    ("fp32", "ampere"): (Tiles(BM=128, BN=64, BK=16, BKR=16, num_warps=8, num_stages=3),
+                         Tiles(BM=64, BN=64, BK=16, BKR=16, num_warps=4, num_stages=3)),
+    ("fp32", "blackwell"): (Tiles(BM=128, BN=64, BK=16, BKR=16, num_warps=8, num_stages=3),
+                            Tiles(BM=64, BN=64, BK=16, BKR=16, num_warps=8, num_stages=3)),
+}
+_FWDT_EXTRA = {
+    ("half", "hopper"): (Tiles(BM=64, BN=32, BK=32, BKR=32, num_warps=8, num_stages=3),),
+    ("half", "ampere"): (Tiles(BM=64, BN=16, BK=16, BKR=16, num_warps=8, num_stages=3),),
+    ("half", "blackwell"): (Tiles(BM=64, BN=32, BK=32, BKR=32, num_warps=8, num_stages=3),
+                            Tiles(BM=64, BN=32, BK=64, BKR=64, num_warps=8, num_stages=3),
+                            Tiles(BM=64, BN=32, BK=32, BKR=32, num_warps=8, num_stages=2)),
+    # fp32 on sm_80 and sm_90: no tile is spill-free (sm_80: 16-264 B of stack at the 15 tiles tried, both
+    # Triton versions; sm_90: 8 B on 3.6 or 24 B on 3.9 for every tile): the EXTRA statistics and tf32x3's
+    # split operands exceed 255 registers per thread. Empty groups: there the one-process EXTRA forward
+    # runs the general forward kernel instead (``transposed_forward_runs``; each score tile twice).
+    ("fp32", "hopper"): (),
+    ("fp32", "ampere"): (),
+    ("fp32", "blackwell"): (Tiles(BM=64, BN=32, BK=32, BKR=32, num_warps=8, num_stages=3),
+                            Tiles(BM=64, BN=32, BK=16, BKR=16, num_warps=8, num_stages=3)),
+}
+_BWD_DISTILL = {
+    ("half", "hopper"): (Tiles(BM=64, BN=32, BK=64, BKR=64, BD=512, num_warps=8, num_stages=2),
+                         Tiles(BM=64, BN=32, BK=64, BKR=64, BD=256, num_warps=8, num_stages=3)),
+    ("half", "ampere"): (Tiles(BM=64, BN=64, BK=32, BKR=32, BD=256, num_warps=8, num_stages=3),
+                         Tiles(BM=64, BN=32, BK=32, BKR=32, BD=256, num_warps=8, num_stages=3)),
+    ("half", "blackwell"): (Tiles(BM=64, BN=32, BK=32, BKR=32, BD=128, num_warps=8, num_stages=3),),
+    ("fp32", "hopper"): (Tiles(BM=64, BN=64, BK=16, BKR=16, BD=128, num_warps=8, num_stages=2),
+                         Tiles(BM=64, BN=32, BK=32, BKR=32, BD=128, num_warps=8, num_stages=2)),
+    ("fp32", "ampere"): (Tiles(BM=64, BN=32, BK=32, BKR=32, BD=128, num_warps=8, num_stages=2),
+                         Tiles(BM=64, BN=32, BK=16, BKR=16, BD=128, num_warps=8, num_stages=2)),
+    ("fp32", "blackwell"): (Tiles(BM=64, BN=32, BK=32, BKR=32, BD=128, num_warps=8, num_stages=2),
+                            Tiles(BM=64, BN=32, BK=16, BKR=16, BD=128, num_warps=8, num_stages=2)),
+}
+# The tables per kernel and path: the plain kernels' ("fwd", "fwdt", "bwd") and their EXTRA / DISTILL
+# paths' ("fwd_extra", "fwdt_extra", "bwd_distill"; :func:`table_name` picks). The AMD tables were
+# pruned with every path compiled, so each AMD path table is its kernel's.
+TABLES = {"fwd": {**_FWD, **_AMD_FWD}, "fwdt": {**_FWDT, **_AMD_FWDT}, "bwd": {**_BWD, **_AMD_BWD},
+          "fwd_extra": {**_FWD_EXTRA, **_AMD_FWD}, "fwdt_extra": {**_FWDT_EXTRA, **_AMD_FWDT},
+          "bwd_distill": {**_BWD_DISTILL, **_AMD_BWD}}
+# The constexpr flag of each kernel whose path has its own table (all in TUNE_KEYS: the autotuner keeps
+# one choice per path).
+PATH_FLAGS = {"fwd": "EXTRA", "fwdt": "EXTRA", "bwd": "DISTILL"}
 NVIDIA_GENERATIONS = ("ampere", "hopper", "blackwell")
 AMD_GENERATIONS = {"gfx90a": "cdna2", "gfx940": "cdna3", "gfx941": "cdna3", "gfx942": "cdna3", "gfx950": "cdna4"}
 TUNE_KEYS = {"fwd": ["D", "DR", "HAS_REF", "EXTRA"], "fwdt": ["D", "DR", "HAS_REF", "EXTRA"],
@@ -188,21 +248,42 @@ def clamp(t: Tiles, D: int, DR: int) -> Tiles:
                    BD=t.BD and min(t.BD, _pow2_at_least_16(D)))
 
 
-def candidates(kernel: str, D: int, DR: int, dtype: torch.dtype, arch: int | str = HOPPER) -> list[Tiles]:
+def table_name(kernel: str, flags: dict | None = None) -> str:
+    """The table of ``kernel`` ("fwd", "fwdt" or "bwd") for a launch with constexpr ``flags`` (any
+    mapping; only ``PATH_FLAGS[kernel]`` is read): "fwd_extra" / "fwdt_extra" with EXTRA, "bwd_distill"
+    with DISTILL, else ``kernel``. The one place that maps a launch to its table."""
+    flag = PATH_FLAGS.get(kernel)
+    if flag is not None and flags and flags.get(flag):
+        return f"{kernel}_{flag.lower()}"
+    return kernel
+
+
+def candidates(kernel: str, D: int, DR: int, dtype: torch.dtype, arch: int | str = HOPPER,
+               flags: dict | None = None) -> list[Tiles]:
     """The configurations autotuning tries for ``kernel`` ("fwd", "fwdt" or "bwd") on ``arch`` (a
-    compute capability, 90 = sm_90, or an AMD gfx name, "gfx942"), clamped to ``D``, ``DR`` and
-    deduplicated; the first is the default.
+    compute capability, 90 = sm_90, or an AMD gfx name, "gfx942") with constexpr ``flags`` (EXTRA,
+    DISTILL: :func:`table_name`), clamped to ``D``, ``DR`` and deduplicated; the first is the default.
     "margin" and "merge" (no autotuning) have their one configuration."""
     if kernel == "margin":
         return [clamp(MARGIN_TILES, D, DR)]
     if kernel == "merge":
         return [MERGE_TILES]
-    return list(dict.fromkeys(clamp(t, D, DR) for t in TABLES[kernel][family(dtype), generation(arch)]))
+    table = TABLES[table_name(kernel, flags)]
+    return list(dict.fromkeys(clamp(t, D, DR) for t in table[family(dtype), generation(arch)]))
+
+
+def transposed_forward_runs(dtype: torch.dtype, arch: int | str, extra: bool) -> bool:
+    """Whether the one-process (transposed) forward has a configuration for ``dtype`` on ``arch`` on its
+    path (``extra``: EXTRA). Where not (an empty group of ``_FWDT_EXTRA``: every tile spills), the
+    one-process forward runs ``_fwd_kernel`` once per direction with the rows as the columns."""
+    return bool(TABLES[table_name("fwdt", dict(EXTRA=extra))][family(dtype), generation(arch)])
 
 
 def every_candidate(kernel: str) -> list[Tiles]:
-    """The union of the tables of ``kernel`` (what the autotuner is built with before pruning)."""
-    return list(dict.fromkeys(t for table in TABLES[kernel].values() for t in table))
+    """The union of the tables of ``kernel``, its EXTRA / DISTILL path's included (what the autotuner
+    is built with before pruning)."""
+    names = (kernel, table_name(kernel, {PATH_FLAGS[kernel]: True})) if kernel in PATH_FLAGS else (kernel,)
+    return list(dict.fromkeys(t for name in names for table in TABLES[name].values() for t in table))
 
 
 def wave64_seeds(kernel: str) -> list[Tiles]:
