@@ -88,13 +88,17 @@ def machine_info(device: str = "cpu") -> dict:
 
 
 def summarize(samples) -> dict:
+    """Median, p20, p80 and the count of ``samples``, and the samples themselves in round order
+    (``samples_s``: per-round ratios between implementations timed in the same rounds)."""
+    in_rounds = [float(t) for t in samples]
     samples = sorted(samples)
 
     def pct(q):
         k = (len(samples) - 1) * q
         lo, hi = int(k), min(int(k) + 1, len(samples) - 1)
         return samples[lo] + (samples[hi] - samples[lo]) * (k - lo)
-    return {"median_s": statistics.median(samples), "p20_s": pct(0.2), "p80_s": pct(0.8), "n_repeat": len(samples)}
+    return {"median_s": statistics.median(samples), "p20_s": pct(0.2), "p80_s": pct(0.8), "n_repeat": len(samples),
+            "samples_s": in_rounds}
 
 
 def timed(step, device: str = "cpu") -> float:

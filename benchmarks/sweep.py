@@ -25,6 +25,7 @@ import importlib.util
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -249,18 +250,25 @@ def cpp_profile(row: dict) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """``speedup_vs_unfused`` = t_unfused / t and ``time_over_floor`` = t / t_floor, against the rows of the
-    same run, shape and mode (a baseline without reference, ``ref`` None, against the reference run)."""
-    def match(impl, r):
+    """``speedup_vs_unfused`` = t_unfused / t and ``time_over_floor`` = t / t_floor (medians), against the
+    rows of the same run, shape and mode (a baseline without reference, ``ref`` None, against the
+    reference run); ``time_over_floor_per_round_median``: the median over rounds of t / t_floor of the same
+    round (interleaved rounds: a slow spell of the machine shared by both cancels)."""
+    def match(impl, r) -> dict:
         same = [c for c in rows if c["impl"] == impl and c["status"] == "ok" and c["median_s"]
                 and all(c[k] == r[k] for k in ("B", "N", "d", "dtype", "mode"))
                 and (r["ref"] is None or (c["ref"], c["dr"]) == (r["ref"], r["dr"]))]
-        return max(same, key=lambda c: bool(c["ref"]), default={}).get("median_s")
+        return max(same, key=lambda c: bool(c["ref"]), default={})
 
     for r in rows:
-        u, f = (match("unfused", r), match("gemm_floor", r)) if r["status"] == "ok" and r["median_s"] else (0, 0)
+        ok = r["status"] == "ok" and r["median_s"]
+        unfused, floor = (match("unfused", r), match("gemm_floor", r)) if ok else ({}, {})
+        u, f = unfused.get("median_s"), floor.get("median_s")
         r["speedup_vs_unfused"] = u / r["median_s"] if u else None
         r["time_over_floor"] = r["median_s"] / f if f else None
+        mine, theirs = r.get("samples_s") or [], floor.get("samples_s") or []
+        r["time_over_floor_per_round_median"] = (statistics.median(a / b for a, b in zip(mine, theirs))
+                                                 if mine and len(mine) == len(theirs) else None)
 
 
 def output_path(args, device: str, meta: dict) -> Path:
