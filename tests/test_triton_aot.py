@@ -60,13 +60,9 @@ def _toolchain_missing() -> str | None:
 
 
 def _amd_missing() -> str | None:
-    try:
-        from triton.backends import backends
-    except ImportError:
-        return "triton has no backends registry"
-    if "amd" not in backends:
-        return "triton was built without the AMD backend"
-    return None
+    sys.path.insert(0, str(REPO))
+    from benchmarks.aot_report import amd_unavailable
+    return amd_unavailable()
 
 
 nvidia = pytest.mark.skipif(_toolchain_missing() is not None, reason=str(_toolchain_missing()))
