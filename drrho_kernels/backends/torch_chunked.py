@@ -52,6 +52,15 @@ def _similarity(rows, cols, ref_rows, ref_cols, r0, r1, acc, split=False):
     return y
 
 
+def _scores(rows, cols, ref_rows, ref_cols, r0, r1, acc, keep_parts: bool):
+    """``(sim, y, z)``: ``sim = y - z`` for rows r0:r1 and, with ``keep_parts`` (distillation, per-sample
+    outputs), the target and reference products apart (else None: one product accumulated in place)."""
+    if not keep_parts:
+        return _similarity(rows, cols, ref_rows, ref_cols, r0, r1, acc), None, None
+    y, z = _similarity(rows, cols, ref_rows, ref_cols, r0, r1, acc, split=True)
+    return (y if z is None else y - z), y, z
+
+
 def _positive_entries(r0, r1, offset, device, n_columns):
     """Index of the positive entries (row i, column offset + i) of a chunk of rows r0:r1 (none when the
     rows are not among the columns: offset + i >= N)."""
@@ -87,13 +96,15 @@ def _line(v, along_rows):
     return v[:, None] if along_rows else v[None, :]
 
 
-def _chunk_stats(sim, y, z, k: TileInputs, dim, lines, positive, margin, pos, scale):
+def _chunk_stats(sim, y, z, k: TileInputs, dim, lines, positive, margin, pos, scale, inplace=False):
     """Statistics ``[K, lines]`` of one chunk along ``dim`` (1: the chunk's rows are the anchors, 0: its
     columns are) in the order of ``_inputs.STATS``; ``margin``, ``pos`` ``[2]`` and ``scale`` are the
-    anchors' (already cut to ``lines``). ``sim`` is overwritten."""
+    anchors' (already cut to ``lines``). ``sim`` is overwritten with ``inplace`` (its last use; not ``y`` itself), ``y`` and ``z`` are read."""
     rows = dim == 1
     s = _line(scale, rows)
-    out = list(_online_stats((sim - _line(margin, rows)).mul_(s), dim, positive))
+    inplace = inplace and sim is not y
+    out = list(_online_stats((sim.sub_(_line(margin, rows)) if inplace else sim - _line(margin, rows)).mul_(s),
+                             dim, positive))
     if k.with_distill or k.with_alone:
         out += _online_stats((y - _line(pos[0], rows)).mul_(s), dim, positive)
         if k.has_ref:
@@ -129,12 +140,11 @@ def forward(k: TileInputs):
         for r0 in range(0, B, R):
             r1 = min(r0 + R, B)
             r = slice(r0, r1)
-            y, z = _similarity(k.img, T, k.ref_img, Tr, r0, r1, acc, split=True)
-            sim = y if z is None else y - z
+            sim, y, z = _scores(k.img, T, k.ref_img, Tr, r0, r1, acc, split)
             positive = _positive_entries(r0, r1, k.offset, sim.device, N)
-            img_stats.append(_chunk_stats(sim.clone(), y, z, k, 1, r1 - r0, positive, margin[r], pos[:, r], scale[0, r]))
+            img_stats.append(_chunk_stats(sim, y, z, k, 1, r1 - r0, positive, margin[r], pos[:, r], scale[0, r]))
             # column j of the chunk is text anchor j over image columns i
-            chunk = _chunk_stats(sim, y, z, k, 0, B, positive, margin, pos, scale[1])
+            chunk = _chunk_stats(sim, y, z, k, 0, B, positive, margin, pos, scale[1], inplace=True)
             col_stats = chunk if col_stats is None else _merge_all(col_stats, chunk)
         txt_stats = torch.stack(col_stats)
     else:
@@ -146,11 +156,10 @@ def forward(k: TileInputs):
             r = slice(r0, r1)
             for rows, cols, ref_rows, ref_cols, s, out in ((k.img, T, k.ref_img, Tr, scale[0], img_stats),
                                                             (k.txt, X, k.ref_txt, Xr, scale[1], txt_chunks)):
-                y, z = _similarity(rows, cols, ref_rows, ref_cols, r0, r1, acc, split=True)
-                sim = y if z is None else y - z
+                sim, y, z = _scores(rows, cols, ref_rows, ref_cols, r0, r1, acc, split)
                 positive = _positive_entries(r0, r1, k.offset, sim.device, N)
-                out.append(_chunk_stats(sim if split else sim, y, z, k, 1, r1 - r0, positive, margin[r], pos[:, r],
-                                        s[r]))
+                out.append(_chunk_stats(sim, y, z, k, 1, r1 - r0, positive, margin[r], pos[:, r],
+                                        s[r], inplace=True))
         txt_stats = _concat(txt_chunks)
     return torch.stack([_concat(img_stats), txt_stats]), margin, pos
 
@@ -159,11 +168,15 @@ def _concat(chunks):
     return torch.stack([torch.cat(parts) for parts in zip(*chunks)])
 
 
-def _weights(sim, scale, margin, log_norm, gain, along_rows: bool):
+def _weights(sim, scale, margin, log_norm, gain, along_rows: bool, inplace: bool = False):
     """``gain * exp(scale (sim - margin) - log_norm)`` with the anchor's vectors along rows ([R]) or
-    columns ([N]) of ``sim``; a new tensor."""
+    columns ([N]) of ``sim``: a new tensor, or ``sim`` overwritten (``inplace``). A positive gain is
+    folded into the exponent (``- log_norm + log gain``: one pass over the chunk less)."""
     view = (lambda v: v[:, None]) if along_rows else (lambda v: v[None, :])
-    return (sim - view(margin)).mul_(view(scale)).sub_(view(log_norm)).exp_().mul_(view(gain))
+    w = (sim.sub_(view(margin)) if inplace else sim - view(margin)).mul_(view(scale))
+    if bool((gain > 0).all()):
+        return w.sub_(view(log_norm - gain.log())).exp_()
+    return w.sub_(view(log_norm)).exp_().mul_(view(gain))
 
 
 def _distill_weights(y, z, scale, distill_scale, lse_q, lse_p, dgain, along_rows: bool):
@@ -201,10 +214,9 @@ def backward(gains, k: TileInputs, w: Weights, column_grads: bool):
             r1 = min(r0 + R, B)
             r = slice(r0, r1)
             positive = _positive_entries(r0, r1, k.offset, x_acc.device, N)
-            y, z = _similarity(k.img, t_acc, k.ref_img, Tr, r0, r1, acc, split=True)
-            sim = y if z is None else y - z
+            sim, y, z = _scores(k.img, t_acc, k.ref_img, Tr, r0, r1, acc, distill)
             p = _weights(sim, scale[0, r], margin[r], log_norm[0, r], gain[0, r], True)
-            p += _weights(sim, scale[1], margin, log_norm[1], gain[1], False)
+            p += _weights(sim, scale[1], margin, log_norm[1], gain[1], False, inplace=True)   # sim's last use
             p[positive] = 0.0
             if distill:
                 q_, p_, g_ = lse
@@ -232,8 +244,7 @@ def backward(gains, k: TileInputs, w: Weights, column_grads: bool):
         for kk, rows, rows_acc, cols, ref_rows, ref_cols, out, out_cols in (
                 (0, k.img, x_acc, T, k.ref_img, Tr, d_img, d_txt_all),
                 (1, k.txt, t_acc, X, k.ref_txt, Xr, d_txt, d_img_all)):
-            y, z = _similarity(rows, cols, ref_rows, ref_cols, r0, r1, acc, split=True)
-            sim = y if z is None else y - z
+            sim, y, z = _scores(rows, cols, ref_rows, ref_cols, r0, r1, acc, distill)
             p = _weights(sim, scale[kk, r], margin[r], log_norm[kk, r], gain[kk, r], True)
             p[positive] = 0.0
             if distill:
@@ -242,7 +253,7 @@ def backward(gains, k: TileInputs, w: Weights, column_grads: bool):
             if out_cols is not None:                 # column gradients: this process's anchors only
                 out_cols.addmm_(p.T, rows_acc[r0:r1])
             if col is not None:                      # the column anchors of the other direction
-                fold = _weights(sim, *col(1 - kk), False)
+                fold = _weights(sim, *col(1 - kk), False, inplace=True)       # sim's last use
                 fold[positive] = 0.0
                 p += fold
                 if col_distill is not None:
