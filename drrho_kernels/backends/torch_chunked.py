@@ -99,7 +99,8 @@ def _line(v, along_rows):
 def _chunk_stats(sim, y, z, k: TileInputs, dim, lines, positive, margin, pos, scale, inplace=False):
     """Statistics ``[K, lines]`` of one chunk along ``dim`` (1: the chunk's rows are the anchors, 0: its
     columns are) in the order of ``_inputs.STATS``; ``margin``, ``pos`` ``[2]`` and ``scale`` are the
-    anchors' (already cut to ``lines``). ``sim`` is overwritten with ``inplace`` (its last use; not ``y`` itself), ``y`` and ``z`` are read."""
+    anchors' (already cut to ``lines``). ``sim`` is overwritten with ``inplace`` (its last use; never
+    when it is ``y`` itself); ``y`` and ``z`` are read."""
     rows = dim == 1
     s = _line(scale, rows)
     inplace = inplace and sim is not y
@@ -168,15 +169,21 @@ def _concat(chunks):
     return torch.stack([torch.cat(parts) for parts in zip(*chunks)])
 
 
-def _weights(sim, scale, margin, log_norm, gain, along_rows: bool, inplace: bool = False):
-    """``gain * exp(scale (sim - margin) - log_norm)`` with the anchor's vectors along rows ([R]) or
-    columns ([N]) of ``sim``: a new tensor, or ``sim`` overwritten (``inplace``). A positive gain is
-    folded into the exponent (``- log_norm + log gain``: one pass over the chunk less)."""
-    view = (lambda v: v[:, None]) if along_rows else (lambda v: v[None, :])
-    w = (sim.sub_(view(margin)) if inplace else sim - view(margin)).mul_(view(scale))
+def _gain_in_exponent(log_norm, gain):
+    """``(log_norm - log gain, None)`` when every gain is positive (the weights then need no multiply: one
+    pass over each chunk less), else ``(log_norm, gain)``. Once per backward: the test syncs a GPU."""
     if bool((gain > 0).all()):
-        return w.sub_(view(log_norm - gain.log())).exp_()
-    return w.sub_(view(log_norm)).exp_().mul_(view(gain))
+        return log_norm - gain.log(), None
+    return log_norm, gain
+
+
+def _weights(sim, scale, margin, log_norm, gain, along_rows: bool, inplace: bool = False):
+    """``gain * exp(scale (sim - margin) - log_norm)`` (``gain`` None: 1, see :func:`_gain_in_exponent`)
+    with the anchor's vectors along rows ([R]) or columns ([N]) of ``sim``: a new tensor, or ``sim``
+    overwritten (``inplace``)."""
+    view = (lambda v: v[:, None]) if along_rows else (lambda v: v[None, :])
+    w = (sim.sub_(view(margin)) if inplace else sim - view(margin)).mul_(view(scale)).sub_(view(log_norm)).exp_()
+    return w if gain is None else w.mul_(view(gain))
 
 
 def _distill_weights(y, z, scale, distill_scale, lse_q, lse_p, dgain, along_rows: bool):
@@ -196,8 +203,9 @@ def backward(gains, k: TileInputs, w: Weights, column_grads: bool):
     gain, col_gain, dgain, col_dgain = gains
     acc = k.acc_dtype
     B, N = k.batch, k.n_columns
-    scale, log_norm, gain = k.scale.to(acc), w.log_norm.to(acc), gain.to(acc)
+    scale, gain = k.scale.to(acc), gain.to(acc)
     partner = (gain * w.wsum.to(acc)).sum(0)
+    log_norm, gain = _gain_in_exponent(w.log_norm.to(acc), gain)
     margin = w.margin.to(acc)
     distill = dgain is not None
     R = chunk_rows(B, N)
@@ -215,8 +223,9 @@ def backward(gains, k: TileInputs, w: Weights, column_grads: bool):
             r = slice(r0, r1)
             positive = _positive_entries(r0, r1, k.offset, x_acc.device, N)
             sim, y, z = _scores(k.img, t_acc, k.ref_img, Tr, r0, r1, acc, distill)
-            p = _weights(sim, scale[0, r], margin[r], log_norm[0, r], gain[0, r], True)
-            p += _weights(sim, scale[1], margin, log_norm[1], gain[1], False, inplace=True)   # sim's last use
+            p = _weights(sim, scale[0, r], margin[r], log_norm[0, r], None if gain is None else gain[0, r], True)
+            p += _weights(sim, scale[1], margin, log_norm[1], None if gain is None else gain[1], False,
+                          inplace=True)                              # sim's last use
             p[positive] = 0.0
             if distill:
                 q_, p_, g_ = lse
@@ -233,8 +242,10 @@ def backward(gains, k: TileInputs, w: Weights, column_grads: bool):
     Xr = None if k.ref_img is None else k.ref_img_all.to(acc)
     d_img_all = torch.zeros_like(X) if column_grads else None
     d_txt_all = torch.zeros_like(T) if column_grads else None
-    col = (lambda kk: (w.col_scale[kk].to(acc), w.col_margin.to(acc), w.col_log_norm[kk].to(acc),
-                       col_gain[kk].to(acc))) if w.fold else None
+    if w.fold:
+        col_log_norm, col_gain_w = _gain_in_exponent(w.col_log_norm.to(acc), col_gain.to(acc))
+    col = (lambda kk: (w.col_scale[kk].to(acc), w.col_margin.to(acc), col_log_norm[kk],
+                       None if col_gain_w is None else col_gain_w[kk])) if w.fold else None
     col_distill = (lambda kk: (w.col_scale[kk].to(acc), k.distill_scale, w.col_lse_q[kk].to(acc),
                                w.col_lse_p[kk].to(acc), col_dgain[kk].to(acc))) if w.fold and distill else None
     for r0 in range(0, B, R):
@@ -245,7 +256,7 @@ def backward(gains, k: TileInputs, w: Weights, column_grads: bool):
                 (0, k.img, x_acc, T, k.ref_img, Tr, d_img, d_txt_all),
                 (1, k.txt, t_acc, X, k.ref_txt, Xr, d_txt, d_img_all)):
             sim, y, z = _scores(rows, cols, ref_rows, ref_cols, r0, r1, acc, distill)
-            p = _weights(sim, scale[kk, r], margin[r], log_norm[kk, r], gain[kk, r], True)
+            p = _weights(sim, scale[kk, r], margin[r], log_norm[kk, r], None if gain is None else gain[kk, r], True)
             p[positive] = 0.0
             if distill:
                 q_, p_, g_ = lse
