@@ -419,46 +419,50 @@ def run(workers: int = 2, archs=ARCHS, variants=tuple(VARIANTS), dtypes=tuple(DT
     return report
 
 
-def amd_unavailable() -> str | None:
-    """Why this Triton cannot compile for the AMD targets (None when it can)."""
+def _backend_unavailable(name: str, label: str) -> str | None:
     try:
         from triton.backends import backends
     except ImportError:
         return "triton has no backends registry"
-    if "amd" not in backends:
-        return "triton was built without the AMD backend"
+    if name not in backends:
+        return f"triton was built without the {label} backend"
     return None
 
 
-def amd_summary(report: dict) -> str:
-    lines = [f"triton {report['triton']}: {len(report['rows'])} AMD compiles in {report['wall_s']} s "
-             f"(d, dr: {', '.join(f'{d}:{dr}' for d, dr in report['widths'])})",
-             f"{'kernel':<21}{'D':>5} {'dtype':<6}{'arch':<8}{'config':<38}{'vgpr':>5}{'agpr':>5}{'sgpr':>5}{'scr':>5}"
-             f"{'LDS KiB':>8}{'mfma':>6}{'w/SIMD':>7}  problems"]
-    for r in report["rows"]:
-        if "error" in r:
-            lines.append(f"{r['kernel']:<21}{r['D'] or '-':>5} {r['dtype']:<6}{r['arch']:<8}{r['config']:<38} ERROR {r['error']}")
-            continue
-        lines.append(f"{r['kernel']:<21}{r['D'] or '-':>5} {r['dtype']:<6}{r['arch']:<8}{r['config']:<38}{r['vgprs']:>5}{r['agprs']:>5}"
-                     f"{r['sgprs']:>5}{r['scratch_bytes']:>5}{r['lds_bytes'] / 1024:>8.1f}{r['mfma_count']:>6}"
-                     f"{r['waves_per_simd']:>7}  {'; '.join(r['problems'])}")
-    return "\n".join(lines)
+def amd_unavailable() -> str | None:
+    """Why this Triton cannot compile for the AMD targets (None when it can)."""
+    return _backend_unavailable("amd", "AMD")
+
+
+def nvidia_unavailable() -> str | None:
+    """Why this Triton cannot compile for NVIDIA targets and read the cubins (None when it can)."""
+    missing = _backend_unavailable("nvidia", "NVIDIA")
+    if missing is None and not os.path.exists(_cuobjdump()):
+        return f"no cuobjdump at {_cuobjdump()}"
+    return missing
+
+
+# (heading, row format, fields) of the summary table per family; ``D`` prints "-" for the merge kernels
+_SUMMARY = {
+    "amd": (f"{'kernel':<21}{'D':>5} {'dtype':<6}{'arch':<8}{'config':<38}{'vgpr':>5}{'agpr':>5}{'sgpr':>5}{'scr':>5}"
+            f"{'LDS KiB':>8}{'mfma':>6}{'w/SIMD':>7}  problems",
+            lambda r: f"{r['vgprs']:>5}{r['agprs']:>5}{r['sgprs']:>5}{r['scratch_bytes']:>5}"
+                      f"{r['lds_bytes'] / 1024:>8.1f}{r['mfma_count']:>6}{r['waves_per_simd']:>7}", 8, "AMD compiles"),
+    "nvidia": (f"{'kernel':<21}{'D':>5} {'dtype':<6}{'arch':<7}{'config':<38}{'regs':>5}{'spill':>6}{'smem KiB':>9}"
+               f"{'mma':>5}{'prog/SM':>8}  problems",
+               lambda r: f"{r['registers']:>5}{r['spill_local_bytes'] + r['stack_bytes']:>6}"
+                         f"{r['shared_bytes'] / 1024:>9.1f}{r['mma_count']:>5}{r['programs_per_sm']:>8}", 7, "compiles"),
+}
 
 
 def summary(report: dict) -> str:
-    if "targets" in report:
-        return amd_summary(report)
-    lines = [f"triton {report['triton']}: {len(report['rows'])} compiles in {report['wall_s']} s "
-             f"(d, dr: {', '.join(f'{d}:{dr}' for d, dr in report['widths'])})",
-             f"{'kernel':<21}{'D':>5} {'dtype':<6}{'arch':<7}{'config':<38}{'regs':>5}{'spill':>6}{'smem KiB':>9}"
-             f"{'mma':>5}{'prog/SM':>8}  problems"]
+    """The report as a fixed-width table, one line per compile."""
+    heading, fields, arch_width, what = _SUMMARY["amd" if "targets" in report else "nvidia"]
+    lines = [f"triton {report['triton']}: {len(report['rows'])} {what} in {report['wall_s']} s "
+             f"(d, dr: {', '.join(f'{d}:{dr}' for d, dr in report['widths'])})", heading]
     for r in report["rows"]:
-        if "error" in r:
-            lines.append(f"{r['kernel']:<21}{r['D'] or '-':>5} {r['dtype']:<6}{r['arch']:<7}{r['config']:<38} ERROR {r['error']}")
-            continue
-        lines.append(f"{r['kernel']:<21}{r['D'] or '-':>5} {r['dtype']:<6}{r['arch']:<7}{r['config']:<38}{r['registers']:>5}"
-                     f"{r['spill_local_bytes'] + r['stack_bytes']:>6}{r['shared_bytes'] / 1024:>9.1f}"
-                     f"{r['mma_count']:>5}{r['programs_per_sm']:>8}  {'; '.join(r['problems'])}")
+        head = f"{r['kernel']:<21}{r['D'] or '-':>5} {r['dtype']:<6}{r['arch']:<{arch_width}}{r['config']:<38}"
+        lines.append(head + (f" ERROR {r['error']}" if "error" in r else f"{fields(r)}  {'; '.join(r['problems'])}"))
     return "\n".join(lines)
 
 

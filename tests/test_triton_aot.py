@@ -47,16 +47,9 @@ NO_DOT = {"fwd_t_margin", "fwd_t_merge", "fwd_t_merge_extra"}
 
 
 def _toolchain_missing() -> str | None:
-    try:
-        from triton.backends import backends
-    except ImportError:
-        return "triton has no backends registry"
-    if "nvidia" not in backends:
-        return "triton was built without the NVIDIA backend"
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not cuobjdump.exists():
-        return f"no cuobjdump at {cuobjdump}"
-    return None
+    sys.path.insert(0, str(REPO))
+    from benchmarks.aot_report import nvidia_unavailable
+    return nvidia_unavailable()
 
 
 def _amd_missing() -> str | None:
