@@ -4,7 +4,7 @@
 //   drrho::cpp_bwd   CPU kernel: drrho::cpu::fused_bwd
 //
 // The schemas, fake (meta) implementations and autograd are defined once, on the Python side
-// (drrho_kernels/ops.py, called by drrho_kernels/backends/cpp.py before this library is imported);
+// (drrho_kernels/core/ops.py, called by drrho_kernels/backends/cpp.py before this library is imported);
 // this file only implements them (a torch::Library of kind IMPL, see register_kernels), so torch.compile
 // and torch.library.opcheck see these ops like any other. The dispatcher infers each kernel's schema from
 // its C++ signature and refuses to register one that does not match the definition.
@@ -115,6 +115,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "DRRho-CLIP fused CPU kernels: register_kernels() implements drrho::cpp_fwd and drrho::cpp_bwd.";
   module.def("register_kernels", &register_kernels,
              "Register the CPU kernels of drrho::cpp_fwd / cpp_bwd (defined on the Python side; once).");
+  module.def("tile_scalar_names", &drrho::cpu::tile_scalar_names,
+             "The order in which the kernels read the ops' `float[] scalars` (compared with TileInputs at load).");
   module.def("build_info", &build_info,
              "Build and run-time facts: torch version built against, compiler, OpenMP, SIMD level, tiling.");
   module.def(

@@ -2,15 +2,22 @@
 
 Public API: :func:`drrho_clip_loss` (functional, pure), :class:`DRRhoCLIPLoss` (module owning the
 per-sample state) and :func:`available_backends`. Importing touches no GPU.
-"""
-from .backends import available_backends
-from .functional import LossOutput, PerSample, drrho_clip_loss
-from .module import DRRhoCLIPLoss
-from .reference_features import ReferenceFeatures
-from .risk import DRRhoRisk, drrho_risk
-from .selection import jest_select, rho_select
-from .sharded_state import merge_state_shards, split_state
 
-__all__ = ["drrho_clip_loss", "DRRhoCLIPLoss", "available_backends", "PerSample", "LossOutput", "ReferenceFeatures", "drrho_risk", "DRRhoRisk",
-           "jest_select", "rho_select", "merge_state_shards", "split_state"]
+Layers, each importing only the ones before it (docs/DESIGN.md): ``core`` (inputs, options, epilogue,
+ops), ``backends``, ``loss`` (the functional path and its checks), ``parallel`` (collectives, schemes,
+sharded state), then ``module``, ``risk`` and ``reference`` (selection, the embedding cache), and
+``integrations`` on top.
+"""
 __version__ = "0.1.0"
+
+from .backends import available_backends  # noqa: E402
+from .loss.functional import LossOutput, PerSample, drrho_clip_loss  # noqa: E402
+from .module import DRRhoCLIPLoss  # noqa: E402
+from .parallel.sharded_state import merge_state_shards, split_state  # noqa: E402
+from .reference.cache import ReferenceFeatures  # noqa: E402
+from .reference.selection import jest_select, rho_select  # noqa: E402
+from .risk import DRRhoRisk, drrho_risk  # noqa: E402
+from . import distributed, functional, reference_features, selection, sharded_state  # noqa: E402,F401 (earlier paths)
+
+__all__ = ["drrho_clip_loss", "DRRhoCLIPLoss", "available_backends", "PerSample", "LossOutput", "ReferenceFeatures",
+           "drrho_risk", "DRRhoRisk", "jest_select", "rho_select", "merge_state_shards", "split_state"]

@@ -7,15 +7,16 @@ from torch import nn
 
 from functools import partial
 
-from ._inputs import TauState
-from ._math import gamma_at_epoch
-from ._validate import (check_backend, check_distill, check_eps, check_gamma, check_index, check_int, check_rho,
-                        check_tau_options, check_tensor, validate)
-from .distributed import STATE_ARRAYS, check_distributed_args, distributed_drrho_clip_loss, resolve_group
-from .functional import compute_loss
-from .sharded_state import STATE_SHARDINGS, ShardLayout, check_loaded_layout, placeholder_state
+from dataclasses import replace
 
-GAMMA_SCHEDULES = ("cosine", "constant")
+from .core.inputs import TauState
+from .loss.functional import compute_loss, resolved
+from .loss.schedule import GAMMA_SCHEDULES, gamma_at_epoch
+from .loss.validate import check_index, check_int, check_options, check_tau_options, check_tensor, validate
+from .parallel.collectives import resolve_group
+from .parallel.schemes import STATE_ARRAYS, _step, check_distributed_args
+from .parallel.sharded_state import STATE_SHARDINGS, ShardLayout, check_loaded_layout, placeholder_state
+
 TEMPERATURE_FORMS = ("global", "individual")
 # module buffer of each state array, per direction (image anchors, text anchors)
 BUFFERS = {"u": ("u_img", "u_txt"), "tau": ("tau_img", "tau_txt"), "bound": ("bound_img", "bound_txt"),
@@ -52,13 +53,13 @@ class DRRhoCLIPLoss(nn.Module):
         process_group: ``None`` (default): one process. ``"world"`` (the default group, looked up at each
             call) or a ``torch.distributed`` ``ProcessGroup``: data-parallel training, the loss of this
             process's anchors against the global batch of all processes, and every process's state
-            updated for all samples of the global batch (see :mod:`drrho_kernels.distributed`).
+            updated for all samples of the global batch (see :mod:`drrho_kernels.parallel.schemes`).
         distributed_scheme: ``"gather_u"`` (default: features gathered without gradient plus the new
             ``u``, no collective in the backward) or ``"gather_grad"`` (all-gather with gradient).
         state_sharding: ``"replicated"`` (default: every process stores the whole dataset's state) or
             ``"sharded"`` (needs a process group, initialised when the module is built: rank ``r`` of ``W``
             stores the samples ``i`` with ``i % W == r`` in slot ``i // W``, fetched by their users at each
-            step; its ``state_dict`` is its shard with the layout; see :mod:`drrho_kernels.sharded_state`).
+            step; its ``state_dict`` is its shard with the layout; see :mod:`drrho_kernels.parallel.sharded_state`).
         temperature: ``"global"`` (default) or ``"individual"``.
         multiply_tau: the global forms' loss (default True: the authors'; False: FastCLIP-v0's ``A_I + A_T``).
         tau_init, tau_lr, tau_betas, tau_eps, tau_range, tau_grad_clamp: the per-sample temperatures'
@@ -99,13 +100,9 @@ class DRRhoCLIPLoss(nn.Module):
                  state_sharding: str = "replicated"):
         super().__init__()
         data_size = check_int("data_size", data_size, low=1)
-        self.gamma_final = check_gamma(gamma)
         if gamma_schedule not in GAMMA_SCHEDULES:
             raise ValueError(f"gamma_schedule: expected one of {GAMMA_SCHEDULES}, got {gamma_schedule!r}")
         gamma_decay_epochs = check_int("gamma_decay_epochs", gamma_decay_epochs, low=1)
-        self.rho = check_rho(rho)
-        self.eps = check_eps(eps)
-        self.backend = check_backend(backend)
         check_distributed_args(process_group, distributed_scheme)
         if state_sharding not in STATE_SHARDINGS:
             raise ValueError(f"state_sharding: expected one of {STATE_SHARDINGS}, got {state_sharding!r}")
@@ -114,16 +111,15 @@ class DRRhoCLIPLoss(nn.Module):
                              "expected process_group='world' or a ProcessGroup, got None")
         if temperature not in TEMPERATURE_FORMS:
             raise ValueError(f"temperature: expected one of {TEMPERATURE_FORMS}, got {temperature!r}")
-        if not isinstance(multiply_tau, bool):
-            raise TypeError(f"multiply_tau: expected a bool, got {type(multiply_tau).__name__} {multiply_tau!r}")
         self.temperature = temperature
-        self.multiply_tau = multiply_tau
         self.tau_hyper = dict(tau_lr=tau_lr, tau_betas=tuple(tau_betas) if isinstance(tau_betas, list) else tau_betas,
                               tau_eps=tau_eps, tau_range=tuple(tau_range) if isinstance(tau_range, list) else tau_range,
                               tau_grad_clamp=tau_grad_clamp)
-        if temperature == "individual":
-            check_tau_options(**self.tau_hyper, tau_init=tau_init)
-        self.distill_weight, self.distill_scale = check_distill(distill_weight, distill_scale, True, temperature)
+        tau = check_tau_options(**self.tau_hyper, tau_init=tau_init) if temperature == "individual" else None
+        # The options of every call, checked once; each step only sets the epoch's gamma (and tau's epoch).
+        self.options = check_options(gamma=gamma, eps=eps, rho=rho, multiply_tau=multiply_tau,
+                                     distill_weight=distill_weight, distill_scale=distill_scale, backend=backend,
+                                     tau=tau)
         self.tau_init = float(tau_init)
         self.data_size = data_size
         self.gamma_schedule = gamma_schedule
@@ -158,6 +154,20 @@ class DRRhoCLIPLoss(nn.Module):
     def gamma(self) -> float:
         """The moving-average rate of the current epoch."""
         return gamma_at_epoch(self._epoch, self.gamma_final, self.gamma_schedule, self.gamma_decay_epochs)
+
+    # The options' fields under the names the constructor took (read-only; the options are one checked value).
+    gamma_final = property(lambda self: self.options.gamma)
+    rho = property(lambda self: self.options.rho)
+    eps = property(lambda self: self.options.eps)
+    backend = property(lambda self: self.options.backend)
+    multiply_tau = property(lambda self: self.options.multiply_tau)
+    distill_weight = property(lambda self: self.options.distill_weight)
+    distill_scale = property(lambda self: self.options.distill_scale)
+
+    def _step_options(self, per_sample: bool = False):
+        """This step's options: the epoch's gamma (and the temperatures' epoch)."""
+        tau = self.options.tau and replace(self.options.tau, epoch=self._epoch)
+        return replace(self.options, gamma=self.gamma, per_sample=per_sample, tau=tau)
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch = check_int("epoch", epoch, low=0)
@@ -220,28 +230,25 @@ class DRRhoCLIPLoss(nn.Module):
                 buf = getattr(self, name)
                 buf[state_index] = state[kind][k].to(device=buf.device, dtype=buf.dtype)
 
-    def _options(self, logit_scale, state) -> dict:
-        """The keyword arguments of the evaluation of this module's form."""
+    def _form(self, logit_scale, state) -> tuple:
+        """``(logit_scale, tau_state)`` of this module's temperature form."""
         if self.temperature == "individual":
             if logit_scale is not None:
                 raise ValueError("logit_scale: expected None with temperature='individual' (the module owns the "
                                  f"per-sample temperatures), got {type(logit_scale).__name__}")
-            tau_state = TauState(state["tau"], state["bound"], state["m"], state["v"]) if state is not None else None
-            return dict(logit_scale=None, tau_state=tau_state,
-                        tau_options=check_tau_options(**self.tau_hyper, epoch=self._epoch))
+            return None, TauState(state["tau"], state["bound"], state["m"], state["v"]) if state is not None else None
         if logit_scale is None:
             raise TypeError("logit_scale: expected a positive float, a 1-element floating tensor or a pair "
                             "(s_img, s_txt) of them with temperature='global', got None")
-        return dict(logit_scale=logit_scale, multiply_tau=self.multiply_tau)
+        return logit_scale, None
 
     def forward(self, img, txt, index, logit_scale=None, ref_img=None, ref_txt=None, return_per_sample=False):
-        options = dict(ref_img=ref_img, ref_txt=ref_txt, gamma=self.gamma, eps=self.eps, rho=self.rho,
-                       backend=self.backend, distill_weight=self.distill_weight, distill_scale=self.distill_scale)
         if self.process_group is None:
             index, state = self._read_state(img, index)
-            form = self._options(logit_scale, state)
-            p = validate(img, txt, form.pop("logit_scale"), state["u"][0], state["u"][1], per_sample=return_per_sample,
-                         **options, **form)
+            logit_scale, tau_state = self._form(logit_scale, state)
+            p = resolved(validate(img, txt, logit_scale, state["u"][0], state["u"][1],
+                                  self._step_options(return_per_sample), ref_img=ref_img, ref_txt=ref_txt,
+                                  tau_state=tau_state))
             loss, new, *per_sample = compute_loss(p, per_sample=return_per_sample)
             self._write_state(index, new)
             return (loss, per_sample[0]) if return_per_sample else loss
@@ -249,19 +256,19 @@ class DRRhoCLIPLoss(nn.Module):
             raise ValueError("return_per_sample: expected False with a process group (the per-anchor values are "
                              "those of drrho_clip_loss on one process), got True")
         group = resolve_group(self.process_group)
-        error, state, form, fetch = None, None, {}, None
+        error, state, tau_state, fetch = None, None, None, None
         try:
             index, state = self._read_state(img, index)
-            form = self._options(logit_scale, state)
+            logit_scale, tau_state = self._form(logit_scale, state)
             if self._layout is not None:
                 self._layout.check_group(group)
                 fetch = partial(self._layout.fetch, self._gather, group)    # called with the gathered indices
         except Exception as exc:            # every rank hears of it in the first collective
             error = exc
         u = (state["u"][0], state["u"][1]) if state is not None else (None, None)
-        out = distributed_drrho_clip_loss(img, txt, form.pop("logit_scale", logit_scale), *u, index=index,
-                                          data_size=self.data_size, scheme=self.distributed_scheme, group=group,
-                                          local_error=error, fetch_state=fetch, **options, **form)
+        out = _step(img, txt, logit_scale, *u, self._step_options(), ref_img=ref_img, ref_txt=ref_txt, index=index,
+                    data_size=self.data_size, scheme=self.distributed_scheme, group=group, local_error=error,
+                    tau_state=tau_state, fetch_state=fetch)
         index_all, state_all = out.index_all, out.state_all      # every sample of the global batch
         if self._layout is not None:                              # ... of which this rank keeps its own
             index_all, state_all = self._layout.owned(index_all, state_all)

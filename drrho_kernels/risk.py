@@ -41,8 +41,9 @@ import math
 import torch
 from torch import nn
 
-from ._math import accumulation_dtype, ma_update
-from ._validate import _describe, check_finite, check_real, check_same_device, check_tensor
+from .core.epilogue import ma_update
+from .core.inputs import accumulation_dtype
+from .loss.validate import _describe, check_finite, check_real, check_same_device, check_tensor
 
 __all__ = ["FORMS", "drrho_risk", "DRRhoRisk"]
 

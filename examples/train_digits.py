@@ -76,8 +76,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import drrho_kernels as dk
-from drrho_kernels.distributed import SCHEMES
-from drrho_kernels.selection import selection_sizes
+from drrho_kernels.parallel.schemes import SCHEMES
+from drrho_kernels.reference.selection import selection_sizes
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 # {w}: the digit's name, {n}: its numeral. Varied so that a caption is not a single token.
@@ -285,7 +285,7 @@ def init_distributed() -> Dist:
 
 def super_batch_size(local: int, filter_ratio: float) -> int:
     """The smallest super-batch from which selection keeps ``local`` pairs: ``ceil(local / (1 - f))``
-    (exact: then ``floor(S (1 - f)) = local``, as ``drrho_kernels.selection.selection_sizes`` computes it)."""
+    (exact: then ``floor(S (1 - f)) = local``, as ``drrho_kernels.reference.selection.selection_sizes`` computes it)."""
     keep = 1 - Fraction(repr(float(filter_ratio)))
     return math.ceil(local / keep)
 

@@ -248,7 +248,7 @@ def _job_jest(spec: dict, rank: int, world: int) -> dict:
 def _job_package_jest(spec: dict, rank: int, world: int) -> dict:
     """This package's :func:`drrho_kernels.jest_select` on a ``jest`` spec, in the same ranks, its draws from
     a ``torch.Generator`` seeded like the authors' global one."""
-    from drrho_kernels.selection import jest_select
+    from drrho_kernels.reference.selection import jest_select
     N = spec["img"].shape[0]
     sl = _rank_rows(N, rank, world)
     g = torch.Generator().manual_seed(int(spec["seeds"][rank]))
@@ -266,10 +266,10 @@ def _job_package_individual(spec: dict, rank: int, world: int) -> dict:
     functional) with float64 tables kept here (fast_clip's start: tau = float32(tau_init), the rest 0)."""
     import numpy as np
 
-    from drrho_kernels._inputs import TauOptions, TauState
-    from drrho_kernels._math import gamma_at_epoch
-    from drrho_kernels.distributed import distributed_drrho_clip_loss
-    from drrho_kernels.functional import individual_clip_loss
+    from drrho_kernels.core.inputs import TauOptions, TauState
+    from drrho_kernels.loss.functional import individual_clip_loss
+    from drrho_kernels.loss.schedule import gamma_at_epoch
+    from drrho_kernels.parallel.schemes import distributed_drrho_clip_loss
     h = spec["hyper"]
     n = spec["data_size"]
     tables = {k: torch.zeros(2, n, dtype=torch.float64) for k in ("u", "tau", "bound", "m", "v")}
@@ -310,7 +310,7 @@ def _job_package_sogclr(spec: dict, rank: int, world: int) -> dict:
     in a process group, else the one-process functional; the authors' global form (multiply_tau on or
     off), RHO shift and distillation as train.py passes them (teacher = the reference features)."""
     import drrho_kernels as dk
-    from drrho_kernels.distributed import distributed_drrho_clip_loss
+    from drrho_kernels.parallel.schemes import distributed_drrho_clip_loss
     N = spec["img"].shape[0]
     sl = _rank_rows(N, rank, world)
     img = spec["img"][sl].detach().clone().requires_grad_()

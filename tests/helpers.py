@@ -48,8 +48,9 @@ def compare(result: dict, case: Case, *, loss_tol: float, grad_tol: float, u_tol
 
 def problem(case: Case, backend: str, dtype=torch.float64, device="cpu", requires_grad=False, **options):
     """The checked problem (``LossInputs``) of a case, as ``drrho_clip_loss`` builds it, on ``device``
-    (``options``: e.g. ``distill_weight``, ``per_sample``)."""
-    from drrho_kernels._validate import validate
+    (``options``: more of ``check_options``'s keywords, e.g. ``distill_weight``, ``per_sample``)."""
+    from drrho_kernels.loss.functional import resolved
+    from drrho_kernels.loss.validate import check_options, validate
     kw = case.kwargs(dtype=dtype, requires_grad=requires_grad)
     for k, v in kw.items():
         if isinstance(v, torch.Tensor):
@@ -57,8 +58,8 @@ def problem(case: Case, backend: str, dtype=torch.float64, device="cpu", require
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     kw["u_img"], kw["u_txt"] = kw["u_img"].to(acc), kw["u_txt"].to(acc)
     s = torch.tensor(float(case.logit_scale), dtype=acc, device=device, requires_grad=requires_grad)
-    return validate(kw.pop("img"), kw.pop("txt"), s, kw.pop("u_img"), kw.pop("u_txt"), backend=backend, **kw,
-                    **options)
+    opts = check_options(gamma=kw.pop("gamma"), eps=kw.pop("eps"), rho=kw.pop("rho"), backend=backend, **options)
+    return resolved(validate(kw.pop("img"), kw.pop("txt"), s, kw.pop("u_img"), kw.pop("u_txt"), opts, **kw))
 
 
 def detached(tiles):

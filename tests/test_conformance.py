@@ -380,8 +380,8 @@ def test_fold_of_gathered_columns_gives_the_global_gradient(backend, ref, dtype)
     with every anchor's new state and margin given as the fold's columns, gets exactly the
     one-process gradient of those samples. With column gradients asked too, the columns get the
     rows' anchors' weights only (what the unfolded call gives)."""
-    from drrho_kernels import ops
-    from drrho_kernels.functional import fused_terms
+    from drrho_kernels.core import ops
+    from drrho_kernels.loss.functional import fused_terms
     W, B = 3, 5
     N = W * B
     glob = rounded(make_case(B=N, d=11, dr=6, ref=ref, seed=3), dtype)
@@ -419,8 +419,8 @@ def test_fold_of_gathered_columns_gives_the_global_gradient(backend, ref, dtype)
 def test_transpose_trick_equals_the_general_path(backend, ref, dtype):
     """One process (one similarity matrix per chunk feeds both directions) gives what the
     two-matrix path gives with the rows' own weights as the fold's columns: forward and backward."""
-    from drrho_kernels import ops
-    from drrho_kernels.functional import fused_terms
+    from drrho_kernels.core import ops
+    from drrho_kernels.loss.functional import fused_terms
     case = make_case(B=21, d=5, dr=3, ref=ref, seed=2)
     p = _problem(case, backend, dtype)
     general = dataclasses.replace(p, tiles=dataclasses.replace(p.tiles, columns_are_rows=False))
@@ -534,8 +534,8 @@ def _tau_states(B: int, seed: int, mixed: bool = True):
 
 
 def run_individual(case: Case, states, backend, dtype, epoch, options):
-    from drrho_kernels._inputs import TauState, TauOptions
-    from drrho_kernels.functional import individual_clip_loss
+    from drrho_kernels.core.inputs import TauState, TauOptions
+    from drrho_kernels.loss.functional import individual_clip_loss
     device = DEVICES[backend]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     kw = case.kwargs(dtype=dtype)

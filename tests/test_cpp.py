@@ -22,10 +22,10 @@ import pytest
 import torch
 
 import drrho_kernels as dk
-from drrho_kernels import ops
-from drrho_kernels._inputs import Weights
+from drrho_kernels.core import ops
+from drrho_kernels.core.inputs import Weights
 from drrho_kernels.backends import cpp
-from drrho_kernels.functional import fused_terms
+from drrho_kernels.loss.functional import fused_terms
 from helpers import detached, problem, run_backend
 from spec_oracle import make_case
 from test_conformance import CASES, assert_conforms, rounded, run
@@ -141,7 +141,7 @@ def test_vectorized_exp_accuracy(dtype, lo, hi, max_ulp):
 
 
 # --------------------------------------------------------------------------------------------------
-# The op's own checks (direct calls; the public API checks everything before, in _validate.py)
+# The op's own checks (direct calls; the public API checks everything before, in loss/validate.py)
 
 
 @needs_cpp
@@ -178,11 +178,11 @@ def test_empty_batch_returns_early():
     e = torch.empty(0, 3, dtype=torch.float64)
     cols = torch.randn(3, 3, dtype=torch.float64)
     z = torch.empty(2, 0, dtype=torch.float64)
-    stats, margin, pos = torch.ops.drrho.cpp_fwd(e, e, cols, cols, None, None, None, None, z, 0, False, 100.0,
-                                                 False, False)
+    stats, margin, pos = torch.ops.drrho.cpp_fwd(e, e, cols, cols, None, None, None, None, z,
+                                                 [0, False, 100.0, False, False])
     assert stats.shape == (2, 3, 0) and margin.shape == (0,) and pos.shape == (2, 0)
     w = Weights(z, z, torch.empty(0, dtype=torch.float64), None, None, None, None, None, None, None)
-    tiles = dk._inputs.TileInputs(e, e, cols, cols, None, None, None, None, z, 0, False, 100.0, False, False)
+    tiles = dk.core.inputs.TileInputs(e, e, cols, cols, None, None, None, None, z, 0, False, 100.0, False, False)
     d = ops.backward("cpp", (z, None, None, None), tiles, w, True)
     assert d[0].shape == (0, 3) and d[2].shape == (3, 3) and not d[2].any()
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 import drrho_kernels as dk
 import family_oracle as fo
-from drrho_kernels import distributed as ddk
+from drrho_kernels.parallel import schemes as ddk
 from drrho_kernels.backends import triton_interpreter
 from processes import spawn
 from spec_oracle import Case
@@ -107,7 +107,7 @@ def _shard(data, rank, batch=B):
 
 
 def _run_value_case(rank, world, c):
-    from drrho_kernels._inputs import TauOptions, TauState
+    from drrho_kernels.core.inputs import TauOptions, TauState
     data = global_data(world, c["dtype"])
     mine = _shard(data, rank)
     img = mine["img"].requires_grad_()

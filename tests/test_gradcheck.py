@@ -85,7 +85,7 @@ def test_gradcheck_detects_a_wrong_gradient(monkeypatch):
     """The harness can fail: a backward that forgets the column terms (no fold) is caught."""
     from torch.autograd.gradcheck import GradcheckError
 
-    from drrho_kernels import ops
+    from drrho_kernels.core import ops
 
     correct = ops.backward
 
@@ -104,7 +104,7 @@ def test_gradcheck_detects_a_per_direction_scale_swap(monkeypatch):
     """The harness can tell the two scales apart: per-direction rows scaled by the other direction's s fail."""
     from torch.autograd.gradcheck import GradcheckError
 
-    from drrho_kernels import _validate
+    from drrho_kernels.loss import validate as _validate
 
     correct = _validate.row_scales
 

@@ -22,10 +22,11 @@ import pytest
 import torch
 
 import drrho_kernels as dk
-from drrho_kernels import backends, ops
-from drrho_kernels._inputs import as_args
+from drrho_kernels import backends
+from drrho_kernels.core import ops
+from drrho_kernels.core.inputs import as_args
 from drrho_kernels.backends import cpp
-from drrho_kernels.functional import fused_terms
+from drrho_kernels.loss.functional import fused_terms
 from helpers import detached, problem
 from spec_oracle import make_case
 

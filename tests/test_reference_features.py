@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from drrho_kernels import reference_features as rfm
+from drrho_kernels.reference import cache as rfm
 from processes import spawn
-from drrho_kernels.reference_features import (CacheMismatchError, ConcurrentWriterError, CorruptChunkError,
+from drrho_kernels.reference.cache import (CacheMismatchError, ConcurrentWriterError, CorruptChunkError,
                                               NotBuiltError, ReferenceFeatures)
 
 N, DIN, DI, DT = 203, 7, 6, 5            # 203 samples: the last chunk is partial

@@ -8,7 +8,7 @@ import torch
 
 import drrho_kernels as dk
 import family_oracle as fo
-from drrho_kernels.selection import selection_sizes
+from drrho_kernels.reference.selection import selection_sizes
 from test_conformance import BACKENDS, DEVICES
 
 FUSED = [p for p in BACKENDS if p.values[0] != "reference"] + [pytest.param("reference", id="reference")]

@@ -24,8 +24,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import drrho_kernels as dk  # noqa: E402
-from drrho_kernels import distributed as ddk  # noqa: E402
-from drrho_kernels.sharded_state import RULE, ShardLayout  # noqa: E402
+from drrho_kernels.parallel import schemes as ddk  # noqa: E402
+from drrho_kernels.parallel.sharded_state import RULE, ShardLayout  # noqa: E402
 from processes import spawn  # noqa: E402
 
 B, D, DR, STEPS = 3, 5, 4, 3

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import drrho_kernels as dk
-from drrho_kernels import _math
+from drrho_kernels.core import epilogue as _math
+from drrho_kernels.loss.schedule import gamma_at_epoch
 from drrho_kernels.backends import torch_chunked
 from helpers import run_backend
 from spec_oracle import make_case
@@ -64,8 +65,8 @@ def test_log_eps_plus_mean_exp_is_stable():
 @pytest.mark.parametrize("epoch,cosine", [(0, 1.0), (1, 0.9951056516295154), (5, 0.9), (10, 0.8), (20, 0.8)])
 def test_gamma_schedule_values(epoch, cosine):
     # gamma = .8 decayed over 10 epochs: .5 (1 + cos(pi e / 10)) (1 - .8) + .8 for 0 < e < 10.
-    assert _math.gamma_at_epoch(epoch, 0.8, "cosine", 10) == pytest.approx(cosine, abs=1e-15)
-    assert _math.gamma_at_epoch(epoch, 0.8, "constant", 10) == 0.8
+    assert gamma_at_epoch(epoch, 0.8, "cosine", 10) == pytest.approx(cosine, abs=1e-15)
+    assert gamma_at_epoch(epoch, 0.8, "constant", 10) == 0.8
 
 
 @pytest.mark.parametrize("name", ["single-ref", "dist-ref", "dist-noref-last"])

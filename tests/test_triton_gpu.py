@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import drrho_kernels as dk
-from drrho_kernels._validate import validate
+from drrho_kernels.loss.validate import check_options, validate
 from helpers import detached
 from spec_oracle import make_case, oracle
 from test_conformance import scale_grad_error
@@ -170,8 +170,8 @@ def test_deterministic_and_no_bn_allocation():
 def _one_process_tiles(B, d, dr, dtype, ref=True):
     """The kernels' inputs of a one-process problem on the GPU."""
     kw = _inputs(B, None, d, dr, dtype, ref=ref)
-    p = validate(kw["img"], kw["txt"], 14.0, kw["u_img"], kw["u_txt"], ref_img=kw.get("ref_img"),
-                 ref_txt=kw.get("ref_txt"), backend="triton")
+    p = validate(kw["img"], kw["txt"], 14.0, kw["u_img"], kw["u_txt"], check_options(backend="triton"),
+                 ref_img=kw.get("ref_img"), ref_txt=kw.get("ref_txt"))
     return detached(p.tiles)
 
 

@@ -15,7 +15,7 @@ import dataclasses
 import pytest
 import torch
 
-from drrho_kernels import ops
+from drrho_kernels.core import ops
 from helpers import detached, problem
 from spec_oracle import make_case
 from test_conformance import assert_conforms, rounded, run

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import drrho_kernels as dk
-from drrho_kernels import ops
+from drrho_kernels.core import ops
 
 
 def base(B=4, N=None, d=3, dr=2, ref=True):

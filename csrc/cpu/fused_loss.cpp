@@ -41,6 +41,7 @@
 #include <ATen/Parallel.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
+#include <c10/util/StringUtil.h>
 
 #include <algorithm>
 #include <atomic>
@@ -899,12 +900,26 @@ void check_directions(const char* op, const char* name, const at::Tensor& t, int
 
 }  // namespace
 
+std::vector<std::string> tile_scalar_names() {
+  return {"offset", "columns_are_rows", "distill_scale", "with_distill", "with_alone"};
+}
+
+TileScalars TileScalars::parse(const char* op, c10::ArrayRef<double> s) {
+  TORCH_CHECK(s.size() == 5, op, ": scalars: expected 5 values (", c10::Join(", ", tile_scalar_names()),
+              "), got ", s.size());
+  return {static_cast<int64_t>(s[0]), s[1] != 0.0, s[2], s[3] != 0.0, s[4] != 0.0};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_fwd(
     const at::Tensor& img, const at::Tensor& txt, const at::Tensor& img_all, const at::Tensor& txt_all,
     const OptTensor& ref_img, const OptTensor& ref_txt, const OptTensor& ref_img_all, const OptTensor& ref_txt_all,
-    const at::Tensor& scale, int64_t offset, bool columns_are_rows, double distill_scale, bool with_distill,
-    bool with_alone) {
+    const at::Tensor& scale, c10::ArrayRef<double> scalars) {
   constexpr const char* op = "drrho::cpp_fwd";
+  const TileScalars sc = TileScalars::parse(op, scalars);
+  const int64_t offset = sc.offset;
+  const bool columns_are_rows = sc.columns_are_rows;
+  const double distill_scale = sc.distill_scale;
+  const bool with_distill = sc.with_distill, with_alone = sc.with_alone;
   const Shapes sh = check_embeddings(op, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all,
                                      ref_txt_all, offset, columns_are_rows);
   check_directions(op, "scale", scale, sh.B);
@@ -929,11 +944,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_bwd(
     const at::Tensor& gain, const OptTensor& col_gain, const OptTensor& dgain, const OptTensor& col_dgain,
     const at::Tensor& img, const at::Tensor& txt, const at::Tensor& img_all, const at::Tensor& txt_all,
     const OptTensor& ref_img, const OptTensor& ref_txt, const OptTensor& ref_img_all, const OptTensor& ref_txt_all,
-    const at::Tensor& scale, int64_t offset, bool columns_are_rows, double distill_scale, bool with_distill,
-    bool with_alone, const at::Tensor& log_norm, const at::Tensor& wsum, const at::Tensor& margin,
-    const OptTensor& col_scale, const OptTensor& col_log_norm, const OptTensor& col_margin, const OptTensor& lse_q,
-    const OptTensor& lse_p, const OptTensor& col_lse_q, const OptTensor& col_lse_p, bool column_grads) {
+    const at::Tensor& scale, c10::ArrayRef<double> scalars, const at::Tensor& log_norm, const at::Tensor& wsum,
+    const at::Tensor& margin, const OptTensor& col_scale, const OptTensor& col_log_norm, const OptTensor& col_margin,
+    const OptTensor& lse_q, const OptTensor& lse_p, const OptTensor& col_lse_q, const OptTensor& col_lse_p,
+    bool column_grads) {
   constexpr const char* op = "drrho::cpp_bwd";
+  // The backward reads the distillation from dgain: with_distill / with_alone only shape the forward.
+  const TileScalars sc = TileScalars::parse(op, scalars);
+  const int64_t offset = sc.offset;
+  const bool columns_are_rows = sc.columns_are_rows;
+  const double distill_scale = sc.distill_scale;
   const Shapes sh = check_embeddings(op, img, txt, img_all, txt_all, ref_img, ref_txt, ref_img_all,
                                      ref_txt_all, offset, columns_are_rows);
   check_directions(op, "gain", gain, sh.B);

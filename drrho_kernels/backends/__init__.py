@@ -5,7 +5,7 @@
 under ``TRITON_INTERPRET=1``). ``"cpp"``: the compiled CPU extension, when it was built.
 ``"auto"``: triton for CUDA tensors, cpp for CPU tensors when built, torch otherwise.
 
-Each fused backend registers its op pair with :mod:`drrho_kernels.ops` when its module is imported:
+Each fused backend registers its op pair with :mod:`drrho_kernels.core.ops` when its module is imported:
 ``torch_chunked`` and ``cpp`` here, at import (neither touches a GPU); ``triton`` on the first
 :func:`resolve` that selects it, so that importing the package never imports triton.
 

@@ -1,7 +1,7 @@
 """Loader of the compiled C++ extension (``drrho_kernels._C``), with one clear warning on failure.
 
 This module defines the op pair ``drrho::cpp_fwd`` / ``drrho::cpp_bwd`` (schemas, fake
-implementations: :func:`drrho_kernels.ops.register`), then imports the extension (csrc/), whose
+implementations: :func:`drrho_kernels.core.ops.register`), then imports the extension (csrc/), whose
 ``register_kernels()`` implements them with the CPU kernels. The schemas are spelled
 out only on the Python side; the dispatcher checks at load time that the C++ signatures match
 them. Without the extension the package still imports and ``backend="auto"`` falls back to the
@@ -17,7 +17,8 @@ from __future__ import annotations
 import warnings
 from types import ModuleType
 
-from .. import ops
+from ..core import ops
+from ..core.inputs import TileInputs, scalar_fields
 
 _C: ModuleType | None = None
 _load_error: str | None = None
@@ -26,6 +27,9 @@ ops.register("cpp")          # defined here, implemented by the extension
 try:
     from .. import _C  # noqa: F811
     _C.register_kernels()    # raises if the build's kernel signatures do not match the schemas (a stale build)
+    if list(_C.tile_scalar_names()) != scalar_fields(TileInputs):
+        raise RuntimeError(f"stale build: its kernels read the scalars {list(_C.tile_scalar_names())}, the ops pass "
+                           f"{scalar_fields(TileInputs)}")
 except Exception as exc:  # ImportError (not built), OSError, an undefined symbol (torch mismatch), a stale build
     _C = None
     _load_error = f"{type(exc).__name__}: {exc}"

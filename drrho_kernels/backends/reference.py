@@ -10,15 +10,16 @@ import math
 
 import torch
 
-from .._inputs import LossInputs
-from .._math import ma_update
+from ..core.epilogue import ma_update
+from ..core.inputs import LossInputs
 
 
 def reference_loss(p: LossInputs) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Return ``(loss, u_new, per_sample)`` for a checked problem: ``u_new`` ``[2, B]`` in the accumulation
-    dtype, ``per_sample`` the fields of :class:`drrho_kernels.functional.PerSample` (SPEC 2.3)."""
+    dtype, ``per_sample`` the fields of :class:`drrho_kernels.PerSample` (SPEC 2.3)."""
     acc = p.acc_dtype
     k = p.tiles
+    o = p.options
     form = p.temperature
     if form.kind == "individual":
         raise ValueError("backend: 'reference' states the global and per-direction forms only; per-sample "
@@ -49,12 +50,12 @@ def reference_loss(p: LossInputs) -> tuple[torch.Tensor, torch.Tensor, dict]:
 
     def log_eps_plus_g(d):
         log_g = torch.logsumexp(d.masked_fill(~negative, -math.inf), dim=1) - math.log(N)
-        return torch.logaddexp(log_g, torch.full_like(log_g, math.log(p.eps)))
+        return torch.logaddexp(log_g, torch.full_like(log_g, math.log(o.eps)))
 
     with torch.no_grad():
         l_img, l_txt = log_eps_plus_g(d_img), log_eps_plus_g(d_txt)
-        u_img = ma_update(p.u_img, l_img, p.gamma)
-        u_txt = ma_update(p.u_txt, l_txt, p.gamma)
+        u_img = ma_update(p.u_img, l_img, o.gamma)
+        u_txt = ma_update(p.u_txt, l_txt, o.gamma)
         w_img = torch.exp(d_img - u_img[:, None]) * negative
         w_txt = torch.exp(d_txt - u_txt[:, None]) * negative
 
@@ -64,28 +65,28 @@ def reference_loss(p: LossInputs) -> tuple[torch.Tensor, torch.Tensor, dict]:
     if not form.multiply_tau:
         loss = A_img + A_txt
     elif form.kind == "global":
-        loss = (A_img + A_txt) / s_img.detach() + p.rho / s_img + (u_img + u_txt).mean() / 2 / s_img
+        loss = (A_img + A_txt) / s_img.detach() + o.rho / s_img + (u_img + u_txt).mean() / 2 / s_img
     else:
-        loss = (A_img / s_img.detach() + u_img.mean() / s_img + p.rho / s_img
-                + A_txt / s_txt.detach() + u_txt.mean() / s_txt + p.rho / s_txt)
+        loss = (A_img / s_img.detach() + u_img.mean() / s_img + o.rho / s_img
+                + A_txt / s_txt.detach() + u_txt.mean() / s_txt + o.rho / s_txt)
 
     # SPEC 2.2: H(p_i, q_i) over all N columns, q the student's softmax, p the teacher's.
     def cross_entropy(y, z, s):
         return -(torch.softmax(k.distill_scale * z, dim=1) * torch.log_softmax(s * y, dim=1)).sum(1)
 
     h_img = h_txt = None
-    if k.has_ref and (p.distill_weight > 0 or p.per_sample):
+    if k.has_ref and (o.distill_weight > 0 or o.per_sample):
         h_img, h_txt = cross_entropy(y_img, z_img, s_img), cross_entropy(y_txt, z_txt, s_txt)
-        if p.distill_weight > 0:
-            distill = p.distill_weight * 0.5 * (h_img.mean() + h_txt.mean()) if form.kind == "global" else None
+        if o.distill_weight > 0:
+            distill = o.distill_weight * 0.5 * (h_img.mean() + h_txt.mean()) if form.kind == "global" else None
             if not form.multiply_tau:
-                loss = loss + p.distill_weight * 0.5 * (h_img.mean() + h_txt.mean())
+                loss = loss + o.distill_weight * 0.5 * (h_img.mean() + h_txt.mean())
             elif form.kind == "global":
                 loss = loss + distill / s_img.detach()
             else:
-                loss = loss + p.distill_weight * 0.5 * (h_img.mean() / s_img.detach() + h_txt.mean() / s_txt.detach())
+                loss = loss + o.distill_weight * 0.5 * (h_img.mean() / s_img.detach() + h_txt.mean() / s_txt.detach())
     values = {}
-    if p.per_sample:
+    if o.per_sample:
         with torch.no_grad():
             alone = lambda sim, s: log_eps_plus_g(s * (sim - sim.diagonal(k.offset)[:, None])) / s  # noqa: E731
             refs = (alone(z_img, s_img), alone(z_txt, s_txt)) if k.has_ref else (None, None)

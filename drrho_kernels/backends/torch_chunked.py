@@ -1,11 +1,11 @@
-"""Row-chunked PyTorch backend (``backend="torch"``): the op pair of ``ops.py`` with O(chunk x N) memory.
+"""Row-chunked PyTorch backend (``backend="torch"``): the op pair of ``core/ops.py`` with O(chunk x N) memory.
 
 The forward makes one pass over row chunks of the similarity matrices and keeps online
 log-sum-exp statistics per anchor; the backward recomputes the chunks (the weights need the
 finished ``u``). No ``[B, N]`` tensor is held, only ``[R, N]`` chunks with ``R * N`` about
 ``CHUNK_ELEMENTS``. Runs on any device.
 
-Notation (SPEC.md, ``_inputs.py``): rows ``x, t`` ``[B, d]``, columns ``X, T`` ``[N, d]``, reference
+Notation (SPEC.md, ``core/inputs.py``): rows ``x, t`` ``[B, d]``, columns ``X, T`` ``[N, d]``, reference
 ``xr, tr, Xr, Tr`` ``[., dr]``, margin ``m_i = <x_i, t_i> - <xr_i, tr_i>``, per-row scales
 ``s[k, i]``. For a row chunk ``c``:
 
@@ -28,9 +28,9 @@ import math
 
 import torch
 
-from .. import ops
-from .._inputs import TileInputs, Weights
-from .._math import positive_similarities
+from ..core import ops
+from ..core.inputs import TileInputs, Weights
+from .common import positive_similarities
 
 CHUNK_ELEMENTS = 1 << 22   # elements of one [R, N] chunk temporary (16 MiB in float32)
 
@@ -98,7 +98,7 @@ def _line(v, along_rows):
 
 def _chunk_stats(sim, y, z, k: TileInputs, dim, lines, positive, margin, pos, scale, inplace=False):
     """Statistics ``[K, lines]`` of one chunk along ``dim`` (1: the chunk's rows are the anchors, 0: its
-    columns are) in the order of ``_inputs.STATS``; ``margin``, ``pos`` ``[2]`` and ``scale`` are the
+    columns are) in the order of ``core.inputs.STATS``; ``margin``, ``pos`` ``[2]`` and ``scale`` are the
     anchors' (already cut to ``lines``). ``sim`` is overwritten with ``inplace`` (its last use; never
     when it is ``y`` itself); ``y`` and ``z`` are read."""
     rows = dim == 1
@@ -125,7 +125,7 @@ def _merge_all(a, b):
 
 @torch.no_grad()
 def forward(k: TileInputs):
-    """``(stats [2, K, B], margin [B], positives [2, B])`` in the accumulation dtype (see ``ops.py``)."""
+    """``(stats [2, K, B], margin [B], positives [2, B])`` in the accumulation dtype (see ``core/ops.py``)."""
     acc = k.acc_dtype
     B, N = k.batch, k.n_columns
     scale = k.scale.to(acc)
@@ -195,7 +195,7 @@ def _distill_weights(y, z, scale, distill_scale, lse_q, lse_p, dgain, along_rows
 
 @torch.no_grad()
 def backward(gains, k: TileInputs, w: Weights, column_grads: bool):
-    """Gradients for img, txt (and img_all, txt_all when ``column_grads``), see ``ops.py``.
+    """Gradients for img, txt (and img_all, txt_all when ``column_grads``), see ``core/ops.py``.
 
     A fold (``columns_are_rows``, or ``w.col_*`` given) adds the column anchors' terms to the row
     gradients; column gradients, when asked, hold the row anchors' terms only.

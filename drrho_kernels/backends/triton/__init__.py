@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ... import ops
+from ...core import ops
 from . import backward, forward
 from .launch import INTERPRETING
 

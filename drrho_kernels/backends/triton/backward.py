@@ -1,6 +1,6 @@
 r"""Backward: the weighted products of the gradient (``_bwd_kernel``), tiles recomputed.
 
-Weights of anchor i of direction k over column j (``_inputs.Weights``; the positive j = offset + i,
+Weights of anchor i of direction k over column j (``core.inputs.Weights``; the positive j = offset + i,
 columns j >= N and rows i >= B get 0, by index), and of the fold's column anchors:
 
     w_kij = exp(s_ki (S_kij - m_i) - norm_ki)          P^x_ij = gain_0i w_0ij [+ cgain_1j w'_1ji]

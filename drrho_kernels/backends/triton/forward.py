@@ -20,7 +20,7 @@ With ``EXTRA`` (distillation or per-sample outputs) the target's and the referen
 the target ``s (y - y_i)``, the teacher ``t_d (z - z_i)`` with values ``y``, the reference ``s (z - z_i)``.
 
 Outputs: ``stats`` [2, K, B] f32 (direction, statistic, anchor; K = 3, or 12 with EXTRA) and ``margin``
-[B] f32. The epilogue (new u, weights) is ``drrho_kernels._math``. Grid (cdiv(B, BM), 2 directions).
+[B] f32. The epilogue (new u, weights) is ``drrho_kernels.core.epilogue``. Grid (cdiv(B, BM), 2 directions).
 Legend of the names: ``helpers.py``.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import positive_similarities
 from .helpers import _group_exponent, _online, _pair_dots, _scores, _scores_split, _store_stats
 from .launch import INTERPRETING, device_arch, dot_flags, f32, launch, operands
 from .tiles import transposed_forward_runs
@@ -119,5 +120,4 @@ def forward(k):
 def positive_pairs(k):
     """``[2, B]``: ``<x_i, t_i>`` and ``<xr_i, tr_i>`` (float32; the one-process forward's margin kernel
     writes them itself)."""
-    from ..._math import positive_similarities
     return positive_similarities(k.img, k.txt, k.ref_img, k.ref_txt).float()

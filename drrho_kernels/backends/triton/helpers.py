@@ -4,7 +4,7 @@ Legend (fla's prefixes): ``i_`` program ids, ``o_`` index vectors (int64 once th
 ``m_`` boolean masks, ``p_`` pointers, ``b_`` blocks and per-row vectors held in registers.
 Statistics ``(M, E, F)`` of a set of exponents ``d_j``: ``M = max_j d_j``, ``E = sum_j exp(d_j - M)``,
 ``F = sum_j exp(d_j - M) d_j`` (or of other values); the empty set is ``(-inf, 0, 0)``. The groups of
-the forward (``_inputs.STATS``), with ``y``, ``z`` the target's and the reference's tiles and ``y_i``,
+the forward (``core.inputs.STATS``), with ``y``, ``z`` the target's and the reference's tiles and ``y_i``,
 ``z_i`` the pair's own: 0 DRRho ``s (y - z - m_i)``; 1 target ``s (y - y_i)``; 2 teacher ``t_d (z - z_i)``
 with values ``y``; 3 reference ``s (z - z_i)``.
 """

@@ -2,11 +2,12 @@
 
 Every fused backend ``<b>`` (``torch``: row-chunked PyTorch, ``triton``: GPU kernels, ``cpp``: the
 C++ extension) implements two ops whose schemas are derived here from the fields of
-:class:`~drrho_kernels._inputs.TileInputs` and :class:`~drrho_kernels._inputs.Weights`:
+:class:`~drrho_kernels.core.inputs.TileInputs` and :class:`~drrho_kernels.core.inputs.Weights` (the tiles'
+scalar options travel as one ``float[] scalars``, so a new scalar changes no signature):
 
 ``drrho::<b>_fwd(<TileInputs>) -> (Tensor stats, Tensor margin, Tensor positives)``
     ``stats`` ``[2, K, B]``: per direction and anchor, online statistics over the anchor's negatives
-    (``_inputs.STATS``: the DRRho ``(M, E, F)`` of ``d_j = s (S_j - m)``, K = 3; with ``with_distill`` or
+    (``core.inputs.STATS``: the DRRho ``(M, E, F)`` of ``d_j = s (S_j - m)``, K = 3; with ``with_distill`` or
     ``with_alone`` also the target's, the teacher's and the reference's, K = 12); ``margin`` ``[B]``;
     ``positives`` ``[2, B]``: the pairs' own similarities ``<x_i, t_i>`` and ``<xr_i, tr_i>``.
     Accumulation dtype; no autograd (called on detached inputs).
@@ -41,13 +42,13 @@ from typing import Callable
 
 import torch
 
-from ._inputs import TileInputs, Weights, as_args, schema_fields
+from .inputs import TileInputs, Weights, accumulation_dtype, as_args, from_args, n_args, schema_fields
 
 NAMESPACE = "drrho"
 
 _TILE_FIELDS = schema_fields(TileInputs)
 _WEIGHT_FIELDS = schema_fields(Weights)
-_N_TILE, _N_WEIGHT = len(_TILE_FIELDS), len(_WEIGHT_FIELDS)
+_N_TILE, _N_WEIGHT = n_args(TileInputs), n_args(Weights)
 
 
 def _args(pairs) -> str:
@@ -65,16 +66,12 @@ _library = torch.library.Library(NAMESPACE, "FRAGMENT")
 _defined: set[str] = set()
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def tiles_of(args) -> TileInputs:
-    return TileInputs(*args[:_N_TILE])
+    return from_args(TileInputs, args[:_N_TILE])
 
 
 def weights_of(args) -> Weights:
-    return Weights(*args[_N_TILE:_N_TILE + _N_WEIGHT])
+    return from_args(Weights, args[_N_TILE:_N_TILE + _N_WEIGHT])
 
 
 def no_column_grads(img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +84,7 @@ def no_column_grads(img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor,
 
 def _fake_fwd(*args):
     tiles = tiles_of(args)
-    acc, rows = _acc(tiles.img.dtype), tiles.batch
+    acc, rows = accumulation_dtype(tiles.img.dtype), tiles.batch
     return (tiles.img.new_empty((2, tiles.n_stats, rows), dtype=acc), tiles.img.new_empty(rows, dtype=acc),
             tiles.img.new_empty((2, rows), dtype=acc))
 
@@ -172,24 +169,24 @@ def _phi_fake(wdsum, h, h_ds, *args):
 
 
 _LEAD = 3                            # wdsum, h, h_ds
-_IMG, _IMG_ALL, _SCALE = (_LEAD + [name for name, _ in _TILE_FIELDS].index(n) for n in ("img", "img_all", "scale"))
-_SCALARS = {name for name, kind in _TILE_FIELDS if kind in ("int", "bool", "float")}
+_TILE_NAMES = [name for name, _ in _TILE_FIELDS]
+_IMG, _IMG_ALL, _SCALE = (_LEAD + _TILE_NAMES.index(n) for n in ("img", "img_all", "scale"))
+_SCALARS = _LEAD + _TILE_NAMES.index("scalars")      # the tiles' one float[] argument
 
 
 def _phi_setup_context(ctx, inputs, output):
-    wdsum, h, h_ds, args, backend = inputs[0], inputs[1], inputs[2], inputs[_LEAD:-1], inputs[-1]
-    tiles, weights = tiles_of(args), weights_of(args)
-    ctx.backend = backend
-    ctx.scalars = {name: getattr(tiles, name) for name in _SCALARS}
-    tensors = [getattr(tiles, name) for name, _ in _TILE_FIELDS if name not in _SCALARS] + list(as_args(weights))
+    wdsum, h_ds, args = inputs[0], inputs[2], inputs[_LEAD:-1]
+    ctx.backend = inputs[-1]
+    ctx.scalars = inputs[_SCALARS]
+    tensors = [a for i, a in enumerate(args[:_N_TILE]) if i != _SCALARS - _LEAD] + list(args[_N_TILE:])
     ctx.save_for_backward(wdsum, h_ds, *tensors)
 
 
 def _phi_backward(ctx, grad_out):
     wdsum, h_ds, *tensors = ctx.saved_tensors
-    it = iter(tensors)
-    tiles = TileInputs(*[ctx.scalars[name] if name in _SCALARS else next(it) for name, _ in _TILE_FIELDS])
-    weights = Weights(*it)
+    k = _SCALARS - _LEAD
+    args = [*tensors[:k], ctx.scalars, *tensors[k:]]
+    tiles, weights = tiles_of(args), weights_of(args)
     needs = ctx.needs_input_grad
     grads = [None] * (_LEAD + _N_TILE + _N_WEIGHT + 1)
     acc = wdsum.dtype

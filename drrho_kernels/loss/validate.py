@@ -1,19 +1,19 @@
 """Every argument check of the public entry points, and its message.
 
-:func:`validate` is called once by :func:`drrho_kernels.drrho_clip_loss` before any kernel runs. It
-returns a :class:`~drrho_kernels._inputs.LossInputs`: the checked, normalised arguments that the
-backends receive and never re-check. It is two steps, which the distributed layer calls apart:
-:func:`check_rows` (everything one process knows: its rows, scale, state and options) and
-:func:`check_columns` (the columns against those rows). The module's constructor checks its
-options with the same functions (``check_gamma``, ``check_eps``, ``check_rho``, ``check_backend``,
-``check_int``) as the call.
+:func:`check_options` builds the one :class:`~drrho_kernels.core.inputs.LossOptions` value of a call (the
+functional call, or once in the module's constructor). :func:`validate` checks the tensors of
+:func:`drrho_kernels.drrho_clip_loss` against them before any kernel runs and returns a
+:class:`~drrho_kernels.core.inputs.LossInputs`: the checked, normalised arguments that the backends receive
+and never re-check (the backend that runs is resolved by ``loss/functional.py``, not here). It is two
+steps, which the distributed layer calls apart: :func:`check_rows` (everything one process knows: its
+rows, scale, state and options) and :func:`check_columns` (the columns against those rows).
 
 Messages name the argument, what was expected and what was given. Shape, dtype and device
 checks are free and always run. Value checks (positive and finite ``logit_scale``, finite
 embeddings, sample indices in range) read tensor data: they run on CPU tensors; on accelerator
 tensors the embedding and scale checks would cost a device synchronisation per step, so there a
 non-finite embedding or a non-positive scale propagates into a NaN loss and NaN ``u`` (which the
-moving-average rule treats as unset at the next step) instead of raising. Under
+moving-average rule treats as unset at the next step) instead of raising (SPEC 3.2). Under
 ``torch.compile`` the data-dependent checks are skipped so that the graph has no break.
 """
 from __future__ import annotations
@@ -24,13 +24,11 @@ from dataclasses import replace
 
 import torch
 
-from ._inputs import LossInputs, TauOptions, TauState, Temperature, TileInputs
-from ._math import accumulation_dtype
-from .backends import resolve
+from ..core.inputs import (BACKENDS, LossInputs, LossOptions, TauOptions, TauState, Temperature, TileInputs,
+                           accumulation_dtype)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 STATE_DTYPES = (torch.float32, torch.float64)
-BACKENDS = ("auto", "torch", "triton", "cpp", "reference")
 
 
 def _describe(x) -> str:
@@ -118,8 +116,6 @@ def check_logit_scale(logit_scale, device: torch.device, dtype: torch.dtype, nam
 
 def check_scales(logit_scale, device: torch.device, dtype: torch.dtype, multiply_tau) -> Temperature:
     """A global scale ``s``, or a pair ``(s_img, s_txt)`` (per direction, SPEC 2.1)."""
-    if not isinstance(multiply_tau, bool):
-        raise TypeError(f"multiply_tau: expected a bool, got {_describe(multiply_tau)}")
     if isinstance(logit_scale, (tuple, list)):
         if len(logit_scale) != 2:
             raise ValueError(f"logit_scale: expected one scale or a pair (s_img, s_txt), got a "
@@ -211,27 +207,44 @@ def _check_reference(name: str, x, rows: int, width: int | None, img: torch.Tens
     return x
 
 
-def check_distill(distill_weight, distill_scale, has_ref: bool, temperature: str) -> tuple[float, float]:
-    """``distill_weight >= 0`` (> 0 needs a reference model: the teacher) and a teacher scale ``> 0``."""
+def check_distill(distill_weight, distill_scale) -> tuple[float, float]:
+    """``distill_weight >= 0`` and a teacher scale ``> 0`` (that a weight > 0 has a teacher: :func:`check_rows`)."""
     weight = check_real("distill_weight", distill_weight, low=0.0, low_open=False, high_open=True)
     scale = check_real("distill_scale", distill_scale, low=0.0, low_open=True, high_open=True)
-    if weight > 0 and not has_ref:
-        raise ValueError(f"distill_weight: expected 0 without a reference model (the teacher's features are "
-                         f"ref_img, ref_txt), got {weight!r}")
-    if weight > 0 and temperature == "individual":
-        raise ValueError("distill_weight: distillation is defined for the global and per-direction temperatures "
-                         f"(the authors' SogCLRLoss), not with temperature='individual'; got {weight!r}")
     return weight, scale
 
 
-def check_rows(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_txt=None, gamma=0.8, eps=1e-14,
-               rho=8.0, backend="auto", multiply_tau=True, tau_state=None, tau_options=None, distill_weight=0.0,
-               distill_scale=100.0, per_sample=False) -> LossInputs:
-    """Every check that needs only this process's rows, scale, state and options.
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {_describe(value)}")
+    return value
+
+
+def check_options(*, gamma=0.8, eps=1e-14, rho=8.0, multiply_tau=True, distill_weight=0.0, distill_scale=100.0,
+                  per_sample=False, backend="auto", tau=None) -> LossOptions:
+    """The options of a call, checked: the one :class:`LossOptions` value the evaluation carries.
+
+    ``tau``: the per-sample temperatures' :class:`TauOptions` (``temperature="individual"``; see
+    :func:`check_tau_options`), or None for the global and per-direction forms.
+    """
+    if tau is not None and not isinstance(tau, TauOptions):
+        raise TypeError(f"tau_options: expected a TauOptions, got {_describe(tau)}")
+    weight, scale = check_distill(distill_weight, distill_scale)
+    if weight > 0 and tau is not None:
+        raise ValueError("distill_weight: distillation is defined for the global and per-direction temperatures "
+                         f"(the authors' SogCLRLoss), not with temperature='individual'; got {weight!r}")
+    return LossOptions(gamma=check_gamma(gamma), eps=check_eps(eps), rho=check_rho(rho),
+                       multiply_tau=check_bool("multiply_tau", multiply_tau), distill_weight=weight,
+                       distill_scale=scale, per_sample=check_bool("return_per_sample", per_sample),
+                       backend=check_backend(backend), tau=tau)
+
+
+def check_rows(img, txt, logit_scale, u_img, u_txt, options: LossOptions, *, ref_img=None, ref_txt=None,
+               tau_state=None) -> LossInputs:
+    """Every check that needs only this process's rows, scale, state and (checked) options.
 
     Returns the problem with the rows as its own columns (one process: N = B, ``columns_are_rows``);
-    :func:`check_columns` replaces them. ``N >= 2`` is checked once the columns are known. The backend
-    is resolved here (a clear ``RuntimeError`` if it cannot run on these tensors).
+    :func:`check_columns` replaces them. ``N >= 2`` is checked once the columns are known.
     """
     img = check_tensor("img", img, ndim=2)
     txt = check_tensor("txt", txt, ndim=2)
@@ -248,31 +261,27 @@ def check_rows(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_txt=Non
         ref_txt = _check_reference("ref_txt", ref_txt, batch, ref_img.shape[1], img, "dr of ref_img")
         # The reference model gets no gradient and is computed in the embeddings' precision.
         ref_img, ref_txt = (r.detach().to(img.dtype) for r in (ref_img, ref_txt))
-    if tau_state is None:
-        temperature = check_scales(logit_scale, img.device, img.dtype, multiply_tau)
+    if options.tau is None:
+        if tau_state is not None:       # per-sample temperatures need their hyper-parameters
+            raise TypeError(f"tau_options: expected a TauOptions, got {_describe(None)}")
+        temperature = check_scales(logit_scale, img.device, img.dtype, options.multiply_tau)
     else:
         if logit_scale is not None:
             raise ValueError(f"logit_scale: expected None with per-sample temperatures (temperature="
                              f"'individual': the temperatures are state), got {_describe(logit_scale)}")
-        if not isinstance(tau_options, TauOptions):
-            raise TypeError(f"tau_options: expected a TauOptions, got {_describe(tau_options)}")
-        temperature = Temperature("individual", True, state=check_tau_state(tau_state, batch, img.device),
-                                  options=tau_options)
+        temperature = Temperature("individual", True, state=check_tau_state(tau_state, batch, img.device))
     u_img = check_state("u_img", u_img, batch, img.device)
     u_txt = check_state("u_txt", u_txt, batch, img.device)
-    gamma, eps, rho = check_gamma(gamma), check_eps(eps), check_rho(rho)
-    name = resolve(check_backend(backend), img.device, img.dtype)
     for arg, x in (("img", img), ("txt", txt), ("ref_img", ref_img), ("ref_txt", ref_txt)):
         if x is not None:
             check_finite(arg, x)
-    distill_weight, distill_scale = check_distill(distill_weight, distill_scale, ref_img is not None,
-                                                  temperature.kind)
-    if not isinstance(per_sample, bool):
-        raise TypeError(f"return_per_sample: expected a bool, got {_describe(per_sample)}")
+    if options.distill_weight > 0 and ref_img is None:
+        raise ValueError(f"distill_weight: expected 0 without a reference model (the teacher's features are "
+                         f"ref_img, ref_txt), got {options.distill_weight!r}")
     tiles = TileInputs(img, txt, img, txt, ref_img, ref_txt, ref_img, ref_txt,
-                       row_scales(temperature, batch, accumulation_dtype(img.dtype)), 0, True, distill_scale,
-                       distill_weight > 0 or (per_sample and ref_img is not None), per_sample)
-    return LossInputs(tiles, temperature, u_img, u_txt, gamma, eps, rho, name, distill_weight, per_sample)
+                       row_scales(temperature, batch, accumulation_dtype(img.dtype)), 0, True, options.distill_scale,
+                       options.distill_weight > 0 or (options.per_sample and ref_img is not None), options.per_sample)
+    return LossInputs(tiles, temperature, u_img, u_txt, options)
 
 
 def row_scales(t: Temperature, batch: int, acc: torch.dtype) -> torch.Tensor:
@@ -341,15 +350,13 @@ def check_offset(offset, batch: int, n_columns: int) -> int:
     return offset
 
 
-def validate(img, txt, logit_scale, u_img, u_txt, *, ref_img=None, ref_txt=None, img_all=None,
-             txt_all=None, ref_img_all=None, ref_txt_all=None, offset=0, gamma=0.8, eps=1e-14,
-             rho=8.0, backend="auto", multiply_tau=True, tau_state=None, tau_options=None, distill_weight=0.0,
-             distill_scale=100.0, per_sample=False) -> LossInputs:
-    """Check every argument of :func:`drrho_kernels.drrho_clip_loss`; return the problem."""
-    p = check_rows(img, txt, logit_scale, u_img, u_txt, ref_img=ref_img, ref_txt=ref_txt, gamma=gamma, eps=eps,
-                   rho=rho, backend=backend, multiply_tau=multiply_tau, tau_state=tau_state,
-                   tau_options=tau_options, distill_weight=distill_weight, distill_scale=distill_scale,
-                   per_sample=per_sample)
+def validate(img, txt, logit_scale, u_img, u_txt, options: LossOptions, *, ref_img=None, ref_txt=None,
+             img_all=None, txt_all=None, ref_img_all=None, ref_txt_all=None, offset=0,
+             tau_state=None) -> LossInputs:
+    """Check every tensor argument of :func:`drrho_kernels.drrho_clip_loss` against the checked
+    ``options``; return the problem (its backend not yet resolved)."""
+    p = check_rows(img, txt, logit_scale, u_img, u_txt, options, ref_img=ref_img, ref_txt=ref_txt,
+                   tau_state=tau_state)
     if img_all is None and txt_all is None:
         if ref_img_all is not None or ref_txt_all is not None:
             raise ValueError("ref_img_all and ref_txt_all: expected None when img_all and txt_all are "

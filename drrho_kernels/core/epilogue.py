@@ -1,11 +1,11 @@
-"""Small shared formulas of SPEC.md, each written once.
+"""The epilogue: what follows the kernels, per anchor, written once for every backend (SPEC.md).
 
 Everything here works on per-row vectors ``[B]`` or scalars, never on a ``[B, N]``
-matrix, so every backend (torch, Triton, C++) calls into it for the parts that
-are not inside a kernel: the moving-average rule for ``u``, the gamma schedule,
-the ``log(eps + g)`` from online log-sum-exp statistics, the epilogue that turns the
-kernels' per-anchor statistics into the new state and the backward's weights
-(:func:`finish`), and the assembly of the scalar loss.
+matrix: the moving-average rule for ``u`` (also the DRRho risk's), the ``log(eps + g)``
+from online log-sum-exp statistics, the epilogue that turns the kernels' per-anchor
+statistics into the new state and the backward's weights (:func:`finish`,
+:func:`finish_extras`, :func:`finish_individual`), and the assembly of the scalar loss
+(:func:`assemble_loss`).
 
 The fused kernels (torch, Triton, C++) only reduce tiles: they return each anchor's
 online statistics over its negatives. Everything per anchor that follows is
@@ -18,22 +18,14 @@ import math
 import torch
 
 __all__ = [
-    "accumulation_dtype",
     "is_unset",
     "ma_update",
     "log_eps_plus_mean_exp",
-    "gamma_at_epoch",
-    "positive_similarities",
     "finish",
     "finish_extras",
     "finish_individual",
     "assemble_loss",
 ]
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else accumulates in float32 (SPEC: Numerics)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def is_unset(u: torch.Tensor) -> torch.Tensor:
@@ -65,40 +57,6 @@ def log_eps_plus_mean_exp(row_max: torch.Tensor, row_sumexp: torch.Tensor, n_col
     """
     log_mean = row_max + torch.log(row_sumexp) - math.log(n_columns)
     return torch.logaddexp(log_mean, torch.full_like(log_mean, math.log(eps)))
-
-
-def gamma_at_epoch(epoch: int, gamma: float, schedule: str, decay_epochs: int) -> float:
-    """The moving-average rate used during ``epoch``.
-
-    ``"cosine"`` follows the authors' ``adjust_gamma``: epoch 0 uses 1.0 (``u`` is set from scratch),
-    epochs ``1 .. decay_epochs - 1`` decay from 1 to ``gamma`` along a half cosine, later epochs use
-    ``gamma``. ``"constant"`` always uses ``gamma``.
-    """
-    if schedule == "constant":
-        return float(gamma)
-    if schedule != "cosine":
-        raise ValueError(f"gamma_schedule: expected 'cosine' or 'constant', got {schedule!r}")
-    if epoch <= 0:
-        return 1.0
-    if epoch >= decay_epochs:
-        return float(gamma)
-    return 0.5 * (1.0 + math.cos(math.pi * epoch / decay_epochs)) * (1.0 - gamma) + gamma
-
-
-def positive_similarities(img: torch.Tensor, txt: torch.Tensor, ref_img: torch.Tensor | None,
-                          ref_txt: torch.Tensor | None, chunk_rows: int = 4096) -> torch.Tensor:
-    """``[2, B]``: the pairs' own similarities ``<x_i, t_i>`` and ``<xr_i, tr_i>`` (0 without a reference),
-    accumulated in float32 (float64 for float64); the margin is their difference. Rows are processed in
-    chunks so that half inputs never need a full float32 copy. Detached."""
-    acc = accumulation_dtype(img.dtype)
-    out = torch.zeros(2, img.shape[0], dtype=acc, device=img.device)
-    with torch.no_grad():
-        for r0 in range(0, img.shape[0], chunk_rows):
-            r1 = min(r0 + chunk_rows, img.shape[0])
-            out[0, r0:r1] = (img[r0:r1].to(acc) * txt[r0:r1].to(acc)).sum(-1)
-            if ref_img is not None:
-                out[1, r0:r1] = (ref_img[r0:r1].to(acc) * ref_txt[r0:r1].to(acc)).sum(-1)
-    return out
 
 
 def finish(stats: torch.Tensor, u_old: torch.Tensor, n_columns: int, eps: float, gamma: float):
