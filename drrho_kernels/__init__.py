@@ -8,9 +8,8 @@ ops), ``backends``, ``loss`` (the functional path and its checks), ``parallel`` 
 sharded state), then ``module``, ``risk`` and ``reference`` (selection, the embedding cache), and
 ``integrations`` on top.
 """
-__version__ = "0.1.0"
-
-from .backends import available_backends  # noqa: E402
+from ._version import __version__
+from .backends import available_backends
 from .loss.functional import LossOutput, PerSample, drrho_clip_loss  # noqa: E402
 from .module import DRRhoCLIPLoss  # noqa: E402
 from .parallel.sharded_state import merge_state_shards, split_state  # noqa: E402

@@ -50,6 +50,8 @@ from pathlib import Path
 
 import torch
 
+from .._version import __version__
+
 __all__ = ["ReferenceFeatures", "ReferenceFeaturesError", "CacheMismatchError", "CorruptChunkError",
            "NotBuiltError", "ConcurrentWriterError", "fingerprint"]
 
@@ -288,7 +290,7 @@ def _create(root: Path, num_samples: int, dim_img: int, dim_txt: int, dtype: str
         "dim_txt": dim_txt, "dtype": dtype, "byte_order": "little", "chunk_size": chunk_size,
         "num_chunks": math.ceil(num_samples / chunk_size), "fingerprint": fp, "files": files,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "writer": f"drrho_kernels {_version()}",
+        "writer": f"drrho_kernels {__version__}",
     }
     tmp = root / (HEADER + ".tmp")
     tmp.write_text(json.dumps(header, indent=2) + "\n", encoding="utf-8")
@@ -297,14 +299,6 @@ def _create(root: Path, num_samples: int, dim_img: int, dim_txt: int, dtype: str
     os.replace(tmp, root / HEADER)
     _fsync_dir(root)
     return header
-
-
-def _version() -> str:
-    try:
-        from .. import __version__
-        return __version__
-    except ImportError:
-        return "unknown"
 
 
 class _ChunkWriter:
