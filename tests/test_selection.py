@@ -79,3 +79,15 @@ def test_bad_input(kwargs, exc, words):
     with pytest.raises(exc, match=words):
         dk.jest_select(args.pop("img"), args.pop("txt"), args.pop("ref_img"), args.pop("ref_txt"),
                        args.pop("logit_scale"), **args)
+
+
+def test_non_finite_embeddings_are_named_by_both_selections():
+    """Every public entry point checks through the same helpers: a NaN embedding is named, never a failure
+    deep inside ``torch.multinomial``."""
+    g = torch.Generator().manual_seed(0)
+    x = [torch.nn.functional.normalize(torch.randn(12, 4, generator=g), dim=1) for _ in range(4)]
+    x[2][3, 1] = float("nan")
+    for select in (lambda: dk.jest_select(*x, 10.0, filter_ratio=0.5, n_chunks=2, backend="torch"),
+                   lambda: dk.rho_select(*x, 10.0, filter_ratio=0.5, backend="torch")):
+        with pytest.raises(ValueError, match="ref_img: expected finite values"):
+            select()

@@ -32,6 +32,15 @@ treats the weights as constants (SPEC.md: "gradients ... with w and the new u he
 ``_bwd`` op for the embeddings, and for the scale ``grad[k, 0] wdsum / scale + grad[k, 1] h_ds``
 (``h_ds = d h / d s``, from the epilogue).
 
+Autocast (SPEC 3.1): every op has an implementation on the ``AutocastCPU`` / ``AutocastCUDA`` dispatch keys
+that casts the float32 embeddings among its arguments (rows, columns, reference: the fields of
+``TileInputs`` marked ``embedding``) to the autocast dtype, as ``torch.matmul`` would, and runs the op
+with autocast excluded below it (so a backend's own products never autocast). Nothing else is cast: the
+scales, the state, the weights and every per-row value stay float32, float64 is never downcast, and
+the casts are part of the autograd graph (gradients come back in float32). Because it is a dispatcher
+implementation, it holds in a compiled step too. (``torch.library.register_autocast`` would cast every
+float32 argument, the scale and the state included, and change the numbers.)
+
 Only this module and the backends' op implementations see the flat argument lists; everything else
 passes the dataclasses. Because the ops have fake (meta) implementations and registered autograd,
 ``torch.compile`` traces them without graph breaks and ``torch.library.opcheck`` checks each.
@@ -42,7 +51,7 @@ from typing import Callable
 
 import torch
 
-from .inputs import TileInputs, Weights, accumulation_dtype, as_args, from_args, n_args, schema_fields
+from .inputs import TileInputs, Weights, accumulation_dtype, as_args, embedding_fields, from_args, n_args, schema_fields
 
 NAMESPACE = "drrho"
 
@@ -98,13 +107,75 @@ def _fake_bwd(gain, col_gain, dgain, col_dgain, *args):
     return torch.empty_like(tiles.img), torch.empty_like(tiles.txt), *cols
 
 
+# ---------------------------------------------------------------------------------------------
+# Autocast: the embeddings, and only they, at the autocast dtype.
+
+AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+_EMBEDDINGS = [i for i, (name, _) in enumerate(_TILE_FIELDS) if name in embedding_fields(TileInputs)]
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The half dtype float32 embeddings are computed in on ``device_type`` now (None outside autocast)."""
+    if device_type in AUTOCAST_KEYS and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return dtype if dtype in HALF_DTYPES else None
+    return None
+
+
+def cast_embeddings(args: list, lead: int, dtype: torch.dtype) -> list:
+    """``args`` with the float32 embeddings of the tiles (starting at ``lead``) cast to ``dtype``; a tensor
+    passed twice (one process: ``img_all is img``) is cast once and stays one tensor."""
+    args, done = list(args), {}
+    for i in _EMBEDDINGS:
+        x = args[lead + i]
+        if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
+            if id(x) not in done:
+                done[id(x)] = x.to(dtype)
+            args[lead + i] = done[id(x)]
+    return args
+
+
+def autocast_tiles(tiles: TileInputs) -> TileInputs:
+    """``tiles`` as the ops see them under the current autocast: for the paths that cast before the ops (the
+    dense reference, which is no op; the distributed step, which then gathers half the bytes)."""
+    dtype = autocast_dtype(tiles.img.device.type)
+    if dtype is None:
+        return tiles
+    return from_args(TileInputs, cast_embeddings(as_args(tiles), 0, dtype))
+
+
+def autocast_embeddings(*embeddings):
+    """The float32 embeddings among ``embeddings`` at the current autocast dtype (the others as they are)."""
+    dtype = autocast_dtype(embeddings[0].device.type)
+    if dtype is None:
+        return embeddings
+    return tuple(x.to(dtype) if x is not None and x.dtype == torch.float32 else x for x in embeddings)
+
+
+def _register_autocast(name: str, lead: int) -> None:
+    """The ``Autocast<Device>`` implementations of op ``name`` whose tiles start at argument ``lead``."""
+    for device_type, key in AUTOCAST_KEYS.items():
+        below = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(*args, _device_type=device_type, _below=below):
+            dtype = torch.get_autocast_dtype(_device_type)
+            if dtype in HALF_DTYPES:
+                args = cast_embeddings(args, lead, dtype)
+            with torch._C._ExcludeDispatchKeyGuard(_below):
+                return getattr(torch.ops.drrho, name).default(*args)
+
+        _library.impl(name, kernel, key)
+
+
 def define(backend: str) -> None:
-    """Define ``drrho::<backend>_fwd`` / ``_bwd`` with their fake implementations (once)."""
+    """Define ``drrho::<backend>_fwd`` / ``_bwd`` with their fake and autocast implementations (once)."""
     if backend in _defined:
         return
-    for suffix, schema, fake in (("fwd", FWD_SCHEMA, _fake_fwd), ("bwd", BWD_SCHEMA, _fake_bwd)):
+    for suffix, schema, fake, lead in (("fwd", FWD_SCHEMA, _fake_fwd, 0), ("bwd", BWD_SCHEMA, _fake_bwd, 4)):
         _library.define(f"{backend}_{suffix}{schema}")
         torch.library.register_fake(f"{NAMESPACE}::{backend}_{suffix}", fake, lib=_library)
+        _register_autocast(f"{backend}_{suffix}", lead)
     _defined.add(backend)
 
 
@@ -214,6 +285,7 @@ def _phi_backward(ctx, grad_out):
 
 torch.library.register_autograd(f"{NAMESPACE}::phi", _phi_backward, setup_context=_phi_setup_context,
                                 lib=_library)
+_register_autocast("phi", _LEAD)
 
 
 def phi(backend: str, wdsum: torch.Tensor, tiles: TileInputs, weights: Weights, h=None, h_ds=None) -> torch.Tensor:

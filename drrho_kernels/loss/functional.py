@@ -178,7 +178,10 @@ def compute_loss(p: LossInputs, per_sample: bool = False):
     the accumulation dtype: ``"u"`` and, for per-sample temperatures, ``"tau"``, ``"bound"``, ``"m"``, ``"v"``;
     with ``per_sample`` also the :class:`PerSample` values."""
     if p.backend == "reference":
-        loss, u_new, values = reference_loss(p)
+        # not an op: the embeddings are cast here as the ops' autocast implementation casts them
+        p = replace(p, tiles=ops.autocast_tiles(p.tiles))
+        with torch.autocast(p.device.type, enabled=False):
+            loss, u_new, values = reference_loss(p)
         return (loss, {"u": u_new}) + ((PerSample(**values),) if per_sample else ())
     terms = fused_terms(p)
     loss = loss_from_terms(p, terms)

@@ -92,6 +92,7 @@ import torch
 import torch.distributed as dist
 
 
+from ..core import ops
 from ..core.inputs import TEMPERATURES, LossOptions, TauState, accumulation_dtype, option_items
 from ..loss.functional import compute_loss, fused_terms, loss_from_terms, resolved, state_out
 from ..loss.validate import (FLOAT_DTYPES, STATE_DTYPES, check_index, check_n_columns, check_options, check_rows,
@@ -257,6 +258,9 @@ def _step(img, txt, logit_scale, u_img, u_txt, options, *, ref_img, ref_txt, ind
                              f"(raised on every rank; this is rank {rank})")
     if fetch_state is not None:         # sharded state: the rows' entries from their owners (sharded_state.py)
         p = _with_state(p, fetch_state(index_all))
+    # Under autocast the float32 embeddings are cast before they are gathered (as the ops would cast them
+    # after): half the bytes, and the column gradients reduced in float32 by the cast's backward.
+    p = replace(p, tiles=ops.autocast_tiles(p.tiles))
     rows = p.tiles
     refs = [all_gather(r, group, "reference") for r in (rows.ref_img, rows.ref_txt)] if rows.has_ref else [None, None]
     if scheme == "gather_u" and p.backend == "reference":
