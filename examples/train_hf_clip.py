@@ -110,6 +110,9 @@ def make_clip(data: Data, width: int, layers: int, dim: int, seed: int):
     return CLIPModel(config)
 
 
+AMP_DTYPES = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}
+
+
 def encode_image(model, px: torch.Tensor) -> torch.Tensor:
     return F.normalize(model.visual_projection(model.vision_model(pixel_values=px).pooler_output), dim=-1)
 
@@ -163,12 +166,15 @@ class Run:
         self.crit.set_epoch(epoch)
         index = self.batch_index(self.step)
         px, ids = self.pairs.px[index], self.pairs.ids[index]
-        img, txt = encode_image(self.model, px), encode_text(self.model, ids)
         refs = {}
         if self.cache is not None:                  # the reference model's embeddings, from disk
             ref_img, ref_txt = self.cache.lookup(index)
             refs = dict(ref_img=ref_img, ref_txt=ref_txt)
-        loss = self.crit(img, txt, index, self.model.logit_scale.exp(), **refs)
+        # as open_clip's --precision: the towers and the loss inside autocast (the loss's tile products then
+        # take the embeddings at the autocast dtype, its sums and state stay float32: docs/INTEGRATIONS.md)
+        with torch.autocast("cpu", dtype=AMP_DTYPES.get(self.args.precision), enabled=self.args.precision != "fp32"):
+            img, txt = encode_image(self.model, px), encode_text(self.model, ids)
+            loss = self.crit(img, txt, index, self.model.logit_scale.exp(), **refs)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -252,6 +258,8 @@ def parse_args(argv=None):
     p.add_argument("--ref-epochs", type=int, default=None, help="epochs of the reference (default: 3x --epochs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton", "reference"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "amp_bf16", "amp_fp16"],
+                   help="open_clip's names: the training step inside torch.autocast (CPU) at that dtype")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "output", "hf_clip"),
                    help="output directory: results.json, the reference cache, checkpoints")
     p.add_argument("--quick", action="store_true", help="a few steps only (for tests)")

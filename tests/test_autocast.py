@@ -299,3 +299,49 @@ def test_distributed_schemes_under_autocast(tmp_path):
         for name, (got, want) in results.items():
             assert all(torch.equal(a, b) for a, b in zip(got, want)), f"rank {rank} {name}"
             assert got[1].dtype == torch.float32, name
+
+
+# ------------------------------------------------------------------------------------------------
+# The integrations under autocast.
+
+def test_hugging_face_example_runs_under_autocast(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("sklearn")
+    import importlib.util
+    import sys
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_hf_clip.py"
+    spec = importlib.util.spec_from_file_location("train_hf_clip_amp", path)
+    ex = importlib.util.module_from_spec(spec)
+    sys.modules["train_hf_clip_amp"] = ex           # dataclasses look their module up there
+    threads = torch.get_num_threads()
+    try:
+        spec.loader.exec_module(ex)
+        out = ex.main(["--quick", "--no-progress", "--precision", "amp_bf16", "--out", str(tmp_path)])
+    finally:
+        sys.modules.pop("train_hf_clip_amp", None)
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)
+    assert out["config"]["precision"] == "amp_bf16"
+    assert all(0.0 <= out[k] <= 1.0 for k in ("target_plain_accuracy", "target_drrho_accuracy"))
+
+
+def test_open_clip_adapter_under_autocast():
+    """The open_clip adapter as open_clip's ``train_one_epoch`` calls it with ``--precision amp_bf16``: the
+    model's features float32 (as CUDA autocast hands them over), the loss under autocast equals the loss
+    on the features cast by hand."""
+    from drrho_kernels.integrations.open_clip import DRRhoOpenCLIPLoss
+    d = _data()
+    runs = []
+    for autocast in (True, False):
+        loss_fn = DRRhoOpenCLIPLoss(40, backend="cpp" if "cpp" in dk.available_backends() else "torch",
+                                    require_reference=False)
+        img = d["img"].clone().requires_grad_()
+        cast = (lambda x: x) if autocast else (lambda x: x.bfloat16())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = dict(image_features=cast(img), text_features=cast(d["txt"]), logit_scale=torch.tensor(14.0))
+            losses = loss_fn(**out, index=torch.arange(B), output_dict=True)
+        total = sum(losses.values())
+        total.backward()
+        runs.append([total.detach(), img.grad, loss_fn.criterion.u_img.clone()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
