@@ -9,7 +9,10 @@ from functools import partial
 
 from dataclasses import replace
 
+import numpy as np
+
 from .core.inputs import TauState
+from .core.transfer import to_device
 from .loss.functional import compute_loss, resolved
 from .loss.schedule import GAMMA_SCHEDULES, gamma_at_epoch
 from .loss.validate import check_index, check_int, check_options, check_tau_options, check_tensor, validate
@@ -130,6 +133,7 @@ class DRRhoCLIPLoss(nn.Module):
         self.state_sharding = state_sharding
         self._layout = ShardLayout.of(process_group, data_size) if state_sharding == "sharded" else None
         self._epoch = 0
+        self._pending_writes = []        # host write-backs in flight: (index, pinned rows, cuda event)
         device = self.state_device or "cpu"
         size = data_size if self._layout is None else self._layout.size
         for kind in STATE_ARRAYS["individual" if temperature == "individual" else "global"]:
@@ -180,8 +184,13 @@ class DRRhoCLIPLoss(nn.Module):
     def set_extra_state(self, state):
         self.set_epoch(int(state["epoch"]))
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.complete_state_writes()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         check_loaded_layout(self._layout, state_dict, prefix)     # before anything is copied
+        self.complete_state_writes()
         for name in BUFFERS["tau"] if self.temperature == "individual" else ():
             tau = state_dict.get(prefix + name)
             if isinstance(tau, torch.Tensor) and not bool(torch.isfinite(tau).all() and (tau > 0).all()):
@@ -191,6 +200,7 @@ class DRRhoCLIPLoss(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # The state stays float32 (a .half() must not round it) and, with a pinned state_device, stays there.
+        self.complete_state_writes()
         before = {name: getattr(self, name) for name in self.state_names}
         super()._apply(fn, recurse)
         for name, old in before.items():
@@ -202,6 +212,7 @@ class DRRhoCLIPLoss(nn.Module):
 
     def _state_for(self, device: torch.device) -> None:
         if self.state_device is None and self.u_img.device != device:
+            self.complete_state_writes()
             for name in self.state_names:
                 setattr(self, name, getattr(self, name).to(device))
 
@@ -211,24 +222,56 @@ class DRRhoCLIPLoss(nn.Module):
         img = check_tensor("img", img, ndim=2)
         index = check_index(index, img.shape[0], self.data_size)
         self._state_for(img.device)
+        self._complete_writes(needed=index)
         if self._layout is not None:
             return index, placeholder_state(self._kinds, img.shape[0], img.device)
         return index, self._gather(index, img.device)
 
     def _gather(self, index, device) -> dict:
-        """The entries ``index`` of this module's buffers, ``[2, len(index)]`` per kind, on ``device``."""
-        state_index = index.to(self.u_img.device)
-        return {kind: torch.stack([getattr(self, name)[state_index] for name in BUFFERS[kind]]).to(device)
-                for kind in self._kinds}
+        """The entries ``index`` of this module's buffers, ``[2, len(index)]`` per kind, on ``device``; host
+        indices and host state reach the device through pinned memory, without a wait (SPEC 3.2)."""
+        state_index = to_device(index, self.u_img.device)
+        packed = to_device(torch.stack([getattr(self, name)[state_index] for name in self.state_names]), device)
+        return {kind: packed[2 * i:2 * i + 2] for i, kind in enumerate(self._kinds)}
 
     @torch.no_grad()
     def _write_state(self, index, state: dict) -> None:
-        """Store the new state ``[2, B]`` per kind of the samples ``index`` (only once a step has succeeded)."""
-        state_index = index.to(self.u_img.device)
-        for kind in self._kinds:
-            for k, name in enumerate(BUFFERS[kind]):
-                buf = getattr(self, name)
-                buf[state_index] = state[kind][k].to(device=buf.device, dtype=buf.dtype)
+        """Store the new state ``[2, B]`` per kind of the samples ``index`` (only once a step has succeeded).
+
+        State in host memory and a step on an accelerator: the new entries are copied to pinned host memory
+        without a wait and stored by a later step, as soon as the copy is done or the entries are needed
+        (:meth:`complete_state_writes`, which ``state_dict`` calls)."""
+        packed = torch.cat([state[kind] for kind in self._kinds])                   # [2 n, M]
+        if self.u_img.device.type == "cpu" and packed.device.type != "cpu":
+            host = torch.empty(packed.shape, dtype=torch.float32, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._pending_writes.append((index.cpu() if index.device.type != "cpu" else index, host, done))
+            return
+        state_index = to_device(index, self.u_img.device)
+        packed = packed.to(device=self.u_img.device, dtype=torch.float32)
+        for row, name in enumerate(self.state_names):
+            getattr(self, name).index_copy_(0, state_index, packed[row])
+
+    def _complete_writes(self, needed=None, wait: bool = False) -> None:
+        """Store the pending host write-backs that are done, that hold entries ``needed`` now, or all (``wait``)."""
+        keep = []
+        for index, host, done in self._pending_writes:
+            overlap = needed is not None and bool(np.intersect1d(index.numpy(), needed.cpu().numpy()).size)
+            if wait or overlap or done.query():
+                done.synchronize()                   # returns at once when the copy is done
+                for row, name in enumerate(self.state_names):
+                    getattr(self, name).index_copy_(0, index, host[row])
+            else:
+                keep.append((index, host, done))
+        self._pending_writes = keep
+
+    def complete_state_writes(self) -> None:
+        """Store every pending write-back (state in host memory, steps on an accelerator); ``state_dict``,
+        ``load_state_dict`` and ``.to()`` call it. Between two steps the buffers may still hold the entries
+        of the last step(s) before it, until their copies are done."""
+        self._complete_writes(wait=True)
 
     def _form(self, logit_scale, state) -> tuple:
         """``(logit_scale, tau_state)`` of this module's temperature form."""
@@ -262,14 +305,16 @@ class DRRhoCLIPLoss(nn.Module):
             logit_scale, tau_state = self._form(logit_scale, state)
             if self._layout is not None:
                 self._layout.check_group(group)
-                fetch = partial(self._layout.fetch, self._gather, group)    # called with the gathered indices
+                fetch = partial(self._layout.fetch, self._gather, group, device=img.device)  # with the indices
         except Exception as exc:            # every rank hears of it in the first collective
             error = exc
         u = (state["u"][0], state["u"][1]) if state is not None else (None, None)
-        out = _step(img, txt, logit_scale, *u, self._step_options(), ref_img=ref_img, ref_txt=ref_txt, index=index,
-                    data_size=self.data_size, scheme=self.distributed_scheme, group=group, local_error=error,
-                    tau_state=tau_state, fetch_state=fetch)
-        index_all, state_all = out.index_all, out.state_all      # every sample of the global batch
+        out, index_host = _step(img, txt, logit_scale, *u, self._step_options(), ref_img=ref_img, ref_txt=ref_txt,
+                                index=index, data_size=self.data_size, scheme=self.distributed_scheme, group=group,
+                                local_error=error, tau_state=tau_state, fetch_state=fetch, index_checked=True)
+        # every sample of the global batch (its indices on the host, where the dataloader's were)
+        index_all = index_host if index_host is not None else out.index_all
+        state_all = out.state_all
         if self._layout is not None:                              # ... of which this rank keeps its own
             index_all, state_all = self._layout.owned(index_all, state_all)
         self._write_state(index_all, state_all)

@@ -64,10 +64,9 @@ def _scores(rows, cols, ref_rows, ref_cols, r0, r1, acc, keep_parts: bool):
 def _positive_entries(r0, r1, offset, device, n_columns):
     """Index of the positive entries (row i, column offset + i) of a chunk of rows r0:r1 (none when the
     rows are not among the columns: offset + i >= N)."""
-    rows = torch.arange(r1 - r0, device=device)
-    cols = rows + (r0 + offset)
-    keep = cols < n_columns
-    return rows[keep], cols[keep]
+    count = max(0, min(r1 - r0, n_columns - offset - r0))        # rows i with offset + r0 + i < N: a prefix
+    rows = torch.arange(count, device=device)
+    return rows, rows + (r0 + offset)
 
 
 def _online_stats(d, dim, positive, values=None):
@@ -169,21 +168,14 @@ def _concat(chunks):
     return torch.stack([torch.cat(parts) for parts in zip(*chunks)])
 
 
-def _gain_in_exponent(log_norm, gain):
-    """``(log_norm - log gain, None)`` when every gain is positive (the weights then need no multiply: one
-    pass over each chunk less), else ``(log_norm, gain)``. Once per backward: the test syncs a GPU."""
-    if bool((gain > 0).all()):
-        return log_norm - gain.log(), None
-    return log_norm, gain
-
-
 def _weights(sim, scale, margin, log_norm, gain, along_rows: bool, inplace: bool = False):
-    """``gain * exp(scale (sim - margin) - log_norm)`` (``gain`` None: 1, see :func:`_gain_in_exponent`)
-    with the anchor's vectors along rows ([R]) or columns ([N]) of ``sim``: a new tensor, or ``sim``
-    overwritten (``inplace``)."""
+    """``gain * exp(scale (sim - margin) - log_norm)`` with the anchor's vectors along rows ([R]) or columns
+    ([N]) of ``sim``: a new tensor, or ``sim`` overwritten (``inplace``). The gain is a multiply, not a shift
+    of the exponent by ``log gain``: that would need every gain > 0, which only a read of the device could
+    tell (SPEC 3.2)."""
     view = (lambda v: v[:, None]) if along_rows else (lambda v: v[None, :])
     w = (sim.sub_(view(margin)) if inplace else sim - view(margin)).mul_(view(scale)).sub_(view(log_norm)).exp_()
-    return w if gain is None else w.mul_(view(gain))
+    return w.mul_(view(gain))
 
 
 def _distill_weights(y, z, scale, distill_scale, lse_q, lse_p, dgain, along_rows: bool):
@@ -205,7 +197,7 @@ def backward(gains, k: TileInputs, w: Weights, column_grads: bool):
     B, N = k.batch, k.n_columns
     scale, gain = k.scale.to(acc), gain.to(acc)
     partner = (gain * w.wsum.to(acc)).sum(0)
-    log_norm, gain = _gain_in_exponent(w.log_norm.to(acc), gain)
+    log_norm = w.log_norm.to(acc)
     margin = w.margin.to(acc)
     distill = dgain is not None
     R = chunk_rows(B, N)
@@ -223,8 +215,8 @@ def backward(gains, k: TileInputs, w: Weights, column_grads: bool):
             r = slice(r0, r1)
             positive = _positive_entries(r0, r1, k.offset, x_acc.device, N)
             sim, y, z = _scores(k.img, t_acc, k.ref_img, Tr, r0, r1, acc, distill)
-            p = _weights(sim, scale[0, r], margin[r], log_norm[0, r], None if gain is None else gain[0, r], True)
-            p += _weights(sim, scale[1], margin, log_norm[1], None if gain is None else gain[1], False,
+            p = _weights(sim, scale[0, r], margin[r], log_norm[0, r], gain[0, r], True)
+            p += _weights(sim, scale[1], margin, log_norm[1], gain[1], False,
                           inplace=True)                              # sim's last use
             p[positive] = 0.0
             if distill:
@@ -243,9 +235,9 @@ def backward(gains, k: TileInputs, w: Weights, column_grads: bool):
     d_img_all = torch.zeros_like(X) if column_grads else None
     d_txt_all = torch.zeros_like(T) if column_grads else None
     if w.fold:
-        col_log_norm, col_gain_w = _gain_in_exponent(w.col_log_norm.to(acc), col_gain.to(acc))
+        col_log_norm, col_gain_w = w.col_log_norm.to(acc), col_gain.to(acc)
     col = (lambda kk: (w.col_scale[kk].to(acc), w.col_margin.to(acc), col_log_norm[kk],
-                       None if col_gain_w is None else col_gain_w[kk])) if w.fold else None
+                       col_gain_w[kk])) if w.fold else None
     col_distill = (lambda kk: (w.col_scale[kk].to(acc), k.distill_scale, w.col_lse_q[kk].to(acc),
                                w.col_lse_p[kk].to(acc), col_dgain[kk].to(acc))) if w.fold and distill else None
     for r0 in range(0, B, R):
@@ -256,7 +248,7 @@ def backward(gains, k: TileInputs, w: Weights, column_grads: bool):
                 (0, k.img, x_acc, T, k.ref_img, Tr, d_img, d_txt_all),
                 (1, k.txt, t_acc, X, k.ref_txt, Xr, d_txt, d_img_all)):
             sim, y, z = _scores(rows, cols, ref_rows, ref_cols, r0, r1, acc, distill)
-            p = _weights(sim, scale[kk, r], margin[r], log_norm[kk, r], None if gain is None else gain[kk, r], True)
+            p = _weights(sim, scale[kk, r], margin[r], log_norm[kk, r], gain[kk, r], True)
             p[positive] = 0.0
             if distill:
                 q_, p_, g_ = lse

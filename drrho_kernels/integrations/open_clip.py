@@ -144,7 +144,8 @@ class DRRhoOpenCLIPLoss(nn.Module):
         ignore_logit_bias: DRRho-CLIP has no logit bias; a ``logit_bias`` (SigLIP-style model) raises
             unless this is ``True`` (it is then ignored: freeze it, or DDP needs
             ``find_unused_parameters=True``).
-        pin_memory: look the cached reference rows up into pinned memory (GPU training).
+        pin_memory: look the cached reference rows up into pinned memory and copy them without a wait
+            (default None: when the features are on an accelerator; SPEC 3.2).
         loss_key: the key of the returned dict (default ``"drrho_loss"``).
         **loss_kwargs: passed to :class:`drrho_kernels.DRRhoCLIPLoss` (``gamma``, ``gamma_schedule``,
             ``gamma_decay_epochs``, ``rho``, ``eps``, ``backend``, ``state_device``, ``process_group``
@@ -155,7 +156,7 @@ class DRRhoOpenCLIPLoss(nn.Module):
     """
 
     def __init__(self, data_size: int, *, reference_features=None, require_reference: bool = True,
-                 key_to_index=None, ignore_logit_bias: bool = False, pin_memory: bool = False,
+                 key_to_index=None, ignore_logit_bias: bool = False, pin_memory: bool | None = None,
                  loss_key: str = "drrho_loss", **loss_kwargs):
         super().__init__()
         self.criterion = DRRhoCLIPLoss(data_size, **loss_kwargs)
@@ -173,7 +174,7 @@ class DRRhoOpenCLIPLoss(nn.Module):
         self.require_reference = bool(require_reference)
         self.key_to_index = parse_int_keys if key_to_index is None else key_to_index
         self.ignore_logit_bias = bool(ignore_logit_bias)
-        self.pin_memory = bool(pin_memory)
+        self.pin_memory = None if pin_memory is None else bool(pin_memory)
         self.loss_key = loss_key
 
     # The schedule and the state live in the wrapped module.
@@ -241,8 +242,9 @@ class DRRhoOpenCLIPLoss(nn.Module):
             return None, None
         (name, pair), = given.items()
         if pair is None:
-            ref_img, ref_txt = self.reference_features.lookup(index, pin_memory=self.pin_memory)
-            return ref_img.to(device, non_blocking=self.pin_memory), ref_txt.to(device, non_blocking=self.pin_memory)
+            # pinned and non-blocking by default when the step runs on an accelerator (SPEC 3.2)
+            pin = device.type != "cpu" if self.pin_memory is None else self.pin_memory
+            return self.reference_features.lookup(index, device=device, pin_memory=pin)
         if pair[0] is None or pair[1] is None:
             raise ValueError(f"reference embeddings: {name}: both are needed, got only one")
         return pair[0].detach(), pair[1].detach()

@@ -99,7 +99,8 @@ def check_logit_scale(logit_scale, device: torch.device, dtype: torch.dtype, nam
         value = check_real(name, logit_scale, low=0.0, low_open=True)
         if not math.isfinite(value):
             raise ValueError(f"{name}: expected a finite value > 0 (s = 1/tau), got {value!r}")
-        return torch.tensor(value, dtype=accumulation_dtype(dtype), device=device)
+        # a fill, not a copy from the host: no wait on an accelerator (SPEC 3.2)
+        return torch.full((), value, dtype=accumulation_dtype(dtype), device=device)
     if not isinstance(logit_scale, torch.Tensor):
         raise TypeError(f"{name}: expected {what}, got {_describe(logit_scale)}")
     if logit_scale.numel() != 1 or not logit_scale.is_floating_point():
@@ -368,7 +369,10 @@ def validate(img, txt, logit_scale, u_img, u_txt, options: LossOptions, *, ref_i
 
 
 def check_index(index, batch: int, data_size: int) -> torch.Tensor:
-    """Dataset indices of a batch for :class:`drrho_kernels.DRRhoCLIPLoss`: ``[B]`` integers in range, no repeats."""
+    """Dataset indices of a batch for :class:`drrho_kernels.DRRhoCLIPLoss`: ``[B]`` integers in range, no repeats.
+
+    The values are checked on a CPU index (the dataloader's: host data, no device sync); an index on an
+    accelerator is checked for its dtype and shape only (SPEC 3.2: reading it would stall the host)."""
     if not isinstance(index, torch.Tensor):
         raise TypeError(f"index: expected an integer torch.Tensor of shape ({batch},), got {_describe(index)}")
     if index.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
@@ -376,7 +380,7 @@ def check_index(index, batch: int, data_size: int) -> torch.Tensor:
     if index.dim() != 1 or index.shape[0] != batch:
         raise ValueError(f"index: expected shape ({batch},) (one dataset index per row of img), "
                          f"got {_describe(index)}")
-    if not torch.compiler.is_compiling() and index.numel() > 0:
+    if _data_checks_enabled(index) and index.numel() > 0:
         lo, hi = int(index.min()), int(index.max())
         if lo < 0 or hi >= data_size:
             bad = lo if lo < 0 else hi
@@ -385,3 +389,11 @@ def check_index(index, batch: int, data_size: int) -> torch.Tensor:
             raise ValueError("index: expected distinct dataset indices within a batch (each sample has "
                              "one u entry), got repeated indices")
     return index.long()
+
+
+def check_global_index(index_all: torch.Tensor, n_columns: int, rank: int) -> None:
+    """The gathered indices of the global batch (host copies) are distinct: each sample has one state entry."""
+    if _data_checks_enabled(index_all) and torch.unique(index_all).numel() != n_columns:
+        raise ValueError("index: expected distinct dataset indices across the global batch (each sample "
+                         "has one u entry), got a sample on more than one rank or twice "
+                         f"(raised on every rank; this is rank {rank})")

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["all_gather", "reduce_scatter", "all_to_all", "all_gather_with_grad", "count_bytes", "resolve_group",
-           "check_process_group", "comm_device"]
+           "check_process_group", "comm_device", "host_group"]
 
 _byte_logs: list[list[dict]] = []
 
@@ -119,6 +119,22 @@ def check_process_group(process_group) -> None:
     if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
         raise TypeError(f"process_group: expected None, 'world' or a torch.distributed ProcessGroup, "
                         f"got {type(process_group).__name__} {process_group!r}")
+
+
+_host_groups: dict = {}
+
+
+def host_group(group):
+    """A group of the same ranks whose collectives run on host tensors: ``group`` itself when it is a gloo
+    group, else a gloo group made once (``use_local_synchronization``: only its ranks take part). The ranks
+    agree over it on what they hold on the host (their arguments, their CPU indices) without reading a
+    device value (SPEC 3.2)."""
+    if dist.get_backend(group) == "gloo":
+        return group
+    if group not in _host_groups:
+        _host_groups[group] = dist.new_group(dist.get_process_group_ranks(group), backend="gloo",
+                                             use_local_synchronization=True)
+    return _host_groups[group]
 
 
 def comm_device(group, img) -> torch.device:

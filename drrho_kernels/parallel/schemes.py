@@ -95,10 +95,11 @@ import torch.distributed as dist
 from ..core import ops
 from ..core.inputs import TEMPERATURES, LossOptions, TauState, accumulation_dtype, option_items
 from ..loss.functional import compute_loss, fused_terms, loss_from_terms, resolved, state_out
-from ..loss.validate import (FLOAT_DTYPES, STATE_DTYPES, check_index, check_n_columns, check_options, check_rows,
-                             row_scales, with_columns)
+from ..core.transfer import to_device
+from ..loss.validate import (FLOAT_DTYPES, STATE_DTYPES, check_global_index, check_index, check_n_columns,
+                             check_options, check_rows, row_scales, with_columns)
 from .collectives import (all_gather, all_gather_with_grad, check_process_group, comm_device, count_bytes,
-                          resolve_group)
+                          host_group, resolve_group)
 
 __all__ = ["SCHEMES", "DistributedLoss", "distributed_drrho_clip_loss", "bytes_per_step", "count_bytes",
            "resolve_group", "check_distributed_args"]
@@ -222,9 +223,11 @@ def _agree(meta: torch.Tensor, rank: int, local_error: BaseException | None) -> 
 
 
 def _step(img, txt, logit_scale, u_img, u_txt, options, *, ref_img, ref_txt, index, data_size, scheme, group,
-          local_error=None, tau_state=None, fetch_state=None) -> DistributedLoss:
+          local_error=None, tau_state=None, fetch_state=None, index_checked=False
+          ) -> tuple[DistributedLoss, torch.Tensor | None]:
     """``options``: the checked :class:`LossOptions` (the module's), or the keyword arguments of
-    ``check_options`` (checked here, so that a bad option on one rank stops every rank)."""
+    ``check_options`` (checked here, so that a bad option on one rank stops every rank). Returns the result
+    and the gathered indices on the host (None for an accelerator index)."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     meta_row, p = [0.0] * (1 + len(_META_NAMES)), None
     if local_error is None:
@@ -235,29 +238,34 @@ def _step(img, txt, logit_scale, u_img, u_txt, options, *, ref_img, ref_txt, ind
                 options = check_options(**options)
             p = resolved(check_rows(img, txt, logit_scale, u_img, u_txt, options, ref_img=ref_img, ref_txt=ref_txt,
                                     tau_state=tau_state))
-            if index is not None:
-                index = check_index(index, p.batch, data_size if data_size is not None else 2 ** 62)
-            elif fetch_state is not None:
+            if index is None and fetch_state is not None:
                 raise ValueError("index: expected the dataset indices of the rows with a sharded state, got None")
+            if index is not None and not index_checked:     # (the module checked its own already)
+                index = check_index(index, p.batch, data_size if data_size is not None else 2 ** 62)
             meta_row = _meta_row(_metadata_items(p, index, scheme, fetch_state is not None))
         except Exception as exc:        # re-raised after every rank has heard of it
             local_error = exc
-    device = comm_device(group, img)
-    meta = all_gather(torch.tensor([meta_row], dtype=torch.float64, device=device), group, "meta")
+    # The ranks agree over host tensors (a gloo group of the same ranks): no device value is read (SPEC 3.2).
+    hosts = host_group(group)
+    meta = all_gather(torch.tensor([meta_row], dtype=torch.float64), hosts, "meta")
     _agree(meta, rank, local_error)
+    device = comm_device(group, img)
 
     batch = p.batch
     n_columns, offset = world * batch, rank * batch
     check_n_columns(n_columns, "img", f" (W = {world} processes, B = {batch} rows each)")
-    index_all = None
+    index_all = index_host = None
     if index is not None:
-        index_all = all_gather(index.to(device=device, dtype=torch.int64), group, "index")
-        if torch.unique(index_all).numel() != n_columns:
-            raise ValueError("index: expected distinct dataset indices across the global batch (each sample "
-                             "has one u entry), got a sample on more than one rank or twice "
-                             f"(raised on every rank; this is rank {rank})")
+        if index.device.type == "cpu":  # the dataloader's: gathered and checked on the host, then sent over
+            index_host = all_gather(index.to(torch.int64), hosts, "index")
+            check_global_index(index_host, n_columns, rank)
+            index_all = to_device(index_host, device)
+        else:                           # an accelerator's: gathered there, its repeats not checked (SPEC 3.2)
+            index_all = all_gather(index.to(torch.int64), group, "index")
     if fetch_state is not None:         # sharded state: the rows' entries from their owners (sharded_state.py)
-        p = _with_state(p, fetch_state(index_all))
+        if index_host is None:
+            index_host = index_all.cpu()    # the owners' arithmetic runs on the host: one copy for such an index
+        p = _with_state(p, fetch_state(index_host))
     # Under autocast the float32 embeddings are cast before they are gathered (as the ops would cast them
     # after): half the bytes, and the column gradients reduced in float32 by the cast's backward.
     p = replace(p, tiles=ops.autocast_tiles(p.tiles))
@@ -282,7 +290,7 @@ def _step(img, txt, logit_scale, u_img, u_txt, options, *, ref_img, ref_txt, ind
     u_img_new, u_txt_new = state_out(q, state["u"])
     u_img_all, u_txt_all = state_out(q, state_all["u"])
     return DistributedLoss(loss, u_img_new, u_txt_new, u_img_all.contiguous(), u_txt_all.contiguous(), index_all,
-                           state_all)
+                           state_all), index_host
 
 
 def _fold(q, terms, names, group, n_columns):
@@ -375,7 +383,7 @@ def distributed_drrho_clip_loss(img, txt, logit_scale, u_img, u_txt, *, ref_img=
                    distill_weight=distill_weight, distill_scale=distill_scale)
     return _step(img, txt, logit_scale, u_img, u_txt, options, ref_img=ref_img, ref_txt=ref_txt, index=index,
                  data_size=data_size, scheme=scheme, group=group, local_error=local_error, tau_state=tau_state,
-                 fetch_state=fetch_state)
+                 fetch_state=fetch_state)[0]
 
 
 def _element_size(dtype: torch.dtype) -> int:

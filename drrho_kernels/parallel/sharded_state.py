@@ -29,9 +29,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..core.transfer import to_device
 from ..loss.validate import check_int
 from .collectives import all_to_all, resolve_group
 
@@ -71,30 +73,36 @@ class ShardLayout:
             raise ValueError(f"process_group: expected the group this sharded state was built for (rank "
                              f"{self.rank} of {self.world_size}), got rank {rank} of {world}")
 
-    def fetch(self, read, group, index_all: torch.Tensor) -> dict:
-        """This rank's rows' state, ``[2, B]`` per kind, from their owners.
+    def fetch(self, read, group, index_all: torch.Tensor, device) -> dict:
+        """This rank's rows' state, ``[2, B]`` per kind on ``device``, from their owners.
 
         ``read(slots, device)`` returns this rank's entries at ``slots`` (``{kind: [2, S]}`` on ``device``);
-        ``index_all`` is the global batch's ``[N]`` indices in rank order (identical on every rank).
+        ``index_all`` is the global batch's ``[N]`` indices in rank order on the host (identical on every
+        rank): who owns what is worked out there (NumPy), so the sizes of the all-to-all and the row orders
+        reach the device without a device value read back (SPEC 3.2).
         """
         w, r = self.world_size, self.rank
-        blocks = index_all.view(w, -1)              # row q: rank q's batch
+        blocks = index_all.numpy().reshape(w, -1)   # row q: rank q's batch
         owners = blocks % w
         mine = owners == r                          # which of rank q's rows this rank owns
         # Row-major: rank 0's requests first, each rank's in its row order (what that rank expects from us).
-        sent = read(blocks[mine] // w, index_all.device)
+        sent = read(to_device(torch.from_numpy(blocks[mine] // w), device), device)
         kinds = list(sent)
         packed = torch.cat([sent[k] for k in kinds]).T                                  # [S, 2 n]
-        got = all_to_all(packed, mine.sum(1).tolist(), torch.bincount(owners[r], minlength=w).tolist(),
-                          group, "state_fetch")                                         # [B, 2 n] by owner
+        got = all_to_all(packed, mine.sum(1).tolist(), np.bincount(owners[r], minlength=w).tolist(),
+                         group, "state_fetch")                                          # [B, 2 n] by owner
         rows = torch.empty_like(got)
-        rows[torch.argsort(owners[r], stable=True)] = got
+        rows[to_device(torch.from_numpy(np.argsort(owners[r], kind="stable")), device)] = got
         return {k: rows[:, 2 * i:2 * i + 2].T.contiguous() for i, k in enumerate(kinds)}
 
     def owned(self, index_all: torch.Tensor, state_all: dict) -> tuple[torch.Tensor, dict]:
-        """The slots and the new state (``[2, M]`` per kind) of the global batch's samples this rank owns."""
-        mask = index_all % self.world_size == self.rank
-        return index_all[mask] // self.world_size, {k: v[:, mask] for k, v in state_all.items()}
+        """The slots (host) and the new state (``[2, M]`` per kind) of the global batch's samples this rank owns;
+        ``index_all`` on the host."""
+        idx = index_all.numpy()
+        mine = np.flatnonzero(idx % self.world_size == self.rank)
+        device = next(iter(state_all.values())).device
+        cols = to_device(torch.from_numpy(mine), device)
+        return torch.from_numpy(idx[mine] // self.world_size), {k: v[:, cols] for k, v in state_all.items()}
 
 
 def placeholder_state(kinds, batch: int, device) -> dict:

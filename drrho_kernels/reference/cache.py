@@ -625,8 +625,8 @@ class ReferenceFeatures:
                 torch.index_select(mm, 0, idx, out=buf)
             else:
                 buf = torch.index_select(mm, 0, idx)
-            if dtype is not None:
-                buf = buf.to(dtype)
+            if dtype is not None and dtype != buf.dtype:        # cast into pinned memory too, when pinned
+                buf = torch.empty_like(buf, dtype=dtype, pin_memory=pin_memory).copy_(buf)
             if device is not None:
                 buf = buf.to(device, non_blocking=pin_memory)
             out.append(buf)
