@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ...core import ops
-from . import backward, forward
+from . import backward, forward, launch
 from .launch import INTERPRETING
 
 
@@ -35,7 +35,8 @@ def _on_device(fn, name: str):
         if tiles.img.dtype == torch.float64:
             raise TypeError(f"drrho::triton_{name}: float64 inputs have no Triton kernel (backend='triton' "
                             "resolves them to the torch backend)")
-        return fn(*args)
+        with launch.device_guard(tiles.img.device):     # every launch on the tensors' GPU, whatever is current
+            return fn(*args)
     return checked
 
 

@@ -15,6 +15,7 @@ each precision instead, and the AOT report checks the precision in the compiled 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -43,6 +44,12 @@ FP_FUSION = True
 # Triton fixes interpreter or compiler when a kernel is defined (TRITON_INTERPRET at the import of the
 # kernel modules); this reads that decision once, from a kernel object.
 INTERPRETING = not isinstance(helpers._dot, triton.runtime.JITFunction)
+
+
+def device_guard(device: torch.device):
+    """Make ``device`` the current CUDA device while the kernels of one op launch (SPEC 3.2: every kernel
+    runs on its inputs' device, on that device's current stream); nothing for CPU tensors (interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def interpreting() -> bool:
