@@ -24,8 +24,11 @@ and every weight gains the distillation term over every column, the positive inc
 ``dgain_ki (exp(s_ki y_ij - lse_q_ki) - exp(t_d z_ij - lse_p_ki))``, and in a fold the column anchors'
 likewise (their own ``y_ji = y_ij``, ``z_ji = z_ij`` in the same tile).
 
-Grids (cdiv(B or N, BM), 2 directions, cdiv(d, BD)). In one process the fold's column anchors are the
-rows themselves. Every dot accumulates in float32; the weights are cast to the input dtype for the
+Grids (cdiv(B or N, BM), 2 directions x S inner parts, cdiv(d, BD)). A small per-rank batch (B = 640:
+20 row programs in bfloat16 on 132 SMs) also cuts the inner vectors into S parts (``tiles.column_splits``,
+from the SM count): each part writes a float32 partial ``[S, B, d]`` (the first part with the partner
+term) and the parts are summed in a fixed order (``torch.sum`` over S: deterministic, no atomics).
+S = 1 writes the gradient directly. In one process the fold's column anchors are the rows themselves. Every dot accumulates in float32; the weights are cast to the input dtype for the
 weighted product. Float16 cannot hold every weight, so with ``SCALE_P`` each outer row keeps a
 running power-of-two scale c_i and feeds P / c_i in [0, 2^14] to the dot, rescaling its accumulator
 when c_i grows (flash-attention style); powers of two make every rescaling exact. Legend of the
@@ -38,7 +41,8 @@ import triton
 import triton.language as tl
 
 from .helpers import _dot, _scores, _scores_split
-from .launch import dot_flags, f32, launch, operands
+from .launch import dot_flags, f32, largest_blocks, launch, operands, sm_count
+from .tiles import column_splits
 
 P_EXP = tl.constexpr(14)   # float16 weights fed to a dot stay below 2^14 = 16384 (max 65504)
 C_INIT = tl.constexpr(7.888609052210118e-31)   # 2^-100: initial SCALE_P scale (below any weight that matters)
@@ -82,7 +86,9 @@ def _bwd_kernel(p_x, p_t, p_X, p_T, p_xr, p_tr, p_Xr, p_Tr,
     kernel only), [2, N] (``p_c*``); margins [B] and [N].
     """
     i_m = tl.program_id(0)
-    i_dir = tl.program_id(1)
+    i_dir = tl.program_id(1) % 2
+    i_s = tl.program_id(1) // 2                 # the inner part (of n_s) this program reduces over
+    n_s = tl.num_programs(1) // 2
     i_d = tl.program_id(2)
     if IS_ROW:
         n_out = B
@@ -113,7 +119,8 @@ def _bwd_kernel(p_x, p_t, p_X, p_T, p_xr, p_tr, p_Xr, p_Tr,
 
     b_acc = tl.zeros([BM, BD], dtype=tl.float32)
     b_c = tl.full([BM], C_INIT, dtype=tl.float32)         # SCALE_P: running power-of-two scale
-    for j in range(0, n_in, BN):
+    n_bn = tl.cdiv(n_in, BN)
+    for j in range((i_s * n_bn // n_s) * BN, ((i_s + 1) * n_bn // n_s) * BN, BN):
         o_n = j + tl.arange(0, BN)
         m_n = o_n < n_in
         o_n64 = o_n.to(tl.int64)
@@ -160,12 +167,13 @@ def _bwd_kernel(p_x, p_t, p_X, p_T, p_xr, p_tr, p_Xr, p_Tr,
         b_out = b_acc
     o_md = o_m64[:, None] * D + o_d[None, :]
     m_md = m_m[:, None] & m_d[None, :]
-    if IS_ROW:
+    if IS_ROW and i_s == 0:                     # the partner term once, in the first part
         b_partner = (tl.load(p_gain + o_m64, mask=m_m, other=0.0) * tl.load(p_wsum + o_m64, mask=m_m, other=0.0)
                      + tl.load(p_gain + B + o_m64, mask=m_m, other=0.0)
                      * tl.load(p_wsum + B + o_m64, mask=m_m, other=0.0))
         b_pv = tl.load(p_partner + o_md, mask=m_md, other=0.0).to(tl.float32)
         b_out -= b_partner[:, None] * b_pv
+    p_out += i_s * n_out * D                    # this part's [n_out, D] slice (n_s = 1: the output itself)
     tl.store(p_out + o_md, b_out.to(p_out.dtype.element_ty), mask=m_md)
 
 
@@ -190,18 +198,41 @@ def backward(gains, k, w, column_grads: bool):
         col_dist = [f32(v) for v in (w.col_lse_q, w.col_lse_p, col_dgain)]
     else:
         col_dist = dist                        # one process: the rows' own (or dummies)
-    d_img, d_txt = torch.empty_like(x), torch.empty_like(t)
     common = dict(D=D, DR=k.ref_dim, HAS_REF=k.has_ref, DISTILL=distill, SCALE_P=x.dtype == torch.float16,
                   **dot_flags(x.dtype))
     embeddings = (x, t, X, T, xr, tr, Xr, Tr)
     t_d = float(k.distill_scale)
-    launch(_bwd_kernel, "bwd", lambda tiles: (triton.cdiv(B, tiles.BM), 2, triton.cdiv(D, tiles.BD)),
-           (*embeddings, *rows, *cols, *dist, *col_dist, d_img, d_txt, B, N, k.offset, t_d),
-           dict(IS_ROW=True, FOLD=fold, **common))
+    d_img, d_txt = _launch_split(
+        (*embeddings, *rows, *cols, *dist, *col_dist), (B, N, k.offset, t_d), x, t, B, N,
+        dict(IS_ROW=True, FOLD=fold, **common))
     if not column_grads or k.columns_are_rows:
         return d_img, d_txt, None, None
-    d_img_all, d_txt_all = torch.empty_like(X), torch.empty_like(T)
-    launch(_bwd_kernel, "bwd", lambda tiles: (triton.cdiv(N, tiles.BM), 2, triton.cdiv(D, tiles.BD)),
-           (*embeddings, *rows, *rows[:3], rows[4], *dist, *dist, d_img_all, d_txt_all, B, N, k.offset, t_d),
-           dict(IS_ROW=False, FOLD=False, **common))
+    d_img_all, d_txt_all = _launch_split(
+        (*embeddings, *rows, *rows[:3], rows[4], *dist, *dist), (B, N, k.offset, t_d), X, T, N, B,
+        dict(IS_ROW=False, FOLD=False, **common))
     return d_img, d_txt, d_img_all, d_txt_all
+
+
+def backward_splits(n_out: int, n_in: int, D: int, DR: int, dtype: torch.dtype, device: torch.device,
+                    distill: bool) -> int:
+    """The inner parts of ``_bwd_kernel`` for ``n_out`` outer and ``n_in`` inner vectors (``tiles.column_splits``;
+    the output slices of d count as programs too)."""
+    bm, bn, bd = largest_blocks("bwd", D, DR, dtype, device, dict(DISTILL=distill))
+    return column_splits(2 * triton.cdiv(n_out, bm) * triton.cdiv(D, bd), n_in, bn, sm_count(device))
+
+
+def _launch_split(tensors, scalars, like_img, like_txt, n_out, n_in, flags):
+    """One ``_bwd_kernel`` launch for ``n_out`` outer vectors (``like_*`` give the outputs' shape and dtype),
+    cut into the inner parts of :func:`backward_splits`; returns the two gradients."""
+    D = like_img.shape[1]
+    splits = backward_splits(n_out, n_in, D, flags["DR"], like_img.dtype, like_img.device, flags["DISTILL"])
+    if splits == 1:
+        out_img, out_txt = torch.empty_like(like_img), torch.empty_like(like_txt)
+    else:   # float32 partials [S, n_out, D], summed below in part order
+        out_img, out_txt = (torch.empty(splits, *like.shape, dtype=torch.float32, device=like.device)
+                            for like in (like_img, like_txt))
+    launch(_bwd_kernel, "bwd", lambda tiles: (triton.cdiv(n_out, tiles.BM), 2 * splits, triton.cdiv(D, tiles.BD)),
+           (*tensors, out_img, out_txt, *scalars), flags)
+    if splits == 1:
+        return out_img, out_txt
+    return out_img.sum(0).to(like_img.dtype), out_txt.sum(0).to(like_txt.dtype)

@@ -20,8 +20,11 @@ With ``EXTRA`` (distillation or per-sample outputs) the target's and the referen
 the target ``s (y - y_i)``, the teacher ``t_d (z - z_i)`` with values ``y``, the reference ``s (z - z_i)``.
 
 Outputs: ``stats`` [2, K, B] f32 (direction, statistic, anchor; K = 3, or 12 with EXTRA) and ``margin``
-[B] f32. The epilogue (new u, weights) is ``drrho_kernels.core.epilogue``. Grid (cdiv(B, BM), 2 directions).
-Legend of the names: ``helpers.py``.
+[B] f32. The epilogue (new u, weights) is ``drrho_kernels.core.epilogue``. Grid (cdiv(B, BM), 2 directions,
+S column parts): a small per-rank batch (B = 640 on 132 SMs gives 10-20 row programs) also cuts the
+columns into S parts (``tiles.column_splits``, from the SM count); each part writes its partial statistics
+(``[S, 2, K, B]``) and ``_merge_splits_kernel`` merges them in a fixed order (no atomics). S = 1 writes
+``stats`` directly. Legend of the names: ``helpers.py``; here also i_s / n_s the column part and their number.
 """
 from __future__ import annotations
 
@@ -30,9 +33,9 @@ import triton
 import triton.language as tl
 
 from ..common import positive_similarities
-from .helpers import _group_exponent, _online, _pair_dots, _scores, _scores_split, _store_stats
-from .launch import INTERPRETING, device_arch, dot_flags, f32, launch, operands
-from .tiles import transposed_forward_runs
+from .helpers import _group_exponent, _merge_parts, _online, _pair_dots, _scores, _scores_split, _store_stats
+from .launch import INTERPRETING, device_arch, dot_flags, f32, largest_blocks, launch, launch_fixed, operands, sm_count
+from .tiles import column_splits, transposed_forward_runs
 
 
 @triton.jit(do_not_specialize=["B", "N", "offset"])
@@ -40,11 +43,14 @@ def _fwd_kernel(p_x, p_t, p_X, p_T, p_xr, p_tr, p_Xr, p_Tr, p_scale, p_stats, p_
                 D: tl.constexpr, DR: tl.constexpr, HAS_REF: tl.constexpr, EXTRA: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKR: tl.constexpr,
                 PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Program (i_m, i_dir): anchors i_m*BM .. +BM of direction i_dir, one pass over all N columns;
-    direction 0 also writes the margins. Without a reference the teacher and reference groups stay
-    unwritten (the statistics buffer is zeroed)."""
+    """Program (i_m, i_dir, i_s): anchors i_m*BM .. +BM of direction i_dir, one pass over the column blocks
+    of part i_s (of n_s, an even share); the first part of direction 0 also writes the margins. The
+    statistics go to ``p_stats`` at [i_s, i_dir] (``[n_s, 2, NSTAT, B]``). Without a reference the teacher
+    and reference groups stay unwritten (the statistics buffer is zeroed)."""
     i_m = tl.program_id(0)
     i_dir = tl.program_id(1)
+    i_s = tl.program_id(2)
+    n_s = tl.num_programs(2)
     if i_dir == 0:
         p_rows, p_cols, p_rrows, p_rcols = p_x, p_T, p_xr, p_Tr
     else:
@@ -56,7 +62,7 @@ def _fwd_kernel(p_x, p_t, p_X, p_T, p_xr, p_tr, p_Xr, p_Tr, p_scale, p_stats, p_
     o_m64 = o_m.to(tl.int64)
     b_ypos, b_zpos = _pair_dots(p_x, p_t, p_xr, p_tr, o_m64, m_m, D, DR, HAS_REF, BM, BK, BKR)
     b_margin = b_ypos - b_zpos
-    if i_dir == 0:
+    if i_dir == 0 and i_s == 0:
         tl.store(p_margin + o_m64, b_margin, mask=m_m)
     b_s = tl.load(p_scale + i_dir * B + o_m64, mask=m_m, other=1.0)
     o_pos = o_m + offset                                   # column index of each row's positive
@@ -67,7 +73,8 @@ def _fwd_kernel(p_x, p_t, p_X, p_T, p_xr, p_tr, p_Xr, p_Tr, p_scale, p_stats, p_
     b_max1, b_e1, b_f1 = b_max0, b_e0, b_f0
     b_max2, b_e2, b_f2 = b_max0, b_e0, b_f0
     b_max3, b_e3, b_f3 = b_max0, b_e0, b_f0
-    for j in range(0, N, BN):
+    n_bn = tl.cdiv(N, BN)
+    for j in range((i_s * n_bn // n_s) * BN, ((i_s + 1) * n_bn // n_s) * BN, BN):
         o_n = j + tl.arange(0, BN)
         m_n = o_n < N
         o_n64 = o_n.to(tl.int64)
@@ -89,7 +96,7 @@ def _fwd_kernel(p_x, p_t, p_X, p_T, p_xr, p_tr, p_Xr, p_Tr, p_scale, p_stats, p_
                            D, DR, HAS_REF, BM, BN, BK, BKR, PREC, UPCAST)
             b_d = b_s[:, None] * (b_sc - b_margin[:, None])
             b_max0, b_e0, b_f0 = _online(b_max0, b_e0, b_f0, b_d, b_d, m_neg, 1)
-    p_out = p_stats + i_dir * NSTAT * B
+    p_out = p_stats + (i_s * 2 + i_dir) * NSTAT * B
     _store_stats(p_out, b_max0, b_e0, b_f0, o_m64, m_m, B)
     if EXTRA:
         _store_stats(p_out + 3 * B, b_max1, b_e1, b_f1, o_m64, m_m, B)
@@ -109,12 +116,40 @@ def forward(k):
     x, t, X, T, xr, tr, Xr, Tr = operands(k)
     B, D = x.shape
     N = X.shape[0]
+    extra = k.with_distill or k.with_alone
+    splits = forward_splits(B, N, D, k.ref_dim, x.dtype, x.device, extra)
     stats = torch.zeros(2, k.n_stats, B, dtype=torch.float32, device=x.device)
+    parts = stats if splits == 1 else torch.empty(splits, 2, k.n_stats, B, dtype=torch.float32, device=x.device)
     margin = torch.empty(B, dtype=torch.float32, device=x.device)
-    args = (x, t, X, T, xr, tr, Xr, Tr, f32(k.scale), stats, margin, B, N, k.offset, float(k.distill_scale))
-    flags = dict(D=D, DR=k.ref_dim, HAS_REF=k.has_ref, EXTRA=k.with_distill or k.with_alone, **dot_flags(x.dtype))
-    launch(_fwd_kernel, "fwd", lambda tiles: (triton.cdiv(B, tiles.BM), 2), args, flags)
+    args = (x, t, X, T, xr, tr, Xr, Tr, f32(k.scale), parts, margin, B, N, k.offset, float(k.distill_scale))
+    flags = dict(D=D, DR=k.ref_dim, HAS_REF=k.has_ref, EXTRA=extra, **dot_flags(x.dtype))
+    launch(_fwd_kernel, "fwd", lambda tiles: (triton.cdiv(B, tiles.BM), 2, splits), args, flags)
+    if splits > 1:
+        n_groups = (4 if k.has_ref else 2) if extra else 1
+        launch_fixed(_merge_splits_kernel, "merge", lambda t_: (triton.cdiv(B, t_.BM), 2),
+                     (parts, stats, B, splits), dict(NSTAT=k.n_stats, NGROUPS=n_groups))
     return stats, margin, positive_pairs(k)
+
+
+def forward_splits(B: int, N: int, D: int, DR: int, dtype: torch.dtype, device: torch.device, extra: bool) -> int:
+    """The column parts of ``_fwd_kernel`` for this shape on ``device`` (``tiles.column_splits``)."""
+    bm, bn, _ = largest_blocks("fwd", D, DR, dtype, device, dict(EXTRA=extra))
+    return column_splits(2 * triton.cdiv(B, bm), N, bn, sm_count(device))
+
+
+@triton.jit(do_not_specialize=["B", "n_splits"])
+def _merge_splits_kernel(p_part, p_stats, B, n_splits, NSTAT: tl.constexpr, NGROUPS: tl.constexpr,
+                         BM: tl.constexpr):
+    """Grid (cdiv(B, BM), 2): the statistics of direction ``i_dir`` merged over the column parts
+    (``p_part`` [n_splits, 2, NSTAT, B]) into ``p_stats`` [2, NSTAT, B], group by group, in part order."""
+    o_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    i_dir = tl.program_id(1)
+    m_m = o_m < B
+    o_m64 = o_m.to(tl.int64)
+    for g in tl.static_range(NGROUPS):
+        b_max, b_e, b_f = _merge_parts(p_part + (i_dir * NSTAT + 3 * g) * B, n_splits, 2 * NSTAT * B, B, o_m64,
+                                       m_m, BM)
+        _store_stats(p_stats + (i_dir * NSTAT + 3 * g) * B, b_max, b_e, b_f, o_m64, m_m, B)
 
 
 def positive_pairs(k):

@@ -26,9 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .helpers import _group_exponent, _merge_stats, _online, _pair_dots, _scores, _scores_split, _store_stats
-from .launch import INTERPRETING, device_arch, dot_flags, f32, launch, launch_fixed, operands
-from .tiles import INTERPRETER_L2_BYTES, INTERPRETER_SMS, INTERPRETER_TILES, Plan, candidates, transposed_plan
+from .helpers import (_group_exponent, _load_stats, _merge_parts, _merge_stats, _online, _pair_dots, _scores,
+                      _scores_split, _store_stats)
+from .launch import INTERPRETING, dot_flags, f32, largest_blocks, launch, launch_fixed, operands, sm_count
+from .tiles import INTERPRETER_L2_BYTES, Plan, transposed_plan
 
 
 @triton.jit(do_not_specialize=["B"])
@@ -43,13 +44,6 @@ def _margin_kernel(p_x, p_t, p_xr, p_tr, p_margin, p_pos, B,
     tl.store(p_margin + o_m64, b_y - b_z, mask=m_m)
     tl.store(p_pos + o_m64, b_y, mask=m_m)
     tl.store(p_pos + B + o_m64, b_z, mask=m_m)
-
-
-@triton.jit
-def _load_stats(p, o64, m, B):
-    """(M, E, F) of a block of anchors from one ``[3, B]`` slot (empty statistics where ``m`` is false)."""
-    return (tl.load(p + o64, mask=m, other=float("-inf")), tl.load(p + B + o64, mask=m, other=0.0),
-            tl.load(p + 2 * B + o64, mask=m, other=0.0))
 
 
 @triton.jit
@@ -160,18 +154,6 @@ def _fwd_t_kernel(p_x, p_t, p_xr, p_tr, p_scale, p_margin, p_pos, p_row_part, p_
             tl.debug_barrier()
 
 
-@triton.jit
-def _merge_parts(p_part, n_parts, stride, B, o_m64, m_m, BM: tl.constexpr):
-    """Merge of the (M, E, F) partials ``p_part`` (one ``[3, B]`` group every ``stride`` entries) of a block."""
-    b_max = tl.full([BM], float("-inf"), dtype=tl.float32)
-    b_e = tl.zeros([BM], dtype=tl.float32)
-    b_f = tl.zeros([BM], dtype=tl.float32)
-    for k in range(0, n_parts):
-        b_pmax, b_pe, b_pf = _load_stats(p_part + k * stride, o_m64, m_m, B)
-        b_max, b_e, b_f = _merge_stats(b_max, b_e, b_f, b_pmax, b_pe, b_pf)
-    return b_max, b_e, b_f
-
-
 @triton.jit(do_not_specialize=["B", "n_groups", "n_splits"])
 def _fwd_t_merge_kernel(p_row_part, p_col_part, p_stats, B, n_groups, n_splits, NGROUPS: tl.constexpr,
                         BM: tl.constexpr):
@@ -188,26 +170,16 @@ def _fwd_t_merge_kernel(p_row_part, p_col_part, p_stats, B, n_groups, n_splits, 
         _store_stats(p_stats + (NSTAT + 3 * g) * B, b_max, b_e, b_f, o_m64, m_m, B)
 
 
-def _largest_blocks(D: int, DR: int, dtype: torch.dtype, device: torch.device,
-                    extra: bool = False) -> tuple[int, int]:
-    """(BM, BN) maxima over the configurations ``_fwd_t_kernel`` may run with on ``device`` (of the
-    EXTRA path's table with ``extra``)."""
-    if INTERPRETING:
-        return INTERPRETER_TILES["fwdt"].BM, INTERPRETER_TILES["fwdt"].BN
-    tiles = candidates("fwdt", D, DR, dtype, device_arch(device), dict(EXTRA=extra))
-    return max(t.BM for t in tiles), max(t.BN for t in tiles)
-
-
 def plan_for(B: int, D: int, DR: int, dtype: torch.dtype, device: torch.device, extra: bool = False) -> Plan:
     """The plan of this call: from the device's SM count and L2 size, and the largest tiles among the
     candidates of its path (``extra``: EXTRA; so that every autotuned configuration has at least one
     block per group and split)."""
     vec_bytes = (D + DR) * torch.empty((), dtype=dtype).element_size()
-    bm, bn = _largest_blocks(D, DR, dtype, device, extra)
+    bm, bn, _ = largest_blocks("fwdt", D, DR, dtype, device, dict(EXTRA=extra))
     if INTERPRETING:
-        return transposed_plan(B, bm, bn, vec_bytes, INTERPRETER_SMS, INTERPRETER_L2_BYTES)
+        return transposed_plan(B, bm, bn, vec_bytes, sm_count(device), INTERPRETER_L2_BYTES)
     props = torch.cuda.get_device_properties(device)
-    return transposed_plan(B, bm, bn, vec_bytes, props.multi_processor_count, int(getattr(props, "L2_cache_size", 0)))
+    return transposed_plan(B, bm, bn, vec_bytes, sm_count(device), int(getattr(props, "L2_cache_size", 0)))
 
 
 def forward_transposed(k, plan: Plan | None = None):
@@ -223,7 +195,7 @@ def forward_transposed(k, plan: Plan | None = None):
     if plan is None:
         plan = plan_for(B, D, DR, x.dtype, x.device, extra)
     else:
-        bm, bn = _largest_blocks(D, DR, x.dtype, x.device, extra)
+        bm, bn, _ = largest_blocks("fwdt", D, DR, x.dtype, x.device, dict(EXTRA=extra))
         if not (1 <= plan.groups <= triton.cdiv(B, bn) and 1 <= plan.splits <= triton.cdiv(B, bm)):
             raise ValueError(f"plan {plan}: needs 1 <= groups <= {triton.cdiv(B, bn)} column blocks and "
                              f"1 <= splits <= {triton.cdiv(B, bm)} row blocks at B = {B}")

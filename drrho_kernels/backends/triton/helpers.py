@@ -155,3 +155,22 @@ def _store_stats(p_stats, b_max, b_e, b_f, o_m64, m_m, B):
     tl.store(p_stats + o_m64, b_max, mask=m_m)
     tl.store(p_stats + B + o_m64, b_e, mask=m_m)
     tl.store(p_stats + 2 * B + o_m64, b_f, mask=m_m)
+
+
+@triton.jit
+def _load_stats(p, o64, m, B):
+    """(M, E, F) of a block of anchors from one ``[3, B]`` slot (empty statistics where ``m`` is false)."""
+    return (tl.load(p + o64, mask=m, other=float("-inf")), tl.load(p + B + o64, mask=m, other=0.0),
+            tl.load(p + 2 * B + o64, mask=m, other=0.0))
+
+
+@triton.jit
+def _merge_parts(p_part, n_parts, stride, B, o_m64, m_m, BM: tl.constexpr):
+    """Merge of the (M, E, F) partials ``p_part`` (one ``[3, B]`` group every ``stride`` entries) of a block."""
+    b_max = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_e = tl.zeros([BM], dtype=tl.float32)
+    b_f = tl.zeros([BM], dtype=tl.float32)
+    for k in range(0, n_parts):
+        b_pmax, b_pe, b_pf = _load_stats(p_part + k * stride, o_m64, m_m, B)
+        b_max, b_e, b_f = _merge_stats(b_max, b_e, b_f, b_pmax, b_pe, b_pf)
+    return b_max, b_e, b_f

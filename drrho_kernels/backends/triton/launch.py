@@ -22,7 +22,7 @@ import torch
 import triton
 
 from . import helpers
-from .tiles import INTERPRETER_TILES, TUNE_KEYS, Tiles, candidates, every_candidate
+from .tiles import INTERPRETER_SMS, INTERPRETER_TILES, TUNE_KEYS, Tiles, candidates, every_candidate
 
 FP32_PRECISION_NVIDIA = "tf32x3"
 FP32_PRECISION = FP32_PRECISION_NVIDIA          # the name earlier releases exported
@@ -50,6 +50,22 @@ def device_guard(device: torch.device):
     """Make ``device`` the current CUDA device while the kernels of one op launch (SPEC 3.2: every kernel
     runs on its inputs' device, on that device's current stream); nothing for CPU tensors (interpreter)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def sm_count(device: torch.device) -> int:
+    """The device's SMs (CUs on AMD); in the interpreter the pretend GPU of ``tiles.INTERPRETER_SMS``."""
+    if INTERPRETING:
+        return INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def largest_blocks(kernel: str, D: int, DR: int, dtype: torch.dtype, device: torch.device,
+                   flags: dict | None = None) -> tuple[int, int, int | None]:
+    """(BM, BN, BD) maxima over the configurations ``kernel`` may run with on ``device`` (a plan or a split
+    must hold for every one the autotuner tries: the largest blocks give the fewest programs)."""
+    tiles = [INTERPRETER_TILES[kernel]] if INTERPRETING else candidates(kernel, D, DR, dtype, device_arch(device), flags)
+    bd = [t.BD for t in tiles if t.BD is not None]
+    return max(t.BM for t in tiles), max(t.BN for t in tiles), max(bd) if bd else None
 
 
 def interpreting() -> bool:

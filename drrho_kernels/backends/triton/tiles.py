@@ -295,13 +295,30 @@ def wave64_seeds(kernel: str) -> list[Tiles]:
 
 
 # ----------------------------------------------------------------------------------------------
-# The one-process forward's plan: grid (groups, splits), columns per panel.
+# Filling the GPU: the column splits of the forward and backward kernels, and the one-process forward's
+# plan (grid (groups, splits), columns per panel).
 
 PROGRAMS_PER_SM = 2      # programs the plan aims at per SM (264 on an H100 / H200)
 MAX_PARTS = 32           # groups, splits <= 32: partial buffers 12 (groups + splits) B bytes <= 768 B bytes
 L2_SHARE = 0.5           # share of L2 for the column panels the concurrent programs re-read per row block
 INTERPRETER_SMS = 2      # interpreter: a pretend GPU (4 programs), panels of one column block
 INTERPRETER_L2_BYTES = 0
+
+
+def column_splits(row_programs: int, n_columns: int, bn: int, sms: int) -> int:
+    """Into how many parts a kernel whose grid has ``row_programs`` programs over its rows (times directions
+    and output slices) also cuts its ``n_columns`` columns, so that every one of ``sms`` SMs gets
+    ``PROGRAMS_PER_SM`` programs: 1 when the rows already do (large per-rank batches), else enough parts,
+    but never more than column blocks of ``bn`` (each part gets at least one) nor ``MAX_PARTS``.
+
+    The one place that decides it, for the forward (``_fwd_kernel``) and the backward (``_bwd_kernel``):
+    partial results, then a merge in a fixed order (deterministic, no atomics). ``bn`` is the largest
+    column block among the kernel's candidates, so the parts hold for every autotuned configuration.
+    """
+    target = PROGRAMS_PER_SM * max(1, sms)
+    if row_programs >= target:
+        return 1
+    return max(1, min(triton.cdiv(target, row_programs), triton.cdiv(n_columns, bn), MAX_PARTS))
 
 
 @dataclass(frozen=True)
