@@ -7,8 +7,10 @@ width ``BD`` the scores again (``d + dr``) plus that direction's weighted produc
 (``slices * BD``: executed FLOPs, a partial last slice runs whole).
 """
 import pytest
+import torch
 
 from benchmarks import cost_model
+from benchmarks.kernels import VARIANTS
 
 
 def units(flops, B):
@@ -21,7 +23,7 @@ def test_triton_and_floor_flops_by_hand_bfloat16(d, dr, slices):
     floor = cost_model.floor_cost(B, B, d, dr, "bfloat16")
     assert units(floor["flops"], B) == 2 * (d + dr) + 2 * d
     tri = cost_model.triton_cost(B, B, d, dr, "bfloat16")
-    bwd = next(t for t in cost_model._candidates("bwd", d, dr, "bfloat16", 90)[:1])
+    bwd = VARIANTS["bwd_row"].candidates(d, dr, torch.bfloat16, 90)[0]
     assert -(-d // bwd.BD) == slices          # BD = 512 in bfloat16
     # executed FLOPs: the weighted product runs over whole slices (1280 is padded to 3 x 512)
     assert units(tri["flops"], B) == (d + dr) + 2 * slices * (d + dr) + 2 * slices * bwd.BD
@@ -34,7 +36,8 @@ def test_distillation_adds_no_product_only_exponentials(shape):
     d = shape["d"]
     dr = shape.get("dr") or d
     for dtype in ("bfloat16", "float32"):
-        same = {k: cost_model._candidates(k, d, dr, dtype, 100)[0] for k in ("fwd", "fwdt", "bwd")}
+        same = {VARIANTS[v].kernel: VARIANTS[v].candidates(d, dr, getattr(torch, dtype), 100)[0]
+                for v in ("fwd", "fwd_t", "bwd_row")}
         plain = cost_model.triton_cost(**shape, dtype=dtype, arch=100, tiles=same)
         distill = cost_model.triton_cost(**shape, dtype=dtype, arch=100, tiles=same, distill=True)
         assert distill["flops"] == plain["flops"]
