@@ -195,6 +195,17 @@ def test_presets_and_grid_flags(monkeypatch):
         (4096, 4096, 512, 512, "float32", True, "forward_backward")}
     monkeypatch.setenv("DRRHO_AUTHORS_REPO", "somewhere")
     assert "authors" in [p["impl"] for p in sweep.expand(sweep.preset_slices("cpu-step"), "cpu")]
+    # --cpu-half (was benchmarks.cpu_half): B = 4096 in bfloat16 and float32 timed as one group, then the sweep
+    half = sweep.expand(sweep.preset_slices("cpu-half"), "cpu")
+    step = [p for p in half if p["B"] == 4096]
+    assert {(p["impl"], p["dtype"]) for p in step} == {("cpp", "bfloat16"), ("gemm_floor", "bfloat16"),
+                                                        ("unfused", "bfloat16"), ("cpp", "float32"),
+                                                        ("gemm_floor", "float32")}
+    assert len(sweep.timing_groups([dict(p, status="ok") for p in step])) == 1
+    assert {p["B"] for p in half if p["impl"] == "unfused"} == {512, 1024, 2048, 4096, 8192, 16384}
+    assert not any(p["_memory"] for p in half) and {p["mode"] for p in half} == {"forward_backward"}
+    args = sweep.parse_args(["--cpu-half"])
+    assert (args.repeat, args.min_repeat, args.point_budget) == (5, 1, 60.0)
     args = sweep.parse_args(["--cpu-step"])
     assert (args.repeat, args.point_budget, args.profile, args.memory_modes) == (7, 0, True, ["forward_backward"])
     assert sweep.parse_args(["--quick"]).repeat == 3 and sweep.parse_args(["--full-cpu"]).profile is False
