@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import os
+import types
 import warnings
 
 import torch
 
-from . import authors, harness
+from . import authors, harness, steps
 
 PRESETS = ("temperatures", "distill", "selection")
 FORMS = ("global", "per_direction", "individual")
@@ -25,9 +27,9 @@ JEST = dict(filter_ratio=0.8, n_chunks=2, topk=False)     # the function's defau
 _DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
-def _embeddings(n, d, dr, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.nn.functional.normalize(torch.randn(n, w, generator=g), dim=1) for w in (d, d, dr, dr)]
+def _embeddings(n, d, dr):
+    """Unit rows: image, text, reference image, reference text (``steps.make_inputs``, seed 0)."""
+    return list(steps.make_inputs(n, n, d, dr, torch.float32, True, "cpu")[0].values())
 
 
 def loss_step(form: str = "global", distill: bool = False, B: int = 4096, d: int = 512, dr: int = 512,
@@ -89,13 +91,6 @@ def process_group_of_one():
                 os.environ[k] = v
 
 
-class _Wrapped:
-    """A plain callable as a harness step (``prepare`` returns it)."""
-
-    def __init__(self, fn):
-        self.prepare = lambda: fn
-
-
 def _cases(preset: str, args) -> dict:
     """``{name: ("module:function", kwargs)}`` of the preset, in the order of the interleaving."""
     shape = dict(B=args.B, d=args.d, dr=args.dr, backend=args.backend)
@@ -111,7 +106,7 @@ def _cases(preset: str, args) -> dict:
 
 
 def run(preset: str, args) -> dict:
-    cases, memory, steps = _cases(preset, args), {}, {}
+    cases, memory, built = _cases(preset, args), {}, {}
     for name, (target, kwargs) in cases.items():
         print(f"[{preset}] memory of {name} (fresh process) ...", flush=True)
         memory[name] = harness.peak_extra_rss(target, kwargs, threads=args.threads)
@@ -121,9 +116,10 @@ def run(preset: str, args) -> dict:
         for name, (target, kwargs) in cases.items():
             if "error" not in memory[name]:    # out of memory (or failed) in its own process: recorded, not timed
                 module, fn = target.split(":")
-                steps[name] = _Wrapped(getattr(__import__(module, fromlist=[fn]), fn)(**kwargs)[0])
-        times = harness.time_steps(steps, repeat=args.repeat, min_repeat=args.repeat)
-        steps.clear()
+                step = getattr(importlib.import_module(module), fn)(**kwargs)[0]
+                built[name] = types.SimpleNamespace(prepare=lambda step=step: step)     # a harness step
+        times = harness.time_steps(built, repeat=args.repeat, min_repeat=args.repeat)
+        built.clear()
     results = {name: dict(memory=memory[name], **({"time": t} if isinstance(t := times.get(name), dict) else
                                                    {"time_error": harness.first_line(t) if t else "not timed"}))
                for name in cases}

@@ -1,6 +1,6 @@
-"""Figures and Markdown tables from sweep results, and the distributed byte table (benchmarks/README.md,
-"Figures"): per file and group of rows sharing ``(dtype, d, dr, ref, N/B)``, time, memory, speedup and
-the cost model's HBM bytes (skipped without triton); OOM points as ``x`` at the top edge."""
+"""Figures and Markdown tables from sweep results, and the distributed byte table: per file and group of
+rows sharing ``(dtype, d, dr, ref, N/B)``, time, memory, speedup and the cost model's HBM bytes (skipped
+without triton); OOM points as ``x`` at the top edge (benchmarks/README.md, "GPU targets and figures")."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
-from .harness import RESULTS_DIR
+from .harness import RESULTS_DIR  # noqa: E402
 
 STYLE = {"triton": ("tab:red", "o"), "cpp": ("tab:purple", "D"), "torch": ("tab:blue", "s"),
          "reference": ("tab:gray", "v"), "unfused": ("tab:orange", "^"), "clip_ce": ("tab:green", "P"),
