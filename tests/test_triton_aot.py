@@ -30,7 +30,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from benchmarks import aot_report, harness, kernels
+from benchmarks import aot_report, harness, kernels  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
