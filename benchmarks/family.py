@@ -1,43 +1,35 @@
 """The family's costs on this machine, each against its own base form, in one interleaved run.
 
-``python -m benchmarks.family temperatures``: one training step of the loss (forward + backward) through
-``DRRhoCLIPLoss`` (state gathered and written back as in training) with a global temperature, per
-direction (two scales) and per-sample temperatures (their own update included).
+    python -m benchmarks.family temperatures | distill | selection
 
-``python -m benchmarks.family distill``: the same step with and without the distillation term
-(SPEC 2.2, ``distill_weight=1``, teacher scale 100).
-
-``python -m benchmarks.family selection``: joint example selection from super-batches of 4096 and 16384
-pairs: the authors' ``jointly_sample_batch_softmax`` (from ``DRRHO_AUTHORS_REPO``, in a gloo process
-group of size 1, which it needs; skipped without a snapshot) against :func:`drrho_kernels.jest_select`.
-
-Defaults: B = N = 4096, d = dr = 512, float32, the cpp backend, 2 threads, 7 interleaved rounds; peak
-extra memory of each step in a fresh process (``harness.peak_extra_rss``). Writes
-``benchmarks/results/family_<preset>_<date>.json``: device, versions, shapes, medians, ratios.
-"""
+``temperatures``: one training step (forward + backward) through ``DRRhoCLIPLoss`` with a global scale,
+one per direction and per-sample temperatures; ``distill``: the step with and without the distillation
+term (``distill_weight=1``, teacher scale 100); ``selection``: ``dk.jest_select`` against the authors'
+``jointly_sample_batch_softmax`` (from ``DRRHO_AUTHORS_REPO``, in a gloo group of one process, which it
+needs, in an in-memory store) on super-batches of 4096 and 16384. Memory of each case in a fresh process, then the times
+interleaved; writes ``benchmarks/results/family_<preset>_<date>.json``."""
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
+import contextlib
+import importlib
 import os
-import tempfile
+import types
 import warnings
 
 import torch
 
-from . import authors, harness
+from . import authors, harness, steps
 
 PRESETS = ("temperatures", "distill", "selection")
 FORMS = ("global", "per_direction", "individual")
-SELECTION_SIZES = (4096, 16384)
 JEST = dict(filter_ratio=0.8, n_chunks=2, topk=False)     # the function's defaults (train.py passes its args)
+_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
-def _embeddings(n, d, dr, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    unit = lambda w: torch.nn.functional.normalize(torch.randn(n, w, generator=g), dim=1)  # noqa: E731
-    return unit(d), unit(d), unit(dr), unit(dr)
+def _embeddings(n, d, dr):
+    """Unit rows: image, text, reference image, reference text (``steps.make_inputs``, seed 0)."""
+    return list(steps.make_inputs(n, n, d, dr, torch.float32, True, "cpu")[0].values())
 
 
 def loss_step(form: str = "global", distill: bool = False, B: int = 4096, d: int = 512, dr: int = 512,
@@ -52,16 +44,15 @@ def loss_step(form: str = "global", distill: bool = False, B: int = 4096, d: int
 
     def step():
         x, t = img.detach().requires_grad_(), txt.detach().requires_grad_()
-        scales = () if form == "individual" else (
-            (torch.tensor(14.0, requires_grad=True),) if form == "global"
-            else ((torch.tensor(14.0, requires_grad=True), torch.tensor(12.0, requires_grad=True)),))
-        crit(x, t, index, *scales, ref_img=ref_img, ref_txt=ref_txt).backward()
+        scales = {"global": (torch.tensor(14.0, requires_grad=True),), "individual": (),
+                  "per_direction": ((torch.tensor(14.0, requires_grad=True), torch.tensor(12.0, requires_grad=True)),)}
+        crit(x, t, index, *scales[form], ref_img=ref_img, ref_txt=ref_txt).backward()
     return step, 2 * B * d * 4
 
 
 def selection_step(impl: str = "ours", b: int = 4096, d: int = 512, dr: int = 512, backend: str = "cpp"):
-    """``(step, 0)``: one selection from a super-batch of ``b`` pairs; ``impl`` "ours" or "authors" (in a
-    process group of size 1, opened here and kept for the process)."""
+    """``(step, 0)``: one selection from a super-batch of ``b`` pairs, "ours" or "authors" (needs a process
+    group: in a fresh process one of size 1 is opened here; :func:`process_group_of_one` closes it)."""
     img, txt, ref_img, ref_txt = _embeddings(b, d, dr)
     if impl == "ours":
         import drrho_kernels as dk
@@ -71,7 +62,9 @@ def selection_step(impl: str = "ours", b: int = 4096, d: int = 512, dr: int = 51
     ns, where = authors.jest_namespace()
     if ns is None:
         raise RuntimeError(where)
-    _process_group_of_one()
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
     def step():
         with torch.no_grad(), warnings.catch_warnings():
@@ -80,21 +73,22 @@ def selection_step(impl: str = "ours", b: int = 4096, d: int = 512, dr: int = 51
     return step, 0
 
 
-def _process_group_of_one():
+@contextlib.contextmanager
+def process_group_of_one():
+    """Whatever process group the body opens is destroyed on the way out, and the environment variables
+    of torch.distributed are left as they were."""
     import torch.distributed as dist
-    if not dist.is_initialized():
-        store = os.path.join(tempfile.mkdtemp(prefix="family_pg_"), "store")
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-
-
-class _Wrapped:
-    """A plain callable as a harness step (``prepare`` returns it)."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def prepare(self):
-        return self.fn
+    env, had = {k: os.environ.get(k) for k in _DIST_ENV}, dist.is_available() and dist.is_initialized()
+    try:
+        yield
+    finally:
+        if not had and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _cases(preset: str, args) -> dict:
@@ -112,34 +106,28 @@ def _cases(preset: str, args) -> dict:
 
 
 def run(preset: str, args) -> dict:
-    cases = _cases(preset, args)
-    memory = {}
+    cases, memory, built = _cases(preset, args), {}, {}
     for name, (target, kwargs) in cases.items():
         print(f"[{preset}] memory of {name} (fresh process) ...", flush=True)
         memory[name] = harness.peak_extra_rss(target, kwargs, threads=args.threads)
         print(f"[{preset}]   {memory[name]}", flush=True)
-    steps = {}
-    for name, (target, kwargs) in cases.items():
-        if "error" in memory[name]:
-            continue                      # out of memory (or failed) in its own process: recorded, not timed
-        module, fn = target.split(":")
-        steps[name] = _Wrapped(getattr(__import__(module, fromlist=[fn]), fn)(**kwargs)[0])
-    print(f"[{preset}] timing {list(steps)}, {args.repeat} interleaved rounds ...", flush=True)
-    times = harness.time_steps(steps, repeat=args.repeat, min_repeat=args.repeat)
-    results = {}
-    for name in cases:
-        t = times.get(name)
-        results[name] = dict(memory=memory[name], **({"time": t} if isinstance(t, dict) else
-                                                     {"time_error": harness.first_line(t) if t else "not timed"}))
+    print(f"[{preset}] timing, {args.repeat} interleaved rounds ...", flush=True)
+    with process_group_of_one():
+        for name, (target, kwargs) in cases.items():
+            if "error" not in memory[name]:    # out of memory (or failed) in its own process: recorded, not timed
+                module, fn = target.split(":")
+                step = getattr(importlib.import_module(module), fn)(**kwargs)[0]
+                built[name] = types.SimpleNamespace(prepare=lambda step=step: step)     # a harness step
+        times = harness.time_steps(built, repeat=args.repeat, min_repeat=args.repeat)
+        built.clear()
+    results = {name: dict(memory=memory[name], **({"time": t} if isinstance(t := times.get(name), dict) else
+                                                   {"time_error": harness.first_line(t) if t else "not timed"}))
+               for name in cases}
     base = {"temperatures": "global", "distill": "without"}.get(preset)
-    ratios = {}
-    for name, r in results.items():
-        if base and "time" in r and "time" in results[base]:
-            ratios[f"{name}/{base}"] = r["time"]["median_s"] / results[base]["time"]["median_s"]
-        if preset == "selection" and name.startswith("authors") and "time" in r:
-            ours = results[name.replace("authors", "ours")]
-            if "time" in ours:
-                ratios[f"{name}/ours"] = r["time"]["median_s"] / ours["time"]["median_s"]
+    median = {name: r["time"]["median_s"] for name, r in results.items() if "time" in r}
+    ratios = {f"{name}/{base}": t / median[base] for name, t in median.items() if base in median}
+    ratios.update({f"{name}/ours": t / median[name.replace("authors", "ours")] for name, t in median.items()
+                   if name.startswith("authors") and name.replace("authors", "ours") in median})
     return dict(preset=preset, meta=harness.machine_info(), shape=vars(args),
                 jest=JEST if preset == "selection" else None, results=results, ratios=ratios)
 
@@ -148,7 +136,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("preset", choices=PRESETS)
     p.add_argument("--B", type=int, default=4096, help="batch (temperatures, distill)")
-    p.add_argument("--sizes", type=int, nargs="+", default=list(SELECTION_SIZES), help="super-batches (selection)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384], help="super-batches (selection)")
     p.add_argument("--d", type=int, default=512)
     p.add_argument("--dr", type=int, default=512)
     p.add_argument("--backend", default="cpp")
@@ -156,14 +144,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/family_<preset>_<date>.json)")
     args = p.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    rep = run(args.preset, args)
-    out = args.out or harness.RESULTS_DIR / f"family_{args.preset}_{datetime.date.today().isoformat()}.json"
-    with open(out, "w") as f:
-        json.dump(rep, f, indent=1, default=str)
+    try:
+        rep = run(args.preset, args)
+    finally:
+        torch.set_num_threads(threads)
+    out = harness.write_json(args.out or harness.RESULTS_DIR / f"family_{args.preset}_{rep['meta']['date'][:10]}.json", rep)
     for name, r in rep["results"].items():
-        t = r.get("time", {}).get("median_s")
-        mem = r["memory"].get("peak_extra_bytes")
+        t, mem = r.get("time", {}).get("median_s"), r["memory"].get("peak_extra_bytes")
         print(f"{name:<22} {'%.3f s' % t if t else r.get('time_error', ''):>10}  "
               f"{'%.1f MiB' % (mem / 2**20) if mem is not None else r['memory'].get('error')}")
     for k, v in rep["ratios"].items():

@@ -1,15 +1,5 @@
-"""The timing harness and the memory measurements every benchmark uses, and the run's metadata.
-
-Time (:func:`time_steps`): the steps of one shape *interleaved*, one warm-up each, then rounds in
-which each runs once, so that a slow spell of a shared machine hits all alike. A sample runs
-``step.prepare()`` untimed (mode ``backward``: a fresh forward; on CUDA also an L2 flush), then
-times the callable it returns (``time.perf_counter``; on CUDA, events after a synchronisation).
-
-Peak extra memory (:func:`peak_extra_rss`), in a fresh process: the step runs, the resident high-water
-mark is reset (``/proc/self/clear_refs``), the step runs again; ``VmHWM - VmRSS(before)`` minus the
-gradients it returns (``output_bytes``). ``MALLOC_MMAP_THRESHOLD_=65536`` makes glibc unmap freed large
-blocks (RSS follows live memory). CUDA (:func:`cuda_peak_extra`): ``torch.cuda.max_memory_allocated``.
-"""
+"""What every benchmark shares: interleaved timing, peak memory (a fresh process on the CPU, in process
+on CUDA), the run's metadata and the JSON writer (benchmarks/README.md, "What is measured")."""
 from __future__ import annotations
 
 import datetime
@@ -28,7 +18,7 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = RESULTS_DIR.parent.parent
 LONG_STEP_S = 2.0     # a CPU step this long is warm after its first run: the warm-up is kept as a sample
 _L2_FLUSH = {}
 
@@ -47,8 +37,7 @@ def is_oom(error, returncode: int = 0) -> bool:
     if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
         return True
     text = str(error).lower()
-    return returncode in (-9, 137) or any(s in text for s in ("out of memory", "memoryerror", "can't allocate memory",
-                                                                "cannot allocate memory"))
+    return returncode in (-9, 137) or any(s in text for s in ("out of memory", "memoryerror", "allocate memory"))
 
 
 def git_commit() -> str:
@@ -60,19 +49,19 @@ def git_commit() -> str:
         return "unknown"
 
 
-def machine_info(device: str = "cpu") -> dict:
-    """Who measured what where: device, threads, versions, commit, date, load."""
+def machine_info(device: str | None = "cpu") -> dict:
+    """Who measured what where: date, commit, versions, CPU, threads, load; the C++ build on the CPU
+    (its half-precision tile product included), the GPU on CUDA; ``None``: no device (static tools)."""
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
         flags = next(line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
-        # the vector extensions that decide the CPU kernels' and the GEMMs' speed ("AMD EPYC" alone does not)
-        simd = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma", "f16c"))
+        simd = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "avx_vnni", "fma", "f16c"))
     except (OSError, StopIteration):
         cpu, simd = platform.processor() or platform.machine(), None
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": git_commit(), "python": platform.python_version(), "torch": torch.__version__, "triton": None,
-            "cpu": cpu, "cpu_simd_flags": simd, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
-            "load_average": os.getloadavg(), "triton_interpreter": os.environ.get("TRITON_INTERPRET")}
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
+            "python": platform.python_version(), "torch": torch.__version__, "triton": None, "cpu": cpu,
+            "cpu_simd_flags": simd, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": device, "load_average": os.getloadavg(), "triton_interpreter": os.environ.get("TRITON_INTERPRET")}
     try:
         import triton
         info["triton"] = triton.__version__
@@ -81,15 +70,34 @@ def machine_info(device: str = "cpu") -> dict:
     if device == "cuda":
         info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
                     gpu_memory_bytes=torch.cuda.get_device_properties(0).total_memory)
-    else:
+    elif device == "cpu":
         from drrho_kernels.backends import cpp
         info["cpp_build"] = {k: v for k, v in cpp.build_info().items() if k != "parallel"}
+        if cpp.load() is not None:
+            info["half_gemm"] = {str(dt)[6:]: cpp.half_gemm(dt) for dt in (torch.bfloat16, torch.float16)}
     return info
 
 
+def write_json(path, payload: dict) -> Path:
+    """Write ``payload`` to ``path`` (a temporary file renamed over it: never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def results_dir(fallback: Path, name: str = "") -> Path:
+    """Where a test writes its outputs: ``$DRRHO_KERNELS_RESULTS/<name>`` if set, else ``fallback``."""
+    root = os.environ.get("DRRHO_KERNELS_RESULTS")
+    out = Path(root) / name if root else Path(fallback)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def summarize(samples) -> dict:
-    """Median, p20, p80 and the count of ``samples``, and the samples themselves in round order
-    (``samples_s``: per-round ratios between implementations timed in the same rounds)."""
+    """Median, p20, p80, count, and the samples in round order (``samples_s``: per-round ratios)."""
     in_rounds = [float(t) for t in samples]
     samples = sorted(samples)
 
@@ -102,16 +110,13 @@ def summarize(samples) -> dict:
 
 
 def timed(step, device: str = "cpu") -> float:
-    """Seconds of one sample: ``step.prepare()`` untimed, then the callable it returns, timed."""
+    """Seconds of one sample: ``step.prepare()`` untimed (on CUDA also an L2 flush), then what it returns."""
+    fn = step.prepare()
     if device != "cuda":
-        fn = step.prepare()
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0
-    if "buf" not in _L2_FLUSH:
-        _L2_FLUSH["buf"] = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
-    fn = step.prepare()
-    _L2_FLUSH["buf"].zero_()
+    _L2_FLUSH.setdefault("buf", torch.empty(256 << 20, dtype=torch.int8, device="cuda")).zero_()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
@@ -123,8 +128,8 @@ def timed(step, device: str = "cpu") -> float:
 
 def time_steps(steps: dict, *, device: str = "cpu", repeat: int = 7, min_repeat: int = 3,
                budget: float | None = None) -> dict:
-    """``{key: summary | exception}`` of ``steps`` (``{key: step}``): a warm-up run each (on CUDA it compiles
-    and autotunes; a long CPU one is kept as a sample, ``first_run_counted``), then ``repeat`` rounds, fewer
+    """``{key: summary | exception}`` of ``steps`` interleaved: a warm-up each (on CUDA it compiles and
+    autotunes; a long CPU one is kept as a sample, ``first_run_counted``), then ``repeat`` rounds, fewer
     (>= ``min_repeat``) if the slowest warm-up x ``repeat`` exceeds ``budget`` s. A step that raises drops out."""
     first, samples, failed = {}, {}, {}
     for r in range(-1, repeat):                        # round -1: the warm-up runs
@@ -152,27 +157,27 @@ def _status_kib(field: str) -> int:
 
 
 def _measure_here(target: str, kwargs: dict) -> dict:
-    """In the fresh process: ``target(**kwargs)`` returns ``(step, output_bytes)``."""
+    """In the fresh process: ``target(**kwargs)`` returns ``(step, output_bytes)``; the step runs, the
+    high-water mark is reset (``/proc/self/clear_refs``), the step runs again."""
     module, name = target.split(":")
     step, output_bytes = getattr(importlib.import_module(module), name)(**kwargs)
     step()
     gc.collect()
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")                                   # reset VmHWM to the current RSS
+        f.write("5")
     step()
     raw = (_status_kib("VmHWM") - before) * 1024
     return {"peak_raw_bytes": raw, "output_bytes": output_bytes, "peak_extra_bytes": max(raw - output_bytes, 0)}
 
 
 def peak_extra_rss(target: str, kwargs: dict, *, threads: int | None = None, timeout: float = 1800) -> dict:
-    """Peak extra resident memory of one step in a fresh Python process (``target``: ``"module:function"``
-    returning ``(step, output_bytes)``). Returns ``{"peak_extra_bytes", "peak_raw_bytes", "output_bytes"}``
-    or ``{"error": "OOM" | message}``; raises ``subprocess.TimeoutExpired`` after ``timeout`` seconds."""
-    env = dict(os.environ)
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
+    """Peak extra resident memory of one step in a fresh process (``target``: ``"module:function"``
+    returning ``(step, output_bytes)``): ``{"peak_extra_bytes", "peak_raw_bytes", "output_bytes"}`` or
+    ``{"error": "OOM" | message}``; raises ``subprocess.TimeoutExpired`` after ``timeout`` s.
+    ``MALLOC_MMAP_THRESHOLD_`` makes glibc unmap freed large blocks (RSS follows live memory)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536"),
+           **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.harness", target, json.dumps(kwargs)], cwd=REPO_ROOT,
                           env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

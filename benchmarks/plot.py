@@ -1,15 +1,6 @@
-"""Figures and Markdown tables from sweep results (``python -m benchmarks.sweep``), and the distributed byte table.
-
-    python -m benchmarks.plot results/sweep_<tag>_<date>.json [more.json ...] [--out-dir DIR] [--no-hbm]
-    python -m benchmarks.plot results/sweep_<tag>_<date>.json --markdown     # the README's tables
-    python -m benchmarks.plot --bytes-table B W d dr [--dtype bfloat16]    # bytes per step of both schemes
-
-Per file and group of rows sharing ``(dtype, d, dr, ref, N/B)``: ``<stem>_time_<group>.png`` (time vs B,
-panels forward / backward / forward + backward, p20-p80 band, the GEMM floor dashed; rows of files
-from before the backward was measured carry ``derived``, and their panel says so), ``_memory_``
-(peak extra memory, forward + backward, the memory guard dotted), ``_speedup_`` (t_unfused / t), ``_hbm_``
-(:mod:`benchmarks.cost_model`, a model; skipped without triton). OOM: ``x`` at the top edge.
-"""
+"""Figures and Markdown tables from sweep results, and the distributed byte table: per file and group of
+rows sharing ``(dtype, d, dr, ref, N/B)``, time, memory, speedup and the cost model's HBM bytes (skipped
+without triton); OOM points as ``x`` at the top edge (benchmarks/README.md, "GPU targets and figures")."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from .harness import RESULTS_DIR  # noqa: E402
+
 STYLE = {"triton": ("tab:red", "o"), "cpp": ("tab:purple", "D"), "torch": ("tab:blue", "s"),
          "reference": ("tab:gray", "v"), "unfused": ("tab:orange", "^"), "clip_ce": ("tab:green", "P"),
          "inf_cl": ("tab:brown", "X"), "authors": ("tab:pink", "*"), "gemm_floor": ("black", None)}
@@ -173,7 +165,7 @@ def plot_hbm(meta, key, rows, cost_model, path, written):
         ax.plot(bs, ys, ls, color=color, label=label, lw=1.8, marker="o", ms=4)
     _axes(ax, "HBM traffic per step (GiB), model", True)
     ax.set_title(title(meta, key, f"HBM bytes per forward + backward step: cost model for "
-                                  f"{cost_model.H100['name']}, not measured; beside"), fontsize=9)
+                                  f"{cost_model.K.HW[90].name}, not measured; beside"), fontsize=9)
     _save(fig, path, written)
 
 
@@ -194,7 +186,7 @@ def plot_file(path, out_dir: Path, hbm: bool = True) -> list[Path]:
         plot_memory(meta, key, grp, payload["config"].get("ram_guard_bytes"), out_dir / f"{stem}_memory_{tag}.png",
                     written)
         plot_speedup(meta, key, grp, out_dir / f"{stem}_speedup_{tag}.png", written)
-        if cost_model is not None and key[0] in cost_model.ELEM:
+        if cost_model is not None and key[0] in ("bfloat16", "float16", "float32"):
             plot_hbm(meta, key, grp, cost_model, out_dir / f"{stem}_hbm_{tag}.png", written)
     return written
 

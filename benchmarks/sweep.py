@@ -1,21 +1,12 @@
 """The benchmark sweep: fused backends against the baselines over B, N, d, dtype, reference and mode.
 
-    python -m benchmarks.sweep --quick | --cpu-step | --full-cpu | --full-cuda     # presets (README)
+    python -m benchmarks.sweep --quick | --cpu-step | --cpu-half | --full-cpu | --full-cuda    # presets
     python -m benchmarks.sweep --B 512 1024 --N-factor 1 4 --d 512 --dtype float32 bfloat16 --ref --no-ref
 
-A point is ``(impl, mode, B, N, d, dr, dtype, ref)``: ``impl`` of :mod:`benchmarks.steps` (one that cannot
-run here is ``skipped`` with the reason), ``mode`` ``forward``, ``backward`` or ``forward_backward``, each
-measured. ``N != B``: one process of a distributed step. Per group of points (one shape and mode):
-
-- CPU memory first, each point of ``--memory-modes`` in a fresh process (``harness.peak_extra_rss``);
-  one that dies of memory is ``OOM`` and sends its siblings of that shape to a fresh process too. A
-  point predicted (:func:`predict_peak_bytes`) above the RAM guard is ``OOM``, ``oom_predicted``, not run.
-- Then time, the group interleaved in this process (``harness.time_steps``); on CUDA memory in process.
-- ``--profile`` (``--cpu-step``, ``--quick``): the C++ extension's CPU seconds per phase, on ``cpp`` rows.
-
-Output: ``benchmarks/results/sweep_<device-tag>_<date>[_<preset>].json`` (``meta``, ``config``,
-``rows`` with ratios to the unfused loss and the floor of the same run), rewritten after every group.
-"""
+Per group of points (one slice, shape and mode, every dtype): CPU memory first, each point in a fresh
+process (one that dies of memory sends its siblings of that shape to one too; a point predicted above
+the RAM guard is ``OOM``, not run), then time, interleaved in this process; on CUDA memory in process.
+Writes ``benchmarks/results/sweep_<device-tag>_<date>[_<preset>].json`` after every group."""
 from __future__ import annotations
 
 import argparse
@@ -23,12 +14,12 @@ import dataclasses
 import gc
 import importlib.util
 import itertools
-import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import harness, steps
@@ -38,10 +29,11 @@ DEFAULT_IMPLS = {"cpu": ("torch", "cpp", "unfused", "clip_ce", "gemm_floor"),
                  "cuda": ("triton", "torch", "unfused", "clip_ce", "gemm_floor", "inf_cl")}
 GIB = 1 << 30
 DEFAULTS = dict(jobs=1, repeat=7, min_repeat=3, point_budget=20.0, threads=None, timeout=1800.0,
-                memory_modes=["forward_backward"], profile=False)
+                memory_modes=["forward_backward"], profile=False, wait_idle=0.0)
 PRESET_DEFAULTS = {"quick": dict(jobs=2, repeat=3, min_repeat=1, point_budget=2.0, threads=1, profile=True),
-                   "cpu-step": dict(point_budget=0.0, profile=True)}          # 0: every round, however long
-PRESET_DEVICE = {"cpu-step": "cpu", "full-cpu": "cpu", "full-cuda": "cuda"}
+                   "cpu-step": dict(point_budget=0.0, profile=True),          # 0: every round, however long
+                   "cpu-half": dict(repeat=5, min_repeat=1, point_budget=60.0)}
+PRESET_DEVICE = {"cpu-step": "cpu", "cpu-half": "cpu", "full-cpu": "cpu", "full-cuda": "cuda"}
 
 
 @dataclasses.dataclass
@@ -65,20 +57,25 @@ class Slice:
 
 def preset_slices(name: str) -> list[Slice]:
     authors = ["authors"] if os.environ.get("DRRHO_AUTHORS_REPO") else []
+    fb = ["forward_backward"]
     return {
-        # Tiny shapes, every path (square and shard, with and without reference, float32 and bfloat16); the
-        # last slice never runs: its predicted peak (B = 2^20) exceeds any RAM (the OOM guard).
+        # every path on toy shapes; the last slice never runs: its predicted peak exceeds any RAM (the guard)
         "quick": [Slice("square", B=[32], d=[16], dtypes=["float32"], refs=[True]),
                   Slice("shard", B=[16], n_factor=[3], d=[16], dtypes=["bfloat16"], refs=[False], memory=False),
                   Slice("oom-guard", B=[1 << 20], d=[16], dtypes=["float32"], refs=[True], impls=["unfused"],
                         modes=["forward"])],
-        # One CPU training step of the loss, every implementation interleaved over 7 rounds (was cpu_step).
-        "cpu-step": [Slice("cpu-step", B=[4096], d=[512], dtypes=["float32"], refs=[True], modes=["forward_backward"],
+        "cpu-step": [Slice("cpu-step", B=[4096], d=[512], dtypes=["float32"], refs=[True], modes=fb,
                            impls=["gemm_floor", "unfused", "torch", "cpp"] + authors)],
-        # Up to where the unfused loss fits 24 GB (B = 16384), B = 24576 (it is OOM by prediction), then
-        # slices across d, dtype, reference and a distributed shard (N = 8 B).
+        # bfloat16 on the CPU (issue 16): the step at B = 4096 beside float32 (one group), then B = 512 .. 16384
+        "cpu-half": [Slice("step", B=[4096], d=[512], dtypes=["bfloat16"], refs=[True], modes=fb,
+                           impls=["cpp", "gemm_floor", "unfused"], memory=False),
+                     Slice("step", B=[4096], d=[512], dtypes=["float32"], refs=[True], modes=fb,
+                           impls=["cpp", "gemm_floor"], memory=False),
+                     Slice("sweep", B=[512, 1024, 2048, 8192, 16384], d=[512], dtypes=["bfloat16"], refs=[True],
+                           modes=fb, impls=["cpp", "unfused"], memory=False)],
+        # up to where the unfused loss fits 24 GB (B = 16384), 24576 (OOM by prediction), then slices
         "full-cpu": [Slice("main", B=[512, 1024, 2048, 4096, 8192, 16384], d=[512], dtypes=["float32"], refs=[True]),
-                     Slice("main", B=[24576], d=[512], dtypes=["float32"], refs=[True], modes=["forward_backward"],
+                     Slice("main", B=[24576], d=[512], dtypes=["float32"], refs=[True], modes=fb,
                            impls=["torch", "cpp", "unfused", "gemm_floor"]),
                      Slice("width", B=[1024, 4096], d=[256, 1024], dtypes=["float32"], refs=[True]),
                      Slice("bf16", B=[1024, 4096], d=[512], dtypes=["bfloat16"], refs=[True]),
@@ -120,12 +117,11 @@ def predict_peak_bytes(p: dict) -> int:
     """Upper estimate of the peak extra memory of a point's step (bytes), inputs and gradients included."""
     impl, B, N, d, dr, dtype, ref = (p[k] for k in ("impl", "B", "N", "d", "dr", "dtype", "ref"))
     size = steps.DTYPES[dtype].itemsize
-    elem = 8 if impl == "reference" else size
     inputs = 4 * 2 * N * (d + ((dr or d) if ref else 0)) * size   # columns, rows, leaves, gradients
     if impl not in _BN_MATRICES:                       # fused: chunk temporaries only (~16 MiB each)
         return inputs + 8 * (16 << 20)
     count = 1 if impl == "gemm_floor" and not ref else _BN_MATRICES[impl][p["mode"] != "forward"]
-    return inputs + count * B * N * elem
+    return inputs + count * B * N * (8 if impl == "reference" else size)
 
 
 def ram_bytes() -> dict:
@@ -164,9 +160,7 @@ def probe(impl: str, device: str) -> str | None:
 def skip_reason(p: dict) -> str | None:
     if p["impl"] in SQUARE_ONLY and p["N"] != p["B"]:
         return f"{p['impl']} is defined for one process only (N == B)"
-    if p["impl"] == "inf_cl" and p["d"] % 16:
-        return "inf_cl needs d divisible by 16"
-    return None
+    return "inf_cl needs d divisible by 16" if p["impl"] == "inf_cl" and p["d"] % 16 else None
 
 
 def step_kwargs(p: dict, device: str) -> dict:
@@ -175,8 +169,8 @@ def step_kwargs(p: dict, device: str) -> dict:
 
 
 def _apply(row: dict, res: dict) -> None:
-    if "error" in res:
-        err = res["error"]
+    err = res.get("error")
+    if err:
         row.update(status="OOM" if err == "OOM" else "timeout" if err.startswith("timeout") else "error",
                    reason=None if err == "OOM" else err)
     row.update({k: v for k, v in res.items() if k != "error"})
@@ -195,10 +189,10 @@ def measure_memory_cpu(row: dict, args) -> dict:
 
 
 def timing_groups(rows: list[dict]) -> list[list[dict]]:
-    """Rows timed together: same slice, shape and mode (the baselines without reference join the group)."""
+    """Rows timed together: same slice, shape and mode, every dtype (the baselines without reference join)."""
     out: dict = {}
     for r in rows:
-        out.setdefault((r.get("slice"), r["B"], r["N"], r["d"], r["dtype"], r["mode"]), []).append(r)
+        out.setdefault((r.get("slice"), r["B"], r["N"], r["d"], r["mode"]), []).append(r)
     return list(out.values())
 
 
@@ -250,10 +244,9 @@ def cpp_profile(row: dict) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """``speedup_vs_unfused`` = t_unfused / t and ``time_over_floor`` = t / t_floor (medians), against the
-    rows of the same run, shape and mode (a baseline without reference, ``ref`` None, against the
-    reference run); ``time_over_floor_per_round_median``: the median over rounds of t / t_floor of the same
-    round (interleaved rounds: a slow spell of the machine shared by both cancels)."""
+    """``speedup_vs_unfused`` = t_unfused / t and ``time_over_floor`` = t / t_floor (medians) against the rows
+    of the same run, shape, dtype and mode (a baseline without reference against the reference run);
+    ``time_over_floor_per_round_median``: the median over rounds of t / t_floor of the same round."""
     def match(impl, r) -> dict:
         same = [c for c in rows if c["impl"] == impl and c["status"] == "ok" and c["median_s"]
                 and all(c[k] == r[k] for k in ("B", "N", "d", "dtype", "mode"))
@@ -271,26 +264,13 @@ def add_ratios(rows: list[dict]) -> None:
                                                  if mine and len(mine) == len(theirs) else None)
 
 
-def output_path(args, device: str, meta: dict) -> Path:
-    if args.out and args.out.endswith(".json"):
-        return Path(args.out)
-    suffix = "" if args.preset in ("full-cpu", "full-cuda") else f"_{args.preset or 'custom'}"
-    return Path(args.out or harness.RESULTS_DIR) / f"sweep_{meta['device_tag']}_{meta['date'][:10]}{suffix}.json"
-
-
-def save(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    tmp.replace(path)
-
-
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__.split("\n\n")[0],
                                  epilog="See benchmarks/README.md.")
     preset = ap.add_mutually_exclusive_group()
     for flag, what in (("quick", "tiny shapes, every code path (Triton interpreter on the CPU), under a minute"),
                        ("cpu-step", "one CPU step, B = N = 4096, d = dr = 512, float32, forward + backward"),
+                       ("cpu-half", "bfloat16 on the CPU against float32 and the unfused loss (issue 16)"),
                        ("full-cpu", "the committed CPU sweep"), ("full-cuda", "the GPU sweep")):
         preset.add_argument(f"--{flag}", dest="preset", action="store_const", const=flag, help=what)
     grid = ap.add_argument_group("grid (a custom slice; not with a preset)")
@@ -309,13 +289,14 @@ def parse_args(argv=None):
                                                                      "fresh process (default forward_backward)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     for flag, kind, what in (
-            ("repeat", int, "timed rounds per group (default 7; --quick 3)"),
-            ("min-repeat", int, "at least this many rounds (default 3; --quick 1)"),
-            ("point-budget", float, "seconds of rounds per group before --repeat is cut (default 20; --quick 2; 0: never)"),
+            ("repeat", int, "timed rounds per group (default 7; --quick 3, --cpu-half 5)"),
+            ("min-repeat", int, "at least this many rounds (default 3; --quick, --cpu-half 1)"),
+            ("point-budget", float, "seconds of rounds per group before --repeat is cut (default 20; 0: never)"),
             ("threads", int, "torch / OpenMP threads (default: torch's; --quick 1)"),
             ("ram-gb", float, "RAM guard in GiB (default 0.9 x MemAvailable)"),
             ("timeout", float, "seconds before a memory process is abandoned (default 1800)"),
             ("jobs", int, "CPU memory processes in parallel (default 1; --quick 2)"),
+            ("wait-idle", float, "minutes to wait at most for a quiet machine (load average < 1) first"),
             ("out", str, "output .json file, or a folder (default benchmarks/results/)")):
         ap.add_argument(f"--{flag}", type=kind, help=what)
     for flag, what in (("no-memory", "CPU: no fresh-process memory runs"), ("no-progress", "no progress lines"),
@@ -328,12 +309,6 @@ def parse_args(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, value)
     return args
-
-
-def _progress(total: int, quiet: bool):
-    count = iter(range(1, total + 1))
-    return lambda what, p: quiet or print(f"[{next(count)}/{total}] {what} {p['impl']} {p['mode']} B={p['B']} "
-                                          f"N={p['N']} d={p['d']} {p['dtype']} ref={p['ref']}", flush=True)
 
 
 def main(argv=None) -> Path | None:
@@ -357,7 +332,10 @@ def main(argv=None) -> Path | None:
         for sl in slices:
             sl.impls = sl.impls or list(DEFAULT_IMPLS["cpu"]) + ["triton"]
     points = expand(slices, device, args.impls, args.modes)
-    meta = harness.machine_info(device)
+    waited = time.perf_counter()
+    while os.getloadavg()[0] >= 1.0 and time.perf_counter() - waited < 60 * args.wait_idle:
+        time.sleep(15)
+    meta = {**harness.machine_info(device), "waited_for_idle_s": round(time.perf_counter() - waited, 1)}
     ram = ram_bytes()
     ram_guard = (torch.cuda.get_device_properties(0).total_memory if device == "cuda" else
                  args.ram_gb * GIB if args.ram_gb else 0.9 * ram.get("MemAvailable", ram.get("MemTotal", 1 << 62)))
@@ -367,7 +345,9 @@ def main(argv=None) -> Path | None:
     unavailable = {i: why for i in impls if (why := probe(i, device))}
     for i, why in unavailable.items():
         print(f"skipping {i}: {why}", file=sys.stderr)
-    path = output_path(args, device, meta)
+    suffix = "" if args.preset in ("full-cpu", "full-cuda") else f"_{args.preset or 'custom'}"
+    path = Path(args.out) if args.out and args.out.endswith(".json") else \
+        Path(args.out or harness.RESULTS_DIR) / f"sweep_{tag}_{meta['date'][:10]}{suffix}.json"
     config = {"argv": sys.argv[1:] if argv is None else list(argv), "preset": args.preset, "device": device,
               "slices": [dataclasses.asdict(s) for s in slices], "impls": impls, "repeat": args.repeat,
               "min_repeat": args.min_repeat, "point_budget_s": args.point_budget, "threads": args.threads,
@@ -397,14 +377,18 @@ def main(argv=None) -> Path | None:
         r for r in todo if r["mode"] in args.memory_modes and r["_memory"]]
     for r in rows:
         del r["_memory"]
-    update = _progress(len(todo) + len(mem_todo), args.no_progress)
+    count = iter(range(1, len(todo) + len(mem_todo) + 1))
+
+    def progress(what, p):
+        if not args.no_progress:
+            print(f"[{next(count)}/{len(todo) + len(mem_todo)}] {what} {p['impl']} {p['mode']} B={p['B']} N={p['N']} "
+                  f"d={p['d']} {p['dtype']} ref={p['ref']}", flush=True)
     if mem_todo:                                       # phase 1 (CPU): fresh-process memory, out of memory
-        from concurrent.futures import ThreadPoolExecutor
         with ThreadPoolExecutor(args.jobs) as pool:
             for row, res in zip(mem_todo, pool.map(lambda r: measure_memory_cpu(r, args), mem_todo)):
                 _apply(row, res)
-                update("memory", row)
-        save(path, payload)
+                progress("memory", row)
+        harness.write_json(path, payload)
     shape = lambda r: (r["impl"], r["B"], r["N"], r["d"], r["dr"], r["dtype"])                 # noqa: E731
     oom_shapes = {shape(r) for r in mem_todo if r["status"] == "OOM"}
     for group in timing_groups(todo):                  # phase 2: timing, in this process, interleaved
@@ -415,12 +399,11 @@ def main(argv=None) -> Path | None:
         for row in group:
             if args.profile and row["impl"] == "cpp" and row["mode"] == "forward_backward" and row["status"] == "ok":
                 row["cpp_profile"] = cpp_profile(row)
-            update("time", row)
-        save(path, payload)
+            progress("time", row)
+        harness.write_json(path, payload)
     add_ratios(rows)
-    meta["wall_s"] = round(time.perf_counter() - started, 1)
-    meta["load_average_after"] = os.getloadavg()
-    save(path, payload)
+    meta.update(wall_s=round(time.perf_counter() - started, 1), load_average_after=os.getloadavg())
+    harness.write_json(path, payload)
     summary(rows)
     print(f"wrote {path} ({meta['wall_s']:.0f} s)")
     return path

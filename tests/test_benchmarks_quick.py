@@ -25,14 +25,20 @@ ROW_FIELDS = {"impl", "mode", "B", "N", "d", "dr", "dtype", "ref", "status", "re
 META_FIELDS = {"date", "commit", "torch", "triton", "cpu", "torch_threads", "device", "device_tag", "wall_s"}
 
 
+@pytest.fixture
+def out_dir(tmp_path, request):
+    """Where a test writes: ``$DRRHO_KERNELS_RESULTS/<test>`` if set, else its own temporary directory."""
+    return harness.results_dir(tmp_path, request.node.name)
+
+
 @pytest.mark.slow
-def test_quick_sweep_json_and_plots(tmp_path):
-    out = tmp_path / "sweep.json"
+def test_quick_sweep_json_and_plots(out_dir):
+    out = out_dir / "sweep.json"
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.sweep", "--quick", "--no-progress", "--out", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.json"]        # nothing written beside it
+    assert sorted(p.name for p in out_dir.iterdir()) == ["sweep.json"]         # nothing written beside it
     payload = json.loads(out.read_text())
     assert META_FIELDS <= set(payload["meta"]), set(payload["meta"])
     assert payload["config"]["preset"] == "quick" and payload["config"]["slices"]
@@ -67,7 +73,7 @@ def test_quick_sweep_json_and_plots(tmp_path):
     guard = find("unfused", "forward", B=1 << 20)[0]
     assert guard["status"] == "OOM" and guard["oom_predicted"] and guard["reason"].endswith("not run"), guard
 
-    written = plot.main([str(out), "--out-dir", str(tmp_path / "png"), "--no-hbm"])
+    written = plot.main([str(out), "--out-dir", str(out_dir / "png"), "--no-hbm"])
     assert {p.name.split("_")[1] for p in written} == {"time", "memory", "speedup"}, written
     assert all(p.stat().st_size > 10_000 for p in written)
 
@@ -189,6 +195,17 @@ def test_presets_and_grid_flags(monkeypatch):
         (4096, 4096, 512, 512, "float32", True, "forward_backward")}
     monkeypatch.setenv("DRRHO_AUTHORS_REPO", "somewhere")
     assert "authors" in [p["impl"] for p in sweep.expand(sweep.preset_slices("cpu-step"), "cpu")]
+    # --cpu-half (was benchmarks.cpu_half): B = 4096 in bfloat16 and float32 timed as one group, then the sweep
+    half = sweep.expand(sweep.preset_slices("cpu-half"), "cpu")
+    step = [p for p in half if p["B"] == 4096]
+    assert {(p["impl"], p["dtype"]) for p in step} == {("cpp", "bfloat16"), ("gemm_floor", "bfloat16"),
+                                                        ("unfused", "bfloat16"), ("cpp", "float32"),
+                                                        ("gemm_floor", "float32")}
+    assert len(sweep.timing_groups([dict(p, status="ok") for p in step])) == 1
+    assert {p["B"] for p in half if p["impl"] == "unfused"} == {512, 1024, 2048, 4096, 8192, 16384}
+    assert not any(p["_memory"] for p in half) and {p["mode"] for p in half} == {"forward_backward"}
+    args = sweep.parse_args(["--cpu-half"])
+    assert (args.repeat, args.min_repeat, args.point_budget) == (5, 1, 60.0)
     args = sweep.parse_args(["--cpu-step"])
     assert (args.repeat, args.point_budget, args.profile, args.memory_modes) == (7, 0, True, ["forward_backward"])
     assert sweep.parse_args(["--quick"]).repeat == 3 and sweep.parse_args(["--full-cpu"]).profile is False
@@ -210,7 +227,7 @@ def test_harness_reports_oom_from_a_fresh_process():
     assert harness.peak_extra_rss("tests.test_benchmarks_quick:oom_target", {}) == {"error": "OOM"}
 
 
-def test_plots_from_made_up_rows(tmp_path):
+def test_plots_from_made_up_rows(out_dir):
     """All four figures, OOM points included (the HBM one from the real cost model, when triton is here)."""
     rows = []
     for B in (1024, 2048, 4096):
@@ -221,9 +238,9 @@ def test_plots_from_made_up_rows(tmp_path):
                                  peak=None if oom else (100 if impl == "torch" else 13 * 4 * B * B)))
     sweep.add_ratios(rows)
     meta = {"date": "2026-01-01T00:00:00+00:00", "commit": "abc", "cpu": "Test CPU", "torch_threads": 2}
-    path = tmp_path / "sweep_test.json"
+    path = out_dir / "sweep_test.json"
     path.write_text(json.dumps({"meta": meta, "config": {"ram_guard_bytes": 20 << 30}, "rows": rows}))
-    kinds = {p.name.split("_")[2] for p in plot.plot_file(path, tmp_path)}
+    kinds = {p.name.split("_")[2] for p in plot.plot_file(path, out_dir)}
     try:
         import triton  # noqa: F401
         assert kinds == {"time", "memory", "speedup", "hbm"}, kinds
@@ -231,7 +248,7 @@ def test_plots_from_made_up_rows(tmp_path):
         assert kinds == {"time", "memory", "speedup"}, kinds
 
 
-def test_markdown_tables_print_time_memory_and_oom(tmp_path, capsys):
+def test_markdown_tables_print_time_memory_and_oom(out_dir, capsys):
     """`plot --markdown`: one row per B with each implementation's time / memory; OOM stays visible."""
     rows = [_row("clip_ce", "forward_backward", 0.1, B=1024, ref=None),       # joins the reference group's table
             _row("torch", "forward_backward", 0.25, B=1024, peak=3 * 2**20),
@@ -239,7 +256,7 @@ def test_markdown_tables_print_time_memory_and_oom(tmp_path, capsys):
             _row("torch", "forward_backward", 2.0, B=4096, peak=5 * 2**20),
             _row("unfused", "forward_backward", None, status="OOM", B=4096)]
     meta = {"date": "2026-01-01T00:00:00+00:00", "commit": "abc", "cpu": "Test CPU", "torch_threads": 2}
-    path = tmp_path / "sweep_md.json"
+    path = out_dir / "sweep_md.json"
     path.write_text(json.dumps({"meta": meta, "config": {}, "rows": rows}))
     assert plot.main([str(path), "--markdown"]) == []
     out = capsys.readouterr().out
@@ -247,7 +264,7 @@ def test_markdown_tables_print_time_memory_and_oom(tmp_path, capsys):
     assert out.count("| B | N |") == 1 and "| B | N | torch | unfused | clip_ce |" in out
     assert "| 1024 | 1024 | 250 ms / 3.0 MiB | 12.3 ms / 100.0 MiB | 100 ms |" in out
     assert "| 4096 | 4096 | 2,000 ms / 5.0 MiB | OOM | - |" in out
-    assert not list(tmp_path.glob("*.png"))
+    assert not list(out_dir.glob("*.png"))
 
 
 def test_committed_sweep_still_tables_and_plots(capsys, monkeypatch):
@@ -308,15 +325,24 @@ def test_no_machine_paths_in_the_benchmarks():
 
 
 @pytest.mark.parametrize("preset", ["distill", "selection"])
-def test_family_benchmark_writes_its_ratios(preset, tmp_path):
+def test_family_benchmark_writes_its_ratios(preset, out_dir):
     """The family benchmark end to end at a toy size: every case measured (memory in its own process,
-    time interleaved) and the ratio against its base written."""
-    from benchmarks import family
-    out = tmp_path / "family.json"
+    time interleaved) and the ratio against its base written. The selection preset times the authors'
+    function (with DRRHO_AUTHORS_REPO set) in a process group of its own: none is left behind, nor the
+    variables of torch.distributed, nor another torch thread count."""
+    import torch.distributed as dist
+
+    from benchmarks import authors, family
+    out, env, threads = out_dir / "family.json", dict(os.environ), torch.get_num_threads()
     assert family.main([preset, "--B", "64", "--sizes", "64", "--d", "16", "--dr", "8", "--repeat", "1",
                         "--backend", "torch", "--out", str(out)]) == 0
+    assert not (dist.is_available() and dist.is_initialized())
+    assert dict(os.environ) == env and torch.get_num_threads() == threads
     rep = json.loads(out.read_text())
     names = {"distill": {"without", "with_distill"}, "selection": {"ours_b64"}}[preset]
+    if preset == "selection" and authors.jest_namespace()[0] is not None:
+        names.add("authors_b64")
+        assert rep["ratios"]["authors_b64/ours"] > 0
     assert names <= set(rep["results"])
     for name in names:
         assert rep["results"][name]["time"]["median_s"] > 0, rep["results"][name]

@@ -1,102 +1,82 @@
-"""GPU readiness without a GPU: every Triton kernel compiled ahead of time for sm_80, sm_90, sm_100
-and for AMD gfx90a, gfx942, gfx950; the float32 dot precision of each target.
+"""GPU readiness without a GPU: each Triton kernel variant compiled ahead of time at its default tile,
+and the float32 dot precision of each target.
 
-``benchmarks/aot_report.py`` compiles each kernel variant (forward; the one-process forward's margin,
-tile and merge kernels; backward rows with and without fold; backward columns) at every autotuning
-candidate of ``tiles.candidates`` for each architecture and dtype (bf16, fp16, fp32), with
-``triton.compile`` on an ``ASTSource`` and a ``GPUTarget``; it runs in a subprocess because this test
-session interprets the kernels (conftest sets ``TRITON_INTERPRET=1``). The assertions: it compiles; no
-register spills (``cuobjdump --dump-resource-usage`` reports LOCAL = STACK = 0); shared memory within
-the architecture's per-block limit; tensor-core instructions present (mma.sync on sm_80, wgmma on
-sm_90, tcgen05 on sm_100) in every kernel with a dot (all but the margin and merge kernels, which are
-[B]-sized memory passes); float32 dots in tf32x3 (or ieee), never plain tf32.
-
-AMD (``--family amd``, skipped when Triton's AMD backend is unavailable): every candidate of the
-cdna2/3/4 tables compiles for its target with wavefront 64; no spills to memory (the assembly's
-``.private_segment_fixed_size``, scratch, is 0; VGPRs parked in AGPRs, a register move, are allowed); VGPRs within the
-unified 512 per lane for the workgroup's waves; LDS within 64 KiB (160 KiB on gfx950); MFMA
-instructions of the input dtype in every kernel with a dot; float32 dots at the precision the
-precision study chose for the target, never tf32; every kernel keeps a candidate per dtype family
-and AMD generation. The launch wiring on ROCm (gfx names from ``gcnArchName``, the AMD tables, the
-AMD precision) and the precision study (committed figures, the emulated dot) are checked without a GPU.
-
-The tables go to temporary files here; ``python -m benchmarks.aot_report --family all`` writes the
-committed ``benchmarks/results/triton_aot_<triton version>.json`` and ``triton_aot_amd_<version>.json``.
-The session compiles at d = 768, dr = 512 only (217 NVIDIA and 297 AMD compiles; a cold Triton cache
-costs minutes per family on 2 cores, a warm one, ``~/.triton/cache``, seconds); the committed reports,
-at every width of ``aot_report.WIDTHS``, are checked statically (``test_committed_report``).
+``python -m benchmarks.aot_report --default-tiles`` (in a subprocess: this session interprets the kernels,
+conftest sets ``TRITON_INTERPRET=1``) compiles every variant of ``benchmarks.kernels.VARIANTS`` (the
+forward, the one-process forward's margin, tile and merge kernels, the backward rows with and without
+fold and columns) on each path of a step: plain, per-sample outputs (the EXTRA forward) and distillation
+(EXTRA forward, DISTILL backward); in bfloat16 and float32; for NVIDIA sm_80, sm_90, sm_100
+(``GPUTarget("cuda", cc, 32)``) and AMD gfx942 (``GPUTarget("hip", "gfx942", 64)``); each at the first
+candidate of ``tiles.candidates``, what runs without autotuning (the float32 EXTRA one-process forward
+has none on sm_80 / sm_90: the general forward runs there, ``tiles.transposed_forward_runs``). About 100
+compiles: under 3 minutes on 2 cores with a cold Triton cache, seconds with a warm one. Asserted: it
+compiles; no spills (NVIDIA: cuobjdump's LOCAL = STACK = 0; AMD: no scratch); shared memory / LDS within
+the architecture's limit; the matrix instructions in every kernel with a dot (mma.sync, wgmma, tcgen05,
+MFMA of the input dtype); float32 dots at the chosen precision, never plain tf32. The limits are stated
+here, not read from the report. The full reports (every candidate, dtype and width) are made by the tool
+when the kernels change (benchmarks/AOT.md); nothing here reads or hashes them.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 triton = pytest.importorskip("triton")
 
+from benchmarks import aot_report, harness, kernels  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
-ARCHS = ("sm_80", "sm_90", "sm_100")
-AMD_ARCHS = ("gfx90a", "gfx942", "gfx950")
-VARIANTS = {"fwd", "fwd_extra", "fwd_t_margin", "fwd_t", "fwd_t_extra", "fwd_t_merge", "fwd_t_merge_extra",
-            "bwd_row_fold", "bwd_row", "bwd_col", "bwd_row_fold_distill", "bwd_row_distill", "bwd_col_distill"}
-NO_DOT = {"fwd_t_margin", "fwd_t_merge", "fwd_t_merge_extra"}
+
+ARCHS = {"sm_80": 80, "sm_90": 90, "sm_100": 100, "gfx942": "gfx942"}
+DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+WIDTH = (768, 512)
+SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024, "sm_100": 227 * 1024, "gfx942": 64 * 1024}
+MATRIX_INSTR = {"sm_80": "mma.sync", "sm_90": "wgmma.mma_async", "sm_100": "tcgen05.mma", "gfx942": "v_mfma_"}
+NO_DOT = {"fwd_t_margin", "fwd_t_merge", "fwd_t_merge_extra"}    # memory-bound [B] passes
+AMD_VGPRS_PER_LANE = 512          # ArchVGPRs + AGPRs, one unified file on CDNA3
+MFMA_INPUT = {"bf16": "bf16", "fp16": "f16"}      # the v_mfma_*_<input> of each half dtype
+FP32_MFMA_INPUT = {"bf16x3": "bf16", "bf16x6": "bf16", "ieee": "f32"}
+STUDY = REPO / "benchmarks" / "results" / "precision_study.json"
+UNAVAILABLE = {label: aot_report.unavailable(arch) for label, arch in ARCHS.items()}
 
 
-def _toolchain_missing() -> str | None:
-    sys.path.insert(0, str(REPO))
-    from benchmarks.aot_report import nvidia_unavailable
-    return nvidia_unavailable()
-
-
-def _amd_missing() -> str | None:
-    sys.path.insert(0, str(REPO))
-    from benchmarks.aot_report import amd_unavailable
-    return amd_unavailable()
-
-
-nvidia = pytest.mark.skipif(_toolchain_missing() is not None, reason=str(_toolchain_missing()))
-amd = pytest.mark.skipif(_amd_missing() is not None, reason=str(_amd_missing()))
-
-
-def _run_report(out: Path, *args) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.aot_report", *args, "--out", str(out)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=3600)
-    if not out.exists():
-        pytest.fail(f"aot_report produced no table (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    data = json.loads(out.read_text())
-    data["stdout"], data["stderr"] = proc.stdout, proc.stderr
-    return data
-
-
-# The session compiles at one width (the first of aot_report.WIDTHS, d = 768, dr = 512), stated here so
-# that its cost does not grow with WIDTHS; the committed reports cover every width, and
-# test_committed_report checks them statically.
-SESSION_WIDTH = (768, 512)
-
-
-def _width_args() -> tuple[str, ...]:
-    return ("--widths", f"{SESSION_WIDTH[0]}:{SESSION_WIDTH[1]}")
+def _study() -> dict:
+    return json.loads(STUDY.read_text())
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
-    return _run_report(tmp_path_factory.mktemp("aot") / "triton_aot.json", *_width_args())
-
-
-@pytest.fixture(scope="module")
-def amd_report(tmp_path_factory) -> dict:
-    return _run_report(tmp_path_factory.mktemp("aot_amd") / "triton_aot_amd.json", "--family", "amd",
-                       *_width_args())
+    archs = [label for label, why in UNAVAILABLE.items() if why is None]
+    if not archs:
+        pytest.skip(f"this Triton compiles for none of {list(ARCHS)}: {UNAVAILABLE}")
+    out = harness.results_dir(tmp_path_factory.mktemp("aot"), "aot") / "triton_aot_default_tiles.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.aot_report", "--default-tiles", "--archs", *archs,
+                           "--dtypes", *DTYPES, "--widths", f"{WIDTH[0]}:{WIDTH[1]}", "--workers", "2",
+                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    if not out.exists():
+        pytest.fail(f"aot_report produced no report (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    data = json.loads(out.read_text())
+    data.update(stdout=proc.stdout, stderr=proc.stderr, seconds=time.perf_counter() - t0)
+    print(f"{data['compiles']} compiles in {data['seconds']:.0f} s")
+    return data
 
 
 def _rows(report, arch):
+    if UNAVAILABLE[arch]:
+        pytest.skip(UNAVAILABLE[arch])
     rows = [r for r in report["rows"] if r["arch"] == arch]
     assert rows, f"no kernels compiled for {arch}"
+    errors = [f"{_label(r)}: {r['error']}" for r in rows if "error" in r]
+    assert not errors, "\n".join(errors)
     return rows
 
 
@@ -104,227 +84,108 @@ def _label(r) -> str:
     return f"{r['kernel']} {r['dtype']} {r['arch']} {r['config']}"
 
 
-@nvidia
-def test_every_candidate_compiled(report):
-    sys.path.insert(0, str(REPO))
-    from benchmarks.aot_report import jobs
-    expected = {(v, dt, f"sm_{cc}", t.name, d, dr) for v, dt, cc, t, d, dr in jobs(widths=(SESSION_WIDTH,))}
-    got = {(r["kernel"], r["dtype"], r["arch"], r["config"], r["D"], r["DR"]) for r in report["rows"]}
-    assert got == expected
-    assert report["widths"] == [list(SESSION_WIDTH)]
+def test_every_variant_of_every_path_compiles_at_its_default_tile(report):
+    """One row per (variant, dtype, target): its first candidate; the only variant without one is the
+    float32 EXTRA one-process forward on sm_80 / sm_90, where the general forward runs instead."""
+    import torch
+    from drrho_kernels.backends.triton import tiles
+    expected, empty = set(), set()
+    for label, arch in ARCHS.items():
+        for name, v in kernels.VARIANTS.items():
+            for dt, dtype in DTYPES.items():
+                cands = v.candidates(*WIDTH, getattr(torch, dtype), arch)
+                if cands:
+                    expected.add((name, dt, label, cands[0].name))
+                else:
+                    empty.add((name, dt, label))
+    assert empty == {("fwd_t_extra", "fp32", "sm_80"), ("fwd_t_extra", "fp32", "sm_90")}
+    assert not any(tiles.transposed_forward_runs(torch.float32, a, True) for a in (80, 90))
+    got = {(r["kernel"], r["dtype"], r["arch"], r["config"]) for r in report["rows"]}
+    assert got == {e for e in expected if not UNAVAILABLE[e[2]]}
+    assert len(report["rows"]) == report["compiles"] == len(got)
+    for path, roles in kernels.PATHS.items():            # every path's kernels are among them
+        assert set(roles.values()) <= {r["kernel"] for r in report["rows"]}, path
+    assert {r["kernel"] for r in report["rows"] if not r["has_dot"]} == NO_DOT
     errors = [f"{_label(r)}: {r['error']}" for r in report["rows"] if "error" in r]
     assert not errors, "\n".join(errors)
-    variants = {r["kernel"] for r in report["rows"]}
-    assert variants == VARIANTS
-    assert {r["kernel"] for r in report["rows"] if not r["has_dot"]} == NO_DOT
-    assert {r["dtype"] for r in report["rows"]} == {"bf16", "fp16", "fp32"}
+    prov = report["provenance"]
+    assert prov["triton"] == triton.__version__ and prov["gpu"] is None and prov["commit"] and prov["date"]
+    assert prov["widths"] == [list(WIDTH)]
 
 
-@nvidia
 @pytest.mark.parametrize("arch", ARCHS)
-def test_no_register_spills(report, arch):
-    bad = [f"{_label(r)}: {r['registers']} registers, LOCAL {r['spill_local_bytes']} B, STACK {r['stack_bytes']} B"
-           for r in _rows(report, arch) if "error" not in r and (r["spill_local_bytes"] or r["stack_bytes"])]
+def test_no_spills(report, arch):
+    """NVIDIA: LOCAL = STACK = 0. AMD: no scratch (spilled registers or stack in memory); VGPRs LLVM parked
+    in AGPRs (a register move on CDNA3, no memory) need AGPRs to hold them."""
+    rows = _rows(report, arch)
+    if arch.startswith("gfx"):
+        bad = [f"{_label(r)}: scratch {r['spill_bytes']} B, {r['vgpr_spill_count']} VGPRs spilled, {r['agprs']} AGPRs"
+               for r in rows if r["spill_bytes"] or r["vgpr_spill_count"] > r["agprs"]]
+    else:
+        bad = [f"{_label(r)}: {r['registers']} registers, LOCAL {r['local_bytes']} B, STACK {r['stack_bytes']} B"
+               for r in rows if r["local_bytes"] or r["stack_bytes"]]
     assert not bad, "\n".join(bad)
 
 
-@nvidia
 @pytest.mark.parametrize("arch", ARCHS)
 def test_shared_memory_within_limit(report, arch):
-    limit = {"sm_80": 163 * 1024, "sm_90": 227 * 1024, "sm_100": 227 * 1024}[arch]
-    bad = [f"{_label(r)}: {r['shared_bytes']} B" for r in _rows(report, arch)
-           if "error" not in r and r["shared_bytes"] > limit]
+    bad = [f"{_label(r)}: {r['shared_bytes']} B" for r in _rows(report, arch) if r["shared_bytes"] > SHARED_LIMIT[arch]]
     assert not bad, "\n".join(bad)
-
-
-@nvidia
-@pytest.mark.parametrize("arch", ARCHS)
-def test_tensor_cores_used(report, arch):
-    instr = {"sm_80": "mma_sync_count", "sm_90": "wgmma_count", "sm_100": "tcgen05_count"}[arch]
-    bad = [_label(r) for r in _rows(report, arch) if "error" not in r and r["has_dot"] and r[instr] == 0]
-    assert not bad, f"no {instr[:-6]} instruction in:\n" + "\n".join(bad)
-
-
-@nvidia
-def test_float32_dots_are_tf32x3_or_ieee(report):
-    rows = [r for r in report["rows"] if r["dtype"] == "fp32" and "error" not in r and r["has_dot"]]
-    assert rows
-    bad = [f"{_label(r)}: {r['fp32_dot_precision']}" for r in rows
-           if not r["fp32_dot_precision"] or set(r["fp32_dot_precision"]) - {"tf32x3", "ieee"}]
-    assert not bad, "\n".join(bad)
-
-
-@nvidia
-def test_floating_point_contraction_is_stated(report):
-    """Every compile states its FMA contraction (launch.FP_FUSION): Triton's warning about its default
-    flipping in 3.10 never fires, with TRITON_DEFAULT_FP_FUSION unset."""
-    assert "TRITON_DEFAULT_FP_FUSION" not in report["stderr"]
-
-
-# ----------------------------------------------------------------------------------------------
-# The committed reports (benchmarks/results/triton_aot_<version>.json, triton_aot_amd_<version>.json):
-# read, not compiled, so they cost nothing here; they cover every width of aot_report.WIDTHS.
-
-def _committed(name: str) -> dict:
-    path = REPO / "benchmarks" / "results" / f"{name}_{triton.__version__}.json"
-    if not path.exists():
-        pytest.skip(f"no committed report {path.name} for the installed triton {triton.__version__} "
-                    f"(python -m benchmarks.aot_report --family all writes it)")
-    return json.loads(path.read_text())
-
-
-@pytest.mark.parametrize("family", ["nvidia", "amd"])
-def test_committed_report(family):
-    """The committed report of the installed Triton: every job of ``aot_report.jobs()`` (each variant,
-    dtype, target and candidate of the current tables) at every width of ``WIDTHS``, each compiled
-    without errors and meeting every requirement (``aot_report.problems``, recomputed here: no spills,
-    shared memory / LDS within limits, tensor-core or matrix-core instructions in every kernel with a
-    dot, the float32 dot precision), made by this Triton from the current sources (the provenance's
-    SHA-256 of ``aot_report.SOURCES``): a table or kernel change without a new report fails here."""
-    sys.path.insert(0, str(REPO))
-    from benchmarks import aot_report as ar
-    data = _committed({"nvidia": "triton_aot", "amd": "triton_aot_amd"}[family])
-    archs = ar.FAMILIES[family]
-    assert data["triton"] == triton.__version__
-    # The AMD reports were not regenerated with the widths: they are the earlier single-width format
-    # (top-level D, DR = 768, 512, no provenance, the merge rows with D = 768); they are accepted at
-    # their one width until regenerated (python -m benchmarks.aot_report --family amd).
-    legacy = family == "amd" and "widths" not in data
-    widths = ((data["D"], data["DR"]),) if legacy else ar.WIDTHS
-    assert legacy or data["widths"] == [list(w) for w in ar.WIDTHS]
-
-    def key(v, dt, arch, name, d, dr):
-        return (v, dt, arch, name) if legacy else (v, dt, arch, name, d, dr)
-    expected = {key(v, dt, ar.arch_label(cc), t.name, d, dr) for v, dt, cc, t, d, dr in ar.jobs(archs, widths=widths)}
-    got = [key(r["kernel"], r["dtype"], r["arch"], r["config"], r["D"], r["DR"]) for r in data["rows"]]
-    assert len(got) == len(set(got)) == data.get("compiles", len(got))
-    assert set(got) == expected, (f"missing {sorted(expected - set(got), key=str)[:10]}, "
-                                  f"extra {sorted(set(got) - expected, key=str)[:10]}")
-    bad = [f"{_label(r)} D={r['D']}: {'; '.join(ar.problems(r))}" for r in data["rows"] if ar.problems(r)]
-    assert not bad, "\n".join(bad)
-    assert not any(r["problems"] for r in data["rows"])
-    dots = [r for r in data["rows"] if r["has_dot"]]
-    assert dots and all(r["mma_count" if family == "nvidia" else "mfma_count"] > 0 for r in dots)
-    if legacy:
-        pytest.skip(f"{family} report of triton {triton.__version__} is in the single-width format without "
-                    "provenance (d = 768 only, no sources_sha256 to check): its rows were checked against the "
-                    "current tables; regenerate it with python -m benchmarks.aot_report --family amd")
-    prov = data["provenance"]
-    assert prov["gpu"] is None and prov["triton"] == triton.__version__
-    assert prov["sources_sha256"] == ar.provenance()["sources_sha256"], (
-        f"{family} report is stale: {ar.SOURCES} changed since it was made; regenerate it")
-
-
-# ----------------------------------------------------------------------------------------------
-# AMD: gfx90a (MI250X, CDNA2), gfx942 (MI300X, CDNA3), gfx950 (MI355X, CDNA4), wavefront 64
-
-# Stated here, not read from the report, so that a wrong limit in the report fails the test.
-AMD_LDS_LIMIT = {"gfx90a": 64 * 1024, "gfx942": 64 * 1024, "gfx950": 160 * 1024}
-AMD_VGPRS_PER_LANE = 512          # ArchVGPRs + AGPRs, one unified file on CDNA2-4
-AMD_GENERATIONS = {"gfx90a": "cdna2", "gfx942": "cdna3", "gfx950": "cdna4"}
-MFMA_INPUT = {"bf16": "bf16", "fp16": "f16"}      # the v_mfma_*_<input> of each half dtype
-FP32_MFMA_INPUT = {"bf16x3": "bf16", "bf16x6": "bf16", "ieee": "f32"}
 
 
 def _mfma_inputs(instrs) -> set:
-    """Input types of MFMA instructions: v_mfma_f32_32x32x8bf16_1k (gfx90a), v_mfma_f32_32x32x8_bf16
-    (gfx942), v_mfma_f32_32x32x2_f32 -> bf16, bf16, f32."""
-    import re
+    """Input types of MFMA instructions: v_mfma_f32_32x32x8_bf16 (gfx942), v_mfma_f32_32x32x2_f32 -> bf16, f32."""
     out = set()
     for i in instrs:
         m = re.fullmatch(r"v_mfma_[a-z0-9]+_\d+x\d+x\d+_?([a-z0-9]+?)(?:_1k)?", i)
         assert m, f"unparsed MFMA instruction {i}"
         out.add(m.group(1))
     return out
-STUDY = REPO / "benchmarks" / "results" / "precision_study.json"
 
 
-def _amd_rows(report, arch):
-    rows = [r for r in report["rows"] if r["arch"] == arch]
-    assert rows, f"no kernels compiled for {arch}"
-    return rows
+@pytest.mark.parametrize("arch", ARCHS)
+def test_matrix_instructions_in_every_kernel_with_a_dot(report, arch):
+    """mma.sync (sm_80), wgmma (sm_90), tcgen05 (sm_100), MFMA (gfx942) in every kernel with a dot; on AMD
+    those of the input dtype (float32: of the precision the study chose)."""
+    rows = [r for r in _rows(report, arch) if r["has_dot"]]
+    assert {r["kernel"] for r in rows} == set(kernels.VARIANTS) - NO_DOT
+    bad = [f"{_label(r)}: {r['mma_instrs']}" for r in rows
+           if not r["mma_count"] or not all(i.startswith(MATRIX_INSTR[arch]) for i in r["mma_instrs"])]
+    assert not bad, f"no {MATRIX_INSTR[arch]} instruction in:\n" + "\n".join(bad)
+    if arch.startswith("gfx"):
+        fp32 = FP32_MFMA_INPUT[_study()["choice"][arch]["chosen"]]
+        wrong = [f"{_label(r)}: {r['mma_instrs']}" for r in rows
+                 if _mfma_inputs(r["mma_instrs"]) != {MFMA_INPUT.get(r["dtype"], fp32)}]
+        assert not wrong, "matrix-core inputs other than the dtype's:\n" + "\n".join(wrong)
 
 
-def _study() -> dict:
-    return json.loads(STUDY.read_text())
-
-
-@amd
-def test_amd_every_candidate_compiled(amd_report):
-    sys.path.insert(0, str(REPO))
-    from benchmarks.aot_report import AMD_ARCHS as REPORT_ARCHS, jobs
-    assert tuple(REPORT_ARCHS) == AMD_ARCHS
-    expected = {(v, dt, cc, t.name, d, dr) for v, dt, cc, t, d, dr in jobs(AMD_ARCHS, widths=(SESSION_WIDTH,))}
-    got = {(r["kernel"], r["dtype"], r["arch"], r["config"], r["D"], r["DR"]) for r in amd_report["rows"]}
-    assert got == expected
-    errors = [f"{_label(r)}: {r['error']}" for r in amd_report["rows"] if "error" in r]
-    assert not errors, "\n".join(errors)
-    assert {r["kernel"] for r in amd_report["rows"]} == VARIANTS
-    assert {r["dtype"] for r in amd_report["rows"]} == {"bf16", "fp16", "fp32"}
-    assert all(r["wavefront_size"] == 64 for r in amd_report["rows"])
-
-
-@amd
-@pytest.mark.parametrize("arch", AMD_ARCHS)
-def test_amd_no_spills_to_memory(amd_report, arch):
-    """No scratch (the private segment holds spilled registers and stack); VGPRs LLVM parked in AGPRs
-    (a register move on CDNA2-4, no memory) need AGPRs to hold them."""
-    rows = [r for r in _amd_rows(amd_report, arch) if "error" not in r]
-    bad = [f"{_label(r)}: {r['vgprs']} VGPRs, scratch {r['scratch_bytes']} B, {r['vgpr_spill_count']} VGPRs spilled"
-           for r in rows if r["scratch_bytes"] or r["vgpr_spill_count"] > r["agprs"]]
-    assert not bad, "\n".join(bad)
-
-
-@amd
-@pytest.mark.parametrize("arch", AMD_ARCHS)
-def test_amd_registers_fit_the_workgroup(amd_report, arch):
-    """VGPRs (AGPRs included) per lane times the waves each SIMD holds of one workgroup <= 512."""
-    bad = [f"{_label(r)}: {r['vgprs']} VGPRs x {-(-r['num_warps'] // 4)} waves per SIMD"
-           for r in _amd_rows(amd_report, arch)
-           if "error" not in r and r["vgprs"] * -(-r["num_warps"] // 4) > AMD_VGPRS_PER_LANE]
-    assert not bad, "\n".join(bad)
-
-
-@amd
-@pytest.mark.parametrize("arch", AMD_ARCHS)
-def test_amd_lds_within_limit(amd_report, arch):
-    bad = [f"{_label(r)}: {r['lds_bytes']} B" for r in _amd_rows(amd_report, arch)
-           if "error" not in r and r["lds_bytes"] > AMD_LDS_LIMIT[arch]]
-    assert not bad, "\n".join(bad)
-
-
-@amd
-@pytest.mark.parametrize("arch", AMD_ARCHS)
-def test_amd_matrix_cores_used(amd_report, arch):
-    """Every kernel with a dot has v_mfma instructions; half-precision kernels those of their dtype."""
-    rows = [r for r in _amd_rows(amd_report, arch) if "error" not in r and r["has_dot"]]
-    assert rows
-    bad = [_label(r) for r in rows if r["mfma_count"] == 0]
-    assert not bad, "no v_mfma instruction in:\n" + "\n".join(bad)
-    wrong = [f"{_label(r)}: {r['mfma_instrs']}" for r in rows if r["dtype"] in MFMA_INPUT
-             and _mfma_inputs(r["mfma_instrs"]) != {MFMA_INPUT[r["dtype"]]}]
-    assert not wrong, "half-precision kernels on other matrix-core inputs:\n" + "\n".join(wrong)
-
-
-@amd
-def test_amd_float32_dots_at_the_studied_precision(amd_report):
-    """Float32 dots run the precision the study chose for the target (never tf32, never tf32x3, which
-    the AMD backend rejects), and their MFMA instructions are those of that precision."""
+def test_float32_dots_at_the_chosen_precision(report):
+    """NVIDIA: tf32x3 (three TF32 products, float32-level accuracy); AMD: the precision study's choice;
+    never plain tf32."""
     choice = {t: c["chosen"] for t, c in _study()["choice"].items()}
-    rows = [r for r in amd_report["rows"] if r["dtype"] == "fp32" and "error" not in r and r["has_dot"]]
-    assert {r["arch"] for r in rows} == set(AMD_ARCHS)
-    bad = [f"{_label(r)}: {r['fp32_dot_precision']} (study: {choice[r['arch']]})" for r in rows
-           if r["fp32_dot_precision"] != [choice[r["arch"]]] or "tf32" in r["fp32_dot_precision"]]
+    want = {arch: choice[arch] if arch.startswith("gfx") else "tf32x3" for arch in ARCHS}
+    rows = [r for r in report["rows"] if r["dtype"] == "fp32" and r["has_dot"] and "error" not in r]
+    assert {r["arch"] for r in rows} == {a for a in ARCHS if not UNAVAILABLE[a]}
+    bad = [f"{_label(r)}: {r['fp32_dot_precision']} (want {want[r['arch']]})" for r in rows
+           if r["fp32_dot_precision"] != [want[r["arch"]]] or "tf32" in r["fp32_dot_precision"]]
     assert not bad, "\n".join(bad)
-    wrong = [f"{_label(r)}: {r['mfma_instrs']}" for r in rows
-             if _mfma_inputs(r["mfma_instrs"]) != {FP32_MFMA_INPUT[choice[r["arch"]]]}]
-    assert not wrong, "\n".join(wrong)
-    assert amd_report["fp32_precision"] == choice
+    assert {a: p for a, p in report["fp32_precision"].items()} == {a: want[a] for a in report["archs"]}
 
 
-@amd
-def test_amd_report_states_its_fp_contraction(amd_report):
-    assert "TRITON_DEFAULT_FP_FUSION" not in amd_report["stderr"]
+def test_amd_registers_fit_the_workgroup(report):
+    """VGPRs (AGPRs included) per lane times the waves each SIMD holds of one workgroup <= 512, wavefront 64."""
+    rows = _rows(report, "gfx942")
+    bad = [f"{_label(r)}: {r['registers']} VGPRs x {-(-r['num_warps'] // 4)} waves per SIMD, wave {r['wavefront_size']}"
+           for r in rows if r["registers"] * -(-r["num_warps"] // 4) > AMD_VGPRS_PER_LANE or r["wavefront_size"] != 64]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_tool_agrees_and_states_its_fp_contraction(report):
+    """The tool's own verdict (``aot_report.problems``) finds nothing either, and every compile states its FMA
+    contraction (launch.FP_FUSION): Triton's warning about its default flipping in 3.10 never fires."""
+    bad = [f"{_label(r)}: {r['problems']}" for r in report["rows"] if r["problems"]]
+    assert not bad, "\n".join(bad)
+    assert "TRITON_DEFAULT_FP_FUSION" not in report["stderr"]
 
 
 def test_amd_tables_cover_every_generation():
@@ -334,7 +195,7 @@ def test_amd_tables_cover_every_generation():
     from drrho_kernels.backends.triton import tiles
     for kernel in ("fwd", "fwdt", "bwd"):
         for fam in ("half", "fp32"):
-            for gen in AMD_GENERATIONS.values():
+            for gen in ("cdna2", "cdna3", "cdna4"):
                 table = tiles.TABLES[kernel].get((fam, gen))
                 assert table, f"{kernel} {fam} {gen}: no candidate"
                 assert all(1 <= t.num_warps <= 16 for t in table)
@@ -398,7 +259,6 @@ def test_precision_study_figures_and_choice():
     suite; plain tf32 fails SPEC's 1e-4, tf32x3 (NVIDIA) and the AMD choices meet it with the study's
     margin and pass the whole suite; the choice recomputed from the figures is the committed one, and
     launch.py implements it."""
-    sys.path.insert(0, str(REPO))
     from benchmarks import precision_study as ps
     from drrho_kernels.backends.triton import launch
     data = _study()
@@ -416,11 +276,11 @@ def test_precision_study_figures_and_choice():
     assert suite["tf32"]["failures"] and not suite["tf32x3"]["failures"] and not suite["ieee"]["failures"]
     assert {t: c["chosen"] for t, c in ps.choose(rows, suite).items()} == \
         {t: c["chosen"] for t, c in data["choice"].items()}
-    for target in AMD_ARCHS:
+    for target in kernels.FAMILIES["amd"]:
         chosen = data["choice"][target]["chosen"]
         assert chosen == launch.FP32_PRECISION_AMD[target] == launch.fp32_precision(target)
         assert worst[chosen] <= ps.TOLERANCE / ps.MARGIN and not suite[chosen]["failures"]
-        if _amd_missing() is None:
+        if aot_report.unavailable(target) is None:
             assert chosen in ps.allowed_precisions(target)
     assert launch.fp32_precision(90) == launch.FP32_PRECISION_NVIDIA == "tf32x3"
 
@@ -429,7 +289,6 @@ def test_emulated_dot():
     """The emulation of each precision: exact on inputs that are bfloat16 numbers (bf16x3, bf16x6),
     TF32 rounding errors of ~2^-11 (tf32), near-float32 errors for the split precisions."""
     import numpy as np
-    sys.path.insert(0, str(REPO))
     from benchmarks.precision_study import bf16, emulated_dot, tf32
     rng = np.random.default_rng(0)
     a = (rng.standard_normal((32, 256)) / 16).astype(np.float32)
@@ -453,7 +312,6 @@ def test_emulated_dot():
 def test_emulation_reaches_the_kernels(monkeypatch):
     """A small study in this (interpreter) session: every dot of the kernels goes through the
     emulation, and the errors order as the precisions do."""
-    sys.path.insert(0, str(REPO))
     from benchmarks import precision_study as ps
     from drrho_kernels.backends.triton import launch, tiles
     if not launch.interpreting():

@@ -1,0 +1,213 @@
+"""The one description of the Triton kernels and of the GPUs they target, for the static tools
+(``aot_report``, ``cost_model``, ``precision_study``): ``VARIANTS``, each kernel variant as the
+launchers run it (jit function, path flags, tile table, grid, score tiles per launch), ``PATHS``, the
+variants each path of a step launches, and ``HW``, the hardware facts of every target."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from drrho_kernels.backends.triton import backward, forward, forward_transposed, launch, tiles
+
+KiB, MiB = 1 << 10, 1 << 20
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# float32 dot precision -> (input format of its matrix products, products per dot)
+PRODUCTS = {"ieee": ("fp32", 1), "tf32": ("tf32", 1), "tf32x3": ("tf32", 3), "bf16x3": ("bf16", 3),
+            "bf16x6": ("bf16", 6)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hardware:
+    name: str
+    units: int                 # SMs (NVIDIA) / CUs (AMD)
+    lanes: int                 # threads per warp / wavefront
+    smem_per_block: int        # shared memory / LDS one program may use (Triton's limit)
+    smem_per_unit: int
+    regs: int                  # NVIDIA: 32-bit registers per SM; AMD: VGPRs per lane (ArchVGPRs + AGPRs)
+    max_warps: int             # NVIDIA: warps per SM; AMD: waves per SIMD (4 SIMDs per CU)
+    peak_flops: dict           # dense, per input format (fp32: NVIDIA CUDA cores, AMD matrix cores); None: none
+    hbm_bytes_per_s: float
+    l2_bytes: int
+    clock_hz: float
+    matrix_instr: str          # the tensor-core / matrix-core instruction in the compiled code
+    exp_per_clk: int = 16      # exponentials per clock and SM / CU
+
+    @property
+    def amd(self) -> bool:
+        return self.lanes == 64
+
+
+_SM = dict(lanes=32, regs=65536, max_warps=64)
+_CDNA = dict(lanes=64, regs=512, max_warps=8, matrix_instr="v_mfma")
+# Vendors' data sheets (dense); MI250X: the whole package (a ROCm device is one of its two GCDs: half).
+HW = {
+    80: Hardware(name="A100 SXM (dense)", units=108, smem_per_block=163 * KiB, smem_per_unit=164 * KiB,
+                 peak_flops=dict(fp32=19.5e12, tf32=156e12, bf16=312e12), hbm_bytes_per_s=2.039e12,
+                 l2_bytes=40 * MiB, clock_hz=1.41e9, matrix_instr="mma.sync", **_SM),
+    90: Hardware(name="H100 SXM (dense)", units=132, smem_per_block=227 * KiB, smem_per_unit=228 * KiB,
+                 peak_flops=dict(fp32=66.9e12, tf32=494.7e12, bf16=989.4e12), hbm_bytes_per_s=3.35e12,
+                 l2_bytes=50 * MiB, clock_hz=1.83e9, matrix_instr="wgmma.mma_async", **_SM),
+    100: Hardware(name="B200 HGX (dense)", units=148, smem_per_block=227 * KiB, smem_per_unit=228 * KiB,
+                  peak_flops=dict(fp32=80e12, tf32=1100e12, bf16=2250e12), hbm_bytes_per_s=8e12,
+                  l2_bytes=126 * MiB, clock_hz=1.965e9, matrix_instr="tcgen05.mma", **_SM),
+    "gfx90a": Hardware(name="MI250X (dense, both GCDs)", units=220, smem_per_block=64 * KiB, smem_per_unit=64 * KiB,
+                       peak_flops=dict(fp32=95.7e12, tf32=None, bf16=383.0e12), hbm_bytes_per_s=3.2768e12,
+                       l2_bytes=16 * MiB, clock_hz=1.7e9, **_CDNA),
+    "gfx942": Hardware(name="MI300X (dense)", units=304, smem_per_block=64 * KiB, smem_per_unit=64 * KiB,
+                       peak_flops=dict(fp32=163.4e12, tf32=653.7e12, bf16=1307.4e12), hbm_bytes_per_s=5.3e12,
+                       l2_bytes=32 * MiB, clock_hz=2.1e9, **_CDNA),
+    "gfx950": Hardware(name="MI355X (dense)", units=256, smem_per_block=160 * KiB, smem_per_unit=160 * KiB,
+                       peak_flops=dict(fp32=157.3e12, tf32=None, bf16=2516.6e12), hbm_bytes_per_s=8e12,
+                       l2_bytes=32 * MiB, clock_hz=2.4e9, **_CDNA),
+}
+FAMILIES = {"nvidia": (80, 90, 100), "amd": ("gfx90a", "gfx942", "gfx950")}
+
+
+def label(arch) -> str:
+    return arch if isinstance(arch, str) else f"sm_{arch}"
+
+
+def parse_arch(text):
+    """"90" or "sm_90" -> 90; "gfx942" -> "gfx942"."""
+    text = str(text)
+    return text if text.startswith("gfx") else int(text.removeprefix("sm_"))
+
+
+def target(arch):
+    from triton.backends.compiler import GPUTarget
+    return GPUTarget("hip" if HW[arch].amd else "cuda", arch, HW[arch].lanes)
+
+
+def fp32_dot_flops(arch, precision: str | None = None) -> float | None:
+    """Peak FLOP/s of float32 dots at ``precision`` (default: the one the launcher uses on ``arch``)."""
+    fmt, products = PRODUCTS[precision or launch.fp32_precision(arch)]
+    peak = HW[arch].peak_flops[fmt]
+    return None if peak is None else peak / products
+
+
+def occupancy(arch, registers: int, num_warps: int, shared: int) -> dict:
+    """Resident programs per SM / CU (``programs_per_unit``) from registers (VGPRs), shared memory (LDS)
+    and the warp (wave) slots, and what limits them."""
+    hw = HW[arch]
+    if hw.amd:      # VGPRs in granules of 8; a workgroup's waves spread over the CU's 4 SIMDs
+        by = {"lds": -(-(hw.smem_per_unit // shared if shared else 64) * num_warps // 4),
+              "vgprs": hw.regs // (-(-max(registers, 1) // 8) * 8), "waves": hw.max_warps}
+        waves = max(0, min(by.values()))
+        return {"waves_per_simd": waves, "programs_per_unit": 4 * waves // num_warps,
+                "fits_one_workgroup": by["vgprs"] >= -(-num_warps // 4), "limited_by": min(by, key=by.get)}
+    by = {"registers": hw.regs // (-(-max(registers, 1) * 32 // 256) * 256 * num_warps),   # 256 per warp
+          "shared": hw.smem_per_unit // (shared + 1024) if shared else 32,               # 1 KiB per block for CUDA
+          "warps": hw.max_warps // num_warps}
+    blocks = max(0, min(*by.values(), 32))
+    return {"programs_per_unit": blocks, "warp_occupancy": blocks * num_warps / hw.max_warps,
+            "limited_by": min(by, key=by.get)}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One launch: ``B`` rows against ``N`` columns, widths ``d`` and ``dr`` (0: no reference)."""
+    B: int
+    N: int
+    d: int
+    dr: int = 0
+    dtype: torch.dtype = torch.bfloat16
+    arch: int | str = 90
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    fn: object                  # the @triton.jit function
+    kernel: str                 # its tiles: "fwd", "fwdt", "bwd" (autotuned tables), "margin", "merge" (one)
+    flags: dict                 # path constexprs
+    grid_of: Callable           # (shape, tiles, variant) -> the launcher's grid
+    tiles_of: Callable | None = None   # (shape, tiles, variant) -> [BM, BN] score tiles per launch
+    weighted: bool = False      # each score tile also feeds a [BM, BN] x [BN, BD] product (the backward)
+
+    @property
+    def has_dot(self) -> bool:
+        return self.tiles_of is not None
+
+    @property
+    def table(self) -> str:
+        return tiles.table_name(self.kernel, self.flags)
+
+    def candidates(self, d: int, dr: int, dtype: torch.dtype, arch) -> list:
+        return tiles.candidates(self.kernel, d, dr, dtype, arch, self.flags)
+
+    def constexprs(self, t, d, dr, dtype: torch.dtype, arch) -> dict:
+        """Every constexpr the launcher passes (those of the kernel only)."""
+        c = dict(D=d, DR=dr, **self.flags, **t.meta(), **launch.dot_flags(dtype, arch), SCALE_P=dtype == torch.float16)
+        return {k: v for k, v in c.items() if k in self.fn.arg_names}
+
+    def grid(self, s: Shape, t) -> tuple:
+        return self.grid_of(s, t, self)
+
+    def waves(self, s: Shape, t, programs_per_unit: int = 1) -> int:
+        return _cdiv(math.prod(self.grid(s, t)), HW[s.arch].units * programs_per_unit)
+
+    def tile_flops(self, t, d: int, dr: int) -> tuple[int, int]:
+        """(score, weighted) tensor-core FLOPs of one score tile as executed (K padded to the chunks)."""
+        score = 2 * t.BM * t.BN * (_cdiv(d, t.BK) * t.BK + (_cdiv(dr, t.BKR) * t.BKR if dr else 0))
+        return score, 2 * t.BM * t.BN * t.BD if self.weighted else 0
+
+
+def plan(s: Shape, v: Variant | None = None) -> tiles.Plan:
+    """The one-process forward's plan on ``s.arch``, from the largest tiles of its path's candidates."""
+    cands = (v or VARIANTS["fwd_t"]).candidates(s.d, s.dr, s.dtype, s.arch)
+    hw = HW[s.arch]
+    return tiles.transposed_plan(s.B, max(c.BM for c in cands), max(c.BN for c in cands),
+                                 (s.d + s.dr) * s.dtype.itemsize, hw.units, hw.l2_bytes)
+
+
+def _rows(s, t, v):
+    return (_cdiv(s.B, t.BM),)
+
+
+def _directions(s, t, v):
+    return (_cdiv(s.B, t.BM), 2)
+
+
+def _backward(s, t, v):
+    return (_cdiv(s.B if v.flags["IS_ROW"] else s.N, t.BM), 2, _cdiv(s.d, t.BD))
+
+
+def _every_inner_block(s, t, v):
+    """Each program over every inner block: N columns (forward, row kernel), B rows (column kernel)."""
+    return math.prod(v.grid(s, t)) * _cdiv(s.N if v.flags.get("IS_ROW", True) else s.B, t.BN)
+
+
+def _each_tile_once(s, t, v):
+    return _cdiv(s.B, t.BM) * _cdiv(s.B, t.BN)
+
+
+_FWD_T = forward_transposed
+VARIANTS = {v.name: v for v in (
+    Variant("fwd", forward._fwd_kernel, "fwd", dict(HAS_REF=True, EXTRA=False), _directions, _every_inner_block),
+    Variant("fwd_extra", forward._fwd_kernel, "fwd", dict(HAS_REF=True, EXTRA=True), _directions, _every_inner_block),
+    Variant("fwd_t_margin", _FWD_T._margin_kernel, "margin", dict(HAS_REF=True), _rows),
+    Variant("fwd_t", _FWD_T._fwd_t_kernel, "fwdt", dict(HAS_REF=True, EXTRA=False),
+            lambda s, t, v: plan(s, v).grid, _each_tile_once),
+    Variant("fwd_t_extra", _FWD_T._fwd_t_kernel, "fwdt", dict(HAS_REF=True, EXTRA=True),
+            lambda s, t, v: plan(s, v).grid, _each_tile_once),
+    Variant("fwd_t_merge", _FWD_T._fwd_t_merge_kernel, "merge", dict(NGROUPS=1), _rows),
+    Variant("fwd_t_merge_extra", _FWD_T._fwd_t_merge_kernel, "merge", dict(NGROUPS=4), _rows),
+    *(Variant(f"bwd_{side}{'_fold' * fold}{'_distill' * distill}", backward._bwd_kernel, "bwd",
+              dict(HAS_REF=True, IS_ROW=side == "row", FOLD=fold, DISTILL=distill), _backward, _every_inner_block,
+              weighted=True)
+      for distill in (False, True) for side, fold in (("row", True), ("row", False), ("col", False))),
+)}
+# The variant of each kernel role on each path of a step: plain; per-sample outputs (the EXTRA forward);
+# distillation (EXTRA forward, DISTILL backward).
+ROLES = ("fwd", "fwd_t_margin", "fwd_t", "fwd_t_merge", "bwd_row_fold", "bwd_row", "bwd_col")
+_EXTRA = ("fwd_extra", "fwd_t_margin", "fwd_t_extra", "fwd_t_merge_extra")
+PATHS = {"plain": dict(zip(ROLES, ROLES)),
+         "per_sample": dict(zip(ROLES, _EXTRA + ROLES[4:])),
+         "distill": dict(zip(ROLES, _EXTRA + tuple(r + "_distill" for r in ROLES[4:])))}

@@ -1,0 +1,45 @@
+"""Microbenchmarks (pytest-benchmark): forward and forward + backward of the fused backends (cpp, torch;
+triton on CUDA) beside the unfused loss and the GEMM floor at small shapes, one group per shape, dtype and
+mode, so that ``--benchmark-compare`` shows a regression between commits (benchmarks/README.md).
+
+    python -m pytest benchmarks/micro --benchmark-only --benchmark-autosave     # .benchmarks/ (git-ignored)
+    python -m pytest benchmarks/micro --benchmark-only --benchmark-compare      # against the last autosave
+"""
+import functools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks import steps, sweep  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = ((256, 128), (1024, 256))                # B = N (one process), d = dr, with a reference model
+IMPLS = ("cpp", "torch", "triton", "unfused", "gemm_floor")
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable(impl: str) -> str | None:
+    if impl == "triton" and DEVICE != "cuda":
+        return "triton is benchmarked on CUDA only (the interpreter says nothing about speed)"
+    return sweep.probe(impl, DEVICE)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", ("forward", "forward_backward"))
+@pytest.mark.parametrize("dtype", ("float32", "bfloat16"))
+@pytest.mark.parametrize("B, d", SHAPES, ids=[f"B{b}-d{d}" for b, d in SHAPES])
+def test_loss(benchmark, B, d, dtype, mode, impl):
+    if unavailable(impl):
+        pytest.skip(unavailable(impl))
+    step, _ = steps.make_step(impl, B, B, d, d, dtype, True, DEVICE, mode)
+    benchmark.group = f"B=N={B} d={d} {dtype} {mode}"
+    benchmark.extra_info.update(B=B, d=d, dtype=dtype, mode=mode, impl=impl, device=DEVICE, threads=torch.get_num_threads())
+
+    def run():
+        step()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+    benchmark(run)
