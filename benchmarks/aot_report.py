@@ -20,7 +20,7 @@ from . import kernels as K
 
 WIDTHS = ((768, 512), (1024, 512), (1280, 512))     # ViT-L, ViT-H, ViT-bigG against a ViT-B reference
 _EMBEDDINGS = {"p_x", "p_t", "p_X", "p_T", "p_xr", "p_tr", "p_Xr", "p_Tr", "p_out_img", "p_out_txt"}
-_INTS = {"B", "N", "offset", "n_groups", "n_splits", "panel_cols"}
+_INTS = {"B", "N", "offset", "n_groups", "n_splits", "panel_cols", "part_cols", "part_inner"}
 
 
 def jobs(archs, variants=tuple(K.VARIANTS), dtypes=("bf16", "fp16", "fp32"), widths=WIDTHS, default_tiles=False,

@@ -33,12 +33,15 @@ def _pad(n: int, block: int) -> int:
 
 def _launch(role, v, s, t, *, exps_per_score=1, hbm_bytes, ppu=1, **extra):
     """FLOPs (tensor-core, executed), exponentials and HBM bytes of one launch of variant ``v``;
-    ``hbm_bytes(waves)`` counts the inner vectors once per wave of resident programs."""
+    ``hbm_bytes(waves)`` counts the inner vectors once per wave of resident row programs (a split's parts
+    share the inner vectors out: they count as one program there)."""
     grid, waves = v.grid(s, t), v.waves(s, t, ppu)
+    row_waves = _cdiv(math.prod(grid) // v.parts(s, t), K.HW[s.arch].units * ppu)
     n, score, weighted = (v.tiles_of(s, t, v), *v.tile_flops(t, s.d, s.dr)) if v.has_dot else (0, 0, 0)
     return dict(kernel=role, grid=list(grid), tiles=t.name, programs=math.prod(grid), waves=waves,
                 flops=n * (score + weighted), score_flops=n * score, weighted_flops=n * weighted,
-                exps=n * t.BM * t.BN * exps_per_score if n else 0, hbm_bytes=hbm_bytes(waves), **extra)
+                exps=n * t.BM * t.BN * exps_per_score if n else 0, hbm_bytes=hbm_bytes(row_waves),
+                parts=v.parts(s, t), **extra)
 
 
 def triton_kernels(B, N, d, dr=None, dtype="bfloat16", ref=True, column_grads=None, arch=90,

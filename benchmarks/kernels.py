@@ -130,6 +130,7 @@ class Variant:
     grid_of: Callable           # (shape, tiles, variant) -> the launcher's grid
     tiles_of: Callable | None = None   # (shape, tiles, variant) -> [BM, BN] score tiles per launch
     weighted: bool = False      # each score tile also feeds a [BM, BN] x [BN, BD] product (the backward)
+    parts_of: Callable | None = None   # grid -> its column parts (tiles.column_splits), None: not split
 
     @property
     def has_dot(self) -> bool:
@@ -153,6 +154,10 @@ class Variant:
     def waves(self, s: Shape, t, programs_per_unit: int = 1) -> int:
         return _cdiv(math.prod(self.grid(s, t)), HW[s.arch].units * programs_per_unit)
 
+    def parts(self, s: Shape, t) -> int:
+        """Into how many parts the launch cuts its columns (1: not split)."""
+        return self.parts_of(self.grid(s, t)) if self.parts_of else 1
+
     def tile_flops(self, t, d: int, dr: int) -> tuple[int, int]:
         """(score, weighted) tensor-core FLOPs of one score tile as executed (K padded to the chunks)."""
         score = 2 * t.BM * t.BN * (_cdiv(d, t.BK) * t.BK + (_cdiv(dr, t.BKR) * t.BKR if dr else 0))
@@ -171,17 +176,35 @@ def _rows(s, t, v):
     return (_cdiv(s.B, t.BM),)
 
 
+def _forward(s, t, v):
+    """(row blocks, 2 directions, column parts: forward.forward_splits on this target)."""
+    return (_cdiv(s.B, t.BM), 2, forward.forward_splits(s.B, s.N, s.d, s.dr, s.dtype, v.flags["EXTRA"], s.arch,
+                                                         HW[s.arch].units))
+
+
 def _directions(s, t, v):
     return (_cdiv(s.B, t.BM), 2)
 
 
 def _backward(s, t, v):
-    return (_cdiv(s.B if v.flags["IS_ROW"] else s.N, t.BM), 2, _cdiv(s.d, t.BD))
+    """(outer blocks, 2 directions x inner parts: backward.backward_splits, output slices)."""
+    n_out, n_in = (s.B, s.N) if v.flags["IS_ROW"] else (s.N, s.B)
+    parts = split_parts(s, v.flags["IS_ROW"], v.flags["DISTILL"]) if v.flags["SPLIT"] else 1
+    return (_cdiv(n_out, t.BM), 2 * parts, _cdiv(s.d, t.BD))
+
+
+def split_parts(s, is_row: bool, distill: bool) -> int:
+    """The backward's inner parts for shape ``s`` (1: the unsplit variant runs)."""
+    n_out, n_in = (s.B, s.N) if is_row else (s.N, s.B)
+    return backward.backward_splits(n_out, n_in, s.d, s.dr, s.dtype, distill, s.arch, HW[s.arch].units)
 
 
 def _every_inner_block(s, t, v):
-    """Each program over every inner block: N columns (forward, row kernel), B rows (column kernel)."""
-    return math.prod(v.grid(s, t)) * _cdiv(s.N if v.flags.get("IS_ROW", True) else s.B, t.BN)
+    """Every outer block against every inner block (the column parts share them out): N columns (forward,
+    row kernel), B rows (column kernel)."""
+    row, inner = v.flags.get("IS_ROW", True), s.N if v.flags.get("IS_ROW", True) else s.B
+    slices = _cdiv(s.d, t.BD) if t.BD else 1
+    return _cdiv(s.B if row else s.N, t.BM) * 2 * slices * _cdiv(inner, t.BN)
 
 
 def _each_tile_once(s, t, v):
@@ -190,8 +213,12 @@ def _each_tile_once(s, t, v):
 
 _FWD_T = forward_transposed
 VARIANTS = {v.name: v for v in (
-    Variant("fwd", forward._fwd_kernel, "fwd", dict(HAS_REF=True, EXTRA=False), _directions, _every_inner_block),
-    Variant("fwd_extra", forward._fwd_kernel, "fwd", dict(HAS_REF=True, EXTRA=True), _directions, _every_inner_block),
+    Variant("fwd", forward._fwd_kernel, "fwd", dict(HAS_REF=True, EXTRA=False), _forward, _every_inner_block,
+            parts_of=lambda g: g[2]),
+    Variant("fwd_extra", forward._fwd_kernel, "fwd", dict(HAS_REF=True, EXTRA=True), _forward, _every_inner_block,
+            parts_of=lambda g: g[2]),
+    Variant("fwd_merge", forward._merge_splits_kernel, "merge", dict(NSTAT=3, NGROUPS=1), _directions),
+    Variant("fwd_merge_extra", forward._merge_splits_kernel, "merge", dict(NSTAT=12, NGROUPS=4), _directions),
     Variant("fwd_t_margin", _FWD_T._margin_kernel, "margin", dict(HAS_REF=True), _rows),
     Variant("fwd_t", _FWD_T._fwd_t_kernel, "fwdt", dict(HAS_REF=True, EXTRA=False),
             lambda s, t, v: plan(s, v).grid, _each_tile_once),
@@ -199,10 +226,11 @@ VARIANTS = {v.name: v for v in (
             lambda s, t, v: plan(s, v).grid, _each_tile_once),
     Variant("fwd_t_merge", _FWD_T._fwd_t_merge_kernel, "merge", dict(NGROUPS=1), _rows),
     Variant("fwd_t_merge_extra", _FWD_T._fwd_t_merge_kernel, "merge", dict(NGROUPS=4), _rows),
-    *(Variant(f"bwd_{side}{'_fold' * fold}{'_distill' * distill}", backward._bwd_kernel, "bwd",
-              dict(HAS_REF=True, IS_ROW=side == "row", FOLD=fold, DISTILL=distill), _backward, _every_inner_block,
-              weighted=True)
-      for distill in (False, True) for side, fold in (("row", True), ("row", False), ("col", False))),
+    *(Variant(f"bwd_{side}{'_fold' * fold}{'_distill' * distill}{'_split' * split}", backward._bwd_kernel, "bwd",
+              dict(HAS_REF=True, IS_ROW=side == "row", FOLD=fold, DISTILL=distill, SPLIT=split), _backward,
+              _every_inner_block, weighted=True, parts_of=lambda g: g[1] // 2)
+      for split in (False, True) for distill in (False, True)
+      for side, fold in (("row", True), ("row", False), ("col", False)) if side == "row" or not split),
 )}
 # The variant of each kernel role on each path of a step: plain; per-sample outputs (the EXTRA forward);
 # distillation (EXTRA forward, DISTILL backward).

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from .helpers import _dot, _scores, _scores_split
-from .launch import dot_flags, f32, largest_blocks, launch, operands, sm_count
+from .launch import dot_flags, f32, largest_blocks, launch, operands, target_of
 from .tiles import column_splits
 
 P_EXP = tl.constexpr(14)   # float16 weights fed to a dot stay below 2^14 = 16384 (max 65504)
@@ -69,13 +69,13 @@ def _distill_weights(b_y, b_z, t_d, p_scale, p_lse_q, p_lse_p, p_dgain, o, m, AX
     return b_g * (tl.exp(b_s * b_y - b_q) - tl.exp(t_d * b_z - b_p))
 
 
-@triton.jit(do_not_specialize=["B", "N", "offset"])
+@triton.jit(do_not_specialize=["B", "N", "offset", "part_inner"])
 def _bwd_kernel(p_x, p_t, p_X, p_T, p_xr, p_tr, p_Xr, p_Tr,
                 p_scale, p_norm, p_gain, p_wsum, p_margin, p_cscale, p_cnorm, p_cgain, p_cmargin,
                 p_lse_q, p_lse_p, p_dgain, p_clse_q, p_clse_p, p_cdgain,
-                p_out_img, p_out_txt, B, N, offset, t_d,
+                p_out_img, p_out_txt, B, N, offset, t_d, part_inner,
                 D: tl.constexpr, DR: tl.constexpr, HAS_REF: tl.constexpr, IS_ROW: tl.constexpr,
-                FOLD: tl.constexpr, DISTILL: tl.constexpr, SCALE_P: tl.constexpr,
+                FOLD: tl.constexpr, DISTILL: tl.constexpr, SCALE_P: tl.constexpr, SPLIT: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKR: tl.constexpr, BD: tl.constexpr,
                 PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One [BM, BD] output block per program (table in the module doc).
@@ -86,9 +86,9 @@ def _bwd_kernel(p_x, p_t, p_X, p_T, p_xr, p_tr, p_Xr, p_Tr,
     kernel only), [2, N] (``p_c*``); margins [B] and [N].
     """
     i_m = tl.program_id(0)
-    i_dir = tl.program_id(1) % 2
-    i_s = tl.program_id(1) // 2                 # the inner part (of n_s) this program reduces over
-    n_s = tl.num_programs(1) // 2
+    i_dir = tl.program_id(1)
+    if SPLIT:                                   # axis 1 holds the direction and the inner part
+        i_dir = tl.program_id(1) % 2
     i_d = tl.program_id(2)
     if IS_ROW:
         n_out = B
@@ -119,9 +119,13 @@ def _bwd_kernel(p_x, p_t, p_X, p_T, p_xr, p_tr, p_Xr, p_Tr,
 
     b_acc = tl.zeros([BM, BD], dtype=tl.float32)
     b_c = tl.full([BM], C_INIT, dtype=tl.float32)         # SCALE_P: running power-of-two scale
-    n_bn = tl.cdiv(n_in, BN)
-    for j in range((i_s * n_bn // n_s) * BN, ((i_s + 1) * n_bn // n_s) * BN, BN):
-        o_n = j + tl.arange(0, BN)
+    j_lo = 0
+    j_end = n_in
+    if SPLIT:                                   # this program's inner part: part_inner vectors from j_lo
+        j_lo = (tl.program_id(1) // 2) * part_inner
+        j_end = part_inner
+    for j in range(0, j_end, BN):
+        o_n = j_lo + j + tl.arange(0, BN)
         m_n = o_n < n_in
         o_n64 = o_n.to(tl.int64)
         if DISTILL:
@@ -167,13 +171,16 @@ def _bwd_kernel(p_x, p_t, p_X, p_T, p_xr, p_tr, p_Xr, p_Tr,
         b_out = b_acc
     o_md = o_m64[:, None] * D + o_d[None, :]
     m_md = m_m[:, None] & m_d[None, :]
-    if IS_ROW and i_s == 0:                     # the partner term once, in the first part
+    if IS_ROW:
         b_partner = (tl.load(p_gain + o_m64, mask=m_m, other=0.0) * tl.load(p_wsum + o_m64, mask=m_m, other=0.0)
                      + tl.load(p_gain + B + o_m64, mask=m_m, other=0.0)
                      * tl.load(p_wsum + B + o_m64, mask=m_m, other=0.0))
+        if SPLIT:                               # the partner term once, in the first part
+            b_partner = tl.where(tl.program_id(1) // 2 == 0, b_partner, 0.0)
         b_pv = tl.load(p_partner + o_md, mask=m_md, other=0.0).to(tl.float32)
         b_out -= b_partner[:, None] * b_pv
-    p_out += i_s * n_out * D                    # this part's [n_out, D] slice (n_s = 1: the output itself)
+    if SPLIT:                                   # this part's float32 [n_out, D] partial
+        p_out += (tl.program_id(1) // 2).to(tl.int64) * n_out * D
     tl.store(p_out + o_md, b_out.to(p_out.dtype.element_ty), mask=m_md)
 
 
@@ -213,26 +220,28 @@ def backward(gains, k, w, column_grads: bool):
     return d_img, d_txt, d_img_all, d_txt_all
 
 
-def backward_splits(n_out: int, n_in: int, D: int, DR: int, dtype: torch.dtype, device: torch.device,
-                    distill: bool) -> int:
-    """The inner parts of ``_bwd_kernel`` for ``n_out`` outer and ``n_in`` inner vectors (``tiles.column_splits``;
-    the output slices of d count as programs too)."""
-    bm, bn, bd = largest_blocks("bwd", D, DR, dtype, device, dict(DISTILL=distill))
-    return column_splits(2 * triton.cdiv(n_out, bm) * triton.cdiv(D, bd), n_in, bn, sm_count(device))
+def backward_splits(n_out: int, n_in: int, D: int, DR: int, dtype: torch.dtype, distill: bool, arch, sms: int) -> int:
+    """The inner parts of ``_bwd_kernel`` for ``n_out`` outer and ``n_in`` inner vectors on ``arch`` with ``sms``
+    SMs (``tiles.column_splits``, with the SPLIT path's tiles; the output slices of d count as programs too)."""
+    bm, bn, bd = largest_blocks("bwd", D, DR, dtype, arch, dict(DISTILL=distill, SPLIT=True))
+    return column_splits(2 * triton.cdiv(n_out, bm) * triton.cdiv(D, bd), n_in, bn, sms)
 
 
 def _launch_split(tensors, scalars, like_img, like_txt, n_out, n_in, flags):
     """One ``_bwd_kernel`` launch for ``n_out`` outer vectors (``like_*`` give the outputs' shape and dtype),
     cut into the inner parts of :func:`backward_splits`; returns the two gradients."""
     D = like_img.shape[1]
-    splits = backward_splits(n_out, n_in, D, flags["DR"], like_img.dtype, like_img.device, flags["DISTILL"])
+    splits = backward_splits(n_out, n_in, D, flags["DR"], like_img.dtype, flags["DISTILL"], *target_of(like_img.device))
     if splits == 1:
         out_img, out_txt = torch.empty_like(like_img), torch.empty_like(like_txt)
     else:   # float32 partials [S, n_out, D], summed below in part order
         out_img, out_txt = (torch.empty(splits, *like.shape, dtype=torch.float32, device=like.device)
                             for like in (like_img, like_txt))
+    block_n = largest_blocks("bwd", D, flags["DR"], like_img.dtype, target_of(like_img.device)[0],
+                             dict(DISTILL=flags["DISTILL"], SPLIT=True))[1]
+    part_inner = n_in if splits == 1 else triton.cdiv(triton.cdiv(n_in, block_n), splits) * block_n    # whole blocks
     launch(_bwd_kernel, "bwd", lambda tiles: (triton.cdiv(n_out, tiles.BM), 2 * splits, triton.cdiv(D, tiles.BD)),
-           (*tensors, out_img, out_txt, *scalars), flags)
+           (*tensors, out_img, out_txt, *scalars, part_inner), dict(flags, SPLIT=splits > 1))
     if splits == 1:
         return out_img, out_txt
     return out_img.sum(0).to(like_img.dtype), out_txt.sum(0).to(like_txt.dtype)

@@ -34,23 +34,24 @@ import triton.language as tl
 
 from ..common import positive_similarities
 from .helpers import _group_exponent, _merge_parts, _online, _pair_dots, _scores, _scores_split, _store_stats
-from .launch import INTERPRETING, device_arch, dot_flags, f32, largest_blocks, launch, launch_fixed, operands, sm_count
+from .launch import (INTERPRETING, device_arch, dot_flags, f32, largest_blocks, launch, launch_fixed, operands,
+                     target_of)
 from .tiles import column_splits, transposed_forward_runs
 
 
-@triton.jit(do_not_specialize=["B", "N", "offset"])
-def _fwd_kernel(p_x, p_t, p_X, p_T, p_xr, p_tr, p_Xr, p_Tr, p_scale, p_stats, p_margin, B, N, offset, t_d,
+@triton.jit(do_not_specialize=["B", "N", "offset", "part_cols"])
+def _fwd_kernel(p_x, p_t, p_X, p_T, p_xr, p_tr, p_Xr, p_Tr, p_scale, p_stats, p_margin, B, N, offset, t_d, part_cols,
                 D: tl.constexpr, DR: tl.constexpr, HAS_REF: tl.constexpr, EXTRA: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKR: tl.constexpr,
                 PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Program (i_m, i_dir, i_s): anchors i_m*BM .. +BM of direction i_dir, one pass over the column blocks
-    of part i_s (of n_s, an even share); the first part of direction 0 also writes the margins. The
-    statistics go to ``p_stats`` at [i_s, i_dir] (``[n_s, 2, NSTAT, B]``). Without a reference the teacher
-    and reference groups stay unwritten (the statistics buffer is zeroed)."""
+    """Program (i_m, i_dir, i_s): anchors i_m*BM .. +BM of direction i_dir, one pass over the ``part_cols``
+    columns of part i_s (a multiple of BN; the last part may be shorter or empty); the first part of
+    direction 0 also writes the margins. The statistics go to ``p_stats`` at [i_s, i_dir] (``[n_s, 2, NSTAT,
+    B]``). Without a reference the teacher and reference groups stay unwritten (the statistics buffer is
+    zeroed)."""
     i_m = tl.program_id(0)
     i_dir = tl.program_id(1)
     i_s = tl.program_id(2)
-    n_s = tl.num_programs(2)
     if i_dir == 0:
         p_rows, p_cols, p_rrows, p_rcols = p_x, p_T, p_xr, p_Tr
     else:
@@ -73,9 +74,9 @@ def _fwd_kernel(p_x, p_t, p_X, p_T, p_xr, p_tr, p_Xr, p_Tr, p_scale, p_stats, p_
     b_max1, b_e1, b_f1 = b_max0, b_e0, b_f0
     b_max2, b_e2, b_f2 = b_max0, b_e0, b_f0
     b_max3, b_e3, b_f3 = b_max0, b_e0, b_f0
-    n_bn = tl.cdiv(N, BN)
-    for j in range((i_s * n_bn // n_s) * BN, ((i_s + 1) * n_bn // n_s) * BN, BN):
-        o_n = j + tl.arange(0, BN)
+    j_lo = i_s * part_cols                                # (the loop's bound stays a kernel argument)
+    for jj in range(0, part_cols, BN):
+        o_n = j_lo + jj + tl.arange(0, BN)
         m_n = o_n < N
         o_n64 = o_n.to(tl.int64)
         m_neg = m_n[None, :] & (o_n[None, :] != o_pos[:, None])       # negatives, by index
@@ -96,7 +97,7 @@ def _fwd_kernel(p_x, p_t, p_X, p_T, p_xr, p_tr, p_Xr, p_Tr, p_scale, p_stats, p_
                            D, DR, HAS_REF, BM, BN, BK, BKR, PREC, UPCAST)
             b_d = b_s[:, None] * (b_sc - b_margin[:, None])
             b_max0, b_e0, b_f0 = _online(b_max0, b_e0, b_f0, b_d, b_d, m_neg, 1)
-    p_out = p_stats + (i_s * 2 + i_dir) * NSTAT * B
+    p_out = p_stats + (tl.program_id(2) * 2 + i_dir) * NSTAT * B
     _store_stats(p_out, b_max0, b_e0, b_f0, o_m64, m_m, B)
     if EXTRA:
         _store_stats(p_out + 3 * B, b_max1, b_e1, b_f1, o_m64, m_m, B)
@@ -117,11 +118,14 @@ def forward(k):
     B, D = x.shape
     N = X.shape[0]
     extra = k.with_distill or k.with_alone
-    splits = forward_splits(B, N, D, k.ref_dim, x.dtype, x.device, extra)
+    arch, sms = target_of(x.device)
+    splits = forward_splits(B, N, D, k.ref_dim, x.dtype, extra, arch, sms)
+    block_n = largest_blocks("fwd", D, k.ref_dim, x.dtype, arch, dict(EXTRA=extra))[1]
     stats = torch.zeros(2, k.n_stats, B, dtype=torch.float32, device=x.device)
     parts = stats if splits == 1 else torch.empty(splits, 2, k.n_stats, B, dtype=torch.float32, device=x.device)
     margin = torch.empty(B, dtype=torch.float32, device=x.device)
-    args = (x, t, X, T, xr, tr, Xr, Tr, f32(k.scale), parts, margin, B, N, k.offset, float(k.distill_scale))
+    part_cols = triton.cdiv(triton.cdiv(N, block_n), splits) * block_n      # whole blocks of the largest BN
+    args = (x, t, X, T, xr, tr, Xr, Tr, f32(k.scale), parts, margin, B, N, k.offset, float(k.distill_scale), part_cols)
     flags = dict(D=D, DR=k.ref_dim, HAS_REF=k.has_ref, EXTRA=extra, **dot_flags(x.dtype))
     launch(_fwd_kernel, "fwd", lambda tiles: (triton.cdiv(B, tiles.BM), 2, splits), args, flags)
     if splits > 1:
@@ -131,10 +135,10 @@ def forward(k):
     return stats, margin, positive_pairs(k)
 
 
-def forward_splits(B: int, N: int, D: int, DR: int, dtype: torch.dtype, device: torch.device, extra: bool) -> int:
-    """The column parts of ``_fwd_kernel`` for this shape on ``device`` (``tiles.column_splits``)."""
-    bm, bn, _ = largest_blocks("fwd", D, DR, dtype, device, dict(EXTRA=extra))
-    return column_splits(2 * triton.cdiv(B, bm), N, bn, sm_count(device))
+def forward_splits(B: int, N: int, D: int, DR: int, dtype: torch.dtype, extra: bool, arch, sms: int) -> int:
+    """The column parts of ``_fwd_kernel`` for this shape on ``arch`` with ``sms`` SMs (``tiles.column_splits``)."""
+    bm, bn, _ = largest_blocks("fwd", D, DR, dtype, arch, dict(EXTRA=extra))
+    return column_splits(2 * triton.cdiv(B, bm), N, bn, sms)
 
 
 @triton.jit(do_not_specialize=["B", "n_splits"])

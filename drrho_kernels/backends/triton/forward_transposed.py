@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .helpers import (_group_exponent, _load_stats, _merge_parts, _merge_stats, _online, _pair_dots, _scores,
                       _scores_split, _store_stats)
-from .launch import INTERPRETING, dot_flags, f32, largest_blocks, launch, launch_fixed, operands, sm_count
+from .launch import INTERPRETING, dot_flags, f32, largest_blocks, launch, launch_fixed, operands, sm_count, target_of
 from .tiles import INTERPRETER_L2_BYTES, Plan, transposed_plan
 
 
@@ -175,7 +175,7 @@ def plan_for(B: int, D: int, DR: int, dtype: torch.dtype, device: torch.device, 
     candidates of its path (``extra``: EXTRA; so that every autotuned configuration has at least one
     block per group and split)."""
     vec_bytes = (D + DR) * torch.empty((), dtype=dtype).element_size()
-    bm, bn, _ = largest_blocks("fwdt", D, DR, dtype, device, dict(EXTRA=extra))
+    bm, bn, _ = largest_blocks("fwdt", D, DR, dtype, target_of(device)[0], dict(EXTRA=extra))
     if INTERPRETING:
         return transposed_plan(B, bm, bn, vec_bytes, sm_count(device), INTERPRETER_L2_BYTES)
     props = torch.cuda.get_device_properties(device)
@@ -195,7 +195,7 @@ def forward_transposed(k, plan: Plan | None = None):
     if plan is None:
         plan = plan_for(B, D, DR, x.dtype, x.device, extra)
     else:
-        bm, bn, _ = largest_blocks("fwdt", D, DR, x.dtype, x.device, dict(EXTRA=extra))
+        bm, bn, _ = largest_blocks("fwdt", D, DR, x.dtype, target_of(x.device)[0], dict(EXTRA=extra))
         if not (1 <= plan.groups <= triton.cdiv(B, bn) and 1 <= plan.splits <= triton.cdiv(B, bm)):
             raise ValueError(f"plan {plan}: needs 1 <= groups <= {triton.cdiv(B, bn)} column blocks and "
                              f"1 <= splits <= {triton.cdiv(B, bm)} row blocks at B = {B}")

@@ -59,13 +59,19 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def largest_blocks(kernel: str, D: int, DR: int, dtype: torch.dtype, device: torch.device,
+def largest_blocks(kernel: str, D: int, DR: int, dtype: torch.dtype, arch: int | str | None,
                    flags: dict | None = None) -> tuple[int, int, int | None]:
-    """(BM, BN, BD) maxima over the configurations ``kernel`` may run with on ``device`` (a plan or a split
-    must hold for every one the autotuner tries: the largest blocks give the fewest programs)."""
-    tiles = [INTERPRETER_TILES[kernel]] if INTERPRETING else candidates(kernel, D, DR, dtype, device_arch(device), flags)
+    """(BM, BN, BD) maxima over the configurations ``kernel`` may run with on ``arch`` (None: the interpreter's
+    fixed tiles): a plan or a split must hold for every one the autotuner tries, and the largest blocks
+    give the fewest programs."""
+    tiles = [INTERPRETER_TILES[kernel]] if arch is None else candidates(kernel, D, DR, dtype, arch, flags)
     bd = [t.BD for t in tiles if t.BD is not None]
     return max(t.BM for t in tiles), max(t.BN for t in tiles), max(bd) if bd else None
+
+
+def target_of(device: torch.device) -> tuple[int | str | None, int]:
+    """``(arch, SMs)`` the launches on ``device`` are planned for (the interpreter: ``(None, INTERPRETER_SMS)``)."""
+    return (None, INTERPRETER_SMS) if INTERPRETING else (device_arch(device), sm_count(device))
 
 
 def interpreting() -> bool:

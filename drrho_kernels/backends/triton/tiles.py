@@ -214,7 +214,15 @@ PATH_FLAGS = {"fwd": "EXTRA", "fwdt": "EXTRA", "bwd": "DISTILL"}
 NVIDIA_GENERATIONS = ("ampere", "hopper", "blackwell")
 AMD_GENERATIONS = {"gfx90a": "cdna2", "gfx940": "cdna3", "gfx941": "cdna3", "gfx942": "cdna3", "gfx950": "cdna4"}
 TUNE_KEYS = {"fwd": ["D", "DR", "HAS_REF", "EXTRA"], "fwdt": ["D", "DR", "HAS_REF", "EXTRA"],
-             "bwd": ["D", "DR", "HAS_REF", "IS_ROW", "FOLD", "DISTILL", "SCALE_P"]}
+             "bwd": ["D", "DR", "HAS_REF", "IS_ROW", "FOLD", "DISTILL", "SCALE_P", "SPLIT"]}
+# The backward split into inner parts (SPLIT: small per-rank batches) keeps the part's offset live; its
+# table's first tiles sit at the register limit (255 on sm_90: bf16 at BD = 512, the fp32 fold with
+# distillation at BN = 64) and would spill, so a split launch clamps its table's tiles to at most SPLIT_BD
+# output columns and SPLIT_BN inner vectors per step (a smaller accumulator and score tile; more programs,
+# which a small batch wants anyway). Found with benchmarks/aot_report.py: every split variant's default tile
+# spill-free on sm_80/90/100 and gfx942 at d = 768, dr = 512.
+SPLIT_BD = {"half": 256, "fp32": 128}
+SPLIT_BN = {"half": 64, "fp32": 32}
 # Under TRITON_INTERPRET=1: small fixed tiles (the interpreter checks logic, not speed), so that tiny
 # test shapes still span several programs and K chunks.
 INTERPRETER_TILES = {"fwd": Tiles(BM=16, BN=16, BK=16, BKR=16, num_warps=1, num_stages=1),
@@ -268,8 +276,11 @@ def candidates(kernel: str, D: int, DR: int, dtype: torch.dtype, arch: int | str
         return [clamp(MARGIN_TILES, D, DR)]
     if kernel == "merge":
         return [MERGE_TILES]
-    table = TABLES[table_name(kernel, flags)]
-    return list(dict.fromkeys(clamp(t, D, DR) for t in table[family(dtype), generation(arch)]))
+    table = TABLES[table_name(kernel, flags)][family(dtype), generation(arch)]
+    if flags and flags.get("SPLIT"):
+        fam = family(dtype)
+        table = [replace(t, BD=min(t.BD, SPLIT_BD[fam]), BN=min(t.BN, SPLIT_BN[fam])) for t in table]
+    return list(dict.fromkeys(clamp(t, D, DR) for t in table))
 
 
 def transposed_forward_runs(dtype: torch.dtype, arch: int | str, extra: bool) -> bool:
