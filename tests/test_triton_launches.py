@@ -73,7 +73,8 @@ from drrho_kernels.backends.triton import tiles  # noqa: E402
 
 def test_column_splits_rule():
     assert tiles.column_splits(row_programs=264, n_columns=5120, bn=128, sms=132) == 1      # rows fill the GPU
-    assert tiles.column_splits(row_programs=10, n_columns=5120, bn=128, sms=132) == 27      # B = 640, BM = 128
+    assert tiles.column_splits(row_programs=10, n_columns=5120, bn=128, sms=132) == 20      # B = 640, BM = 128:
+    # 27 parts wanted, 40 column blocks: 2 blocks a part, 20 parts (27 would leave 7 empty)
     assert tiles.column_splits(row_programs=20, n_columns=5120, bn=32, sms=132) == 14       # its backward
     assert tiles.column_splits(row_programs=2, n_columns=100, bn=64, sms=132) == 2          # <= column blocks
     assert tiles.column_splits(row_programs=1, n_columns=10 ** 6, bn=16, sms=132) == tiles.MAX_PARTS

@@ -329,7 +329,9 @@ def column_splits(row_programs: int, n_columns: int, bn: int, sms: int) -> int:
     target = PROGRAMS_PER_SM * max(1, sms)
     if row_programs >= target:
         return 1
-    return max(1, min(triton.cdiv(target, row_programs), triton.cdiv(n_columns, bn), MAX_PARTS))
+    blocks = triton.cdiv(n_columns, bn)
+    parts = max(1, min(triton.cdiv(target, row_programs), blocks, MAX_PARTS))
+    return triton.cdiv(blocks, triton.cdiv(blocks, parts))      # parts of whole blocks, none of them empty
 
 
 @dataclass(frozen=True)
