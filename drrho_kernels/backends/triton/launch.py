@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 import triton
@@ -141,12 +142,32 @@ def _tuned(fn, kernel: str):
                            prune_configs_by={"early_config_prune": _prune(kernel)})(fn)
 
 
+# Autotuning on a GPU (default), or every kernel at its default tile (the first candidate): one compile per
+# kernel variant and shape class, no benchmarking runs. ``DRRHO_KERNELS_AUTOTUNE=0`` sets the default;
+# :func:`pinned_tiles` pins them for a block (the GPU tests' correctness checks).
+AUTOTUNE = os.environ.get("DRRHO_KERNELS_AUTOTUNE", "1") not in ("0", "")
+
+
+@contextlib.contextmanager
+def pinned_tiles():
+    """Launch every kernel at its default tile, without autotuning, while the block runs."""
+    global AUTOTUNE
+    before, AUTOTUNE = AUTOTUNE, False
+    try:
+        yield
+    finally:
+        AUTOTUNE = before
+
+
 def launch(fn, kernel: str, grid_of, args: tuple, flags: dict) -> None:
-    """Run ``fn`` (of tile table ``kernel``): fixed interpreter tiles, or autotuned on a GPU.
-    ``grid_of(tiles)`` gives the grid of a configuration."""
-    if INTERPRETING:
-        t = INTERPRETER_TILES[kernel]
-        fn[grid_of(t)](*args, **flags, **t.meta(), num_warps=t.num_warps, num_stages=t.num_stages)
+    """Run ``fn`` (of tile table ``kernel``): fixed interpreter tiles, autotuned on a GPU, or its default tile
+    there when autotuning is off (:data:`AUTOTUNE`). ``grid_of(tiles)`` gives the grid of a configuration."""
+    if INTERPRETING or not AUTOTUNE:
+        x = args[0]
+        t = default_tiles(kernel, flags["D"], flags["DR"], x.dtype, None if INTERPRETING else device_arch(x.device),
+                          flags)
+        options = {} if INTERPRETING else dict(enable_fp_fusion=FP_FUSION)
+        fn[grid_of(t)](*args, **flags, **t.meta(), num_warps=t.num_warps, num_stages=t.num_stages, **options)
     else:
         def grid(meta):
             return grid_of(Tiles(**{k: meta.get(k) for k in ("BM", "BN", "BK", "BKR", "BD")}, num_warps=0,
