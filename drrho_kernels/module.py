@@ -169,9 +169,12 @@ class DRRhoCLIPLoss(nn.Module):
     distill_scale = property(lambda self: self.options.distill_scale)
 
     def _step_options(self, per_sample: bool = False):
-        """This step's options: the epoch's gamma (and the temperatures' epoch)."""
-        tau = self.options.tau and replace(self.options.tau, epoch=self._epoch)
-        return replace(self.options, gamma=self.gamma, per_sample=per_sample, tau=tau)
+        """This step's options: the epoch's gamma (and the temperatures' epoch); built once per epoch."""
+        key = (self._epoch, per_sample, self.options)
+        if getattr(self, "_options_of", (None,))[0] != key:
+            tau = self.options.tau and replace(self.options.tau, epoch=self._epoch)
+            self._options_of = (key, replace(self.options, gamma=self.gamma, per_sample=per_sample, tau=tau))
+        return self._options_of[1]
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch = check_int("epoch", epoch, low=0)

@@ -87,13 +87,23 @@ def test_gradcheck_detects_a_wrong_gradient(monkeypatch):
 
     from drrho_kernels.core import ops
 
-    correct = ops.backward
+    correct = ops.op
+    position = 4 + [name for name, _ in ops._TILE_FIELDS].index("scalars")     # after the four gains
+    flag = [name for name, _ in ops.TileInputs.OP_SCALARS].index("columns_are_rows")
 
-    def without_column_terms(backend, gains, tiles, weights, column_grads):
-        # as if the rows were not also the columns: the fold (the column anchors' terms) is lost
-        return correct(backend, gains, dataclasses.replace(tiles, columns_are_rows=False), weights, column_grads)
+    def without_column_terms(backend, which):
+        real = correct(backend, which)
+        if which != "bwd":
+            return real
 
-    monkeypatch.setattr(ops, "backward", without_column_terms)
+        def call(*args):
+            # as if the rows were not also the columns: the fold (the column anchors' terms) is lost
+            scalars = list(args[position])
+            scalars[flag] = 0.0
+            return real(*args[:position], scalars, *args[position + 1:])
+        return call
+
+    monkeypatch.setattr(ops, "op", without_column_terms)
     case = make_case(B=4, d=3, seed=12)
     fn, inputs = make_checked_function(case, "torch", False)
     with pytest.raises(GradcheckError):

@@ -174,17 +174,16 @@ def assemble_loss(phi: torch.Tensor, temperature, u_new: torch.Tensor, rho: floa
     """
     batch = u_new.shape[-1]
     per_pair = 1.0 / (batch * (n_columns - 1))
-    contrast, distill = phi[:, 0], phi[:, 1] * (distill_weight / (2 * batch))
     if temperature.kind == "individual":
-        carrier = contrast.sum() * (0.5 * per_pair)
+        carrier = phi[:, 0].sum() * (0.5 * per_pair)
         return wsum.detach().sum() * per_pair + (carrier - carrier.detach())
+    # [2]: A_k plus the distillation's D_k, per direction (phi[:, 1] is 0 without distillation)
+    terms = phi[:, 0] * per_pair + phi[:, 1] * (distill_weight / (2 * batch)) if distill_weight else phi[:, 0] * per_pair
     if not temperature.multiply_tau:
-        return contrast.sum() * per_pair + distill.sum()
-    s_img = temperature.scale_img.reshape(()).to(phi.dtype)
+        return terms.sum()
     u_mean = u_new.detach().mean(-1)
+    s_img = temperature.scale_img.reshape(()).to(phi.dtype)
     if temperature.kind == "global":
-        return ((contrast.sum() * per_pair + distill.sum()) / s_img.detach() + rho / s_img
-                + u_mean.sum() / (2 * s_img))
-    s_txt = temperature.scale_txt.reshape(()).to(phi.dtype)
-    return (((contrast[0] * per_pair + distill[0]) / s_img.detach() + (u_mean[0] + rho) / s_img)
-            + ((contrast[1] * per_pair + distill[1]) / s_txt.detach() + (u_mean[1] + rho) / s_txt))
+        return terms.sum() / s_img.detach() + (u_mean.sum() * 0.5 + rho) / s_img
+    s = torch.stack([s_img, temperature.scale_txt.reshape(()).to(phi.dtype)])
+    return (terms / s.detach() + (u_mean + rho) / s).sum()

@@ -170,7 +170,8 @@ def individual_clip_loss(img, txt, u_img, u_txt, tau_state: TauState, tau_option
 
 def resolved(p: LossInputs) -> LossInputs:
     """``p`` with the backend that runs for its options on its tensors (``backends.resolve``)."""
-    return replace(p, backend=resolve(p.options.backend, p.device, p.tiles.img.dtype))
+    return LossInputs(p.tiles, p.temperature, p.u_img, p.u_txt, p.options,
+                      resolve(p.options.backend, p.device, p.tiles.img.dtype))
 
 
 def compute_loss(p: LossInputs, per_sample: bool = False):
@@ -235,13 +236,12 @@ class FusedTerms:
 def fused_terms(p: LossInputs) -> FusedTerms:
     """Forward op on the detached tiles, then the epilogue of the temperature form."""
     tiles = p.tiles
-    detached = replace(tiles, **{name: getattr(tiles, name).detach() for name in ("img", "txt", "img_all",
-                                                                                   "txt_all", "scale")})
-    stats, margin, positives = ops.forward(p.backend, detached)
+    with torch.no_grad():               # the forward op has no autograd: the statistics are constants
+        stats, margin, positives = ops.forward(p.backend, tiles)
     extras = None
     o = p.options
     if tiles.with_distill or tiles.with_alone:
-        extras = finish_extras(stats, positives, detached.scale, tiles.distill_scale, p.n_columns, o.eps)
+        extras = finish_extras(stats, positives, tiles.scale.detach(), tiles.distill_scale, p.n_columns, o.eps)
     l = log_eps_plus_mean_exp(stats[:, 0], stats[:, 1], p.n_columns, o.eps) if o.per_sample else None
     t = p.temperature
     if t.kind == "individual":

@@ -39,7 +39,10 @@ def _describe(x) -> str:
 
 def _data_checks_enabled(t: torch.Tensor) -> bool:
     """Value checks read data: only on the CPU, and never inside a torch.compile graph."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+    return t.device.type == "cpu" and not _compiling()
+
+
+_compiling = torch.compiler.is_compiling
 
 
 def check_tensor(name: str, x, *, ndim: int, dtypes=FLOAT_DTYPES) -> torch.Tensor:
@@ -64,6 +67,17 @@ def check_finite(name: str, x: torch.Tensor) -> None:
     if _data_checks_enabled(x) and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name}: expected finite values, got {bad} non-finite entries in {_describe(x)}")
+
+
+def check_all_finite(**tensors) -> None:
+    """:func:`check_finite` of every named tensor (None: absent) with one read of the host: the sum of their
+    norms is finite exactly when every entry is, unless finite values overflow it; only then, or when one
+    is not finite, each tensor is checked by itself to name it (a small step's checks cost one op, not 24)."""
+    given = [x.detach() for x in tensors.values() if x is not None and _data_checks_enabled(x)]
+    if given and not math.isfinite(float(torch.stack(torch._foreach_norm(given)).sum())):
+        for name, x in tensors.items():
+            if x is not None:
+                check_finite(name, x)
 
 
 def check_real(name: str, value, *, low: float, high: float = math.inf, low_open: bool,
@@ -273,9 +287,7 @@ def check_rows(img, txt, logit_scale, u_img, u_txt, options: LossOptions, *, ref
         temperature = Temperature("individual", True, state=check_tau_state(tau_state, batch, img.device))
     u_img = check_state("u_img", u_img, batch, img.device)
     u_txt = check_state("u_txt", u_txt, batch, img.device)
-    for arg, x in (("img", img), ("txt", txt), ("ref_img", ref_img), ("ref_txt", ref_txt)):
-        if x is not None:
-            check_finite(arg, x)
+    check_all_finite(img=img, txt=txt, ref_img=ref_img, ref_txt=ref_txt)
     if options.distill_weight > 0 and ref_img is None:
         raise ValueError(f"distill_weight: expected 0 without a reference model (the teacher's features are "
                          f"ref_img, ref_txt), got {options.distill_weight!r}")
@@ -322,10 +334,7 @@ def check_columns(p: LossInputs, img_all, txt_all, ref_img_all=None, ref_txt_all
         ref_img_all, ref_txt_all = (r.detach().to(img.dtype) for r in (ref_img_all, ref_txt_all))
     elif ref_img_all is not None:
         raise ValueError("ref_img_all and ref_txt_all: expected None without ref_img and ref_txt, got tensors")
-    for name, x in (("img_all", img_all), ("txt_all", txt_all), ("ref_img_all", ref_img_all),
-                    ("ref_txt_all", ref_txt_all)):
-        if x is not None:
-            check_finite(name, x)
+    check_all_finite(img_all=img_all, txt_all=txt_all, ref_img_all=ref_img_all, ref_txt_all=ref_txt_all)
     return with_columns(p, img_all, txt_all, ref_img_all, ref_txt_all, offset)
 
 
@@ -381,11 +390,12 @@ def check_index(index, batch: int, data_size: int) -> torch.Tensor:
         raise ValueError(f"index: expected shape ({batch},) (one dataset index per row of img), "
                          f"got {_describe(index)}")
     if _data_checks_enabled(index) and index.numel() > 0:
-        lo, hi = int(index.min()), int(index.max())
+        distinct = torch.unique(index)                  # sorted: its ends are the range
+        lo, hi = int(distinct[0]), int(distinct[-1])
         if lo < 0 or hi >= data_size:
             bad = lo if lo < 0 else hi
             raise IndexError(f"index: expected dataset indices in [0, {data_size}) (data_size), got {bad}")
-        if torch.unique(index).numel() != index.numel():
+        if distinct.numel() != index.numel():
             raise ValueError("index: expected distinct dataset indices within a batch (each sample has "
                              "one u entry), got repeated indices")
     return index.long()
