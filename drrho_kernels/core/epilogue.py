@@ -29,8 +29,9 @@ __all__ = [
 
 
 def is_unset(u: torch.Tensor) -> torch.Tensor:
-    """A stored ``u_i`` is unset when it is exactly 0, +-inf or NaN (the authors' state starts at 0)."""
-    return (u == 0) | ~torch.isfinite(u)
+    """A stored ``u_i`` is unset when it is exactly 0, +-inf or NaN (the authors' state starts at 0):
+    ``u * 0`` is 0 for a finite ``u`` and NaN otherwise, so this is ``u == 0 or not finite`` in three ops."""
+    return (u * 0 != 0) | (u == 0)
 
 
 def ma_update(u_old: torch.Tensor, l_new: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -55,7 +56,7 @@ def log_eps_plus_mean_exp(row_max: torch.Tensor, row_sumexp: torch.Tensor, n_col
     so ``(1/N) sum_j exp(d_j) = exp(row_max + log(row_sumexp) - log(N))``; adding ``eps`` is a
     ``logaddexp`` with ``log(eps)``. No exponential of an unshifted number is formed.
     """
-    log_mean = row_max + torch.log(row_sumexp) - math.log(n_columns)
+    log_mean = torch.log(row_sumexp).add_(row_max).sub_(math.log(n_columns))
     return torch.logaddexp(log_mean, torch.full_like(log_mean, math.log(eps)))
 
 
