@@ -234,7 +234,8 @@ class DRRhoCLIPLoss(nn.Module):
         """The entries ``index`` of this module's buffers, ``[2, len(index)]`` per kind, on ``device``; host
         indices and host state reach the device through pinned memory, without a wait (SPEC 3.2)."""
         state_index = to_device(index, self.u_img.device)
-        packed = to_device(torch.stack([getattr(self, name)[state_index] for name in self.state_names]), device)
+        packed = to_device(torch.stack([getattr(self, name).index_select(0, state_index)
+                                        for name in self.state_names]), device)
         return {kind: packed[2 * i:2 * i + 2] for i, kind in enumerate(self._kinds)}
 
     @torch.no_grad()
@@ -244,7 +245,7 @@ class DRRhoCLIPLoss(nn.Module):
         State in host memory and a step on an accelerator: the new entries are copied to pinned host memory
         without a wait and stored by a later step, as soon as the copy is done or the entries are needed
         (:meth:`complete_state_writes`, which ``state_dict`` calls)."""
-        packed = torch.cat([state[kind] for kind in self._kinds])                   # [2 n, M]
+        packed = state["u"] if len(self._kinds) == 1 else torch.cat([state[kind] for kind in self._kinds])  # [2 n, M]
         if self.u_img.device.type == "cpu" and packed.device.type != "cpu":
             host = torch.empty(packed.shape, dtype=torch.float32, pin_memory=True)
             host.copy_(packed, non_blocking=True)

@@ -3,10 +3,10 @@
 Counted at the aten level on the CPU (tests/host_reads.py: the dispatcher's profiler, inside the package's
 ops too) in the third step of a module, for the torch, cpp and triton (interpreter) backends, in one
 process and in gloo at W = 2 (both schemes, replicated and sharded state, state in host memory). The only
-reads allowed are the checks of host data: the CPU index (its range: min and max; its repeats: unique;
-across ranks: unique of the gathered host copies) and, where the embeddings are CPU tensors, their
-finite check and the logit scale's. With those embedding checks switched off, as they are for
-accelerator tensors, what is left is the index checks alone. On a GPU the same step runs under
+reads allowed are the checks of host data. The CPU index (its range and repeats; across ranks, the
+gathered host copies' repeats) is checked in NumPy on the tensor's own memory: no aten op at all. Where
+the embeddings are CPU tensors: their one fused finite check and the logit scale's value. With those
+embedding checks switched off, as they are for accelerator tensors, nothing is left. On a GPU the same step runs under
 ``torch.cuda.set_sync_debug_mode("error")`` (tests/test_triton_gpu.py).
 
 Measured before this contract (commit e2bedb8, the same counter): one process 13 reads with the torch
@@ -30,8 +30,8 @@ from host_reads import HostReads
 from processes import spawn
 
 B, D = 16, 8
-INDEX_CHECKS = 3            # min, max (range) and unique (repeats) of the CPU index
-EMBEDDING_CHECKS = 5        # finite: img, txt, ref_img, ref_txt; the logit scale's value
+INDEX_CHECKS = 0            # the CPU index: its range and repeats in NumPy, on host memory (3 aten reads before)
+EMBEDDING_CHECKS = 2        # one fused finite check of img, txt, ref_img, ref_txt; the logit scale's value
 
 
 def _batch(step, rank=0):
@@ -157,9 +157,9 @@ def distributed_runs(tmp_path_factory):
                          ids=["-".join(f"{v}" for v in cfg.values()) for cfg in CONFIGS])
 def test_distributed_step_reads_only_its_checks(distributed_runs, k):
     for rank, results in enumerate(distributed_runs):
-        # local index checks, the gathered host copies' unique, the embedding checks
-        assert sum(results["reads"][k].values()) == INDEX_CHECKS + 1 + EMBEDDING_CHECKS, (rank, results["reads"][k])
-        assert sum(results["device_reads"][k].values()) == INDEX_CHECKS + 1, (rank, results["device_reads"][k])
+        # the index checks (local and the gathered host copies', in NumPy), the embedding checks
+        assert sum(results["reads"][k].values()) == INDEX_CHECKS + EMBEDDING_CHECKS, (rank, results["reads"][k])
+        assert sum(results["device_reads"][k].values()) == INDEX_CHECKS, (rank, results["device_reads"][k])
         error = results["errors"][k]
         if rank == 1:
             assert error.startswith("IndexError: index") and error.endswith("state unchanged: True"), error

@@ -2,7 +2,7 @@
 
 - ``torch.library.opcheck`` (schema, fake implementation, autograd registration, AOT dispatch with
   dynamic shapes) on ``drrho::<backend>_fwd``, ``drrho::<backend>_bwd`` and the shared
-  ``drrho::phi`` (whose registered autograd calls the backend's ``_bwd``), on small float64 and
+  ``drrho::loss`` (whose registered autograd calls the backend's ``_bwd``), on small float64 and
   float32 inputs in every mode: single process with and without reference, distributed shapes with
   an offset, column gradients, and the fold of gathered column state; half inputs too.
 - The schemas: one definition (``ops.py``, derived from the fields of ``TileInputs`` and
@@ -103,14 +103,16 @@ def bwd_args(backend, mode, dtype, variant, extra=False):
     return (gain, col_gain, dgain, col_dgain, *as_args(detached(p.tiles)), *as_args(weights), variant == "columns")
 
 
-def phi_args(backend, mode, dtype, variant, extra=False):
+def loss_args(backend, mode, dtype, variant, extra=False):
     p, terms, weights = weights_of(backend, mode, dtype, variant, extra)
     h = (terms.extras["h"], terms.extras["h_ds"]) if extra else (None, None)
     p = problem(make_case(**MODES[mode]), backend, dtype, requires_grad=True, **(EXTRA if extra else {}))
     if variant == "rows":        # columns without gradient (the gather_u shape)
         from dataclasses import replace
         p = replace(p, tiles=replace(p.tiles, img_all=p.tiles.img_all.detach(), txt_all=p.tiles.txt_all.detach()))
-    return (terms.wdsum, *h, *as_args(p.tiles), *as_args(weights), backend)
+    return ops.loss_args(backend, terms.wdsum, p.tiles, weights, u_new=terms.u_new, temperature=p.temperature,
+                         rho=p.options.rho, distill_weight=p.options.distill_weight, wsum=terms.wsum,
+                         h=h[0], h_ds=h[1])
 
 
 def test_one_schema_for_every_backend():
@@ -121,7 +123,7 @@ def test_one_schema_for_every_backend():
         for which, schema in (("fwd", ops.FWD_SCHEMA), ("bwd", ops.BWD_SCHEMA)):
             registered = ops.op(name, which)._schema
             assert str(registered) == str(torch._C.parse_schema(f"drrho::{name}_{which}{schema}"))
-    assert str(torch.ops.drrho.phi.default._schema) == str(torch._C.parse_schema(f"drrho::phi{ops.PHI_SCHEMA}"))
+    assert str(torch.ops.drrho.loss.default._schema) == str(torch._C.parse_schema(f"drrho::loss{ops.LOSS_SCHEMA}"))
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -143,9 +145,9 @@ def test_opcheck_backward(backend, mode, variant, dtype):
 @pytest.mark.parametrize("mode,variant", [("single-ref", "fold"), ("dist-ref", "columns"), ("dist-ref", "fold"),
                                           ("dist-noref", "rows")], ids=lambda v: v)
 @pytest.mark.parametrize("backend,dtype", backend_dtypes(DTYPES))
-def test_opcheck_phi(backend, mode, variant, dtype):
+def test_opcheck_loss(backend, mode, variant, dtype):
     """The op with autograd: its backward (the backend's _bwd) under opcheck's autograd and AOT tests."""
-    torch.library.opcheck(torch.ops.drrho.phi.default, phi_args(backend, mode, dtype, variant))
+    torch.library.opcheck(torch.ops.drrho.loss.default, loss_args(backend, mode, dtype, variant))
 
 
 EXTRA_CASES = [("single-ref", "fold"), ("dist-ref", "columns"), ("dist-ref", "fold"), ("dist-ref", "rows")]
@@ -158,7 +160,7 @@ def test_opcheck_with_distillation_and_per_sample_statistics(backend, mode, vari
     args = fwd_args(backend, mode, dtype, extra=True)          # first: it registers the ops
     torch.library.opcheck(ops.op(backend, "fwd"), args)
     torch.library.opcheck(ops.op(backend, "bwd"), bwd_args(backend, mode, dtype, variant, extra=True))
-    torch.library.opcheck(torch.ops.drrho.phi.default, phi_args(backend, mode, dtype, variant, extra=True))
+    torch.library.opcheck(torch.ops.drrho.loss.default, loss_args(backend, mode, dtype, variant, extra=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])

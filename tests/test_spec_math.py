@@ -53,6 +53,10 @@ def test_moving_average_rule():
     # Stable far outside exp's range: log(.5 e^800 + .5 e^-800) = 800 + log .5.
     big = _math.ma_update(torch.tensor([800.0]), torch.tensor([-800.0]), 0.5)
     torch.testing.assert_close(big, torch.tensor([800.0 + math.log(0.5)]), rtol=0, atol=1e-4)
+    # set: every finite nonzero value, a subnormal and the extremes included; unset: +-0, +-inf, NaN
+    for dtype, tiny, huge in ((torch.float64, 5e-324, 1.7e308), (torch.float32, 1e-45, 3.4e38)):
+        u = torch.tensor([-0.0, tiny, -tiny, huge, -huge, 2.0, math.inf, math.nan], dtype=dtype)
+        assert _math.is_unset(u).tolist() == [True, False, False, False, False, False, True, True]
 
 
 def test_log_eps_plus_mean_exp_is_stable():

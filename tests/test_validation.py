@@ -80,7 +80,7 @@ BAD = [
 @pytest.mark.parametrize("name,shape,changes,exc,words", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_raises_before_computing(monkeypatch, name, shape, changes, exc, words):
     calls = []
-    for op_name in ("forward", "backward", "phi"):
+    for op_name in ("forward", "backward", "loss"):
         op = getattr(ops, op_name)
         monkeypatch.setattr(ops, op_name, lambda *a, _op=op, **k: calls.append(1) or _op(*a, **k))
     kw = base(**shape)

@@ -4,8 +4,8 @@ Everything here works on per-row vectors ``[B]`` or scalars, never on a ``[B, N]
 matrix: the moving-average rule for ``u`` (also the DRRho risk's), the ``log(eps + g)``
 from online log-sum-exp statistics, the epilogue that turns the kernels' per-anchor
 statistics into the new state and the backward's weights (:func:`finish`,
-:func:`finish_extras`, :func:`finish_individual`), and the assembly of the scalar loss
-(:func:`assemble_loss`).
+:func:`finish_extras`, :func:`finish_individual`), and the scalar loss with its derivatives
+(:func:`loss_value`, :func:`loss_derivatives`).
 
 The fused kernels (torch, Triton, C++) only reduce tiles: they return each anchor's
 online statistics over its negatives. Everything per anchor that follows is
@@ -24,14 +24,15 @@ __all__ = [
     "finish",
     "finish_extras",
     "finish_individual",
-    "assemble_loss",
+    "loss_and_slopes",
 ]
 
 
 def is_unset(u: torch.Tensor) -> torch.Tensor:
     """A stored ``u_i`` is unset when it is exactly 0, +-inf or NaN (the authors' state starts at 0):
-    ``u * 0`` is 0 for a finite ``u`` and NaN otherwise, so this is ``u == 0 or not finite`` in three ops."""
-    return (u * 0 != 0) | (u == 0)
+    ``u / u`` is exactly 1 for a finite nonzero ``u`` (a correctly rounded division) and NaN otherwise, so
+    this is ``u == 0 or not finite`` in two ops (a subnormal ``u`` under flush-to-zero counts as 0)."""
+    return u / u != 1
 
 
 def ma_update(u_old: torch.Tensor, l_new: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -155,36 +156,50 @@ def finish_individual(stats: torch.Tensor, u_old: torch.Tensor, tau: torch.Tenso
                 wsum=e_sum / denom, wdsum=ed_sum / denom)
 
 
-def assemble_loss(phi: torch.Tensor, temperature, u_new: torch.Tensor, rho: float, n_columns: int,
-                  wsum: torch.Tensor | None = None, distill_weight: float = 0.0) -> torch.Tensor:
-    """The scalar loss from ``phi[k] = sum_ij w^k_ij d^k_ij`` (``[2]``) for the temperature form (SPEC 2.1).
+def loss_and_slopes(kind: str, multiply_tau: bool, s_img, s_txt, wdsum: torch.Tensor, u_new: torch.Tensor,
+                    rho: float, n_columns: int, h: torch.Tensor | None = None, wsum: torch.Tensor | None = None,
+                    distill_weight: float = 0.0):
+    """The scalar loss of the temperature form (SPEC 2.1) and its slopes, the weights and ``u`` held constant
+    (SPEC: "gradients ... with w and the new u held constant"): ``(loss, dL/dphi, dL/dH, direct)``.
 
-    ``phi`` carries the autograd graph of ``sum w d`` with ``w`` held constant (its derivative in a scale is
-    ``phi / s``), so autograd gives the closed forms. With ``A_k = phi_k / (B (N-1))``, ``U_k = mean_i u^k_i``
-    and ``s_`` a detached scale:
+    ``phi_k = sum_i wdsum[k, i] = sum_ij w^k_ij d^k_ij`` and ``H_k = sum_i h[k, i]`` (the distillation
+    cross-entropies; ``h`` None: none). With ``A_k = phi_k / (B (N-1))``, ``D_k = H_k / (2B)``,
+    ``U_k = mean_i u^k_i`` and ``s_k`` the direction's scale (``s_img``, ``s_txt``: 0-d; the global form's
+    ``s_txt`` is None; the per-sample temperatures have none)::
 
-        global, multiply_tau      (A_I + A_T) / s_ + rho / s + (U_I + U_T) / (2 s)       (SPEC part 1)
-        per direction, multiply   sum_k [ A_k / s_k_ + U_k / s_k + rho / s_k ]          (the seed's objective)
-        no multiply_tau           A_I + A_T
-        individual                value (1/(B(N-1))) sum_ki wsum_ki, gradient of (A_I + A_T) / 2
+        form                 loss                                           dL/dphi_k, dL/dH_k          direct dL/ds_k
+        global, multiply     (A_I + A_T + lambda (D_I + D_T) + rho + (U_I + U_T)/2) / s
+                                                                            (1/(B(N-1)), lambda/(2B))/s  -(rho + (U_I+U_T)/2)/s^2
+        per direction, mult. sum_k (A_k + lambda D_k + U_k + rho) / s_k     (1/(B(N-1)), lambda/(2B))/s_k  -(U_k + rho)/s_k^2
+        no multiply_tau      A_I + A_T + lambda (D_I + D_T)                 (1/(B(N-1)), lambda/(2B))    none
+        individual           (1/(B(N-1))) sum_ki wsum_ki                    (1/(2 B(N-1)), 0)            none
 
-    (individual: fast_clip's value, with the gradient of its two halves, anchors and negatives, each
-    half of the full derivative; ``wsum`` is then required). ``phi[:, 1]`` carries the distillation
-    cross-entropies (``sum_i H^k_i``): ``D = (1/(2B)) sum_k phi[k, 1]`` adds ``distill_weight * D / s_``
-    (multiply_tau; per direction each half over its own ``s_k_``) or ``distill_weight * D`` (SPEC 2.2).
+    The slopes are numbers, 0-d tensors or ``[2, 1]`` columns (per direction); ``direct`` is None, a 0-d tensor
+    (global: the derivative in ``s``) or ``[2]``. ``phi``'s own dependence on the scales (``d = s a``) is the
+    loss op's business (``core/ops.py``). Individual: fast_clip's gradient, both halves (anchors and
+    negatives) each half of the full derivative. The global form's first term divides by a detached ``s``,
+    as the authors' loss does. No tensor is made from host data (this runs in every step: no wait on the
+    device); a handful of ops, as a small step's host time is their count.
     """
     batch = u_new.shape[-1]
     per_pair = 1.0 / (batch * (n_columns - 1))
-    if temperature.kind == "individual":
-        carrier = phi[:, 0].sum() * (0.5 * per_pair)
-        return wsum.detach().sum() * per_pair + (carrier - carrier.detach())
-    # [2]: A_k plus the distillation's D_k, per direction (phi[:, 1] is 0 without distillation)
-    terms = phi[:, 0] * per_pair + phi[:, 1] * (distill_weight / (2 * batch)) if distill_weight else phi[:, 0] * per_pair
-    if not temperature.multiply_tau:
-        return terms.sum()
-    u_mean = u_new.detach().mean(-1)
-    s_img = temperature.scale_img.reshape(()).to(phi.dtype)
-    if temperature.kind == "global":
-        return terms.sum() / s_img.detach() + (u_mean.sum() * 0.5 + rho) / s_img
-    s = torch.stack([s_img, temperature.scale_txt.reshape(()).to(phi.dtype)])
-    return (terms / s.detach() + (u_mean + rho) / s).sum()
+    distill = distill_weight / (2 * batch) if h is not None else 0.0
+    if kind == "individual":
+        return wsum.sum() * per_pair, 0.5 * per_pair, 0.0, None
+    if kind == "global" or not multiply_tau:
+        terms = wdsum.sum() * per_pair
+        if distill:
+            terms = terms.add_(h.sum(), alpha=distill)
+        if not multiply_tau:
+            return terms, per_pair, distill, None
+        inv = s_img.to(terms.dtype).reciprocal()
+        rest = u_new.sum().mul_(0.5 / batch).add_(rho)                     # rho + (U_I + U_T) / 2
+        return (terms + rest) * inv, inv * per_pair, inv * distill if distill else 0.0, rest.mul_(inv).mul_(inv).neg_()
+    terms = wdsum.sum(-1).mul_(per_pair)
+    if distill:
+        terms = terms.add_(h.sum(-1), alpha=distill)
+    inv = torch.stack([s_img, s_txt]).to(terms.dtype).reciprocal_()
+    rest = u_new.mean(-1).add_(rho)                                         # U_k + rho
+    slope = inv[:, None]
+    return (((terms + rest) * inv).sum(), slope * per_pair, slope * distill if distill else 0.0,
+            rest.mul_(inv).mul_(inv).neg_())

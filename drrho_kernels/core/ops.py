@@ -24,13 +24,18 @@ bool column_grads) -> (Tensor d_img, Tensor d_txt, Tensor d_img_all, Tensor d_tx
     In one process (``columns_are_rows``) the fold with the rows' own weights is implied. Without
     ``column_grads`` the column outputs are empty ``[0, d]`` tensors.
 
-The backends share one op with autograd, ``drrho::phi(Tensor wdsum, Tensor? h, Tensor? h_ds, <TileInputs>,
-<Weights>, str backend) -> Tensor``: it returns ``[2, 2]``, ``[k, 0] = sum_i wdsum[k, i] = sum_ij w_kij d_kij``
-and ``[k, 1] = sum_i h[k, i]`` (the distillation cross-entropies, 0 without), and in the backward
-treats the weights as constants (SPEC.md: "gradients ... with w and the new u held constant"):
-``gain = grad[k, 0] * scale``, ``dgain = grad[k, 1] * scale`` (d (s y) / d x = s T), the named backend's
-``_bwd`` op for the embeddings, and for the scale ``grad[k, 0] wdsum / scale + grad[k, 1] h_ds``
-(``h_ds = d h / d s``, from the epilogue).
+The backends share one op with autograd, ``drrho::loss(Tensor wdsum, Tensor? h, Tensor? h_ds, Tensor u_new,
+Tensor? wsum, Tensor? s_img, Tensor? s_txt, <TileInputs>, <Weights>, float[] form, str backend) -> Tensor``:
+the scalar loss of ``phi_k = sum_i wdsum[k, i] = sum_ij w_kij d_kij`` and ``H_k = sum_i h[k, i]`` (the
+distillation cross-entropies, None without) for the temperature form ``form = [kind, multiply_tau, rho,
+distill_weight]`` with the logit scales ``s_img``, ``s_txt`` (None: the global form's ``s_txt`` is ``s_img``;
+the per-sample temperatures have none). Its forward also gives the slopes (``core.epilogue.loss_and_slopes``:
+``dL/dphi``, ``dL/dH`` and the direct ``dL/ds``, the weights and ``u`` held constant, SPEC.md: "gradients ...
+with w and the new u held constant"); its backward multiplies them by the upstream gradient:
+``gain = dL/dphi_k * scale``, ``dgain = dL/dH_k * scale`` (d (s y) / d x = s T) for the named backend's
+``_bwd`` op (the embeddings), ``dL/dphi_k wdsum / scale + dL/dH_k h_ds`` for the rows' scales (``h_ds = d h
+/ d s``, from the epilogue) and the direct terms for ``s_img``, ``s_txt``. One autograd node for the whole
+loss: a small step's host time is a handful of ops, not a graph of them.
 
 Autocast (SPEC 3.1): every op has an implementation on the ``AutocastCPU`` / ``AutocastCUDA`` dispatch keys
 that casts the float32 embeddings among its arguments (rows, columns, reference: the fields of
@@ -51,7 +56,9 @@ from typing import Callable
 
 import torch
 
-from .inputs import TileInputs, Weights, accumulation_dtype, as_args, embedding_fields, from_args, n_args, schema_fields
+from .epilogue import loss_and_slopes
+from .inputs import (TEMPERATURES, TileInputs, Weights, accumulation_dtype, as_args, embedding_fields, from_args,
+                     n_args, schema_fields)
 
 NAMESPACE = "drrho"
 
@@ -69,7 +76,8 @@ WEIGHT_ARGS = _args(_WEIGHT_FIELDS)
 FWD_SCHEMA = f"({TILE_ARGS}) -> (Tensor stats, Tensor margin, Tensor positives)"
 BWD_SCHEMA = (f"(Tensor gain, Tensor? col_gain, Tensor? dgain, Tensor? col_dgain, {TILE_ARGS}, {WEIGHT_ARGS}, "
               "bool column_grads) -> (Tensor d_img, Tensor d_txt, Tensor d_img_all, Tensor d_txt_all)")
-PHI_SCHEMA = f"(Tensor wdsum, Tensor? h, Tensor? h_ds, {TILE_ARGS}, {WEIGHT_ARGS}, str backend) -> Tensor"
+LOSS_SCHEMA = (f"(Tensor wdsum, Tensor? h, Tensor? h_ds, Tensor u_new, Tensor? wsum, Tensor? s_img, Tensor? s_txt, "
+               f"{TILE_ARGS}, {WEIGHT_ARGS}, float[] form, str backend) -> Tensor")
 
 _library = torch.library.Library(NAMESPACE, "FRAGMENT")
 _defined: set[str] = set()
@@ -207,9 +215,15 @@ def register(backend: str, forward: Callable | None = None, backward: Callable |
         _library.impl(f"{backend}_bwd", bwd_impl, key)
 
 
+_handles: dict = {}
+
+
 def op(backend: str, which: str):
-    """The op handle ``drrho::<backend>_<which>`` (``which``: "fwd" or "bwd")."""
-    return getattr(getattr(torch.ops, NAMESPACE), f"{backend}_{which}").default
+    """The op handle ``drrho::<backend>_<which>`` (``which``: "fwd" or "bwd"), looked up once."""
+    handle = _handles.get((backend, which))
+    if handle is None:
+        handle = _handles[backend, which] = getattr(getattr(torch.ops, NAMESPACE), f"{backend}_{which}").default
+    return handle
 
 
 def forward(backend: str, tiles: TileInputs):
@@ -224,96 +238,123 @@ def backward(backend: str, gains, tiles: TileInputs, weights: Weights, column_gr
 
 
 # ---------------------------------------------------------------------------------------------
-# The one op with autograd: phi, whose backward holds the weights constant.
+# The one op with autograd: the loss, whose backward holds the weights and u constant.
 
-_library.define("phi" + PHI_SCHEMA)
+_library.define("loss" + LOSS_SCHEMA)
 
-
-@torch.library.impl(_library, "phi", "CompositeExplicitAutograd")
-def _phi_impl(wdsum, h, h_ds, *args):
-    """``[2, 2]``: ``sum_i wdsum[k, i]`` and ``sum_i h[k, i]`` (0 without distillation)."""
-    if h is None:
-        return torch.nn.functional.pad(wdsum.sum(-1, keepdim=True), (0, 1))
-    return torch.stack([wdsum.sum(-1), h.sum(-1)], dim=1)
-
-
-@torch.library.register_fake(f"{NAMESPACE}::phi", lib=_library)
-def _phi_fake(wdsum, h, h_ds, *args):
-    return wdsum.new_empty((wdsum.shape[0], 2))
-
-
-_LEAD = 3                            # wdsum, h, h_ds
+_LEAD = 7                            # wdsum, h, h_ds, u_new, wsum, s_img, s_txt
 _TILE_NAMES = [name for name, _ in _TILE_FIELDS]
 _WEIGHT_NAMES = [name for name, _ in _WEIGHT_FIELDS]
 _IMG, _IMG_ALL, _SCALE = (_LEAD + _TILE_NAMES.index(n) for n in ("img", "img_all", "scale"))
-_SCALARS = _LEAD + _TILE_NAMES.index("scalars")      # the tiles' one float[] argument
+_SCALARS = _LEAD + _TILE_NAMES.index("scalars")      # the tiles' one float[] argument, after their tensors
 _WEIGHTS = _LEAD + _N_TILE                          # where the weights' arguments start
 _COL_SCALE, _LSE_Q = (_WEIGHTS + _WEIGHT_NAMES.index(n) for n in ("col_scale", "lse_q"))
+_FORM = _WEIGHTS + _N_WEIGHT                        # the form's float[] argument
+_S_IMG, _S_TXT = 5, 6
 _ROWS_ARE_COLUMNS = [name for name, _ in TileInputs.OP_SCALARS].index("columns_are_rows")
+# what can carry a gradient (the autograd Function's inputs): img, txt, img_all, txt_all, the rows' scales,
+# s_img, s_txt
+_DIFFERENTIABLE = (_IMG, _IMG + 1, _IMG_ALL, _IMG_ALL + 1, _SCALE, _S_IMG, _S_TXT)
+_NO_TILES = (None,) * (_SCALARS - _LEAD)
 
 
-def _phi_setup_context(ctx, inputs, output):
-    """Saves the op's tensors (flat, as the backward op takes them), the tiles' scalars and the backend."""
-    ctx.backend, ctx.scalars = inputs[-1], inputs[_SCALARS]
-    ctx.save_for_backward(*inputs[:_SCALARS], *inputs[_SCALARS + 1:-1])
+def _loss_and_slopes(args):
+    """``core.epilogue.loss_and_slopes`` of the op's arguments."""
+    kind, multiply_tau, rho, distill_weight = TEMPERATURES[int(args[_FORM][0])], bool(args[_FORM][1]), *args[_FORM][2:]
+    return loss_and_slopes(kind, multiply_tau, args[_S_IMG], args[_S_TXT], args[0], args[3], rho,
+                           args[_IMG_ALL].shape[0], h=args[1], wsum=args[4], distill_weight=distill_weight)
 
 
-def _phi_backward(ctx, grad_out):
-    """The weights held constant (SPEC): the backend's backward op for the embeddings, the scale's closed form.
-    Works on the flat arguments (no dataclass is rebuilt: this runs at every step)."""
-    saved = ctx.saved_tensors
-    args = [*saved[:_SCALARS], ctx.scalars, *saved[_SCALARS:]]      # the op's arguments without the backend
+@torch.library.impl(_library, "loss", "CompositeExplicitAutograd")
+def _loss_impl(*args):
+    return _loss_and_slopes(args)[0]
+
+
+@torch.library.register_fake(f"{NAMESPACE}::loss", lib=_library)
+def _loss_fake(wdsum, *args):
+    return wdsum.new_empty(())
+
+
+def _loss_backward(ctx, grad_out):
+    """The embeddings' gradients from the backend's backward op, the scales' from the slopes. Works on the
+    flat arguments (no dataclass is rebuilt: this runs at every step)."""
+    args = list(ctx.args)
+    args[_LEAD:_SCALARS] = ctx.saved_tensors
+    d_phi, d_h, direct = ctx.slopes
+    needs = ctx.needs_input_grad[1:]                   # in the order of _DIFFERENTIABLE
     wdsum, h_ds, scale = args[0], args[2], args[_SCALE]
-    needs = ctx.needs_input_grad
-    grads = [None] * (len(args) + 1)
-    acc = wdsum.dtype
-    grad_phi, grad_h = grad_out.to(acc).unbind(1)
-    scale = scale.to(acc)
-    if any(needs[_IMG:_IMG + 2]) or any(needs[_IMG_ALL:_IMG_ALL + 2]):
-        rows_are_columns = bool(ctx.scalars[_ROWS_ARE_COLUMNS])
-        column_grads = not rows_are_columns and any(needs[_IMG_ALL:_IMG_ALL + 2])
-        col_scale, distill = args[_COL_SCALE], args[_LSE_Q] is not None
-        col_scale = None if col_scale is None else col_scale.to(acc)
-        gains = (grad_phi[:, None] * scale, None if col_scale is None else grad_phi[:, None] * col_scale,
-                 grad_h[:, None] * scale if distill else None,
-                 grad_h[:, None] * col_scale if distill and col_scale is not None else None)
-        d_img, d_txt, d_img_all, d_txt_all = op(ctx.backend, "bwd")(*gains, *args[_LEAD:], column_grads)
-        grads[_IMG], grads[_IMG + 1] = d_img, d_txt
+    grad = grad_out.to(wdsum.dtype)
+    grad_phi = d_phi * grad
+    distill = args[_LSE_Q] is not None
+    grad_h = d_h * grad if distill else None
+    grads = [None] * len(_DIFFERENTIABLE)
+    if any(needs[:4]):
+        column_grads = not ctx.rows_are_columns and (needs[2] or needs[3])
+        col_scale = args[_COL_SCALE]
+        gains = (grad_phi * scale, None if col_scale is None else grad_phi * col_scale,
+                 grad_h * scale if distill else None, grad_h * col_scale if distill and col_scale is not None else None)
+        d_img, d_txt, d_img_all, d_txt_all = op(ctx.backend, "bwd")(*gains, *args[_LEAD:_FORM], column_grads)
+        grads[0], grads[1] = d_img, d_txt
         if column_grads:
-            grads[_IMG_ALL], grads[_IMG_ALL + 1] = d_img_all, d_txt_all
-    if needs[_SCALE]:
-        # phi[k] = sum_i w d with d = scale * a and w constant: d phi[k] / d scale[k, i] = wdsum[k, i] / scale[k, i];
+            grads[2], grads[3] = d_img_all, d_txt_all
+    if needs[4]:
+        # phi_k = sum_i w d with d = scale * a and w constant: d phi_k / d scale[k, i] = wdsum[k, i] / scale[k, i];
         # the distillation term's own derivative comes from the epilogue (h_ds).
-        grad_scale = grad_phi[:, None] * wdsum / scale
-        if h_ds is not None:
-            grad_scale = grad_scale + grad_h[:, None] * h_ds
-        grads[_SCALE] = grad_scale.to(args[_SCALE].dtype)
-    return tuple(grads)
+        grad_scale = grad_phi * wdsum / scale
+        grads[4] = grad_scale.add_(grad_h * h_ds) if h_ds is not None else grad_scale
+    if direct is not None:                             # the scales' own terms (rho, u), not through phi
+        s_img, s_txt = args[_S_IMG], args[_S_TXT]
+        if s_txt is None and needs[5]:
+            grads[5] = (direct * grad).to(s_img.dtype)
+        elif s_txt is not None:
+            grads[5] = (direct[0] * grad).to(s_img.dtype) if needs[5] else None
+            grads[6] = (direct[1] * grad).to(s_txt.dtype) if needs[6] else None
+    return None, *grads
 
 
-class _Phi(torch.autograd.Function):
-    """phi's autograd: the forward (its implementation, below autograd), then :func:`_phi_setup_context`; the
-    backward :func:`_phi_backward`. Registered as the op's ``Autograd`` kernel: what
-    ``torch.library.register_autograd`` does, without its per-call ``fill_defaults`` over the schema
-    (O(arguments^2) Python objects: 0.2 ms a call at phi's 24 arguments, as much as the rest of a small step)."""
+class _Loss(torch.autograd.Function):
+    """The loss op's autograd: the forward (the loss and its slopes), the backward :func:`_loss_backward`.
+    Registered as the op's ``Autograd`` kernel: what ``torch.library.register_autograd`` does, without its
+    per-call ``fill_defaults`` over the schema (O(arguments^2) Python objects: 0.2 ms a call at 30
+    arguments, as much as the rest of a small step). Its inputs are the op's arguments (as one tuple) and,
+    again, the seven that can carry a gradient; the tiles' tensors (what the caller holds) are saved for the
+    backward, the step's own per-row values (weights, state) kept on ``ctx``."""
 
     @staticmethod
-    def forward(ctx, *args):
-        out = _phi_impl(*args)
-        _phi_setup_context(ctx, args, out)
-        return out
+    def forward(ctx, args, *differentiable):
+        loss, *slopes = _loss_and_slopes(args)
+        ctx.args, ctx.slopes = args[:_LEAD] + _NO_TILES + args[_SCALARS:], slopes
+        ctx.backend, ctx.rows_are_columns = args[-1], bool(args[_SCALARS][_ROWS_ARE_COLUMNS])
+        ctx.save_for_backward(*args[_LEAD:_SCALARS])
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _phi_backward(ctx, grad_out)
+        return _loss_backward(ctx, grad_out)
 
 
-_library.impl("phi", lambda *args: _Phi.apply(*args), "Autograd")
-_register_autocast("phi", _LEAD)
+def _loss_autograd(*args):
+    return _Loss.apply(args, *(args[i] for i in _DIFFERENTIABLE))
 
 
-def phi(backend: str, wdsum: torch.Tensor, tiles: TileInputs, weights: Weights, h=None, h_ds=None) -> torch.Tensor:
-    """``[2, 2]``: ``sum_i wdsum[k, i]`` and ``sum_i h[k, i]`` per direction, differentiable in the embeddings
-    and scales of ``tiles`` (weights constant; ``h`` the distillation cross-entropies, ``h_ds`` their
-    derivative in the scale)."""
-    return torch.ops.drrho.phi.default(wdsum, h, h_ds, *as_args(tiles), *as_args(weights), backend)
+_library.impl("loss", _loss_autograd, "Autograd")
+_register_autocast("loss", _LEAD)
+
+
+def loss_args(backend: str, wdsum: torch.Tensor, tiles: TileInputs, weights: Weights, *, u_new: torch.Tensor,
+              temperature, rho: float, distill_weight: float = 0.0, wsum=None, h=None, h_ds=None) -> tuple:
+    """The arguments of ``drrho::loss`` (its schema's order) for :func:`loss`."""
+    t = temperature
+    s_img, s_txt = (None, None) if t.kind == "individual" else (
+        t.scale_img.reshape(()), None if t.kind == "global" else t.scale_txt.reshape(()))
+    form = [float(TEMPERATURES.index(t.kind)), float(t.multiply_tau), float(rho), float(distill_weight)]
+    return (wdsum, h, h_ds, u_new.detach(), None if wsum is None else wsum.detach(), s_img, s_txt, *as_args(tiles),
+            *as_args(weights), form, backend)
+
+
+def loss(backend: str, wdsum: torch.Tensor, tiles: TileInputs, weights: Weights, **form) -> torch.Tensor:
+    """The scalar loss of the fused terms (``core.epilogue.loss_value``), differentiable in the embeddings and
+    scales of ``tiles`` and ``temperature`` (weights and ``u`` constant; ``h`` the distillation
+    cross-entropies, ``h_ds`` their derivative in the scale; ``wsum`` the per-sample temperatures' value);
+    ``form``: the keywords of :func:`loss_args`."""
+    return torch.ops.drrho.loss.default(*loss_args(backend, wdsum, tiles, weights, **form))

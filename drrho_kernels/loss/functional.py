@@ -2,8 +2,8 @@
 
     options (``validate.check_options``) -> tensors (``validate.validate``) -> backend (``backends.resolve``)
       ->  forward op: per-anchor statistics (``core.ops.forward``)
-      ->  epilogue: new u, weights (``core.epilogue.finish``)  ->  phi op: sum w d with autograd (``core.ops.phi``)
-      ->  loss (``core.epilogue.assemble_loss``)  ->  the new state in the caller's dtype
+      ->  epilogue: new u, weights (``core.epilogue.finish``)
+      ->  loss op: the loss with its closed-form backward (``core.ops.loss``)  ->  the new state in the caller's dtype
 
 The distributed scheme that gathers ``u`` takes the same path (:func:`fused_terms`, then
 :func:`loss_from_terms` with the gathered columns' weights).
@@ -18,7 +18,7 @@ import torch
 from ..backends import resolve
 from ..backends.reference import reference_loss
 from ..core import ops
-from ..core.epilogue import assemble_loss, finish, finish_extras, finish_individual, log_eps_plus_mean_exp
+from ..core.epilogue import finish, finish_extras, finish_individual, log_eps_plus_mean_exp
 from ..core.inputs import LossInputs, TauOptions, TauState, Weights
 from .validate import check_options, validate
 
@@ -255,7 +255,7 @@ def fused_terms(p: LossInputs) -> FusedTerms:
 
 def loss_from_terms(p: LossInputs, terms: FusedTerms, weights: Weights | None = None) -> torch.Tensor:
     """The loss, differentiable in the embeddings and the scales (weights held constant)."""
-    h = (terms.extras["h"], terms.extras["h_ds"]) if terms.distill else (None, None)
-    phi = ops.phi(p.backend, terms.wdsum, p.tiles, weights if weights is not None else terms.weights(), *h)
-    return assemble_loss(phi, p.temperature, terms.u_new, p.options.rho, p.n_columns, wsum=terms.wsum,
-                         distill_weight=p.options.distill_weight)
+    h = dict(h=terms.extras["h"], h_ds=terms.extras["h_ds"]) if terms.distill else {}
+    return ops.loss(p.backend, terms.wdsum, p.tiles, weights if weights is not None else terms.weights(),
+                    u_new=terms.u_new, temperature=p.temperature, rho=p.options.rho,
+                    distill_weight=p.options.distill_weight, wsum=terms.wsum, **h)

@@ -22,6 +22,7 @@ import math
 import numbers
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from ..core.inputs import (BACKENDS, LossInputs, LossOptions, TauOptions, TauState, Temperature, TileInputs,
@@ -123,7 +124,7 @@ def check_logit_scale(logit_scale, device: torch.device, dtype: torch.dtype, nam
         raise ValueError(f"{name}: expected a tensor on {device} (the device of img) or a "
                          f"Python float, got {_describe(logit_scale)}")
     if _data_checks_enabled(logit_scale):
-        value = float(logit_scale.detach().reshape(()))
+        value = logit_scale.item()
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name}: expected a finite value > 0 (s = 1/tau), got {value!r}")
     return logit_scale.reshape(())
@@ -302,7 +303,7 @@ def row_scales(t: Temperature, batch: int, acc: torch.dtype) -> torch.Tensor:
     if t.kind == "individual":
         return (1.0 / t.state.tau).to(acc)
     if t.kind == "global":
-        return t.scale_img.to(acc).reshape(1, 1).expand(2, batch)
+        return t.scale_img.to(acc).expand(2, batch)
     return torch.stack([t.scale_img.to(acc).reshape(1).expand(batch), t.scale_txt.to(acc).reshape(1).expand(batch)])
 
 
@@ -390,20 +391,26 @@ def check_index(index, batch: int, data_size: int) -> torch.Tensor:
         raise ValueError(f"index: expected shape ({batch},) (one dataset index per row of img), "
                          f"got {_describe(index)}")
     if _data_checks_enabled(index) and index.numel() > 0:
-        distinct = torch.unique(index)                  # sorted: its ends are the range
-        lo, hi = int(distinct[0]), int(distinct[-1])
+        ordered = np.sort(index.numpy())                # host data, read in place; its ends are the range
+        lo, hi = int(ordered[0]), int(ordered[-1])
         if lo < 0 or hi >= data_size:
             bad = lo if lo < 0 else hi
             raise IndexError(f"index: expected dataset indices in [0, {data_size}) (data_size), got {bad}")
-        if distinct.numel() != index.numel():
+        if (ordered[1:] == ordered[:-1]).any():
             raise ValueError("index: expected distinct dataset indices within a batch (each sample has "
                              "one u entry), got repeated indices")
     return index.long()
 
 
-def check_global_index(index_all: torch.Tensor, n_columns: int, rank: int) -> None:
+def _repeats(index: torch.Tensor) -> bool:
+    """Whether a host index holds a value twice (NumPy, on the tensor's own memory)."""
+    ordered = np.sort(index.numpy())
+    return bool((ordered[1:] == ordered[:-1]).any())
+
+
+def check_global_index(index_all: torch.Tensor, rank: int) -> None:
     """The gathered indices of the global batch (host copies) are distinct: each sample has one state entry."""
-    if _data_checks_enabled(index_all) and torch.unique(index_all).numel() != n_columns:
+    if _data_checks_enabled(index_all) and _repeats(index_all):
         raise ValueError("index: expected distinct dataset indices across the global batch (each sample "
                          "has one u entry), got a sample on more than one rank or twice "
                          f"(raised on every rank; this is rank {rank})")

@@ -258,7 +258,7 @@ def _step(img, txt, logit_scale, u_img, u_txt, options, *, ref_img, ref_txt, ind
     if index is not None:
         if index.device.type == "cpu":  # the dataloader's: gathered and checked on the host, then sent over
             index_host = all_gather(index.to(torch.int64), hosts, "index")
-            check_global_index(index_host, n_columns, rank)
+            check_global_index(index_host, rank)
             index_all = to_device(index_host, device)
         else:                           # an accelerator's: gathered there, its repeats not checked (SPEC 3.2)
             index_all = all_gather(index.to(torch.int64), group, "index")
