@@ -1,5 +1,6 @@
 """What every benchmark shares: interleaved timing, peak memory (a fresh process on the CPU, in process
-on CUDA), the run's metadata and the JSON writer (benchmarks/README.md, "What is measured")."""
+on CUDA), the run's metadata, the JSON writer and table printing (docs/RESULTS.md, "How the benchmarks
+measure")."""
 from __future__ import annotations
 
 import datetime
@@ -38,6 +39,11 @@ def is_oom(error, returncode: int = 0) -> bool:
         return True
     text = str(error).lower()
     return returncode in (-9, 137) or any(s in text for s in ("out of memory", "memoryerror", "allocate memory"))
+
+
+def markdown(header, rows) -> str:
+    """A Markdown table of ``rows`` (sequences of cells) under ``header``."""
+    return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in [header, ["---"] * len(header), *rows])
 
 
 def git_commit() -> str:
@@ -98,14 +104,13 @@ def results_dir(fallback: Path, name: str = "") -> Path:
 
 def summarize(samples) -> dict:
     """Median, p20, p80, count, and the samples in round order (``samples_s``: per-round ratios)."""
-    in_rounds = [float(t) for t in samples]
-    samples = sorted(samples)
+    in_rounds, s = [float(t) for t in samples], sorted(samples)
 
     def pct(q):
-        k = (len(samples) - 1) * q
-        lo, hi = int(k), min(int(k) + 1, len(samples) - 1)
-        return samples[lo] + (samples[hi] - samples[lo]) * (k - lo)
-    return {"median_s": statistics.median(samples), "p20_s": pct(0.2), "p80_s": pct(0.8), "n_repeat": len(samples),
+        k = (len(s) - 1) * q
+        lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+        return s[lo] + (s[hi] - s[lo]) * (k - lo)
+    return {"median_s": statistics.median(s), "p20_s": pct(0.2), "p80_s": pct(0.8), "n_repeat": len(s),
             "samples_s": in_rounds}
 
 

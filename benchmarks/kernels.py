@@ -108,13 +108,15 @@ def occupancy(arch, registers: int, num_warps: int, shared: int) -> dict:
 
 @dataclass(frozen=True)
 class Shape:
-    """One launch: ``B`` rows against ``N`` columns, widths ``d`` and ``dr`` (0: no reference)."""
+    """One launch: ``B`` rows against ``N`` columns, widths ``d`` and ``dr`` (0: no reference); ``split``
+    False: the kernels with ``tiles.column_splits`` forced to 1 (before the column split)."""
     B: int
     N: int
     d: int
     dr: int = 0
     dtype: torch.dtype = torch.bfloat16
     arch: int | str = 90
+    split: bool = True
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -179,7 +181,7 @@ def _rows(s, t, v):
 def _forward(s, t, v):
     """(row blocks, 2 directions, column parts: forward.forward_splits on this target)."""
     return (_cdiv(s.B, t.BM), 2, forward.forward_splits(s.B, s.N, s.d, s.dr, s.dtype, v.flags["EXTRA"], s.arch,
-                                                         HW[s.arch].units))
+                                                         HW[s.arch].units) if s.split else 1)
 
 
 def _directions(s, t, v):
@@ -188,7 +190,7 @@ def _directions(s, t, v):
 
 def _backward(s, t, v):
     """(outer blocks, 2 directions x inner parts: backward.backward_splits, output slices)."""
-    n_out, n_in = (s.B, s.N) if v.flags["IS_ROW"] else (s.N, s.B)
+    n_out = s.B if v.flags["IS_ROW"] else s.N
     parts = split_parts(s, v.flags["IS_ROW"], v.flags["DISTILL"]) if v.flags["SPLIT"] else 1
     return (_cdiv(n_out, t.BM), 2 * parts, _cdiv(s.d, t.BD))
 
@@ -196,7 +198,7 @@ def _backward(s, t, v):
 def split_parts(s, is_row: bool, distill: bool) -> int:
     """The backward's inner parts for shape ``s`` (1: the unsplit variant runs)."""
     n_out, n_in = (s.B, s.N) if is_row else (s.N, s.B)
-    return backward.backward_splits(n_out, n_in, s.d, s.dr, s.dtype, distill, s.arch, HW[s.arch].units)
+    return backward.backward_splits(n_out, n_in, s.d, s.dr, s.dtype, distill, s.arch, HW[s.arch].units) if s.split else 1
 
 
 def _every_inner_block(s, t, v):
@@ -230,7 +232,7 @@ VARIANTS = {v.name: v for v in (
               dict(HAS_REF=True, IS_ROW=side == "row", FOLD=fold, DISTILL=distill, SPLIT=split), _backward,
               _every_inner_block, weighted=True, parts_of=lambda g: g[1] // 2)
       for split in (False, True) for distill in (False, True)
-      for side, fold in (("row", True), ("row", False), ("col", False)) if side == "row" or not split),
+      for side, fold in (("row", True), ("row", False), ("col", False))),
 )}
 # The variant of each kernel role on each path of a step: plain; per-sample outputs (the EXTRA forward);
 # distillation (EXTRA forward, DISTILL backward).
