@@ -1,16 +1,7 @@
-"""Analytic cost of one DRRho-CLIP step (forward + backward) on a GPU, no timing: the fused Triton kernels,
-the unfused loss (the authors' sequence, in the inputs' dtype or under autocast) and the GEMM floor.
-
-:func:`triton_kernels`: each launch of ``kernels.VARIANTS`` as the launcher makes it (the path's variants,
-their default tiles, grids with their column parts; ``split=False``: the same kernels with
-``tiles.column_splits`` forced to 1), FLOPs as the tensor cores execute them (partial tiles padded, the
-backward recomputing the scores per d-slice), exponentials, HBM bytes (the outer block read once, the inner
-vectors once per wave of resident programs, per-row vectors, partial results and outputs once). Time of a
-launch: ``waves = ceil(programs / (SMs x programs per SM))`` at the kernel's occupancy (the committed AOT
-report of the default tiles, ``OCCUPANCY``; 1 where it has no row), each wave max(tensor, HBM, exp) of its
-resident programs at their SMs' share of the peaks (the tail wave counted whole), plus ``LAUNCH_S``. The
-unfused loss and the floor: their totals at the whole GPU's peaks plus ``LAUNCH_S`` per operation.
-``python -m benchmarks.cost_model [--markdown]`` writes ``results/cost_model.json``."""
+"""Analytic cost of one DRRho-CLIP step (forward + backward) on a GPU, no timing: the fused Triton kernels
+(``kernels.VARIANTS`` as the launcher runs them, with and without the column split), the unfused loss (the
+authors' sequence, also under autocast) and the GEMM floor: FLOPs, exponentials, HBM bytes, launches and a
+modelled time (docs/RESULTS.md, "The cost model"). ``python -m benchmarks.cost_model`` -> results/cost_model.json."""
 from __future__ import annotations
 
 import argparse
@@ -111,14 +102,12 @@ def triton_kernels(B, N, d, dr=None, dtype="bfloat16", ref=True, column_grads=No
         # columns once (a group's panel is shared in L2), the rows once per panel, scale [2, B] and margins [B],
         # the partials written once and read by the merge; the slots' read-modify-writes stay in L2
         plan, tt = K.plan(s, v["fwd_t"]), tile(v["fwd_t"])
-        n_bm, n_panels = _cdiv(B, tt.BM), _cdiv(_cdiv(_cdiv(B, tt.BN), plan.groups), max(1, plan.panel_cols // tt.BN))
+        n_panels = _cdiv(_cdiv(_cdiv(B, tt.BN), plan.groups), max(1, plan.panel_cols // tt.BN))
         partial = plan.partial_bytes(B)
         ks += [launch("fwd_t_margin", v["fwd_t_margin"], hbm_bytes=lambda w: 2 * vec(B) + 3 * F32 * B),
                launch("fwd_t", v["fwd_t"], exps_per_score=2 * (1 + extra),
                       hbm_bytes=lambda w: vec(B) + n_panels * vec(B) + 3 * F32 * B + partial,
-                      plan=dict(groups=plan.groups, splits=plan.splits, panel_cols=plan.panel_cols, panels=n_panels),
-                      partial_bytes=partial, l2_partial_bytes=2 * 3 * F32 * (v["fwd_t"].tiles_of(s, tt, v["fwd_t"]) * tt.BN
-                                                                             + n_panels * plan.groups * n_bm * tt.BM)),
+                      plan=dict(groups=plan.groups, splits=plan.splits, panel_cols=plan.panel_cols, panels=n_panels)),
                launch("fwd_t_merge", v["fwd_t_merge"], hbm_bytes=lambda w: partial + 6 * F32 * B)]
         ks[-1]["exps"] = 2 * (plan.groups + plan.splits) * B
     else:       # scale [2, B] read, margins [B] and the statistics [S, 2, nstat, B] written, merged when S > 1
@@ -269,7 +258,7 @@ def report(shapes=SHAPES, dtypes=("bfloat16", "float32")) -> dict:
                          unfused=unfused_cost(**plain, dtype=dtype), floor=floor_cost(**shape, dtype=dtype),
                          **({"unfused_autocast": unfused_cost(**plain, dtype="float32", autocast=dtype)}
                             if dtype == "bfloat16" else {})))
-    return dict(hardware=K.HW[90].__dict__, launch_s=LAUNCH_S, model=__doc__.split("\n\n")[1], rows=rows)
+    return dict(hardware=K.HW[90].__dict__, launch_s=LAUNCH_S, model=__doc__, rows=rows)
 
 
 def markdown(rep: dict) -> str:
@@ -293,14 +282,12 @@ def markdown(rep: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=harness.RESULTS_DIR / "cost_model.json")
-    parser.add_argument("--markdown", action="store_true", help="print the table (default: the per-kernel lines)")
-    args = parser.parse_args(argv)
-    rep = report()
-    if not args.markdown:
-        for r in rep["rows"]:
-            print(r["shape"], r["dtype"], *(f"\n  {k['kernel']} {k['tiles']} grid {k['grid']} {k['programs_per_sm']}/SM "
-                                           f"{k['waves']} waves {k['t_s'] * 1e6:.1f} us ({k['bound_by']})"
-                                           for k in r["triton"]["kernels"]))
+    parser.add_argument("--markdown", action="store_true", help="the table only (default: each launch too)")
+    args, rep = parser.parse_args(argv), report()
+    for r in [] if args.markdown else rep["rows"]:
+        print(r["shape"], r["dtype"], *(f"\n  {k['kernel']} {k['tiles']} grid {k['grid']}: {k['programs_per_sm']}/SM, "
+                                       f"{k['waves']} waves, {k['t_s'] * 1e6:.1f} us ({k['bound_by']})"
+                                       for k in r["triton"]["kernels"]))
     print(markdown(rep))
     print(f"written {harness.write_json(args.out, rep)}")
     return 0

@@ -1,7 +1,6 @@
-"""The one description of the Triton kernels and of the GPUs they target, for the static tools
-(``aot_report``, ``cost_model``, ``precision_study``): ``VARIANTS``, each kernel variant as the
-launchers run it (jit function, path flags, tile table, grid, score tiles per launch), ``PATHS``, the
-variants each path of a step launches, and ``HW``, the hardware facts of every target."""
+"""The one description of the Triton kernels and of the GPUs they target, for the static tools (``aot_report``,
+``cost_model``): ``VARIANTS``, each kernel variant as the launchers run it (jit function, path flags, tiles,
+grid, score tiles, column parts), ``PATHS``, the variants of each path of a step, ``HW``, the targets' facts."""
 from __future__ import annotations
 
 import math
@@ -72,8 +71,7 @@ def label(arch) -> str:
 
 def parse_arch(text):
     """"90" or "sm_90" -> 90; "gfx942" -> "gfx942"."""
-    text = str(text)
-    return text if text.startswith("gfx") else int(text.removeprefix("sm_"))
+    return str(text) if str(text).startswith("gfx") else int(str(text).removeprefix("sm_"))
 
 
 def target(arch):
@@ -108,8 +106,8 @@ def occupancy(arch, registers: int, num_warps: int, shared: int) -> dict:
 
 @dataclass(frozen=True)
 class Shape:
-    """One launch: ``B`` rows against ``N`` columns, widths ``d`` and ``dr`` (0: no reference); ``split``
-    False: the kernels with ``tiles.column_splits`` forced to 1 (before the column split)."""
+    """One step's launches: ``B`` rows against ``N`` columns, widths ``d`` and ``dr`` (0: no reference);
+    ``split`` False: ``tiles.column_splits`` forced to 1 (the kernels before the column split)."""
     B: int
     N: int
     d: int
@@ -138,10 +136,6 @@ class Variant:
     def has_dot(self) -> bool:
         return self.tiles_of is not None
 
-    @property
-    def table(self) -> str:
-        return tiles.table_name(self.kernel, self.flags)
-
     def candidates(self, d: int, dr: int, dtype: torch.dtype, arch) -> list:
         return tiles.candidates(self.kernel, d, dr, dtype, arch, self.flags)
 
@@ -152,9 +146,6 @@ class Variant:
 
     def grid(self, s: Shape, t) -> tuple:
         return self.grid_of(s, t, self)
-
-    def waves(self, s: Shape, t, programs_per_unit: int = 1) -> int:
-        return _cdiv(math.prod(self.grid(s, t)), HW[s.arch].units * programs_per_unit)
 
     def parts(self, s: Shape, t) -> int:
         """Into how many parts the launch cuts its columns (1: not split)."""
@@ -168,66 +159,55 @@ class Variant:
 
 def plan(s: Shape, v: Variant | None = None) -> tiles.Plan:
     """The one-process forward's plan on ``s.arch``, from the largest tiles of its path's candidates."""
-    cands = (v or VARIANTS["fwd_t"]).candidates(s.d, s.dr, s.dtype, s.arch)
-    hw = HW[s.arch]
+    cands, hw = (v or VARIANTS["fwd_t"]).candidates(s.d, s.dr, s.dtype, s.arch), HW[s.arch]
     return tiles.transposed_plan(s.B, max(c.BM for c in cands), max(c.BN for c in cands),
                                  (s.d + s.dr) * s.dtype.itemsize, hw.units, hw.l2_bytes)
 
 
-def _rows(s, t, v):
-    return (_cdiv(s.B, t.BM),)
-
-
-def _forward(s, t, v):
-    """(row blocks, 2 directions, column parts: forward.forward_splits on this target)."""
-    return (_cdiv(s.B, t.BM), 2, forward.forward_splits(s.B, s.N, s.d, s.dr, s.dtype, v.flags["EXTRA"], s.arch,
-                                                         HW[s.arch].units) if s.split else 1)
-
-
-def _directions(s, t, v):
-    return (_cdiv(s.B, t.BM), 2)
-
-
-def _backward(s, t, v):
-    """(outer blocks, 2 directions x inner parts: backward.backward_splits, output slices)."""
-    n_out = s.B if v.flags["IS_ROW"] else s.N
-    parts = split_parts(s, v.flags["IS_ROW"], v.flags["DISTILL"]) if v.flags["SPLIT"] else 1
-    return (_cdiv(n_out, t.BM), 2 * parts, _cdiv(s.d, t.BD))
-
-
-def split_parts(s, is_row: bool, distill: bool) -> int:
-    """The backward's inner parts for shape ``s`` (1: the unsplit variant runs)."""
+def split_parts(s: Shape, is_row: bool, distill: bool) -> int:
+    """The backward's inner parts (``backward.backward_splits``; 1: the unsplit variant runs)."""
     n_out, n_in = (s.B, s.N) if is_row else (s.N, s.B)
     return backward.backward_splits(n_out, n_in, s.d, s.dr, s.dtype, distill, s.arch, HW[s.arch].units) if s.split else 1
 
 
+def _forward(s, t, v):
+    """(row blocks, 2 directions, column parts: ``forward.forward_splits`` on this target)."""
+    parts = forward.forward_splits(s.B, s.N, s.d, s.dr, s.dtype, v.flags["EXTRA"], s.arch, HW[s.arch].units)
+    return (_cdiv(s.B, t.BM), 2, parts if s.split else 1)
+
+
+def _backward(s, t, v):
+    """(outer blocks, 2 directions x inner parts, output slices)."""
+    parts = split_parts(s, v.flags["IS_ROW"], v.flags["DISTILL"]) if v.flags["SPLIT"] else 1
+    return (_cdiv(s.B if v.flags["IS_ROW"] else s.N, t.BM), 2 * parts, _cdiv(s.d, t.BD))
+
+
 def _every_inner_block(s, t, v):
-    """Every outer block against every inner block (the column parts share them out): N columns (forward,
-    row kernel), B rows (column kernel)."""
-    row, inner = v.flags.get("IS_ROW", True), s.N if v.flags.get("IS_ROW", True) else s.B
-    slices = _cdiv(s.d, t.BD) if t.BD else 1
-    return _cdiv(s.B if row else s.N, t.BM) * 2 * slices * _cdiv(inner, t.BN)
+    """Every outer block against every inner block (the column parts share them out), per direction and
+    output slice: N columns (forward, row kernel), B rows (column kernel)."""
+    row = v.flags.get("IS_ROW", True)
+    return _cdiv(s.B if row else s.N, t.BM) * 2 * (_cdiv(s.d, t.BD) if t.BD else 1) * _cdiv(s.N if row else s.B, t.BN)
 
 
-def _each_tile_once(s, t, v):
-    return _cdiv(s.B, t.BM) * _cdiv(s.B, t.BN)
+def ROWS(s, t, v):
+    return (_cdiv(s.B, t.BM),)
 
 
-_FWD_T = forward_transposed
+def DIRECTIONS(s, t, v):
+    return (_cdiv(s.B, t.BM), 2)
+
+
+_FT = forward_transposed
 VARIANTS = {v.name: v for v in (
-    Variant("fwd", forward._fwd_kernel, "fwd", dict(HAS_REF=True, EXTRA=False), _forward, _every_inner_block,
-            parts_of=lambda g: g[2]),
-    Variant("fwd_extra", forward._fwd_kernel, "fwd", dict(HAS_REF=True, EXTRA=True), _forward, _every_inner_block,
-            parts_of=lambda g: g[2]),
-    Variant("fwd_merge", forward._merge_splits_kernel, "merge", dict(NSTAT=3, NGROUPS=1), _directions),
-    Variant("fwd_merge_extra", forward._merge_splits_kernel, "merge", dict(NSTAT=12, NGROUPS=4), _directions),
-    Variant("fwd_t_margin", _FWD_T._margin_kernel, "margin", dict(HAS_REF=True), _rows),
-    Variant("fwd_t", _FWD_T._fwd_t_kernel, "fwdt", dict(HAS_REF=True, EXTRA=False),
-            lambda s, t, v: plan(s, v).grid, _each_tile_once),
-    Variant("fwd_t_extra", _FWD_T._fwd_t_kernel, "fwdt", dict(HAS_REF=True, EXTRA=True),
-            lambda s, t, v: plan(s, v).grid, _each_tile_once),
-    Variant("fwd_t_merge", _FWD_T._fwd_t_merge_kernel, "merge", dict(NGROUPS=1), _rows),
-    Variant("fwd_t_merge_extra", _FWD_T._fwd_t_merge_kernel, "merge", dict(NGROUPS=4), _rows),
+    *(Variant("fwd" + "_extra" * x, forward._fwd_kernel, "fwd", dict(HAS_REF=True, EXTRA=x), _forward,
+              _every_inner_block, parts_of=lambda g: g[2]) for x in (False, True)),
+    Variant("fwd_merge", forward._merge_splits_kernel, "merge", dict(NSTAT=3, NGROUPS=1), DIRECTIONS),
+    Variant("fwd_merge_extra", forward._merge_splits_kernel, "merge", dict(NSTAT=12, NGROUPS=4), DIRECTIONS),
+    Variant("fwd_t_margin", _FT._margin_kernel, "margin", dict(HAS_REF=True), ROWS),
+    *(Variant("fwd_t" + "_extra" * x, _FT._fwd_t_kernel, "fwdt", dict(HAS_REF=True, EXTRA=x),
+              lambda s, t, v: plan(s, v).grid, lambda s, t, v: _cdiv(s.B, t.BM) * _cdiv(s.B, t.BN)) for x in (False, True)),
+    *(Variant("fwd_t_merge" + "_extra" * x, _FT._fwd_t_merge_kernel, "merge", dict(NGROUPS=4 if x else 1), ROWS)
+      for x in (False, True)),
     *(Variant(f"bwd_{side}{'_fold' * fold}{'_distill' * distill}{'_split' * split}", backward._bwd_kernel, "bwd",
               dict(HAS_REF=True, IS_ROW=side == "row", FOLD=fold, DISTILL=distill, SPLIT=split), _backward,
               _every_inner_block, weighted=True, parts_of=lambda g: g[1] // 2)
@@ -238,6 +218,5 @@ VARIANTS = {v.name: v for v in (
 # distillation (EXTRA forward, DISTILL backward).
 ROLES = ("fwd", "fwd_t_margin", "fwd_t", "fwd_t_merge", "bwd_row_fold", "bwd_row", "bwd_col")
 _EXTRA = ("fwd_extra", "fwd_t_margin", "fwd_t_extra", "fwd_t_merge_extra")
-PATHS = {"plain": dict(zip(ROLES, ROLES)),
-         "per_sample": dict(zip(ROLES, _EXTRA + ROLES[4:])),
+PATHS = {"plain": dict(zip(ROLES, ROLES)), "per_sample": dict(zip(ROLES, _EXTRA + ROLES[4:])),
          "distill": dict(zip(ROLES, _EXTRA + tuple(r + "_distill" for r in ROLES[4:])))}

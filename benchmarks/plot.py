@@ -1,11 +1,10 @@
-"""Figures and Markdown tables from sweep results, and the distributed byte table: per file and group of
-rows sharing ``(dtype, d, dr, ref, N/B)``, time (one panel per mode, p20-p80 band), memory, speedup and the
-cost model's HBM bytes (skipped without triton); OOM points as ``x`` at the top edge."""
+"""Figures and Markdown tables of sweep results, per file and group of rows sharing ``(dtype, d, dr, ref, N/B)``:
+time (a panel per mode, p20-p80 band), memory, speedup; OOM points as ``x`` at the top edge. And the table of
+the distributed schemes' bytes per step."""
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -27,8 +26,6 @@ KINDS = {   # kind: (value, scale, y label, log base of y, title)
                "peak extra memory vs B (forward + backward)"),
     "speedup": ("speedup_vs_unfused", 1, "speedup over the unfused loss (t_unfused / t)", 2,
                 "speedup over the unfused loss (forward + backward)"),
-    "hbm": ("hbm_bytes", 2 ** -30, "HBM traffic per step (GiB), model", 10, "HBM bytes per forward + backward "
-            "step: cost model for an H100 SXM, not measured; beside"),
 }
 
 
@@ -125,15 +122,10 @@ def figure(meta, key, kind, rows, path, written, guard=None):
     return fig
 
 
-def plot_file(path, out_dir: Path, hbm: bool = True) -> list[Path]:
-    payload, written, cost_model = load(path), [], None
+def plot_file(path, out_dir: Path) -> list[Path]:
+    payload, written = load(path), []
     meta, stem = payload["meta"], Path(path).stem
     out_dir.mkdir(parents=True, exist_ok=True)
-    if hbm:
-        try:
-            from . import cost_model
-        except Exception as exc:                       # noqa: BLE001 (no triton: no tile tables)
-            print(f"plot: benchmarks.cost_model not importable ({exc}); HBM figures skipped", file=sys.stderr)
     for key, rows in sorted(groups(payload["rows"]).items(), key=lambda kv: str(kv[0])):
         dtype, d, dr, ref, ratio = key
         fb = [r for r in rows if r["mode"] == "forward_backward"]
@@ -147,13 +139,6 @@ def plot_file(path, out_dir: Path, hbm: bool = True) -> list[Path]:
             figure(meta, key, "speedup", [r if r["impl"] == "unfused" else dict(r, status="ok") for r in fb
                                           if r["impl"] != "unfused" or r["status"] == "OOM"],
                    out_dir / name.format("speedup"), written)
-        if cost_model is not None and dtype in ("bfloat16", "float16", "float32"):   # over the GPU range too
-            model = [dict(impl=impl, mode="forward_backward", status="ok", B=b, hbm_bytes=fn(
-                b, max(b, round(ratio * b)), d, dr or d, dtype, bool(ref))["hbm_bytes"])
-                for b in sorted({r["B"] for r in rows} | {1 << k for k in range(9, 19)})
-                for impl, fn in (("triton", cost_model.triton_cost), ("unfused", cost_model.unfused_cost),
-                                 ("gemm_floor", cost_model.floor_cost))]
-            figure(meta, key, "hbm", model, out_dir / name.format("hbm"), written)
     return written
 
 
@@ -198,7 +183,6 @@ def main(argv=None) -> list[Path]:
     ap.add_argument("json", nargs="*", type=Path,
                     help="sweep result files (default: every benchmarks/results/sweep_*.json)")
     ap.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where PNGs go (default benchmarks/results/)")
-    ap.add_argument("--no-hbm", action="store_true", help="skip the cost-model (HBM bytes) figures")
     ap.add_argument("--markdown", action="store_true", help="print the forward + backward tables instead of plotting")
     ap.add_argument("--bytes-table", type=int, nargs=4, metavar=("B", "W", "d", "dr"),
                     help="print the distributed schemes' bytes per step and process (dr 0: no reference)")
@@ -218,7 +202,7 @@ def main(argv=None) -> list[Path]:
             for key, grp in sorted(groups(payload["rows"]).items(), key=lambda kv: str(kv[0])):
                 print(markdown_table(key, grp))
         return []
-    written = [p for path in args.json for p in plot_file(path, args.out_dir, hbm=not args.no_hbm)]
+    written = [p for path in args.json for p in plot_file(path, args.out_dir)]
     print("\n".join(map(str, written)))
     return written
 

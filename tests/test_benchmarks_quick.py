@@ -80,7 +80,7 @@ def test_quick_sweep_json_and_plots(out_dir):
     guard = find("unfused", "forward", B=1 << 20)[0]
     assert guard["status"] == "OOM" and guard["oom_predicted"] and guard["reason"].endswith("not run"), guard
 
-    written = plot.main([str(out), "--out-dir", str(out_dir / "png"), "--no-hbm"])
+    written = plot.main([str(out), "--out-dir", str(out_dir / "png")])
     assert {p.name.split("_")[1] for p in written} == {"time", "memory", "speedup"}, written
     assert all(p.stat().st_size > 10_000 for p in written)
 
@@ -250,7 +250,7 @@ def test_harness_reports_oom_from_a_fresh_process():
 
 
 def test_plots_from_made_up_rows(out_dir):
-    """All four figures, OOM points included (the HBM one from the real cost model, when triton is here)."""
+    """All three figures, OOM points included."""
     rows = []
     for B in (1024, 2048, 4096):
         for impl, t in (("torch", 3e-9), ("unfused", 9e-9), ("gemm_floor", 1e-9)):
@@ -262,12 +262,7 @@ def test_plots_from_made_up_rows(out_dir):
     meta = {"date": "2026-01-01T00:00:00+00:00", "commit": "abc", "cpu": "Test CPU", "torch_threads": 2}
     path = out_dir / "sweep_test.json"
     path.write_text(json.dumps({"meta": meta, "config": {"ram_guard_bytes": 20 << 30}, "rows": rows}))
-    kinds = {p.name.split("_")[2] for p in plot.plot_file(path, out_dir)}
-    try:
-        import triton  # noqa: F401
-        assert kinds == {"time", "memory", "speedup", "hbm"}, kinds
-    except ImportError:
-        assert kinds == {"time", "memory", "speedup"}, kinds
+    assert {p.name.split("_")[2] for p in plot.plot_file(path, out_dir)} == {"time", "memory", "speedup"}
 
 
 def test_markdown_tables_print_time_memory_and_oom(out_dir, capsys):

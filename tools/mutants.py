@@ -1,18 +1,13 @@
 """Mutation check of the test suite: plant one meaningful bug at a time and see that a test fails.
 
-    python tools/mutants.py                 # every mutant (~10 min on 2 cores; +2.5 min for the first C++ build)
-    python tools/mutants.py --list          # the mutants, where they are planted, the tests they run
-    python tools/mutants.py --only 'cpp-*' eps-dropped      # a selection (shell-style patterns)
+    python tools/mutants.py [--only 'cpp-*' eps-dropped] [--list]   # ~10 min on 2 cores (+2.5 min first C++ build)
 
-Nothing is planted in the working tree: the tree (``git ls-files -co --exclude-standard``) is copied into a
-work directory (default ``<tmp>/drrho_kernels_mutants/<hash of this checkout's path>``, kept for an incremental
-C++ build; ``--fresh`` starts over), the extension is built there and every test run imports the package from
-there (checked first). A mutant replaces text that must occur exactly once (else STALE). Python and Triton
-mutants are written into the copy, their tests run (``pytest -x``), the file is restored. The C++ mutants are
-compiled at once as a schema: each replaced line becomes ``drrho_mutant_on("<name>") ? <mutant> : <original>``
-(``{on}`` in the table), and the run of one sets ``DRRHO_MUTANT=<name>``. KILLED: its tests fail (``every``: all
-of them); SURVIVED: they pass; ERROR: anything else. The killing tests then run on the unmutated copy: a kill
-counts only if they pass there. Exit 0 only if every mutant was killed and confirmed. Not part of CI."""
+The tree (``git ls-files -co --exclude-standard``) is copied into a work directory kept between runs
+(``--fresh``: anew), the extension built there, every test imports the package from there. A mutant replaces
+text that must occur exactly once (else STALE); a C++ mutant is compiled in with the others as a schema, each
+replaced line ``drrho_mutant_on("<name>") ? <mutant> : <original>``, switched on by ``DRRHO_MUTANT=<name>``.
+KILLED: its tests fail (``every``: all of them); SURVIVED: they pass; ERROR: anything else. The killing tests then
+run on the unmutated copy: a kill counts only if they pass there. Exit 0 only if every mutant was killed."""
 from __future__ import annotations
 
 import argparse
@@ -114,9 +109,10 @@ cpp-ref-sign | cpp | {C} -k "{O} cpp and ref" | C++ similarity: reference added
 ~ /*beta=*/1, /*alpha=*/-1); => /*beta=*/1, /*alpha=*/{on} ? 1 : -1);
 cpp-margin-sign | cpp | {C} -k "{O} cpp and ref" | C++ margin: m = y_i + z_i
 ~ at::Tensor margin = positives[0] - positives[1]; => at::Tensor margin = positives[0] + ({on} ? 1 : -1) * positives[1];
-## online statistics (Triton helpers), half inputs accumulated in float32
+## online statistics (Triton helpers)
 triton-online-no-rescale | triton/helpers | {C} -k "{O} triton and B37 and f32" | running sum not rescaled by a new max
 ~ b_e = b_e * b_alpha + tl.sum(b_p, axis=AXIS) => b_e = b_e + tl.sum(b_p, axis=AXIS)
+## half inputs, float32 accumulation
 torch-similarity-rounded-to-half | torch | {C} -k "test_half_tolerance and torch" | scores rounded to f16 / bf16 | every
 ~     y = rows[r0:r1].to(acc) @ cols.T\n =>     y = (rows[r0:r1].to(acc) @ cols.T).to(rows.dtype).to(acc)\n
 ~ ref_rows[r0:r1].to(acc) @ ref_cols.T\n => (ref_rows[r0:r1].to(acc) @ ref_cols.T).to(rows.dtype).to(acc)\n
@@ -173,29 +169,26 @@ MUTANTS = parse()
 
 
 def sync_copy(work: Path) -> None:
-    """Make ``work`` hold the current tree: changed files copied (with a new mtime, so that the C++ build sees
-    them), files gone from the tree removed; build outputs kept."""
+    """``work`` holds the tree: changed files copied (a new mtime: the C++ build sees them), files gone from the
+    tree removed; build outputs kept."""
     out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
                          capture_output=True).stdout
-    files = sorted(p for p in out.decode().split("\0") if p and (ROOT / p).is_file())
+    files = {p for p in out.decode().split("\0") if p and (ROOT / p).is_file()}
     for rel in files:
-        src, dst = ROOT / rel, work / rel
-        if not dst.exists() or dst.read_bytes() != src.read_bytes():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.write_bytes(src.read_bytes())
-            shutil.copymode(src, dst)
+        if not (work / rel).exists() or (work / rel).read_bytes() != (ROOT / rel).read_bytes():
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / rel, work / rel)
     for path in work.rglob("*"):
         rel = path.relative_to(work).as_posix()
-        if path.is_file() and rel not in set(files) and not (
-                rel.startswith(("build/", ".git/")) or "__pycache__" in rel or rel.endswith(".so")):
+        if path.is_file() and rel not in files and not (rel.startswith(("build/", ".git/")) or "__pycache__" in rel
+                                                        or rel.endswith(".so")):
             path.unlink()
 
 
 def _env(work: Path, mutant: str | None = None) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(work) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PYTHONDONTWRITEBYTECODE="1")
-    env.pop("DRRHO_MUTANT", None)
-    return {**env, "DRRHO_MUTANT": mutant} if mutant else env
+    env = {k: v for k, v in os.environ.items() if k != "DRRHO_MUTANT"}
+    return dict(env, PYTHONPATH=str(work) + os.pathsep + env.get("PYTHONPATH", ""), PYTHONDONTWRITEBYTECODE="1",
+                **({"DRRHO_MUTANT": mutant} if mutant else {}))
 
 
 def apply(root: Path, m: Mutant, schema: bool = False, write: bool = True) -> str | None:
@@ -212,29 +205,27 @@ def apply(root: Path, m: Mutant, schema: bool = False, write: bool = True) -> st
 
 def build_cpp(work: Path, cpp_mutants: list, log) -> str | None:
     """Build the extension in the copy with the C++ mutants' schema; None on success, else the reason."""
-    original = (work / FILES["cpp"]).read_text()
+    path = work / FILES["cpp"]
+    original = path.read_text()
     try:
-        if cpp_mutants:
-            (work / FILES["cpp"]).write_text(original.replace("namespace drrho::cpu {", CPP_HELPER + "\nnamespace drrho::cpu {", 1))
-        for m in cpp_mutants:
-            if apply(work, m, schema=True) is None:
-                log(f"  {m.name}: anchor not found in the copy (stale)")
+        path.write_text(original.replace("namespace drrho::cpu {", CPP_HELPER + "namespace drrho::cpu {", 1))
+        if any(apply(work, m, schema=True) is None for m in cpp_mutants):
+            return "a C++ mutant is stale in the copy"
         start = time.monotonic()
         proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=work,
                               env=dict(_env(work), DRRHO_KERNELS_BUILD_CPP="1"), capture_output=True, text=True)
         log(f"  C++ build in the copy: {time.monotonic() - start:.0f} s, exit {proc.returncode}")
         return None if proc.returncode == 0 else "the C++ build failed:\n" + (proc.stdout + proc.stderr)[-3000:]
     finally:
-        (work / FILES["cpp"]).write_text(original)      # the schema stays only in the compiled library
+        path.write_text(original)      # the schema stays only in the compiled library
 
 
-_FAILED = re.compile(r"^(FAILED|ERROR) (\S+)", re.M)
-_COUNTS = re.compile(r"(\d+) (passed|failed|error|errors|skipped)")
+_FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
 _MARGIN = re.compile(r"relative error ([0-9.eE+-]+) > ([0-9.eE+-]+)")
 
 
-def run_pytest(work: Path, args: list, mutant: str | None, stop_first: bool, timeout: float):
-    """``(exit code or "timeout", output, {outcome: count}, seconds)`` of one pytest run in the copy."""
+def run_pytest(work: Path, args: list, mutant: str | None = None, stop_first: bool = False, timeout: float = 400):
+    """``(exit code or "timeout", output, failed test ids, {outcome: count}, seconds)`` of a pytest run in the copy."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "--no-header", "-W",
            "ignore::pytest.PytestUnraisableExceptionWarning", *(["-x"] if stop_first else []), *args]
     start = time.monotonic()
@@ -242,10 +233,10 @@ def run_pytest(work: Path, args: list, mutant: str | None, stop_first: bool, tim
         proc = subprocess.run(cmd, cwd=work, env=_env(work, mutant), capture_output=True, text=True, timeout=timeout)
         rc, out = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as exc:
-        rc, out = "timeout", exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else str(exc.stdout or "")
-    last = out.splitlines()[-1] if out.strip() else ""
-    counts = {what.rstrip("s") if what.startswith("error") else what: int(n) for n, what in _COUNTS.findall(last)}
-    return rc, out, counts, time.monotonic() - start
+        rc, out = "timeout", exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else str(exc.stdout)
+    last = out.strip().splitlines()[-1:] or [""]
+    counts = {w.rstrip("s"): int(n) for n, w in re.findall(r"(\d+) (passed|failed|errors?|skipped)", last[0])}
+    return rc, out, _FAILED.findall(out), counts, time.monotonic() - start
 
 
 def run_mutant(work: Path, m: Mutant, timeout: float, cpp_ready: bool) -> dict:
@@ -256,44 +247,17 @@ def run_mutant(work: Path, m: Mutant, timeout: float, cpp_ready: bool) -> dict:
         return dict(status="ERROR", detail="the C++ extension did not build in the copy")
     original = None if m.path.endswith(".cpp") else apply(work, m)
     try:
-        rc, out, counts, seconds = run_pytest(work, m.tests, m.name if original is None else None, not m.every, timeout)
+        rc, out, failed, counts, seconds = run_pytest(work, m.tests, original is None and m.name, not m.every, timeout)
     finally:
         if original is not None:
             (work / m.path).write_text(original)
-    failed = [name for _, name in _FAILED.findall(out)]
     ratios = [float(a) / float(b) for a, b in _MARGIN.findall(out) if float(b) > 0]
     r = dict(seconds=seconds, margin=f"{max(ratios):.3g}x" if ratios else "")
-    if rc == "timeout":
-        return dict(r, status="ERROR", detail=f"timeout after {timeout:.0f} s")
-    if rc == 1 and failed and not (m.every and counts.get("passed", 0)):
+    if rc == 1 and failed and not (m.every and counts.get("passed")):
         return dict(r, status="KILLED", killer=" ".join(failed) if m.every else failed[0])
-    if (rc == 1 and failed) or (rc == 0 and counts.get("passed", 0)):
+    if (rc == 1 and failed) or (rc == 0 and counts.get("passed")):
         return dict(r, status="SURVIVED", detail=f"{counts.get('passed')} passed, {counts.get('skipped', 0)} skipped")
     return dict(r, status="ERROR", detail=f"pytest exit {rc} ({counts}):\n" + "\n".join(out.strip().splitlines()[-15:]))
-
-
-def confirm(work: Path, results: list, timeout: float, log) -> None:
-    """The killing tests pass on the unmutated copy (one pytest run); sets each kill's ``confirmed``."""
-    ids = sorted({name for _, r in results if r["status"] == "KILLED" for name in r["killer"].split()})
-    if not ids:
-        return
-    rc, out, counts, seconds = run_pytest(work, ids, None, False, timeout)
-    failing = {name for _, name in _FAILED.findall(out)}
-    log(f"  confirmation: {len(ids)} killing tests on the unmutated copy in {seconds:.0f} s: {counts}")
-    if rc not in (0, 1):
-        log("\n".join(out.strip().splitlines()[-15:]))
-    for r in (r for _, r in results if r["status"] == "KILLED"):
-        r["confirmed"] = rc in (0, 1) and not (set(r["killer"].split()) & failing)
-
-
-def table(results: list) -> str:
-    rows = [("#", "mutant", "area", "result", "killed by (first failing test)", "margin", "s")] + [
-        (str(i), m.name, m.area, r["status"] + ("" if r.get("confirmed", True) else " (UNCONFIRMED)"),
-         r.get("killer") or r.get("detail", "").split("\n")[0], r.get("margin", ""), f"{r.get('seconds', 0):.0f}")
-        for i, (m, r) in enumerate(results, 1)]
-    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
 def main(argv=None) -> int:
@@ -305,16 +269,13 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=400.0, help="seconds per test run (default 400)")
     a = ap.parse_args(argv)
     chosen = [m for m in MUTANTS if not a.only or any(fnmatch.fnmatch(m.name, p) for p in a.only)]
-    if a.list:
-        for m in chosen:
-            stale = " (STALE)" if apply(ROOT, m, write=False) is None else ""
-            print(f"{m.name:34s} {m.area:28s} {m.path}{stale}\n    {m.what}\n    pytest {' '.join(m.tests)}")
-        return 0
-    if not chosen:
-        print("no mutant matches", a.only, file=sys.stderr)
-        return 2
+    for m in chosen if a.list else ():
+        stale = " (STALE)" if apply(ROOT, m, write=False) is None else ""
+        print(f"{m.name:34s} {m.area:28s} {m.path}{stale}\n    {m.what}\n    pytest {shlex.join(m.tests)}")
+    if a.list or not chosen:
+        return 0 if chosen else 2
     start, log = time.monotonic(), lambda s: print(s, flush=True)
-    work = a.workdir or Path(tempfile.gettempdir()) / "drrho_kernels_mutants" / hashlib.sha1(str(ROOT).encode()).hexdigest()[:10]
+    work = a.workdir or Path(tempfile.gettempdir()) / "drrho_kernels_mutants" / hashlib.sha1(bytes(ROOT)).hexdigest()[:10]
     if a.fresh and work.exists():
         shutil.rmtree(work)
     log(f"mutants: {len(chosen)}; copy of {ROOT} in {work}")
@@ -322,24 +283,32 @@ def main(argv=None) -> int:
     probe = subprocess.run([sys.executable, "-c", "import drrho_kernels; print(drrho_kernels.__file__)"], cwd=work,
                            env=_env(work), capture_output=True, text=True)
     if not probe.stdout.strip().startswith(str(work)):
-        print(f"the copy's package is not the one imported: {probe.stdout}{probe.stderr}", file=sys.stderr)
+        log(f"the copy's package is not the one imported: {probe.stdout}{probe.stderr}")
         return 2
     failure = build_cpp(work, [m for m in chosen if m.path.endswith(".cpp") and apply(ROOT, m, write=False)], log)
-    if failure:
-        log(failure)
+    log(failure or "")
     results = []
     for m in chosen:
         results.append((m, r := run_mutant(work, m, a.timeout, failure is None)))
-        log(f"  {m.name:34s} {r['status']:8s} {r.get('seconds', 0):5.0f} s  "
-            f"{r.get('killer') or (r.get('detail', '').splitlines() or [''])[0]}")
-    confirm(work, results, a.timeout, log)
-    log("\n" + table(results))
+        log(f"  {m.name:34s} {r['status']:8s} {r.get('seconds', 0):5.0f} s  {r.get('killer', r.get('detail', ''))[:150]}")
+    kills = [r for _, r in results if r["status"] == "KILLED"]      # the killing tests on the unmutated copy
+    ids = sorted({t for r in kills for t in r["killer"].split()})
+    rc, out, failing, counts, seconds = run_pytest(work, ids, timeout=a.timeout) if ids else (0, "", [], {}, 0)
+    log(f"  confirmation: {len(ids)} killing tests on the unmutated copy in {seconds:.0f} s: {counts}")
+    for r in kills:
+        r["confirmed"] = rc in (0, 1) and not set(r["killer"].split()) & set(failing)
+    rows = [("#", "mutant", "area", "result", "killed by (first failing test)", "margin", "s")] + [
+        (str(i), m.name, m.area, r["status"] + " (UNCONFIRMED)" * (r.get("confirmed") is False),
+         r.get("killer") or r.get("detail", "").split("\n")[0], r.get("margin", ""), f"{r.get('seconds', 0):.0f}")
+        for i, (m, r) in enumerate(results, 1)]
+    widths = [max(len(row[c]) for row in rows) for c in range(7)]
+    log("\n" + "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows))
     bad = [(m, r) for m, r in results if r["status"] != "KILLED" or r.get("confirmed") is False]
     for m, r in bad:
         log(f"\n--- {m.name}: {r['status']}\n{r.get('detail', '')}")
     log(f"\n{len(results) - len(bad)} of {len(results)} mutants killed (and confirmed); "
         f"{sum(r['status'] == 'SURVIVED' for _, r in results)} survived; {time.monotonic() - start:.0f} s in all")
-    return 0 if not bad else 1
+    return int(bool(bad))
 
 
 if __name__ == "__main__":
