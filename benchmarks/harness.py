@@ -56,8 +56,7 @@ def git_commit() -> str:
 
 
 def machine_info(device: str | None = "cpu") -> dict:
-    """Who measured what where: date, commit, versions, CPU, threads, load; the C++ build on the CPU
-    (its half-precision tile product included), the GPU on CUDA; ``None``: no device (static tools)."""
+    """Date, commit, versions, CPU, threads, load; the C++ build (CPU) or the GPU (CUDA); None: static tools."""
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
         flags = next(line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
@@ -104,14 +103,9 @@ def results_dir(fallback: Path, name: str = "") -> Path:
 
 def summarize(samples) -> dict:
     """Median, p20, p80, count, and the samples in round order (``samples_s``: per-round ratios)."""
-    in_rounds, s = [float(t) for t in samples], sorted(samples)
-
-    def pct(q):
-        k = (len(s) - 1) * q
-        lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-        return s[lo] + (s[hi] - s[lo]) * (k - lo)
-    return {"median_s": statistics.median(s), "p20_s": pct(0.2), "p80_s": pct(0.8), "n_repeat": len(s),
-            "samples_s": in_rounds}
+    p20, _, _, p80 = statistics.quantiles(samples, n=5, method="inclusive") if len(samples) > 1 else [samples[0]] * 4
+    return {"median_s": statistics.median(samples), "p20_s": p20, "p80_s": p80, "n_repeat": len(samples),
+            "samples_s": [float(t) for t in samples]}
 
 
 def timed(step, device: str = "cpu") -> float:
@@ -162,8 +156,8 @@ def _status_kib(field: str) -> int:
 
 
 def _measure_here(target: str, kwargs: dict) -> dict:
-    """In the fresh process: ``target(**kwargs)`` returns ``(step, output_bytes)``; the step runs, the
-    high-water mark is reset (``/proc/self/clear_refs``), the step runs again."""
+    """In the fresh process: the step ``target(**kwargs)`` builds runs, the high-water mark is reset
+    (``/proc/self/clear_refs``), the step runs again."""
     module, name = target.split(":")
     step, output_bytes = getattr(importlib.import_module(module), name)(**kwargs)
     step()

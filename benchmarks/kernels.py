@@ -3,7 +3,6 @@
 grid, score tiles, column parts), ``PATHS``, the variants of each path of a step, ``HW``, the targets' facts."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 

@@ -17,7 +17,7 @@ from .harness import RESULTS_DIR, markdown  # noqa: E402
 
 STYLE = {"triton": ("tab:red", "o"), "cpp": ("tab:purple", "D"), "torch": ("tab:blue", "s"),
          "reference": ("tab:gray", "v"), "unfused": ("tab:orange", "^"), "clip_ce": ("tab:green", "P"),
-         "inf_cl": ("tab:brown", "X"), "authors": ("tab:pink", "*"), "gemm_floor": ("black", None)}
+         "authors": ("tab:pink", "*"), "gemm_floor": ("black", None)}
 MODE_TITLES = {"forward": "forward", "backward": "backward", "forward_backward": "forward + backward"}
 MIB = 2 ** 20
 KINDS = {   # kind: (value, scale, y label, log base of y, title)

@@ -1,8 +1,6 @@
-"""The step factory: ``make_step(impl, B, N, ...) -> (step, output_bytes)``, one loss step per implementation,
-shape, mode and autocast on fresh leaves (the gradients, ``output_bytes``, are allocated in the step); N > B:
-one process of a distributed step. ``step()`` runs it all; ``step.prepare()`` does the untimed part and returns
-what to time (mode ``backward``: a fresh forward, then its ``loss.backward``). An ``impl`` is one of ``IMPLS``
-or ``<backend>/<variant>`` (``VARIANTS``: DRRhoCLIPLoss forms, distillation, the selection; "authors/jest")."""
+"""The step factory: ``make_step(impl, B, N, ...) -> (step, output_bytes)`` of an implementation (``IMPLS``, or
+``<backend>/<variant>``: ``VARIANTS``, and "authors/jest"), shape, mode and autocast; N > B: one process of a
+distributed step (docs/RESULTS.md, "How the benchmarks measure")."""
 from __future__ import annotations
 
 import contextlib
@@ -13,10 +11,10 @@ import torch
 from . import baselines
 
 FUSED = ("torch", "cpp", "triton", "reference")
-IMPLS = FUSED + ("unfused", "clip_ce", "gemm_floor", "inf_cl", "authors")   # the last two: third-party, optional
-VARIANTS = ("module", "per_direction", "individual", "distill", "jest")
-NO_REF = ("clip_ce", "inf_cl")            # they have no reference model
-SQUARE_ONLY = ("clip_ce", "inf_cl", "authors")   # defined for one process only (N == B), as is every variant
+IMPLS = FUSED + ("unfused", "clip_ce", "gemm_floor", "authors")      # authors: their SogCLRLoss, when readable
+VARIANTS = ("module", "per_direction", "individual", "distill", "jest")      # DRRhoCLIPLoss forms, the selection
+NO_REF = ("clip_ce",)                     # it has no reference model
+SQUARE_ONLY = ("clip_ce", "authors")      # defined for one process only (N == B), as is every variant
 MODES = ("forward", "backward", "forward_backward")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 JEST = dict(filter_ratio=0.8, n_chunks=2, topk=False)     # the function's defaults (train.py passes its args)
@@ -32,7 +30,8 @@ def square_only(impl: str) -> bool:
 
 
 class Step:
-    """``loss(grad)`` builds a fresh forward (with autograd when ``grad``) and returns its loss."""
+    """``loss(grad)``: a fresh forward (with autograd when ``grad``), on fresh leaves. ``step()`` runs the step;
+    ``step.prepare()`` the untimed part, returning what to time (mode ``backward``: the forward's ``backward``)."""
 
     def __init__(self, loss, mode: str):
         if mode not in MODES:
@@ -72,8 +71,8 @@ class Floor:
 def floor_gemm_count(B: int, N: int, ref: bool = True, mode: str = "forward_backward") -> int:
     """``[B, d] x [d, N]`` products of the floor: per direction (one process: one, a shard: two) the forward's
     similarities (2 with a reference, 1 without), the backward's recomputation and two weighted products."""
-    per_direction = {"forward": 2 if ref else 1, "backward": 4 if ref else 3}
-    return (per_direction.get(mode) or per_direction["forward"] + per_direction["backward"]) * (1 if N == B else 2)
+    forward, backward = (2, 4) if ref else (1, 3)
+    return {"forward": forward, "backward": backward}.get(mode, forward + backward) * (1 if N == B else 2)
 
 
 def make_inputs(B, N, d, dr, dtype, ref, device, seed=0):
@@ -129,8 +128,8 @@ def _selection(backend, img, txt, ref_img, ref_txt):
 
 def make_step(impl: str, B: int, N: int, d: int = 512, dr: int = 512, dtype: str = "float32", ref: bool = True,
               device: str = "cpu", mode: str = "forward_backward", seed: int = 0, autocast: str | None = None):
-    """Build the inputs once; return ``(step, output_bytes)``. ``autocast``: the forward under
-    ``torch.autocast(device, autocast)`` on ``dtype`` inputs, as a mixed-precision training step runs it."""
+    """``(step, output_bytes)``, the inputs built once; ``autocast``: the forward under ``torch.autocast(device,
+    autocast)`` on ``dtype`` inputs, as a mixed-precision training step runs it."""
     if not known(impl):
         raise ValueError(f"impl: expected one of {IMPLS} or <backend>/<{'|'.join(VARIANTS)}>, got {impl!r}")
     distributed, (backend, _, variant) = N != B, impl.partition("/")
@@ -179,12 +178,6 @@ def make_step(impl: str, B: int, N: int, d: int = 512, dr: int = 512, dtype: str
                       for a, b in (("img", "txt"), ("txt", "img"))[:1 + distributed]]
         output_bytes = 0 if mode == "forward" else len(directions) * (B + N) * d * elem
         loss = lambda grad: Floor(directions)                        # noqa: E731
-    elif impl == "inf_cl":
-        from inf_cl import cal_inf_loss                              # optional; ImportError when absent
-        head = next(h for h in (256, 128, 64, 32, 16) if d % h == 0)
-        # CLIP needs both directions: Inf-CL computes one cross-entropy per call.
-        loss = with_leaves(lambda x, t, s, col: (cal_inf_loss(x, t, scale=s, head_dim=head)
-                                                 + cal_inf_loss(t, x, scale=s, head_dim=head)) / 2)
     else:                                                            # authors
         from .authors import load_module
         module, where = load_module()

@@ -1,49 +1,27 @@
-"""The benchmark sweep: implementations against each other over B, N, d, dtype, reference, mode and autocast.
-
-    python -m benchmarks.sweep --quick | --cpu-step | --cpu-autocast | ...     # a preset (PRESETS)
-    python -m benchmarks.sweep --B 512 1024 --N-factor 1 4 --d 512 --dtype float32 bfloat16 --ref --no-ref
-
-Per group of points (one slice, shape and mode, every dtype): CPU memory first, each point in a fresh process
-(one that dies of memory sends its siblings of that shape to one too; a point predicted above the RAM guard is
-``OOM``, not run), then the times, interleaved in this process; on CUDA memory in process. Writes
-``benchmarks/results/sweep_<device-tag>_<date>[_<preset>].json`` after every group."""
+"""The benchmark sweep: implementations against each other over B, N, d, dtype, reference, mode and autocast, by
+preset (``presets``) or a custom grid; writes ``benchmarks/results/sweep_<device-tag>_<date>[_<preset>].json``
+(docs/RESULTS.md, "How the benchmarks measure")."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import gc
-import importlib.util
 import itertools
 import os
 import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import harness, steps
 from .steps import MODES
 
 DEFAULT_IMPLS = {"cpu": ["torch", "cpp", "unfused", "clip_ce", "gemm_floor"],
-                 "cuda": ["triton", "torch", "unfused", "clip_ce", "gemm_floor", "inf_cl"]}
+                 "cuda": ["triton", "torch", "unfused", "clip_ce", "gemm_floor"]}
 GIB = 1 << 30
-DEFAULTS = dict(jobs=1, repeat=7, min_repeat=3, point_budget=20.0, threads=None, timeout=1800.0,
+DEFAULTS = dict(repeat=7, min_repeat=3, point_budget=20.0, threads=None, timeout=1800.0,
                 memory_modes=["forward_backward"], wait_idle=0.0)
-ALL_ROUNDS = dict(point_budget=0.0)           # 0: every round, however long
-PRESETS = {   # name: (device, defaults, what)
-    "quick": (None, dict(jobs=2, repeat=3, min_repeat=1, point_budget=2.0, threads=1),
-              "tiny shapes, every code path (Triton interpreter on the CPU), under a minute"),
-    "cpu-step": ("cpu", ALL_ROUNDS, "one CPU step, B = N = 4096, d = dr = 512, float32"),
-    "cpu-half": ("cpu", dict(repeat=5, min_repeat=1, point_budget=60.0), "bfloat16 on the CPU (issue 16)"),
-    "cpu-autocast": ("cpu", ALL_ROUNDS, "float32 features under CPU autocast (bfloat16): ours, the authors' loss, "
-                                        "the unfused loss; B = 4096 and 640 anchors of 5120 columns (issue 21)"),
-    "temperatures": ("cpu", ALL_ROUNDS, "DRRhoCLIPLoss: a global scale, one per direction, per-sample temperatures"),
-    "distill": ("cpu", ALL_ROUNDS, "DRRhoCLIPLoss with and without distillation"),
-    "selection": ("cpu", ALL_ROUNDS, "dk.jest_select against the authors' jointly_sample_batch_softmax"),
-    "full-cpu": ("cpu", {}, "the committed CPU sweep"),
-    "full-cuda": ("cuda", {}, "the GPU sweep"),
-}
 
 
 @dataclasses.dataclass
@@ -66,47 +44,56 @@ class Slice:
         return [n for n in self.N if n >= B] if self.N else sorted({max(B, round(f * B)) for f in self.n_factor})
 
 
-def preset_slices(name: str) -> list[Slice]:
-    authors = ["authors"] if os.environ.get("DRRHO_AUTHORS_REPO") else []
-    fb, bf, ac = ["forward_backward"], ["bfloat16"], ["cpp", "torch", "unfused", "gemm_floor"]
-    one = dict(modes=fb, memory=False)
-    return {   # quick: every path on toy shapes; its last slice never runs (predicted above any RAM: the guard)
-        "quick": [Slice("square", B=[32], d=[16]), Slice("shard", B=[16], n_factor=[3], d=[16], dtypes=bf,
-                                                         refs=[False], memory=False),
-                  Slice("autocast", B=[32], d=[16], impls=ac, autocast="bfloat16", **one),
-                  Slice("family", B=[32], d=[16], impls=["torch/module", "torch/per_direction", "torch/individual",
-                                                         "torch/distill"], **one),
-                  Slice("selection", B=[32], d=[16], modes=["forward"], impls=["torch/jest"], memory=False),
-                  Slice("oom-guard", B=[1 << 20], d=[16], impls=["unfused"], modes=["forward"])],
-        "cpu-step": [Slice("cpu-step", B=[4096], modes=fb, impls=["gemm_floor", "unfused", "torch", "cpp"] + authors)],
-        # the step at B = 4096 in bfloat16 beside float32 (one group), then B = 512 .. 16384
-        "cpu-half": [Slice("step", B=[4096], dtypes=bf, impls=["cpp", "gemm_floor", "unfused"], **one),
-                     Slice("step", B=[4096], impls=["cpp", "gemm_floor"], **one),
-                     Slice("sweep", B=[512, 1024, 2048, 8192, 16384], dtypes=bf, impls=["cpp", "unfused"], **one)],
-        # B = N = 4096, then the paper's per-rank shape, where the unfused loss stands in for the authors' (in one
-        # process their SogCLRLoss sees N = B)
-        "cpu-autocast": [Slice("step", B=[4096], impls=ac + authors, autocast="bfloat16", **one),
-                         Slice("per-rank", B=[640], N=[5120], impls=ac, autocast="bfloat16", **one)],
-        "temperatures": [Slice("temperatures", B=[4096], modes=fb, impls=["cpp/module", "cpp/per_direction",
-                                                                           "cpp/individual"])],
-        "distill": [Slice("distill", B=[4096], modes=fb, impls=["cpp/module", "cpp/distill"])],
-        "selection": [Slice("selection", B=[4096, 16384], modes=["forward"],
-                            impls=["cpp/jest"] + ["authors/jest"] * bool(authors))],
+def presets() -> dict:
+    """``{name: (device, option defaults, what, slices)}``."""
+    theirs, fb, bf = ["authors"] * bool(os.environ.get("DRRHO_AUTHORS_REPO")), ["forward_backward"], ["bfloat16"]
+    ac, one, every_round = ["cpp", "torch", "unfused", "gemm_floor"], dict(modes=fb, memory=False), dict(point_budget=0)
+    family = ["torch/module", "torch/per_direction", "torch/individual", "torch/distill"]
+    return {
+        "quick": (None, dict(repeat=3, min_repeat=1, point_budget=2.0, threads=1), "toy shapes, every code path", [
+            Slice("square", B=[32], d=[16]), Slice("shard", B=[16], n_factor=[3], d=[16], dtypes=bf, refs=[False],
+                                                   memory=False),
+            Slice("autocast", B=[32], d=[16], impls=ac, autocast="bfloat16", **one),
+            Slice("family", B=[32], d=[16], impls=family, **one),
+            Slice("selection", B=[32], d=[16], modes=["forward"], impls=["torch/jest"], memory=False),
+            Slice("oom-guard", B=[1 << 20], d=[16], impls=["unfused"], modes=["forward"])]),   # never runs
+        "cpu-step": ("cpu", every_round, "one CPU step, B = N = 4096, float32", [
+            Slice("cpu-step", B=[4096], modes=fb, impls=["gemm_floor", "unfused", "torch", "cpp"] + theirs)]),
+        "cpu-half": ("cpu", dict(repeat=5, min_repeat=1, point_budget=60.0), "bfloat16 on the CPU (issue 16)", [
+            Slice("step", B=[4096], dtypes=bf, impls=["cpp", "gemm_floor", "unfused"], **one),
+            Slice("step", B=[4096], impls=["cpp", "gemm_floor"], **one),
+            Slice("sweep", B=[512, 1024, 2048, 8192, 16384], dtypes=bf, impls=["cpp", "unfused"], **one)]),
+        # B = N = 4096, then the paper's per-rank shape, where the unfused loss stands in for the authors' SogCLRLoss
+        # (in one process it sees N = B)
+        "cpu-autocast": ("cpu", every_round, "float32 features under bfloat16 autocast (issue 21)", [
+            Slice("step", B=[4096], impls=ac + theirs, autocast="bfloat16", **one),
+            Slice("per-rank", B=[640], N=[5120], impls=ac, autocast="bfloat16", **one)]),
+        "temperatures": ("cpu", every_round, "DRRhoCLIPLoss: one scale, one per direction, per-sample", [
+            Slice("temperatures", B=[4096], modes=fb, impls=["cpp/module", "cpp/per_direction", "cpp/individual"])]),
+        "distill": ("cpu", every_round, "DRRhoCLIPLoss with and without distillation", [
+            Slice("distill", B=[4096], modes=fb, impls=["cpp/module", "cpp/distill"])]),
+        "selection": ("cpu", every_round, "dk.jest_select against the authors' selection", [
+            Slice("selection", B=[4096, 16384], modes=["forward"], impls=["cpp/jest"] + [f"{a}/jest" for a in theirs])]),
         # up to where the unfused loss fits 24 GB (B = 16384), 24576 (OOM by prediction), then slices
-        "full-cpu": [Slice("main", B=[512, 1024, 2048, 4096, 8192, 16384]),
-                     Slice("main", B=[24576], modes=fb, impls=["torch", "cpp", "unfused", "gemm_floor"]),
-                     Slice("width", B=[1024, 4096], d=[256, 1024]), Slice("bf16", B=[1024, 4096], dtypes=bf),
-                     Slice("noref", B=[1024, 4096], refs=[False]), Slice("shard", B=[512, 1024, 2048], n_factor=[8])],
-        "full-cuda": [Slice("main", B=[1024 << k for k in range(8)], dtypes=bf), Slice("fp32", B=[4096, 16384]),
-                      Slice("width", B=[4096, 16384], d=[256, 1024], dtypes=bf),
-                      Slice("noref", B=[4096, 16384], dtypes=bf, refs=[False]),
-                      Slice("shard", B=[1024, 4096], n_factor=[16], dtypes=bf)],
-    }[name]
+        "full-cpu": ("cpu", {}, "the committed CPU sweep", [
+            Slice("main", B=[512, 1024, 2048, 4096, 8192, 16384]),
+            Slice("main", B=[24576], modes=fb, impls=["torch", "cpp", "unfused", "gemm_floor"]),
+            Slice("width", B=[1024, 4096], d=[256, 1024]), Slice("bf16", B=[1024, 4096], dtypes=bf),
+            Slice("noref", B=[1024, 4096], refs=[False]), Slice("shard", B=[512, 1024, 2048], n_factor=[8])]),
+        "full-cuda": ("cuda", {}, "the GPU sweep", [
+            Slice("main", B=[1024 << k for k in range(8)], dtypes=bf), Slice("fp32", B=[4096, 16384]),
+            Slice("width", B=[4096, 16384], d=[256, 1024], dtypes=bf),
+            Slice("noref", B=[4096, 16384], dtypes=bf, refs=[False]),
+            Slice("shard", B=[1024, 4096], n_factor=[16], dtypes=bf)]),
+    }
+
+
+def preset_slices(name: str) -> list[Slice]:
+    return presets()[name][3]
 
 
 def expand(slices: list[Slice], device: str, impl_filter=None, mode_filter=None) -> list[dict]:
-    """All points of the slices, in a stable order (small shapes first inside each slice); a slice's own
-    implementations are only narrowed by ``impl_filter``."""
+    """All points of the slices, small shapes first in each; a slice's own implementations only narrowed."""
     points, seen = [], set()
     for sl in slices:
         impls = [i for i in sl.impls if not impl_filter or i in impl_filter] if sl.impls else \
@@ -140,24 +127,13 @@ def predict_peak_bytes(p: dict) -> int:
 
 
 def probe(impl: str, device: str) -> str | None:
-    """None when ``impl`` can run on ``device`` here (a smoke run: a half-written backend fails it), else why not."""
-    import torch
-
-    from drrho_kernels import backends
+    """None when ``impl`` runs on ``device`` here (a smoke run: a half-written backend fails it), else why not."""
     if not steps.known(impl):
         return f"unknown impl {impl!r}"
-    if impl.split("/")[0] in steps.FUSED:
-        try:
-            backends.resolve(impl.split("/")[0], torch.device(device))
-        except RuntimeError as exc:                    # the backend's own explanation
-            return str(exc)
-    if impl == "inf_cl" and (device != "cuda" or importlib.util.find_spec("inf_cl") is None):
-        return "inf_cl (Inf-CL, optional) runs on CUDA, where importable (its PyPI package pins its own torch)"
     try:
-        n = 256 if impl == "inf_cl" else 16            # Inf-CL tiles rows and a 256-wide head
         with steps.process_group_of_one():
-            steps.make_step(impl, n, n, n, n, "float32", True, device, MODES[0 if "jest" in impl else 2])[0]()
-    except Exception as exc:                           # noqa: BLE001
+            steps.make_step(impl, 16, 16, 16, 16, "float32", True, device, MODES[0 if "jest" in impl else 2])[0]()
+    except Exception as exc:                           # noqa: BLE001 (a backend's own explanation)
         return f"{impl} failed a smoke run ({harness.first_line(exc)})"
     return None
 
@@ -165,7 +141,6 @@ def probe(impl: str, device: str) -> str | None:
 def skip_reason(p: dict) -> str | None:
     if steps.square_only(p["impl"]) and p["N"] != p["B"]:
         return f"{p['impl']} is defined for one process only (N == B)"
-    return "inf_cl needs d divisible by 16" if p["impl"] == "inf_cl" and p["d"] % 16 else None
 
 
 def step_kwargs(p: dict, device: str) -> dict:
@@ -173,16 +148,14 @@ def step_kwargs(p: dict, device: str) -> dict:
             "ref": bool(p["ref"]), "device": device, "mode": p["mode"], "autocast": p.get("autocast")}
 
 
-def _apply(row: dict, res: dict) -> None:
-    err = res.get("error")
-    if err:
+def _apply(row: dict, res, when: str = "") -> None:
+    """A measurement's result (a dict, ``error`` for a failure) or exception (raised ``when``) into ``row``."""
+    if isinstance(res, BaseException):
+        return row.update(status="OOM" if harness.is_oom(res) else "error", reason=f"{when}: {harness.first_line(res)}")
+    if err := res.get("error"):
         row.update(status="OOM" if err == "OOM" else "timeout" if err.startswith("timeout") else "error",
                    reason=None if err == "OOM" else err)
     row.update({k: v for k, v in res.items() if k != "error"})
-
-
-def _fail(row: dict, exc: BaseException, when: str) -> None:
-    row.update(status="OOM" if harness.is_oom(exc) else "error", reason=f"{when}: {harness.first_line(exc)}")
 
 
 def measure_memory_cpu(row: dict, args) -> dict:
@@ -215,26 +188,21 @@ def measure_group(group: list[dict], args, device: str) -> None:
                     _apply(row, harness.cuda_peak_extra(step, output_bytes))
                 built[id(row)] = step
             except Exception as exc:                   # noqa: BLE001
-                _fail(row, exc, "building")
+                _apply(row, exc, "building")
         results = harness.time_steps(built, device=device, repeat=args.repeat, min_repeat=args.min_repeat,
                                      budget=args.point_budget)
         built.clear()
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
-    for row in group:
-        res = results.get(id(row))
-        if isinstance(res, BaseException):
-            _fail(row, res, "while timing")
-        elif res is not None:
-            _apply(row, res)
+    for row in (r for r in group if id(r) in results):
+        _apply(row, results[id(row)], "while timing")
 
 
 def add_ratios(rows: list[dict]) -> None:
     """Against the rows of the same run, slice, shape, dtype, autocast and mode (a baseline without reference
     against the reference run): ``time_over`` = {impl: t / t_impl} (medians), ``speedup_vs_unfused`` =
-    t_unfused / t, ``time_over_floor`` = t / t_floor and ``time_over_floor_per_round_median``, the median over
-    rounds of t / t_floor of the same round."""
+    t_unfused / t, ``time_over_floor`` = t / t_floor and ``time_over_floor_per_round_median``."""
     ok = [c for c in rows if c["status"] == "ok" and c["median_s"]]
     for r in rows:
         same = sorted((c for c in ok if r in ok and c is not r and all(c.get(k) == r.get(k) for k in (
@@ -251,10 +219,10 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__.split("\n")[0],
                                  epilog="See benchmarks/README.md.")
     preset = ap.add_mutually_exclusive_group()
-    for flag, (_, _, what) in PRESETS.items():
+    for flag, (_, _, what, _) in presets().items():
         preset.add_argument(f"--{flag}", dest="preset", action="store_const", const=flag, help=what)
     grid = ap.add_argument_group("grid (a custom slice; not with a preset)")
     cols = grid.add_mutually_exclusive_group()
@@ -281,7 +249,6 @@ def parse_args(argv=None):
             ("threads", int, "torch / OpenMP threads (default: torch's; --quick 1)"),
             ("ram-gb", float, "RAM guard in GiB (default 0.9 x MemAvailable)"),
             ("timeout", float, "seconds before a memory process is abandoned (default 1800)"),
-            ("jobs", int, "CPU memory processes in parallel (default 1; --quick 2)"),
             ("wait-idle", float, "minutes to wait at most for a quiet machine (load average < 1) first"),
             ("out", str, "output .json file, or a folder (default benchmarks/results/)")):
         ap.add_argument(f"--{flag}", type=kind, help=what)
@@ -291,21 +258,22 @@ def parse_args(argv=None):
     if args.preset and any(getattr(args, k) is not None for k in ("B", "N_factor", "N", "d", "dr", "dtype", "refs",
                                                                    "autocast")):
         ap.error("grid flags define a custom slice: not with a preset (--impls and --modes narrow a preset)")
-    for name, value in {**DEFAULTS, **(PRESETS[args.preset][1] if args.preset else {})}.items():
+    for name, value in {**DEFAULTS, **(presets()[args.preset][1] if args.preset else {})}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     return args
 
 
 def main(argv=None) -> Path | None:
+    """Per group of points (one slice, shape and mode, every dtype): on the CPU the memory first, each point in a
+    fresh process (one that dies of memory sends its siblings of that shape to one too; a point predicted above the
+    RAM guard is ``OOM``, not run), then the times, interleaved; the JSON is rewritten after every group."""
     args = parse_args(argv)
     import torch
-    want = PRESETS[args.preset][0] if args.preset else None
+    want = presets()[args.preset][0] if args.preset else None
     device = args.device if args.device != "auto" else want or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device here (--full-cuda and --device cuda need one)")
-    if want and device != want:
-        raise SystemExit(f"--{args.preset} runs on {want}, not {device}")
+    if (device == "cuda" and not torch.cuda.is_available()) or (want and device != want):
+        raise SystemExit(f"no {device} run here: --{args.preset} needs {want}, --device cuda a CUDA device")
     if args.preset == "quick" and device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")    # before triton is imported, here and in the children
     if args.threads:
@@ -336,9 +304,7 @@ def main(argv=None) -> Path | None:
     config = {"argv": sys.argv[1:] if argv is None else list(argv), "preset": args.preset, "device": device,
               "slices": [dataclasses.asdict(s) for s in slices], "impls": impls, "repeat": args.repeat,
               "min_repeat": args.min_repeat, "point_budget_s": args.point_budget, "threads": args.threads,
-              "ram_guard_bytes": int(ram_guard), "skipped_impls": unavailable, "memory": None if args.no_memory
-              else "in process (CUDA) or a fresh process (CPU), gradients excluded: benchmarks.harness",
-              "timing": "interleaved rounds after one warm-up each; backward alone: benchmarks.harness"}
+              "ram_guard_bytes": int(ram_guard), "skipped_impls": unavailable, "memory": not args.no_memory}
     rows, todo, started = [], [], time.perf_counter()
     payload = {"meta": meta, "config": config, "rows": rows}
     for p in points:
@@ -365,10 +331,9 @@ def main(argv=None) -> Path | None:
         if not args.no_progress:
             print(f"[{next(count)}/{len(todo) + len(mem_todo)}] {what} " + " ".join(f"{k}={p[k]}" for k in (
                 "impl", "mode", "B", "N", "d", "dtype", "ref", "autocast")), flush=True)
-    with ThreadPoolExecutor(args.jobs) as pool:        # phase 1 (CPU): fresh-process memory, out of memory
-        for row, res in zip(mem_todo, pool.map(lambda r: measure_memory_cpu(r, args), mem_todo)):
-            _apply(row, res)
-            progress("memory", row)
+    for row in mem_todo:                               # phase 1 (CPU): fresh-process memory, out of memory
+        _apply(row, measure_memory_cpu(row, args))
+        progress("memory", row)
     shape = lambda r: (r["impl"], r["B"], r["N"], r["d"], r["dr"], r["dtype"])                 # noqa: E731
     oom_shapes = {shape(r) for r in mem_todo if r["status"] == "OOM"}
     for group in timing_groups(todo):                  # phase 2: timing, in this process, interleaved
