@@ -23,10 +23,6 @@ OCCUPANCY = harness.RESULTS_DIR / "triton_aot_default_tiles_sm90_3.9.0.json"
 _PROXY = dict(B=6, N=14, d=5, dr=9)     # distinct values: every tensor dimension names its symbol
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 @functools.lru_cache(maxsize=None)
 def _occupancy() -> dict:
     """(variant, dtype, arch, D, DR, tiles) -> programs per SM, from the AOT report of the default tiles."""
@@ -39,7 +35,7 @@ def wave_time(programs: int, per_sm: int, sms: int, t_bound: float) -> float:
     """Seconds of a kernel whose ``programs`` would take ``t_bound`` on the whole GPU: ``ceil(programs / (sms x
     per_sm))`` waves (the tail counted whole), each as long as the busiest SM's programs (``per_sm``, fewer in a
     single wave with fewer programs) take at its share of the GPU's rates."""
-    return _cdiv(programs, sms * per_sm) * min(per_sm, _cdiv(programs, sms)) * sms / programs * t_bound
+    return K._cdiv(programs, sms * per_sm) * min(per_sm, K._cdiv(programs, sms)) * sms / programs * t_bound
 
 
 def _roofline(flops, hbm_bytes, exps, dtype, arch=90) -> dict:
@@ -48,16 +44,15 @@ def _roofline(flops, hbm_bytes, exps, dtype, arch=90) -> dict:
     t = {"t_tensor_s": flops / peak, "t_hbm_s": hbm_bytes / hw.hbm_bytes_per_s,
          "t_exp_s": exps / (hw.units * hw.clock_hz * hw.exp_per_clk)}
     bound = max(t, key=t.get)
-    return dict(t, intensity_flop_per_byte=flops / hbm_bytes if hbm_bytes else math.inf,
-                ridge_flop_per_byte=peak / hw.hbm_bytes_per_s, t_bound_s=t[bound], bound_by={
-                    "t_tensor_s": "tensor cores", "t_hbm_s": "HBM", "t_exp_s": "exp (MUFU)"}[bound] if t[bound] else "launches")
+    names = {"t_tensor_s": "tensor cores", "t_hbm_s": "HBM", "t_exp_s": "exp (MUFU)"}
+    return dict(t, t_bound_s=t[bound], bound_by=names[bound] if t[bound] else "launches")
 
 
 def _launch(role, v, s, t, *, exps_per_score=1, hbm_bytes, ppu=None, launches=1, **extra):
     """FLOPs (tensor-core, executed), exponentials, HBM bytes and modelled time of one launch of variant ``v``
     (``v`` None: torch operations filling the GPU, ``launches`` of them); ``hbm_bytes(waves)`` counts the inner
     vectors once per wave of resident row programs (a split's parts share the inner vectors out)."""
-    dt = {torch.float32: "fp32", torch.float16: "fp16"}.get(s.dtype, "bf16")
+    dt = {v: k for k, v in K.DTYPES.items()}[s.dtype]
     units, grid = K.HW[s.arch].units, v.grid(s, t) if v else (K.HW[s.arch].units,)
     has_d = v is not None and "D" in v.fn.arg_names
     ppu = ppu or (_occupancy().get((v.name, dt, s.arch, s.d if has_d else None, (s.dr or 0) if has_d else None,
@@ -65,11 +60,11 @@ def _launch(role, v, s, t, *, exps_per_score=1, hbm_bytes, ppu=None, launches=1,
     programs, parts = math.prod(grid), v.parts(s, t) if v else 1
     n, score, weighted = (v.tiles_of(s, t, v), *v.tile_flops(t, s.d, s.dr)) if v and v.has_dot else (0, 0, 0)
     cost = dict(flops=n * (score + weighted), score_flops=n * score, weighted_flops=n * weighted,
-                exps=n * t.BM * t.BN * exps_per_score if n else 0, hbm_bytes=hbm_bytes(_cdiv(programs // parts, units * ppu)))
+                exps=n * t.BM * t.BN * exps_per_score if n else 0, hbm_bytes=hbm_bytes(K._cdiv(programs // parts, units * ppu)))
     roof = _roofline(cost["flops"], cost["hbm_bytes"], cost["exps"], "float32" if dt == "fp32" else "bfloat16",
                      s.arch)
     return dict(kernel=role, grid=list(grid), tiles=t.name if v else None, programs=programs, programs_per_sm=ppu,
-                waves=_cdiv(programs, units * ppu), parts=parts, launches=launches, **cost, **extra,
+                waves=K._cdiv(programs, units * ppu), parts=parts, launches=launches, **cost, **extra,
                 bound_by=roof["bound_by"], t_s=wave_time(programs, ppu, units, roof["t_bound_s"]) + launches * LAUNCH_S)
 
 
@@ -102,7 +97,7 @@ def triton_kernels(B, N, d, dr=None, dtype="bfloat16", ref=True, column_grads=No
         # columns once (a group's panel is shared in L2), the rows once per panel, scale [2, B] and margins [B],
         # the partials written once and read by the merge; the slots' read-modify-writes stay in L2
         plan, tt = K.plan(s, v["fwd_t"]), tile(v["fwd_t"])
-        n_panels = _cdiv(_cdiv(_cdiv(B, tt.BN), plan.groups), max(1, plan.panel_cols // tt.BN))
+        n_panels = K._cdiv(K._cdiv(K._cdiv(B, tt.BN), plan.groups), max(1, plan.panel_cols // tt.BN))
         partial = plan.partial_bytes(B)
         ks += [launch("fwd_t_margin", v["fwd_t_margin"], hbm_bytes=lambda w: 2 * vec(B) + 3 * F32 * B),
                launch("fwd_t", v["fwd_t"], exps_per_score=2 * (1 + extra),
@@ -130,7 +125,7 @@ def triton_kernels(B, N, d, dr=None, dtype="bfloat16", ref=True, column_grads=No
         out = 2 * n_out * d * (F32 * parts if parts > 1 else s.dtype.itemsize)
         rows = F32 * (9 * B + (7 * N if fold else 0) + 2 * extra * (B + (N if fold else 0))) if role == "bwd_row" \
             else F32 * (7 + 2 * extra) * B
-        ks.append(launch(var.name, var, exps_per_score=(2 if fold else 1) * (1 + extra), hbm_bytes=lambda w: _cdiv(
+        ks.append(launch(var.name, var, exps_per_score=(2 if fold else 1) * (1 + extra), hbm_bytes=lambda w: K._cdiv(
             d, t.BD) * (2 * vec(n_out) + 2 * n_out * t.BD * s.dtype.itemsize) + w * 2 * vec(n_in) + rows + out))
         if parts > 1:
             half = s.dtype.itemsize < F32
@@ -218,32 +213,20 @@ def unfused_cost(B, N, d, dr=None, dtype="bfloat16", ref=True, autocast=None) ->
     this shape, on ``dtype`` inputs under ``autocast`` (None: none)."""
     real = dict(B=B, N=N, d=d, dr=d if dr is None else dr)
     size = lambda syms: math.prod(real.get(s, s) if isinstance(s, str) else s for s in syms)  # noqa: E731
-    flops = hbm = bn_bytes = n_bn = 0
     ops = _trace("unfused", dtype, ref, N != B, autocast)
-    for _name, reads, writes, mm in ops:
-        for syms, item in reads + writes:
-            hbm += size(syms) * item
-            if sum(s in ("B", "N") for s in syms) >= 2:       # a [B, N] matrix (B and N coincide in one process)
-                bn_bytes, n_bn = bn_bytes + size(syms) * item, n_bn + 1
-        flops += 2 * size(mm) if mm is not None else 0
+    hbm = sum(size(syms) * item for _, reads, writes, _ in ops for syms, item in reads + writes)
+    flops = sum(2 * size(mm) for *_, mm in ops if mm is not None)
     roof = _roofline(flops, hbm, 4 * B * N, autocast or dtype)
     return dict(impl="unfused" + (f" under {autocast} autocast" if autocast else ""), flops=flops, hbm_bytes=hbm,
-                bn_matrix_bytes=bn_bytes, bn_matrix_passes=n_bn, bn_matrix_bytes_each=B * N * 4, exps=4 * B * N,
-                launches=len(ops), t_s=roof["t_bound_s"] + len(ops) * LAUNCH_S, **roof)
+                exps=4 * B * N, launches=len(ops), t_s=roof["t_bound_s"] + len(ops) * LAUNCH_S, **roof)
 
 
-SHAPES = (    # T1-T4, T5, T6 (one of 16 processes; gather_grad, and gather_u), the paper's and FastCLIP's ranks
-    dict(B=32768, N=32768, d=512, dr=512),
-    dict(B=262144, N=262144, d=512, dr=512),
-    dict(B=4096, N=65536, d=512, dr=512),
-    dict(B=4096, N=65536, d=512, dr=512, column_grads=False),
-    dict(B=640, N=5120, d=512, dr=512, column_grads=False),
-    dict(B=320, N=5120, d=512, dr=512, column_grads=False),
-    dict(B=4096, N=16384, d=768, dr=768),
-    dict(B=32768, N=32768, d=1024, dr=1024),
-    # the widest common CLIP embeddings (ViT-L 768, ViT-H 1024, ViT-bigG 1280) with a ViT-B reference (512)
-    *(dict(B=32768, N=32768, d=d, dr=512) for d in (768, 1024, 1280)),
-)
+# T1-T4, T5, T6 (one of 16 processes; gather_grad, and gather_u: no column gradients), the paper's and FastCLIP's
+# per-rank shapes (gather_u), and the widest common CLIP embeddings (ViT-L, ViT-H, ViT-bigG) with a ViT-B reference
+SHAPES = tuple(dict(B=B, N=N, d=d, dr=dr, **({} if grads else dict(column_grads=False))) for B, N, d, dr, grads in (
+    (32768, 32768, 512, 512, 1), (262144, 262144, 512, 512, 1), (4096, 65536, 512, 512, 1), (4096, 65536, 512, 512, 0),
+    (640, 5120, 512, 512, 0), (320, 5120, 512, 512, 0), (4096, 16384, 768, 768, 1), (32768, 32768, 1024, 1024, 1),
+    (32768, 32768, 768, 512, 1), (32768, 32768, 1024, 512, 1), (32768, 32768, 1280, 512, 1)))
 
 
 def report(shapes=SHAPES, dtypes=("bfloat16", "float32")) -> dict:
@@ -258,7 +241,7 @@ def report(shapes=SHAPES, dtypes=("bfloat16", "float32")) -> dict:
                          unfused=unfused_cost(**plain, dtype=dtype), floor=floor_cost(**shape, dtype=dtype),
                          **({"unfused_autocast": unfused_cost(**plain, dtype="float32", autocast=dtype)}
                             if dtype == "bfloat16" else {})))
-    return dict(hardware=K.HW[90].__dict__, launch_s=LAUNCH_S, model=__doc__, rows=rows)
+    return dict(hardware=K.HW[90]._asdict(), launch_s=LAUNCH_S, model=__doc__, rows=rows)
 
 
 def markdown(rep: dict) -> str:

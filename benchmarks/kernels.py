@@ -3,6 +3,7 @@
 grid, score tiles, column parts), ``PATHS``, the variants of each path of a step, ``HW``, the targets' facts."""
 from __future__ import annotations
 
+from collections import namedtuple
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,50 +18,31 @@ PRODUCTS = {"ieee": ("fp32", 1), "tf32": ("tf32", 1), "tf32x3": ("tf32", 3), "bf
             "bf16x6": ("bf16", 6)}
 
 
-@dataclass(frozen=True, kw_only=True)
-class Hardware:
-    name: str
-    units: int                 # SMs (NVIDIA) / CUs (AMD)
-    lanes: int                 # threads per warp / wavefront
-    smem_per_block: int        # shared memory / LDS one program may use (Triton's limit)
-    smem_per_unit: int
-    regs: int                  # NVIDIA: 32-bit registers per SM; AMD: VGPRs per lane (ArchVGPRs + AGPRs)
-    max_warps: int             # NVIDIA: warps per SM; AMD: waves per SIMD (4 SIMDs per CU)
-    peak_flops: dict           # dense, per input format (fp32: NVIDIA CUDA cores, AMD matrix cores); None: none
-    hbm_bytes_per_s: float
-    l2_bytes: int
-    clock_hz: float
-    matrix_instr: str          # the tensor-core / matrix-core instruction in the compiled code
-    exp_per_clk: int = 16      # exponentials per clock and SM / CU
-
-    @property
-    def amd(self) -> bool:
-        return self.lanes == 64
+class Hardware(namedtuple("Hardware", "name units lanes smem_per_block smem_per_unit regs max_warps fp32 tf32 bf16 "
+                                      "hbm_bytes_per_s l2_bytes clock_hz matrix_instr")):
+    exp_per_clk = 16                                   # exponentials per clock and SM / CU
+    amd = property(lambda self: self.lanes == 64)
+    peak_flops = property(lambda self: dict(fp32=self.fp32, tf32=self.tf32, bf16=self.bf16))   # None: no such unit
 
 
-_SM = dict(lanes=32, regs=65536, max_warps=64)
-_CDNA = dict(lanes=64, regs=512, max_warps=8, matrix_instr="v_mfma")
-# Vendors' data sheets (dense); MI250X: the whole package (a ROCm device is one of its two GCDs: half).
-HW = {
-    80: Hardware(name="A100 SXM (dense)", units=108, smem_per_block=163 * KiB, smem_per_unit=164 * KiB,
-                 peak_flops=dict(fp32=19.5e12, tf32=156e12, bf16=312e12), hbm_bytes_per_s=2.039e12,
-                 l2_bytes=40 * MiB, clock_hz=1.41e9, matrix_instr="mma.sync", **_SM),
-    90: Hardware(name="H100 SXM (dense)", units=132, smem_per_block=227 * KiB, smem_per_unit=228 * KiB,
-                 peak_flops=dict(fp32=66.9e12, tf32=494.7e12, bf16=989.4e12), hbm_bytes_per_s=3.35e12,
-                 l2_bytes=50 * MiB, clock_hz=1.83e9, matrix_instr="wgmma.mma_async", **_SM),
-    100: Hardware(name="B200 HGX (dense)", units=148, smem_per_block=227 * KiB, smem_per_unit=228 * KiB,
-                  peak_flops=dict(fp32=80e12, tf32=1100e12, bf16=2250e12), hbm_bytes_per_s=8e12,
-                  l2_bytes=126 * MiB, clock_hz=1.965e9, matrix_instr="tcgen05.mma", **_SM),
-    "gfx90a": Hardware(name="MI250X (dense, both GCDs)", units=220, smem_per_block=64 * KiB, smem_per_unit=64 * KiB,
-                       peak_flops=dict(fp32=95.7e12, tf32=None, bf16=383.0e12), hbm_bytes_per_s=3.2768e12,
-                       l2_bytes=16 * MiB, clock_hz=1.7e9, **_CDNA),
-    "gfx942": Hardware(name="MI300X (dense)", units=304, smem_per_block=64 * KiB, smem_per_unit=64 * KiB,
-                       peak_flops=dict(fp32=163.4e12, tf32=653.7e12, bf16=1307.4e12), hbm_bytes_per_s=5.3e12,
-                       l2_bytes=32 * MiB, clock_hz=2.1e9, **_CDNA),
-    "gfx950": Hardware(name="MI355X (dense)", units=256, smem_per_block=160 * KiB, smem_per_unit=160 * KiB,
-                       peak_flops=dict(fp32=157.3e12, tf32=None, bf16=2516.6e12), hbm_bytes_per_s=8e12,
-                       l2_bytes=32 * MiB, clock_hz=2.4e9, **_CDNA),
-}
+# Vendors' data sheets, dense: SMs / CUs, lanes per warp / wavefront, shared memory / LDS (KiB) per program (Triton's
+# limit) and per SM / CU, registers (NVIDIA: 32-bit per SM; AMD: VGPRs per lane, ArchVGPRs + AGPRs), warps per SM
+# (AMD: waves per SIMD, 4 SIMDs per CU), peak FLOP/s of fp32 (NVIDIA: CUDA cores), tf32 and bf16 products, HBM
+# bytes/s, L2 MiB, clock, the matrix instruction in the compiled code. MI250X: both GCDs (a ROCm device: one, half).
+HW = {arch: Hardware(name, units, lanes, smem * KiB, unit_smem * KiB, regs, warps, *peaks, hbm, l2 * MiB, clock, instr)
+      for arch, (name, units, lanes, smem, unit_smem, regs, warps, peaks, hbm, l2, clock, instr) in {
+          80: ("A100 SXM (dense)", 108, 32, 163, 164, 65536, 64, (19.5e12, 156e12, 312e12), 2.039e12, 40, 1.41e9,
+               "mma.sync"),
+          90: ("H100 SXM (dense)", 132, 32, 227, 228, 65536, 64, (66.9e12, 494.7e12, 989.4e12), 3.35e12, 50, 1.83e9,
+               "wgmma.mma_async"),
+          100: ("B200 HGX (dense)", 148, 32, 227, 228, 65536, 64, (80e12, 1100e12, 2250e12), 8e12, 126, 1.965e9,
+                "tcgen05.mma"),
+          "gfx90a": ("MI250X (dense, both GCDs)", 220, 64, 64, 64, 512, 8, (95.7e12, None, 383.0e12), 3.2768e12, 16,
+                     1.7e9, "v_mfma"),
+          "gfx942": ("MI300X (dense)", 304, 64, 64, 64, 512, 8, (163.4e12, 653.7e12, 1307.4e12), 5.3e12, 32, 2.1e9,
+                     "v_mfma"),
+          "gfx950": ("MI355X (dense)", 256, 64, 160, 160, 512, 8, (157.3e12, None, 2516.6e12), 8e12, 32, 2.4e9,
+                     "v_mfma")}.items()}
 FAMILIES = {"nvidia": (80, 90, 100), "amd": ("gfx90a", "gfx942", "gfx950")}
 
 

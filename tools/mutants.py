@@ -21,21 +21,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import namedtuple
 from pathlib import Path
-from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
-CPP_HELPER = """
-// ---- tools/mutants.py: mutant schema (this copy only; inactive unless DRRHO_MUTANT names a mutant) ----
-#include <cstdlib>
-#include <cstring>
-static bool drrho_mutant_on(const char* name) {
-  static const char* active = std::getenv("DRRHO_MUTANT");
-  return active != nullptr && std::strcmp(active, name) == 0;
-}
-"""
-
-
+CPP_HELPER = ("// tools/mutants.py: the mutant schema (this copy only)\n#include <cstdlib>\n#include <cstring>\n"
+              "static bool drrho_mutant_on(const char* name) {\n  static const char* on = std::getenv(\"DRRHO_MUTANT\");\n"
+              "  return on != nullptr && std::strcmp(on, name) == 0;\n}\n")
 FILES = {"epilogue": "drrho_kernels/core/epilogue.py", "schedule": "drrho_kernels/loss/schedule.py",
          "torch": "drrho_kernels/backends/torch_chunked.py", "reference": "drrho_kernels/backends/reference.py",
          "schemes": "drrho_kernels/parallel/schemes.py", "collectives": "drrho_kernels/parallel/collectives.py",
@@ -141,14 +133,8 @@ triton-validate-float64 | triton/__init__ | {I} -k "need or float64" | Triton op
 """
 
 
-class Mutant(NamedTuple):
-    name: str
-    area: str
-    path: str
-    tests: list               # pytest arguments
-    what: str
-    every: bool               # killed only if every selected test fails (no -x)
-    changes: list             # [(old, new)]; C++: new may contain {on} (the schema's condition)
+# every: killed only if every selected test fails (no -x); changes: [(old, new)], C++: new may hold {on}
+Mutant = namedtuple("Mutant", "name area path tests what every changes")
 
 
 def parse(table: str = TABLE) -> list:
