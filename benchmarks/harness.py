@@ -1,6 +1,5 @@
-"""What every benchmark shares: interleaved timing, peak memory (a fresh process on the CPU, in process
-on CUDA), the run's metadata, the JSON writer and table printing (docs/RESULTS.md, "How the benchmarks
-measure")."""
+"""What the benchmarks share: interleaved timing, peak memory (a fresh process on the CPU, in process on CUDA),
+the run's metadata, JSON and Markdown (docs/RESULTS.md, "How the benchmarks measure")."""
 from __future__ import annotations
 
 import datetime
