@@ -166,15 +166,15 @@ def _backward(s, t, v):
 def _every_inner_block(s, t, v):
     """Every outer block against every inner block (the column parts share them out), per direction and
     output slice: N columns (forward, row kernel), B rows (column kernel)."""
-    row = v.flags.get("IS_ROW", True)
-    return _cdiv(s.B if row else s.N, t.BM) * 2 * (_cdiv(s.d, t.BD) if t.BD else 1) * _cdiv(s.N if row else s.B, t.BN)
+    (n_out, n_in), slices = (s.B, s.N) if v.flags.get("IS_ROW", True) else (s.N, s.B), _cdiv(s.d, t.BD) if t.BD else 1
+    return _cdiv(n_out, t.BM) * 2 * slices * _cdiv(n_in, t.BN)
 
 
-def ROWS(s, t, v):
+def _rows(s, t, v):
     return (_cdiv(s.B, t.BM),)
 
 
-def DIRECTIONS(s, t, v):
+def _directions(s, t, v):
     return (_cdiv(s.B, t.BM), 2)
 
 
@@ -182,12 +182,13 @@ _FT = forward_transposed
 VARIANTS = {v.name: v for v in (
     *(Variant("fwd" + "_extra" * x, forward._fwd_kernel, "fwd", dict(HAS_REF=True, EXTRA=x), _forward,
               _every_inner_block, parts_of=lambda g: g[2]) for x in (False, True)),
-    Variant("fwd_merge", forward._merge_splits_kernel, "merge", dict(NSTAT=3, NGROUPS=1), DIRECTIONS),
-    Variant("fwd_merge_extra", forward._merge_splits_kernel, "merge", dict(NSTAT=12, NGROUPS=4), DIRECTIONS),
-    Variant("fwd_t_margin", _FT._margin_kernel, "margin", dict(HAS_REF=True), ROWS),
-    *(Variant("fwd_t" + "_extra" * x, _FT._fwd_t_kernel, "fwdt", dict(HAS_REF=True, EXTRA=x),
-              lambda s, t, v: plan(s, v).grid, lambda s, t, v: _cdiv(s.B, t.BM) * _cdiv(s.B, t.BN)) for x in (False, True)),
-    *(Variant("fwd_t_merge" + "_extra" * x, _FT._fwd_t_merge_kernel, "merge", dict(NGROUPS=4 if x else 1), ROWS)
+    Variant("fwd_merge", forward._merge_splits_kernel, "merge", dict(NSTAT=3, NGROUPS=1), _directions),
+    Variant("fwd_merge_extra", forward._merge_splits_kernel, "merge", dict(NSTAT=12, NGROUPS=4), _directions),
+    Variant("fwd_t_margin", _FT._margin_kernel, "margin", dict(HAS_REF=True), _rows),
+    *(Variant("fwd_t" + "_extra" * x, _FT._fwd_t_kernel, "fwdt", dict(HAS_REF=True, EXTRA=x),     # each tile once
+              lambda s, t, v: plan(s, v).grid, lambda s, t, v: _cdiv(s.B, t.BM) * _cdiv(s.B, t.BN))
+      for x in (False, True)),
+    *(Variant("fwd_t_merge" + "_extra" * x, _FT._fwd_t_merge_kernel, "merge", dict(NGROUPS=4 if x else 1), _rows)
       for x in (False, True)),
     *(Variant(f"bwd_{side}{'_fold' * fold}{'_distill' * distill}{'_split' * split}", backward._bwd_kernel, "bwd",
               dict(HAS_REF=True, IS_ROW=side == "row", FOLD=fold, DISTILL=distill, SPLIT=split), _backward,
