@@ -1,9 +1,7 @@
-"""Ahead-of-time compilation report of the Triton kernels, no GPU needed (benchmarks/AOT.md).
-
-Compiles each kernel variant of ``kernels.VARIANTS`` at each candidate tile (``--default-tiles``: the
-first only), dtype, width and target with ``triton.compile`` and reads the binaries: registers, spills
-(NVIDIA: cuobjdump's LOCAL and STACK; AMD: scratch), shared memory / LDS, the matrix instructions, the
-float32 dot precision, occupancy. ``problems`` says what fails. Run without ``TRITON_INTERPRET``."""
+"""Ahead-of-time compilation report of the Triton kernels, no GPU needed (docs/RESULTS.md, "Compiled ahead of
+time"): each variant of ``kernels.VARIANTS`` at each candidate tile (``--default-tiles``: the first only), dtype,
+width and target compiled by ``triton.compile``; from the binaries registers, spills, shared memory / LDS, the
+matrix instructions, the float32 dot precision, occupancy; ``problems`` says what fails. No TRITON_INTERPRET."""
 from __future__ import annotations
 
 import argparse
@@ -23,28 +21,17 @@ _EMBEDDINGS = {"p_x", "p_t", "p_X", "p_T", "p_xr", "p_tr", "p_Xr", "p_Tr", "p_ou
 _INTS = {"B", "N", "offset", "n_groups", "n_splits", "panel_cols", "part_cols", "part_inner"}
 
 
-def jobs(archs, variants=tuple(K.VARIANTS), dtypes=("bf16", "fp16", "fp32"), widths=WIDTHS, default_tiles=False,
-         seeds=False) -> list[tuple]:
-    """``(variant, dtype, arch, tiles, d, dr)`` to compile: the candidates of each (``seeds``: the pool
-    ``tiles.wave64_seeds`` the AMD tables were pruned from), once with d = dr = None without widths."""
+def jobs(archs, variants=tuple(K.VARIANTS), dtypes=("bf16", "fp16", "fp32"), widths=WIDTHS, default_tiles=False):
+    """``(variant, dtype, arch, tiles, d, dr)`` to compile: every candidate (or the first), once with d = dr = None
+    for a kernel without widths."""
     out = []
     for name in variants:
         v = K.VARIANTS[name]
-        for d, dr in widths if "D" in v.fn.arg_names else ((None, None),):
-            for dt in dtypes:
-                for arch in archs:
-                    if seeds and v.has_dot:
-                        cands = list(dict.fromkeys(K.tiles.clamp(t, d, dr) for t in K.tiles.wave64_seeds(v.kernel)))
-                    else:
-                        cands = v.candidates(d or 0, dr or 0, K.DTYPES[dt], arch)
-                    out += [(name, dt, arch, t, d, dr) for t in cands[:1 if default_tiles else None]]
+        for (d, dr), dt, arch in ((w, dt, a) for w in (widths if "D" in v.fn.arg_names else ((None, None),))
+                                  for dt in dtypes for a in archs):
+            out += [(name, dt, arch, t, d, dr) for t in v.candidates(d or 0, dr or 0, K.DTYPES[dt], arch)
+                    [:1 if default_tiles else None]]
     return out
-
-
-def _signature(fn, dt: str) -> dict:
-    return {name: "constexpr" if fn.params[i].is_constexpr else f"*{dt}" if name in _EMBEDDINGS
-            else "*fp32" if name.startswith("p_") else "i32" if name in _INTS else "fp32"
-            for i, name in enumerate(fn.arg_names)}
 
 
 def _cuobjdump() -> str:
@@ -54,9 +41,8 @@ def _cuobjdump() -> str:
 
 def dot_precisions(ttir: str) -> list[str]:
     """The ``inputPrecision`` of every ``tt.dot`` (unprinted: the default, ieee), sorted, deduplicated."""
-    found = {(re.search(r"inputPrecision = (\w+)", line) or [None, "ieee"])[1]
-             for line in ttir.splitlines() if re.search(r"\btt\.dot\b", line)}
-    return sorted(found)
+    return sorted({(re.search(r"inputPrecision = (\w+)", line) or [None, "ieee"])[1]
+                   for line in ttir.splitlines() if re.search(r"\btt\.dot\b", line)})
 
 
 def compile_one(job) -> dict:
@@ -71,9 +57,12 @@ def compile_one(job) -> dict:
     unset = [n for i, n in enumerate(v.fn.arg_names) if v.fn.params[i].is_constexpr and n not in constexprs]
     if unset:           # a flag the kernel gained and the registry does not state: never compile it as None
         return {**row, "error": f"constexprs {unset} are not set by kernels.VARIANTS[{name!r}]"}
+    signature = {n: "constexpr" if v.fn.params[i].is_constexpr else f"*{dt}" if n in _EMBEDDINGS
+                 else "*fp32" if n.startswith("p_") else "i32" if n in _INTS else "fp32"
+                 for i, n in enumerate(v.fn.arg_names)}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(v.fn.arg_names) if n.startswith("p_")}
     try:
-        k = triton.compile(ASTSource(fn=v.fn, signature=_signature(v.fn, dt), constexprs=constexprs, attrs=attrs),
+        k = triton.compile(ASTSource(fn=v.fn, signature=signature, constexprs=constexprs, attrs=attrs),
                            target=K.target(arch), options=dict(num_warps=t.num_warps, num_stages=t.num_stages,
                                                                enable_fp_fusion=K.launch.FP_FUSION))
     except Exception as exc:   # noqa: BLE001 (a configuration that does not compile is a finding)
@@ -112,18 +101,18 @@ def problems(row: dict) -> list[str]:
     if "error" in row:
         return [row["error"]]
     arch = K.parse_arch(row["arch"])
+    hw, want = K.HW[arch], K.launch.fp32_precision(arch)
     bad = [f"spills to memory: {row['spill_bytes']} B per thread"] if row["spill_bytes"] else []
     if row.get("vgpr_spill_count", 0) > row.get("agprs", 0):
         bad.append(f"{row['vgpr_spill_count']} VGPRs spilled with {row['agprs']} AGPRs to hold them")
-    if row["shared_bytes"] > K.HW[arch].smem_per_block:
-        bad.append(f"shared memory {row['shared_bytes']} B > {K.HW[arch].smem_per_block} B")
-    if K.HW[arch].amd and (row["registers"] > K.HW[arch].regs or not row["fits_one_workgroup"]
-                           or row["wavefront_size"] != 64):
+    if row["shared_bytes"] > hw.smem_per_block:
+        bad.append(f"shared memory {row['shared_bytes']} B > {hw.smem_per_block} B")
+    if hw.amd and (row["registers"] > hw.regs or not row["fits_one_workgroup"] or row["wavefront_size"] != 64):
         bad.append(f"{row['registers']} VGPRs do not fit {row['num_warps']} waves of {row['wavefront_size']}")
     if row["has_dot"] and not row["mma_count"]:
-        bad.append(f"no {K.HW[arch].matrix_instr} instruction")
-    if row["has_dot"] and row["dtype"] == "fp32" and row["fp32_dot_precision"] != [K.launch.fp32_precision(arch)]:
-        bad.append(f"float32 dots at {row['fp32_dot_precision']}, not {K.launch.fp32_precision(arch)}")
+        bad.append(f"no {hw.matrix_instr} instruction")
+    if row["has_dot"] and row["dtype"] == "fp32" and row["fp32_dot_precision"] != [want]:
+        bad.append(f"float32 dots at {row['fp32_dot_precision']}, not {want}")
     return bad
 
 
@@ -140,27 +129,13 @@ def run(todo: list, workers: int = 2) -> dict:
     import triton
     t0 = time.perf_counter()
     with cf.ProcessPoolExecutor(workers) if workers > 1 else cf.ThreadPoolExecutor(1) as pool:
-        rows = list(pool.map(compile_one, todo))
-    for r in rows:
-        r["problems"] = problems(r)
+        rows = [dict(r, problems=problems(r)) for r in pool.map(compile_one, todo)]
     archs = list(dict.fromkeys(j[2] for j in todo))
     return {"provenance": {**harness.machine_info(None), "gpu": None, "widths": sorted({j[4:] for j in todo if j[4]}),
                            "generated": "triton.compile for GPUTargets on a CPU machine; no kernel ran"},
             "triton": triton.__version__, "archs": [K.label(a) for a in archs], "compiles": len(rows),
             "fp32_precision": {K.label(a): K.launch.fp32_precision(a) for a in archs},
             "wall_s": round(time.perf_counter() - t0, 1), "workers": workers, "rows": rows}
-
-
-def summary(report: dict) -> str:
-    lines = [f"triton {report['triton']}: {report['compiles']} compiles in {report['wall_s']} s",
-             f"{'kernel':<21}{'D':>5} {'dtype':<6}{'arch':<8}{'config':<38}{'regs':>5}{'spill':>6}{'smem KiB':>9}"
-             f"{'mma':>5}{'prog/SM':>8}  problems"]
-    for r in report["rows"]:
-        head = f"{r['kernel']:<21}{r['D'] or '-':>5} {r['dtype']:<6}{r['arch']:<8}{r['config']:<38}"
-        lines.append(head + (f" ERROR {r['error']}" if "error" in r else
-                             f"{r['registers']:>5}{r['spill_bytes']:>6}{r['shared_bytes'] / 1024:>9.1f}"
-                             f"{r['mma_count']:>5}{r['programs_per_unit']:>8}  {'; '.join(r['problems'])}"))
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -171,7 +146,6 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", nargs="*", default=["bf16", "fp16", "fp32"])
     p.add_argument("--widths", nargs="*", metavar="D:DR", help=f"default {' '.join(f'{d}:{r}' for d, r in WIDTHS)}")
     p.add_argument("--default-tiles", action="store_true", help="the first candidate only (what runs untuned)")
-    p.add_argument("--seeds", action="store_true", help="compile tiles.wave64_seeds instead of the candidates")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", help="one JSON for every target (default: one per family in benchmarks/results/)")
     args = p.parse_args(argv)
@@ -180,19 +154,22 @@ def main(argv=None) -> int:
     widths = tuple(tuple(int(v) for v in w.split(":")) for w in args.widths) if args.widths else WIDTHS
     archs = [K.parse_arch(a) for a in args.archs] if args.archs else [
         a for f, fam in K.FAMILIES.items() if args.family in (f, "all") for a in fam]
-    missing = {K.label(a): unavailable(a) for a in archs if unavailable(a)}
+    missing = {a: unavailable(a) for a in archs if unavailable(a)}
     for a, why in missing.items():
-        print(f"aot_report: skipping {a}: {why}", file=sys.stderr)
+        print(f"aot_report: skipping {K.label(a)}: {why}", file=sys.stderr)
     import triton
-    groups = {args.out: archs} if args.out else {
-        harness.RESULTS_DIR / f"triton_aot{'_amd' * (f == 'amd')}{'_seeds' * args.seeds}_{triton.__version__}.json":
-        [a for a in archs if a in fam] for f, fam in K.FAMILIES.items()}
+    groups = {args.out: archs} if args.out else {harness.RESULTS_DIR / f"triton_aot{'_amd' * (f == 'amd')}_"
+                                                 f"{triton.__version__}.json": fam for f, fam in K.FAMILIES.items()}
     bad = bool(missing)
     for out, group in groups.items():
-        group = [a for a in group if K.label(a) not in missing]
-        if group:
-            report = run(jobs(group, args.variants, args.dtypes, widths, args.default_tiles, args.seeds), args.workers)
-            print(summary(report))
+        if group := [a for a in group if a in archs and a not in missing]:
+            report = run(jobs(group, args.variants, args.dtypes, widths, args.default_tiles), args.workers)
+            print(f"triton {report['triton']}: {report['compiles']} compiles in {report['wall_s']} s")
+            for r in report["rows"]:
+                print(f"{r['kernel']:<26}{r['D'] or '-':>5} {r['dtype']:<5}{r['arch']:<7}{r['config']:<38}" + (
+                    f"{r.get('registers', '-'):>4} regs {r.get('spill_bytes', '-'):>3} spill "
+                    f"{r.get('shared_bytes', 0) / 1024:6.1f} KiB {r.get('programs_per_unit', '-')}/SM  ")
+                    + "; ".join(r["problems"]))
             print(f"written {harness.write_json(out, report)}")
             bad |= any(r["problems"] for r in report["rows"])
     return int(bad)

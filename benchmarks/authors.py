@@ -1,13 +1,8 @@
-"""The authors' released code, loaded from local snapshots: never copied into this repository, never a
-dependency. The one loader used by ``tests/authors_harness.py`` (parity tests) and by the benchmarks.
-
-Snapshots are named by environment variables only, each a checkout or a bare git directory whose
-``HEAD`` is read; with a variable unset every loader returns ``(None, why not)``:
-
-- ``DRRHO_AUTHORS_REPO``: Optimization-AI/DRRho-CLIP (``src/fast_clip/loss.py``: ``SogCLRLoss``;
-  ``src/training/train.py``: ``jointly_sample_batch_softmax``; ``src/training/distributed.py``);
-- ``FASTCLIP_REPO``: Optimization-AI/fast_clip (``src/fast_clip/loss.py``: ``FastCLIPLossIndividual``).
-"""
+"""The authors' released code, read from local snapshots named by environment variables, never copied here nor a
+dependency (a checkout or a bare git directory, whose ``HEAD`` is read; unset: every loader returns ``(None, why
+not)``): ``DRRHO_AUTHORS_REPO``, Optimization-AI/DRRho-CLIP (``SogCLRLoss``, ``jointly_sample_batch_softmax``,
+``all_gather_tuple_tensor``); ``FASTCLIP_REPO``, Optimization-AI/fast_clip (``FastCLIPLossIndividual``). The one
+loader of ``tests/authors_harness.py`` (parity tests) and of the benchmarks."""
 from __future__ import annotations
 
 import ast
@@ -16,8 +11,6 @@ import os
 import subprocess
 import types
 from pathlib import Path
-
-import torch
 
 ENV = DRRHO_ENV = "DRRHO_AUTHORS_REPO"
 FASTCLIP_ENV = "FASTCLIP_REPO"
@@ -67,8 +60,8 @@ class _Probe(ast.NodeTransformer):
     def __init__(self):
         self.placed = set()
 
-    @staticmethod
-    def _call(name):
+    def _probe(self, name):
+        self.placed.add(name)
         return ast.parse(f"__probe__({name!r}, {name})").body[0]
 
     def visit_FunctionDef(self, node):
@@ -77,16 +70,13 @@ class _Probe(ast.NodeTransformer):
         body = []
         for stmt in node.body:
             body.append(stmt)
-            if isinstance(stmt, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "logits_ii"
-                                                    for t in stmt.targets):
-                body.append(self._call("logits_ii"))
-                self.placed.add("logits_ii")
+            if isinstance(stmt, ast.Assign) and any(getattr(t, "id", None) == "logits_ii" for t in stmt.targets):
+                body.append(self._probe("logits_ii"))
             if isinstance(stmt, ast.For):
                 inner = []
                 for s in stmt.body:
-                    if isinstance(s, ast.If) and isinstance(s.test, ast.Name) and s.test.id == "topk":
-                        inner.append(self._call("logits"))
-                        self.placed.add("logits")
+                    if isinstance(s, ast.If) and getattr(s.test, "id", None) == "topk":
+                        inner.append(self._probe("logits"))
                     inner.append(s)
                 stmt.body = inner
         node.body = body

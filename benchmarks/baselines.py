@@ -1,11 +1,6 @@
-"""Baselines every benchmark compares with (the GEMM floor is ``benchmarks.steps.Floor``).
-
-- :func:`unfused_drrho_loss`: the loss as the authors' released ``SogCLRLoss.forward``
-  (Optimization-AI/DRRho-CLIP, ``src/fast_clip/loss.py``) computes it in one process, rewritten from
-  their sequence of operations (no code copied): about a dozen ``[B, N]`` matrices (similarities of both
-  directions, masks, shifted differences, weights, weighted products) and autograd.
-- :func:`clip_cross_entropy`: open_clip's plain CLIP loss (cross-entropy of ``s x t^T`` both ways).
-"""
+"""The baselines: :func:`unfused_drrho_loss`, the loss as the authors' ``SogCLRLoss.forward`` computes it
+(Optimization-AI/DRRho-CLIP, rewritten from their sequence of operations, no code copied: a dozen ``[B, N]``
+matrices and autograd), and :func:`clip_cross_entropy`, open_clip's CLIP loss (the GEMM floor: ``steps.Floor``)."""
 from __future__ import annotations
 
 import math
@@ -17,11 +12,8 @@ import torch.nn.functional as F
 def unfused_drrho_loss(img, txt, logit_scale, u_img, u_txt, ref_img=None, ref_txt=None, *, img_all=None,
                        txt_all=None, ref_img_all=None, ref_txt_all=None, offset=0, gamma=0.8, eps=1e-14,
                        rho=8.0):
-    """Returns ``(loss, u_img_new, u_txt_new)`` like ``SogCLRLoss`` with ``multiply_tau``.
-
-    Columns default to the rows (one process); with ``img_all``/``txt_all`` the rows are compared
-    with the gathered global batch as in the authors' distributed forward.
-    """
+    """``(loss, u_img_new, u_txt_new)`` as ``SogCLRLoss`` with ``multiply_tau``; the columns default to the rows
+    (one process), else the rows are compared with the gathered global batch as in their distributed forward."""
     img_all = img if img_all is None else img_all
     txt_all = txt if txt_all is None else txt_all
     ref_img_all = ref_img if ref_img_all is None else ref_img_all

@@ -1,5 +1,5 @@
-"""What every benchmark shares: interleaved timing, peak memory (a fresh process on the CPU, in process
-on CUDA), the run's metadata and the JSON writer (benchmarks/README.md, "What is measured")."""
+"""What the benchmarks share: interleaved timing, peak memory (a fresh process on the CPU, in process on CUDA),
+the run's metadata, JSON and Markdown (docs/RESULTS.md, "How the benchmarks measure")."""
 from __future__ import annotations
 
 import datetime
@@ -40,6 +40,11 @@ def is_oom(error, returncode: int = 0) -> bool:
     return returncode in (-9, 137) or any(s in text for s in ("out of memory", "memoryerror", "allocate memory"))
 
 
+def markdown(header, rows) -> str:
+    """A Markdown table of ``rows`` (sequences of cells) under ``header``."""
+    return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in [header, ["---"] * len(header), *rows])
+
+
 def git_commit() -> str:
     def git(*args):
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
@@ -50,8 +55,7 @@ def git_commit() -> str:
 
 
 def machine_info(device: str | None = "cpu") -> dict:
-    """Who measured what where: date, commit, versions, CPU, threads, load; the C++ build on the CPU
-    (its half-precision tile product included), the GPU on CUDA; ``None``: no device (static tools)."""
+    """Date, commit, versions, CPU, threads, load; the C++ build (CPU) or the GPU (CUDA); None: static tools."""
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
         flags = next(line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
@@ -98,15 +102,9 @@ def results_dir(fallback: Path, name: str = "") -> Path:
 
 def summarize(samples) -> dict:
     """Median, p20, p80, count, and the samples in round order (``samples_s``: per-round ratios)."""
-    in_rounds = [float(t) for t in samples]
-    samples = sorted(samples)
-
-    def pct(q):
-        k = (len(samples) - 1) * q
-        lo, hi = int(k), min(int(k) + 1, len(samples) - 1)
-        return samples[lo] + (samples[hi] - samples[lo]) * (k - lo)
-    return {"median_s": statistics.median(samples), "p20_s": pct(0.2), "p80_s": pct(0.8), "n_repeat": len(samples),
-            "samples_s": in_rounds}
+    p20, _, _, p80 = statistics.quantiles(samples, n=5, method="inclusive") if len(samples) > 1 else [samples[0]] * 4
+    return {"median_s": statistics.median(samples), "p20_s": p20, "p80_s": p80, "n_repeat": len(samples),
+            "samples_s": [float(t) for t in samples]}
 
 
 def timed(step, device: str = "cpu") -> float:
@@ -157,8 +155,8 @@ def _status_kib(field: str) -> int:
 
 
 def _measure_here(target: str, kwargs: dict) -> dict:
-    """In the fresh process: ``target(**kwargs)`` returns ``(step, output_bytes)``; the step runs, the
-    high-water mark is reset (``/proc/self/clear_refs``), the step runs again."""
+    """In the fresh process: the step ``target(**kwargs)`` builds runs, the high-water mark is reset
+    (``/proc/self/clear_refs``), the step runs again."""
     module, name = target.split(":")
     step, output_bytes = getattr(importlib.import_module(module), name)(**kwargs)
     step()

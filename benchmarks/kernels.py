@@ -1,10 +1,9 @@
-"""The one description of the Triton kernels and of the GPUs they target, for the static tools
-(``aot_report``, ``cost_model``, ``precision_study``): ``VARIANTS``, each kernel variant as the
-launchers run it (jit function, path flags, tile table, grid, score tiles per launch), ``PATHS``, the
-variants each path of a step launches, and ``HW``, the hardware facts of every target."""
+"""The one description of the Triton kernels and of the GPUs they target, for the static tools (``aot_report``,
+``cost_model``): ``VARIANTS``, each kernel variant as the launchers run it (jit function, path flags, tiles,
+grid, score tiles, column parts), ``PATHS``, the variants of each path of a step, ``HW``, the targets' facts."""
 from __future__ import annotations
 
-import math
+from collections import namedtuple
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,50 +18,31 @@ PRODUCTS = {"ieee": ("fp32", 1), "tf32": ("tf32", 1), "tf32x3": ("tf32", 3), "bf
             "bf16x6": ("bf16", 6)}
 
 
-@dataclass(frozen=True, kw_only=True)
-class Hardware:
-    name: str
-    units: int                 # SMs (NVIDIA) / CUs (AMD)
-    lanes: int                 # threads per warp / wavefront
-    smem_per_block: int        # shared memory / LDS one program may use (Triton's limit)
-    smem_per_unit: int
-    regs: int                  # NVIDIA: 32-bit registers per SM; AMD: VGPRs per lane (ArchVGPRs + AGPRs)
-    max_warps: int             # NVIDIA: warps per SM; AMD: waves per SIMD (4 SIMDs per CU)
-    peak_flops: dict           # dense, per input format (fp32: NVIDIA CUDA cores, AMD matrix cores); None: none
-    hbm_bytes_per_s: float
-    l2_bytes: int
-    clock_hz: float
-    matrix_instr: str          # the tensor-core / matrix-core instruction in the compiled code
-    exp_per_clk: int = 16      # exponentials per clock and SM / CU
-
-    @property
-    def amd(self) -> bool:
-        return self.lanes == 64
+class Hardware(namedtuple("Hardware", "name units lanes smem_per_block smem_per_unit regs max_warps fp32 tf32 bf16 "
+                                      "hbm_bytes_per_s l2_bytes clock_hz matrix_instr")):
+    exp_per_clk = 16                                   # exponentials per clock and SM / CU
+    amd = property(lambda self: self.lanes == 64)
+    peak_flops = property(lambda self: dict(fp32=self.fp32, tf32=self.tf32, bf16=self.bf16))   # None: no such unit
 
 
-_SM = dict(lanes=32, regs=65536, max_warps=64)
-_CDNA = dict(lanes=64, regs=512, max_warps=8, matrix_instr="v_mfma")
-# Vendors' data sheets (dense); MI250X: the whole package (a ROCm device is one of its two GCDs: half).
-HW = {
-    80: Hardware(name="A100 SXM (dense)", units=108, smem_per_block=163 * KiB, smem_per_unit=164 * KiB,
-                 peak_flops=dict(fp32=19.5e12, tf32=156e12, bf16=312e12), hbm_bytes_per_s=2.039e12,
-                 l2_bytes=40 * MiB, clock_hz=1.41e9, matrix_instr="mma.sync", **_SM),
-    90: Hardware(name="H100 SXM (dense)", units=132, smem_per_block=227 * KiB, smem_per_unit=228 * KiB,
-                 peak_flops=dict(fp32=66.9e12, tf32=494.7e12, bf16=989.4e12), hbm_bytes_per_s=3.35e12,
-                 l2_bytes=50 * MiB, clock_hz=1.83e9, matrix_instr="wgmma.mma_async", **_SM),
-    100: Hardware(name="B200 HGX (dense)", units=148, smem_per_block=227 * KiB, smem_per_unit=228 * KiB,
-                  peak_flops=dict(fp32=80e12, tf32=1100e12, bf16=2250e12), hbm_bytes_per_s=8e12,
-                  l2_bytes=126 * MiB, clock_hz=1.965e9, matrix_instr="tcgen05.mma", **_SM),
-    "gfx90a": Hardware(name="MI250X (dense, both GCDs)", units=220, smem_per_block=64 * KiB, smem_per_unit=64 * KiB,
-                       peak_flops=dict(fp32=95.7e12, tf32=None, bf16=383.0e12), hbm_bytes_per_s=3.2768e12,
-                       l2_bytes=16 * MiB, clock_hz=1.7e9, **_CDNA),
-    "gfx942": Hardware(name="MI300X (dense)", units=304, smem_per_block=64 * KiB, smem_per_unit=64 * KiB,
-                       peak_flops=dict(fp32=163.4e12, tf32=653.7e12, bf16=1307.4e12), hbm_bytes_per_s=5.3e12,
-                       l2_bytes=32 * MiB, clock_hz=2.1e9, **_CDNA),
-    "gfx950": Hardware(name="MI355X (dense)", units=256, smem_per_block=160 * KiB, smem_per_unit=160 * KiB,
-                       peak_flops=dict(fp32=157.3e12, tf32=None, bf16=2516.6e12), hbm_bytes_per_s=8e12,
-                       l2_bytes=32 * MiB, clock_hz=2.4e9, **_CDNA),
-}
+# Vendors' data sheets, dense: SMs / CUs, lanes per warp / wavefront, shared memory / LDS (KiB) per program (Triton's
+# limit) and per SM / CU, registers (NVIDIA: 32-bit per SM; AMD: VGPRs per lane, ArchVGPRs + AGPRs), warps per SM
+# (AMD: waves per SIMD, 4 SIMDs per CU), peak FLOP/s of fp32 (NVIDIA: CUDA cores), tf32 and bf16 products, HBM
+# bytes/s, L2 MiB, clock, the matrix instruction in the compiled code. MI250X: both GCDs (a ROCm device: one, half).
+HW = {arch: Hardware(name, units, lanes, smem * KiB, unit_smem * KiB, regs, warps, *peaks, hbm, l2 * MiB, clock, instr)
+      for arch, (name, units, lanes, smem, unit_smem, regs, warps, peaks, hbm, l2, clock, instr) in {
+          80: ("A100 SXM (dense)", 108, 32, 163, 164, 65536, 64, (19.5e12, 156e12, 312e12), 2.039e12, 40, 1.41e9,
+               "mma.sync"),
+          90: ("H100 SXM (dense)", 132, 32, 227, 228, 65536, 64, (66.9e12, 494.7e12, 989.4e12), 3.35e12, 50, 1.83e9,
+               "wgmma.mma_async"),
+          100: ("B200 HGX (dense)", 148, 32, 227, 228, 65536, 64, (80e12, 1100e12, 2250e12), 8e12, 126, 1.965e9,
+                "tcgen05.mma"),
+          "gfx90a": ("MI250X (dense, both GCDs)", 220, 64, 64, 64, 512, 8, (95.7e12, None, 383.0e12), 3.2768e12, 16,
+                     1.7e9, "v_mfma"),
+          "gfx942": ("MI300X (dense)", 304, 64, 64, 64, 512, 8, (163.4e12, 653.7e12, 1307.4e12), 5.3e12, 32, 2.1e9,
+                     "v_mfma"),
+          "gfx950": ("MI355X (dense)", 256, 64, 160, 160, 512, 8, (157.3e12, None, 2516.6e12), 8e12, 32, 2.4e9,
+                     "v_mfma")}.items()}
 FAMILIES = {"nvidia": (80, 90, 100), "amd": ("gfx90a", "gfx942", "gfx950")}
 
 
@@ -72,8 +52,7 @@ def label(arch) -> str:
 
 def parse_arch(text):
     """"90" or "sm_90" -> 90; "gfx942" -> "gfx942"."""
-    text = str(text)
-    return text if text.startswith("gfx") else int(text.removeprefix("sm_"))
+    return str(text) if str(text).startswith("gfx") else int(str(text).removeprefix("sm_"))
 
 
 def target(arch):
@@ -108,13 +87,15 @@ def occupancy(arch, registers: int, num_warps: int, shared: int) -> dict:
 
 @dataclass(frozen=True)
 class Shape:
-    """One launch: ``B`` rows against ``N`` columns, widths ``d`` and ``dr`` (0: no reference)."""
+    """One step's launches: ``B`` rows against ``N`` columns, widths ``d`` and ``dr`` (0: no reference);
+    ``split`` False: ``tiles.column_splits`` forced to 1 (the kernels before the column split)."""
     B: int
     N: int
     d: int
     dr: int = 0
     dtype: torch.dtype = torch.bfloat16
     arch: int | str = 90
+    split: bool = True
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -136,10 +117,6 @@ class Variant:
     def has_dot(self) -> bool:
         return self.tiles_of is not None
 
-    @property
-    def table(self) -> str:
-        return tiles.table_name(self.kernel, self.flags)
-
     def candidates(self, d: int, dr: int, dtype: torch.dtype, arch) -> list:
         return tiles.candidates(self.kernel, d, dr, dtype, arch, self.flags)
 
@@ -150,9 +127,6 @@ class Variant:
 
     def grid(self, s: Shape, t) -> tuple:
         return self.grid_of(s, t, self)
-
-    def waves(self, s: Shape, t, programs_per_unit: int = 1) -> int:
-        return _cdiv(math.prod(self.grid(s, t)), HW[s.arch].units * programs_per_unit)
 
     def parts(self, s: Shape, t) -> int:
         """Into how many parts the launch cuts its columns (1: not split)."""
@@ -166,76 +140,65 @@ class Variant:
 
 def plan(s: Shape, v: Variant | None = None) -> tiles.Plan:
     """The one-process forward's plan on ``s.arch``, from the largest tiles of its path's candidates."""
-    cands = (v or VARIANTS["fwd_t"]).candidates(s.d, s.dr, s.dtype, s.arch)
-    hw = HW[s.arch]
+    cands, hw = (v or VARIANTS["fwd_t"]).candidates(s.d, s.dr, s.dtype, s.arch), HW[s.arch]
     return tiles.transposed_plan(s.B, max(c.BM for c in cands), max(c.BN for c in cands),
                                  (s.d + s.dr) * s.dtype.itemsize, hw.units, hw.l2_bytes)
+
+
+def split_parts(s: Shape, is_row: bool, distill: bool) -> int:
+    """The backward's inner parts (``backward.backward_splits``; 1: the unsplit variant runs)."""
+    n_out, n_in = (s.B, s.N) if is_row else (s.N, s.B)
+    return backward.backward_splits(n_out, n_in, s.d, s.dr, s.dtype, distill, s.arch, HW[s.arch].units) if s.split else 1
+
+
+def _forward(s, t, v):
+    """(row blocks, 2 directions, column parts: ``forward.forward_splits`` on this target)."""
+    parts = forward.forward_splits(s.B, s.N, s.d, s.dr, s.dtype, v.flags["EXTRA"], s.arch, HW[s.arch].units)
+    return (_cdiv(s.B, t.BM), 2, parts if s.split else 1)
+
+
+def _backward(s, t, v):
+    """(outer blocks, 2 directions x inner parts, output slices)."""
+    parts = split_parts(s, v.flags["IS_ROW"], v.flags["DISTILL"]) if v.flags["SPLIT"] else 1
+    return (_cdiv(s.B if v.flags["IS_ROW"] else s.N, t.BM), 2 * parts, _cdiv(s.d, t.BD))
+
+
+def _every_inner_block(s, t, v):
+    """Every outer block against every inner block (the column parts share them out), per direction and
+    output slice: N columns (forward, row kernel), B rows (column kernel)."""
+    (n_out, n_in), slices = (s.B, s.N) if v.flags.get("IS_ROW", True) else (s.N, s.B), _cdiv(s.d, t.BD) if t.BD else 1
+    return _cdiv(n_out, t.BM) * 2 * slices * _cdiv(n_in, t.BN)
 
 
 def _rows(s, t, v):
     return (_cdiv(s.B, t.BM),)
 
 
-def _forward(s, t, v):
-    """(row blocks, 2 directions, column parts: forward.forward_splits on this target)."""
-    return (_cdiv(s.B, t.BM), 2, forward.forward_splits(s.B, s.N, s.d, s.dr, s.dtype, v.flags["EXTRA"], s.arch,
-                                                         HW[s.arch].units))
-
-
 def _directions(s, t, v):
     return (_cdiv(s.B, t.BM), 2)
 
 
-def _backward(s, t, v):
-    """(outer blocks, 2 directions x inner parts: backward.backward_splits, output slices)."""
-    n_out, n_in = (s.B, s.N) if v.flags["IS_ROW"] else (s.N, s.B)
-    parts = split_parts(s, v.flags["IS_ROW"], v.flags["DISTILL"]) if v.flags["SPLIT"] else 1
-    return (_cdiv(n_out, t.BM), 2 * parts, _cdiv(s.d, t.BD))
-
-
-def split_parts(s, is_row: bool, distill: bool) -> int:
-    """The backward's inner parts for shape ``s`` (1: the unsplit variant runs)."""
-    n_out, n_in = (s.B, s.N) if is_row else (s.N, s.B)
-    return backward.backward_splits(n_out, n_in, s.d, s.dr, s.dtype, distill, s.arch, HW[s.arch].units)
-
-
-def _every_inner_block(s, t, v):
-    """Every outer block against every inner block (the column parts share them out): N columns (forward,
-    row kernel), B rows (column kernel)."""
-    row, inner = v.flags.get("IS_ROW", True), s.N if v.flags.get("IS_ROW", True) else s.B
-    slices = _cdiv(s.d, t.BD) if t.BD else 1
-    return _cdiv(s.B if row else s.N, t.BM) * 2 * slices * _cdiv(inner, t.BN)
-
-
-def _each_tile_once(s, t, v):
-    return _cdiv(s.B, t.BM) * _cdiv(s.B, t.BN)
-
-
-_FWD_T = forward_transposed
+_FT = forward_transposed
 VARIANTS = {v.name: v for v in (
-    Variant("fwd", forward._fwd_kernel, "fwd", dict(HAS_REF=True, EXTRA=False), _forward, _every_inner_block,
-            parts_of=lambda g: g[2]),
-    Variant("fwd_extra", forward._fwd_kernel, "fwd", dict(HAS_REF=True, EXTRA=True), _forward, _every_inner_block,
-            parts_of=lambda g: g[2]),
+    *(Variant("fwd" + "_extra" * x, forward._fwd_kernel, "fwd", dict(HAS_REF=True, EXTRA=x), _forward,
+              _every_inner_block, parts_of=lambda g: g[2]) for x in (False, True)),
     Variant("fwd_merge", forward._merge_splits_kernel, "merge", dict(NSTAT=3, NGROUPS=1), _directions),
     Variant("fwd_merge_extra", forward._merge_splits_kernel, "merge", dict(NSTAT=12, NGROUPS=4), _directions),
-    Variant("fwd_t_margin", _FWD_T._margin_kernel, "margin", dict(HAS_REF=True), _rows),
-    Variant("fwd_t", _FWD_T._fwd_t_kernel, "fwdt", dict(HAS_REF=True, EXTRA=False),
-            lambda s, t, v: plan(s, v).grid, _each_tile_once),
-    Variant("fwd_t_extra", _FWD_T._fwd_t_kernel, "fwdt", dict(HAS_REF=True, EXTRA=True),
-            lambda s, t, v: plan(s, v).grid, _each_tile_once),
-    Variant("fwd_t_merge", _FWD_T._fwd_t_merge_kernel, "merge", dict(NGROUPS=1), _rows),
-    Variant("fwd_t_merge_extra", _FWD_T._fwd_t_merge_kernel, "merge", dict(NGROUPS=4), _rows),
+    Variant("fwd_t_margin", _FT._margin_kernel, "margin", dict(HAS_REF=True), _rows),
+    *(Variant("fwd_t" + "_extra" * x, _FT._fwd_t_kernel, "fwdt", dict(HAS_REF=True, EXTRA=x),     # each tile once
+              lambda s, t, v: plan(s, v).grid, lambda s, t, v: _cdiv(s.B, t.BM) * _cdiv(s.B, t.BN))
+      for x in (False, True)),
+    *(Variant("fwd_t_merge" + "_extra" * x, _FT._fwd_t_merge_kernel, "merge", dict(NGROUPS=4 if x else 1), _rows)
+      for x in (False, True)),
     *(Variant(f"bwd_{side}{'_fold' * fold}{'_distill' * distill}{'_split' * split}", backward._bwd_kernel, "bwd",
               dict(HAS_REF=True, IS_ROW=side == "row", FOLD=fold, DISTILL=distill, SPLIT=split), _backward,
               _every_inner_block, weighted=True, parts_of=lambda g: g[1] // 2)
       for split in (False, True) for distill in (False, True)
-      for side, fold in (("row", True), ("row", False), ("col", False)) if side == "row" or not split),
+      for side, fold in (("row", True), ("row", False), ("col", False))),
 )}
 # The variant of each kernel role on each path of a step: plain; per-sample outputs (the EXTRA forward);
 # distillation (EXTRA forward, DISTILL backward).
 ROLES = ("fwd", "fwd_t_margin", "fwd_t", "fwd_t_merge", "bwd_row_fold", "bwd_row", "bwd_col")
 _EXTRA = ("fwd_extra", "fwd_t_margin", "fwd_t_extra", "fwd_t_merge_extra")
-PATHS = {"plain": dict(zip(ROLES, ROLES)),
-         "per_sample": dict(zip(ROLES, _EXTRA + ROLES[4:])),
+PATHS = {"plain": dict(zip(ROLES, ROLES)), "per_sample": dict(zip(ROLES, _EXTRA + ROLES[4:])),
          "distill": dict(zip(ROLES, _EXTRA + tuple(r + "_distill" for r in ROLES[4:])))}

@@ -1,26 +1,31 @@
-"""Figures and Markdown tables from sweep results, and the distributed byte table: per file and group of
-rows sharing ``(dtype, d, dr, ref, N/B)``, time, memory, speedup and the cost model's HBM bytes (skipped
-without triton); OOM points as ``x`` at the top edge (benchmarks/README.md, "GPU targets and figures")."""
+"""Figures and Markdown tables of sweep results, per file and group of rows sharing ``(dtype, d, dr, ref, N/B)``:
+time (a panel per mode, p20-p80 band), memory, speedup, OOM points as ``x`` at the top edge; and the table of the
+distributed schemes' bytes per step (docs/RESULTS.md, "How the benchmarks measure")."""
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
-from .harness import RESULTS_DIR  # noqa: E402
+from .harness import RESULTS_DIR, markdown  # noqa: E402
 
 STYLE = {"triton": ("tab:red", "o"), "cpp": ("tab:purple", "D"), "torch": ("tab:blue", "s"),
          "reference": ("tab:gray", "v"), "unfused": ("tab:orange", "^"), "clip_ce": ("tab:green", "P"),
-         "inf_cl": ("tab:brown", "X"), "authors": ("tab:pink", "*"), "gemm_floor": ("black", None)}
+         "authors": ("tab:pink", "*"), "gemm_floor": ("black", "_")}
 MODE_TITLES = {"forward": "forward", "backward": "backward", "forward_backward": "forward + backward"}
 MIB = 2 ** 20
+KINDS = {   # kind: (value, scale, y label, log base of y, title)
+    "time": ("median_s", 1e3, "time per step (ms)", 10, "DRRho-CLIP loss: time per step vs B"),
+    "memory": ("peak_extra_bytes", 1 / MIB, "peak extra memory (MiB), gradients excluded", 10,
+               "peak extra memory vs B (forward + backward)"),
+    "speedup": ("speedup_vs_unfused", 1, "speedup over the unfused loss (t_unfused / t)", 2,
+                "speedup over the unfused loss (forward + backward)"),
+}
 
 
 def load(path) -> dict:
@@ -51,174 +56,91 @@ def describe(key) -> str:
     return f"{dtype}, d={d}, {refs}, " + ("N = B (one process)" if ratio == 1 else f"N = {ratio:g} B (distributed shard)")
 
 
-def file_tag(key) -> str:
-    dtype, d, dr, ref, ratio = key
-    return f"{dtype}_d{d}_{f'ref{dr}' if ref else 'noref'}_N{ratio:g}B"
-
-
-def title(meta: dict, key, what: str) -> str:
-    return f"{what}\n{machine_label(meta)} | {meta.get('date', '')[:10]} | commit {meta.get('commit')}\n{describe(key)}"
-
-
 def _impls(rows):
     present = {r["impl"] for r in rows}
     return [i for i in STYLE if i in present] + sorted(present - set(STYLE))
 
 
-def _lines(ax, rows, mode, value, scale, skip=(), band=False):
-    """Per implementation, its rows with a positive ``value`` as a line (the floor dashed black) and its OOM
-    points as ``x`` at the top edge; returns how many lines have points."""
-    drawn, trans = 0, blended_transform_factory(ax.transData, ax.transAxes)
-    for impl in (i for i in _impls(rows) if i not in skip):
-        color, marker = STYLE.get(impl, ("tab:cyan", "*"))
-        sel = [r for r in rows if r["impl"] == impl and r["mode"] == mode]
-        ok = sorted((r for r in sel if r["status"] == "ok" and (r.get(value) or 0) > 0), key=lambda r: r["B"])
-        ooms = sorted({r["B"] for r in sel if r["status"] == "OOM"})
-        bs, floor = [r["B"] for r in ok], impl == "gemm_floor"
-        label = ("GEMM floor" + (f" ({ok[0]['floor_gemms']} products)" if ok and ok[0].get("floor_gemms") else "")
-                 if floor else impl + (" (interpreter)" if any(r.get("interpreter") for r in ok) else ""))
-        if ok or ooms:
-            ax.plot(bs, [r[value] * scale for r in ok], "--" if floor else "-", marker="_" if floor else marker,
-                    ms=12 if floor else 5, color=color, label=label, lw=1.5)
-            drawn += bool(ok)
-        if band and ok and all(r.get("p20_s") is not None and r.get("p80_s") is not None for r in ok):
-            ax.fill_between(bs, [r["p20_s"] * scale for r in ok], [r["p80_s"] * scale for r in ok], color=color,
-                            alpha=0.15, lw=0)
-        for b in ooms:
-            ax.plot([b], [0.96], marker="x", color=color, markersize=9, mew=2, transform=trans, clip_on=False)
-            ax.text(b, 0.91, "OOM", color=color, fontsize=7, ha="center", va="top", transform=trans)
-    return drawn
-
-
-def _axes(ax, ylabel, drawn, ybase=10):
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=ybase)
-    ax.set_xlabel("B (rows per process)")
-    ax.set_ylabel(ylabel)
-    ax.grid(True, which="both", alpha=0.3)
-    if not drawn:                                      # only OOM marks: give the log scale finite limits
-        ax.set_ylim(1e-3, 1e3)
-        ax.text(0.5, 0.5, "nothing measured", transform=ax.transAxes, ha="center", color="gray", fontsize=8)
-    ax.legend(fontsize=8, loc="best")
-
-
-def _save(fig, path: Path, written: list):
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
-
-
-def plot_time(meta, key, rows, path, written):
-    modes = [m for m in MODE_TITLES if any(r["mode"] == m for r in rows)]
-    fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 4.9), squeeze=False)
+def figure(meta, key, kind, rows, path, written, guard=None):
+    """One figure of ``kind`` (``KINDS``) for the group ``key``: a panel per mode for the time, else forward +
+    backward; per implementation its rows with a positive value as a line (the floor dashed) and its OOM points
+    as ``x`` at the top edge; ``guard``: the run's memory limit, dotted."""
+    value, scale, ylabel, base, what = KINDS[kind]
+    modes = [m for m in MODE_TITLES if any(r["mode"] == m for r in rows)] if kind == "time" else ["forward_backward"]
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 4.9) if kind == "time" else (6.8, 5.2),
+                             squeeze=False)
     for ax, mode in zip(axes[0], modes):
-        drawn = _lines(ax, rows, mode, "median_s", 1e3, band=True)
-        _axes(ax, "time per step (ms)", drawn)
-        derived = any(r.get("derived") for r in rows if r["mode"] == mode)
-        ax.set_title(MODE_TITLES[mode] + (" (derived: fwd+bwd - fwd)" if derived else ""), fontsize=10)
-    fig.suptitle(title(meta, key, "DRRho-CLIP loss: time per step vs B"), fontsize=10)
-    _save(fig, path, written)
+        drawn, top = 0, ax.get_xaxis_transform()            # x in data, y in axes fractions
+        for impl in _impls(rows):
+            (color, marker), floor = STYLE.get(impl, ("tab:cyan", "*")), impl == "gemm_floor"
+            sel = [r for r in rows if r["impl"] == impl and r["mode"] == mode]
+            ok = sorted((r for r in sel if r["status"] == "ok" and (r.get(value) or 0) > 0), key=lambda r: r["B"])
+            ooms, bs = sorted({r["B"] for r in sel if r["status"] == "OOM"}), [r["B"] for r in ok]
+            label = ("GEMM floor" + (f" ({ok[0]['floor_gemms']} products)" if ok and ok[0].get("floor_gemms") else "")
+                     if floor else impl + " (interpreter)" * any(r.get("interpreter") for r in ok))
+            if ok or ooms:
+                ax.plot(bs, [r[value] * scale for r in ok], "--" if floor else "-", marker=marker, ms=12 if floor else 5,
+                        color=color, label=label, lw=1.5)
+                drawn += bool(ok)
+            if kind == "time" and ok and all(r.get("p20_s") is not None and r.get("p80_s") is not None for r in ok):
+                ax.fill_between(bs, [r["p20_s"] * scale for r in ok], [r["p80_s"] * scale for r in ok], color=color,
+                                alpha=0.15, lw=0)
+            for b in ooms:
+                ax.plot([b], [0.96], marker="x", color=color, markersize=9, mew=2, transform=top, clip_on=False)
+                ax.text(b, 0.91, "OOM", color=color, fontsize=7, ha="center", va="top", transform=top)
+        ax.set(xlabel="B (rows per process)", ylabel=ylabel, **({} if drawn else dict(ylim=(1e-3, 1e3))))
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=base)
+        ax.grid(True, which="both", alpha=0.3)
+        if kind == "time":
+            derived = any(r.get("derived") for r in rows if r["mode"] == mode)
+            ax.set_title(MODE_TITLES[mode] + (" (derived: fwd+bwd - fwd)" if derived else ""), fontsize=10)
+        if guard:
+            ax.axhline(guard / MIB, color="gray", ls=":", lw=1, label=f"memory limit of the run ({guard / 2**30:.0f} GiB)")
+        if kind == "speedup":
+            ax.axhline(1.0, color="gray", lw=1)
+        ax.legend(fontsize=8, loc="best")
+    fig.suptitle(f"{what}\n{machine_label(meta)} | {meta.get('date', '')[:10]} | commit {meta.get('commit')}\n"
+                 f"{describe(key)}", fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+        written.append(path)
+    plt.close(fig)
+    return fig
 
 
-def plot_memory(meta, key, rows, guard, path, written):
-    sel = [r for r in rows if r["mode"] == "forward_backward"]
-    if not any(r.get("peak_extra_bytes") is not None or r["status"] == "OOM" for r in sel):
-        return
-    fig, ax = plt.subplots(figsize=(6.8, 5.2))
-    # RSS cannot see less than a page: zeros are drawn at 4 KiB
-    sel = [dict(r, peak_extra_bytes=max(r["peak_extra_bytes"], 4096)) if r.get("peak_extra_bytes") is not None
-           else r for r in sel]
-    drawn = _lines(ax, sel, "forward_backward", "peak_extra_bytes", 1 / MIB, skip=("gemm_floor",))
-    if guard:
-        ax.axhline(guard / MIB, color="gray", ls=":", lw=1)
-        ax.text(0.01, guard / MIB, f" memory limit of the run ({guard / 2**30:.0f} GiB)", color="gray", fontsize=7,
-                va="bottom", transform=blended_transform_factory(ax.transAxes, ax.transData))
-    _axes(ax, "peak extra memory (MiB), gradients excluded", drawn)
-    ax.set_title(title(meta, key, "peak extra memory vs B (forward + backward)"), fontsize=9)
-    _save(fig, path, written)
-
-
-def plot_speedup(meta, key, rows, path, written):
-    """The unfused loss's OOM points are marked: the fused paths still run there."""
-    sel = [r for r in rows if r["mode"] == "forward_backward" and (r["impl"] != "unfused" or r["status"] == "OOM")]
-    if not any(r.get("speedup_vs_unfused") for r in sel):
-        return
-    fig, ax = plt.subplots(figsize=(6.8, 5.2))
-    drawn = _lines(ax, [r if r["impl"] == "unfused" else dict(r, status="ok") for r in sel], "forward_backward",
-                   "speedup_vs_unfused", 1)
-    ax.axhline(1.0, color="gray", lw=1)
-    _axes(ax, "speedup over the unfused loss (t_unfused / t)", drawn, ybase=2)
-    ax.set_title(title(meta, key, "speedup over the unfused loss (forward + backward)"), fontsize=9)
-    _save(fig, path, written)
-
-
-def plot_hbm(meta, key, rows, cost_model, path, written):
-    """The cost model over the measured B and on to 2^18 (the GPU range): it needs no measurement."""
-    dtype, d, dr, ref, ratio = key
-    bs = sorted({r["B"] for r in rows} | {1 << k for k in range(9, 19)})
-    fig, ax = plt.subplots(figsize=(6.8, 5.2))
-    for label, fn, color, ls in (("triton (cost model)", cost_model.triton_cost, "tab:red", "-"),
-                                 ("unfused loss", cost_model.unfused_cost, "tab:orange", "-"),
-                                 ("GEMM floor", cost_model.floor_cost, "black", "--")):
-        ys = [fn(b, max(b, int(round(ratio * b))), d, dr or d, dtype, bool(ref))["hbm_bytes"] / 2**30 for b in bs]
-        ax.plot(bs, ys, ls, color=color, label=label, lw=1.8, marker="o", ms=4)
-    _axes(ax, "HBM traffic per step (GiB), model", True)
-    ax.set_title(title(meta, key, f"HBM bytes per forward + backward step: cost model for "
-                                  f"{cost_model.K.HW[90].name}, not measured; beside"), fontsize=9)
-    _save(fig, path, written)
-
-
-def plot_file(path, out_dir: Path, hbm: bool = True) -> list[Path]:
-    payload = load(path)
-    meta, rows, stem = payload["meta"], payload["rows"], Path(path).stem
+def plot_file(path, out_dir: Path) -> list[Path]:
+    payload, written = load(path), []
     out_dir.mkdir(parents=True, exist_ok=True)
-    cost_model = None
-    if hbm:
-        try:
-            from . import cost_model
-        except Exception as exc:                       # noqa: BLE001 (no triton: no tile tables)
-            print(f"plot: benchmarks.cost_model not importable ({exc}); HBM figures skipped", file=sys.stderr)
-    written: list[Path] = []
-    for key, grp in sorted(groups(rows).items(), key=lambda kv: str(kv[0])):
-        tag = file_tag(key)
-        plot_time(meta, key, grp, out_dir / f"{stem}_time_{tag}.png", written)
-        plot_memory(meta, key, grp, payload["config"].get("ram_guard_bytes"), out_dir / f"{stem}_memory_{tag}.png",
-                    written)
-        plot_speedup(meta, key, grp, out_dir / f"{stem}_speedup_{tag}.png", written)
-        if cost_model is not None and key[0] in ("bfloat16", "float16", "float32"):
-            plot_hbm(meta, key, grp, cost_model, out_dir / f"{stem}_hbm_{tag}.png", written)
+    for key, rows in sorted(groups(payload["rows"]).items(), key=lambda kv: str(kv[0])):
+        dtype, d, dr, ref, ratio = key
+        fb = [r for r in rows if r["mode"] == "forward_backward"]
+        name = f"{Path(path).stem}_{{}}_{dtype}_d{d}_{f'ref{dr}' if ref else 'noref'}_N{ratio:g}B.png"
+        figure(payload["meta"], key, "time", rows, out_dir / name.format("time"), written)
+        if any(r.get("peak_extra_bytes") is not None or r["status"] == "OOM" for r in fb):   # RSS: a page at least
+            figure(payload["meta"], key, "memory", [dict(r, peak_extra_bytes=max(r["peak_extra_bytes"], 4096)) if r.get(
+                "peak_extra_bytes") is not None else r for r in fb if r["impl"] != "gemm_floor"],
+                out_dir / name.format("memory"), written, payload["config"].get("ram_guard_bytes"))
+        if any(r.get("speedup_vs_unfused") for r in fb):       # the unfused loss's OOM points: the fused still run
+            figure(payload["meta"], key, "speedup", [r if r["impl"] == "unfused" else dict(r, status="ok") for r in fb
+                                                     if r["impl"] != "unfused" or r["status"] == "OOM"],
+                   out_dir / name.format("speedup"), written)
     return written
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-
-
-def _cell(row) -> str:
-    if row is None:
-        return "-"
-    if row["status"] != "ok":
-        return row["status"]
-    ms = f"{row['median_s'] * 1e3:,.0f} ms" if row["median_s"] >= 0.1 else f"{row['median_s'] * 1e3:.1f} ms"
-    mem = row.get("peak_extra_bytes")
-    return ms + (f" / {mem / MIB:,.1f} MiB" if mem is not None else "")
 
 
 def markdown_table(key, rows, mode: str = "forward_backward") -> str:
     """Per B, each implementation's median time / peak extra memory."""
-    impls = _impls(rows)
-    by = {(r["impl"], r["B"]): r for r in rows if r["mode"] == mode}
+    def cell(r):
+        if r is None or r["status"] != "ok":
+            return "-" if r is None else r["status"]
+        ms, mem = r["median_s"] * 1e3, r.get("peak_extra_bytes")
+        return (f"{ms:,.0f} ms" if ms >= 100 else f"{ms:.1f} ms") + (f" / {mem / MIB:,.1f} MiB" if mem is not None else "")
+    impls, by = _impls(rows), {(r["impl"], r["B"]): r for r in rows if r["mode"] == mode}
     own = {r["B"] for r in rows if r["mode"] == mode and r["ref"] is not None} or {b for _, b in by}
-    lines = [f"{describe(key)}, {MODE_TITLES[mode]} (median time / peak extra memory):", "",
-             "| B | N | " + " | ".join(impls) + " |", "|" + " --- |" * (2 + len(impls))]
-    for b in sorted(own):
-        n = next(r["N"] for r in rows if r["B"] == b)
-        lines.append(f"| {b} | {n} | " + " | ".join(_cell(by.get((i, b))) for i in impls) + " |")
-    return "\n".join(lines) + "\n"
+    body = [[b, next(r["N"] for r in rows if r["B"] == b)] + [cell(by.get((i, b))) for i in impls] for b in sorted(own)]
+    return f"{describe(key)}, {MODE_TITLES[mode]} (median time / peak extra memory):\n\n" + markdown(
+        ["B", "N", *impls], body) + "\n"
 
 
 def bytes_table(batch: int, world_size: int, dim: int, ref_dim: int | None = None, dtype: str = "bfloat16") -> str:
@@ -226,19 +148,22 @@ def bytes_table(batch: int, world_size: int, dim: int, ref_dim: int | None = Non
     import torch
 
     from drrho_kernels.distributed import SCHEMES, bytes_per_step
-    rows = ["| scheme | forward | backward | total per step |", "| --- | --- | --- | --- |"]
-    for scheme in SCHEMES:
-        b = bytes_per_step(batch, world_size, dim, ref_dim or None, scheme=scheme, dtype=getattr(torch, dtype))
-        rows.append(f"| {scheme} | {fmt_bytes(b['forward'])} | {fmt_bytes(b['backward'])} | {fmt_bytes(b['total'])} |")
-    return "\n".join(rows)
+
+    def fmt(n):
+        for unit in ("B", "KiB", "MiB", "GiB"):
+            if n < 1024 or unit == "GiB":
+                return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+            n /= 1024
+    per = {s: bytes_per_step(batch, world_size, dim, ref_dim or None, scheme=s, dtype=getattr(torch, dtype))
+           for s in SCHEMES}
+    return markdown(["scheme", "forward", "backward", "total per step"],
+                    [[s, *(fmt(b[k]) for k in ("forward", "backward", "total"))] for s, b in per.items()])
 
 
 def main(argv=None) -> list[Path]:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__.split("\n\n")[0])
-    ap.add_argument("json", nargs="*", type=Path,
-                    help="sweep result files (default: every benchmarks/results/sweep_*.json)")
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__.split("\n")[0])
+    ap.add_argument("json", nargs="*", type=Path, help="sweep result files (default: every results/sweep_*.json)")
     ap.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where PNGs go (default benchmarks/results/)")
-    ap.add_argument("--no-hbm", action="store_true", help="skip the cost-model (HBM bytes) figures")
     ap.add_argument("--markdown", action="store_true", help="print the forward + backward tables instead of plotting")
     ap.add_argument("--bytes-table", type=int, nargs=4, metavar=("B", "W", "d", "dr"),
                     help="print the distributed schemes' bytes per step and process (dr 0: no reference)")
@@ -247,19 +172,14 @@ def main(argv=None) -> list[Path]:
     if args.bytes_table:
         print(bytes_table(*args.bytes_table, dtype=args.dtype))
         return []
+    args.json = args.json or sorted(RESULTS_DIR.glob("sweep_*.json"))
     if not args.json:
-        args.json = sorted(RESULTS_DIR.glob("sweep_*.json"))
-        if not args.json:
-            ap.error(f"no sweep_*.json in {RESULTS_DIR}: give sweep result files (or --bytes-table)")
-    if args.markdown:
-        for path in args.json:
-            payload = load(path)
-            meta = payload["meta"]
-            print(f"`{Path(path).name}`: {machine_label(meta)}, {meta.get('date', '')[:10]}, commit {meta.get('commit')}\n")
-            for key, grp in sorted(groups(payload["rows"]).items(), key=lambda kv: str(kv[0])):
-                print(markdown_table(key, grp))
-        return []
-    written = [p for path in args.json for p in plot_file(path, args.out_dir, hbm=not args.no_hbm)]
+        ap.error(f"no sweep_*.json in {RESULTS_DIR}: give sweep result files (or --bytes-table)")
+    for path in args.json if args.markdown else ():
+        meta, rows = load(path)["meta"], load(path)["rows"]
+        print(f"`{Path(path).name}`: {machine_label(meta)}, {meta.get('date', '')[:10]}, commit {meta.get('commit')}\n")
+        print("\n".join(markdown_table(k, g) for k, g in sorted(groups(rows).items(), key=lambda kv: str(kv[0]))))
+    written = [] if args.markdown else [p for path in args.json for p in plot_file(path, args.out_dir)]
     print("\n".join(map(str, written)))
     return written
 

@@ -1,32 +1,37 @@
-"""The step factory: one loss step per implementation, shape and mode, returned as ``(step, output_bytes)``.
-
-Implementations (each list defined here, once): the fused backends of :func:`drrho_kernels.drrho_clip_loss`,
-the baselines (:mod:`benchmarks.baselines`, :class:`Floor`), third-party code run only when present
-(``inf_cl``: Inf-CL, CUDA; ``authors``: :mod:`benchmarks.authors`). ``N > B``: one process of a distributed
-step. Every run makes fresh leaves: the gradients are allocated in the step (``output_bytes``).
-
-``step()`` runs the whole step (a fresh forward, then ``loss.backward()`` unless the mode is
-``forward``); ``step.prepare()`` does the untimed part and returns the callable to time: in mode
-``backward`` a fresh forward, returning its ``loss.backward``; otherwise nothing, returning the step.
-"""
+"""The step factory: ``make_step(impl, B, N, ...) -> (step, output_bytes)`` of an implementation (``IMPLS``, or
+``<backend>/<variant>``: ``VARIANTS``, and "authors/jest"), shape, mode and autocast; N > B: one process of a
+distributed step (docs/RESULTS.md, "How the benchmarks measure")."""
 from __future__ import annotations
+
+import contextlib
+import os
 
 import torch
 
 from . import baselines
 
 FUSED = ("torch", "cpp", "triton", "reference")
-BASELINES = ("unfused", "clip_ce", "gemm_floor")
-OPTIONAL = ("inf_cl", "authors")          # third-party code, run only when importable (never a dependency)
-IMPLS = FUSED + BASELINES + OPTIONAL
-NO_REF = ("clip_ce", "inf_cl")            # they have no reference model
-SQUARE_ONLY = ("clip_ce", "inf_cl", "authors")   # defined for one process only (N == B)
+IMPLS = FUSED + ("unfused", "clip_ce", "gemm_floor", "authors")      # authors: their SogCLRLoss, when readable
+VARIANTS = ("module", "per_direction", "individual", "distill", "jest")      # DRRhoCLIPLoss forms, the selection
+NO_REF = ("clip_ce",)                     # it has no reference model
+SQUARE_ONLY = ("clip_ce", "authors")      # defined for one process only (N == B), as is every variant
 MODES = ("forward", "backward", "forward_backward")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+JEST = dict(filter_ratio=0.8, n_chunks=2, topk=False)     # the function's defaults (train.py passes its args)
+
+
+def known(impl: str) -> bool:
+    backend, _, variant = impl.partition("/")
+    return impl in IMPLS if not variant else variant in VARIANTS and (backend in FUSED or impl == "authors/jest")
+
+
+def square_only(impl: str) -> bool:
+    return impl in SQUARE_ONLY or "/" in impl
 
 
 class Step:
-    """``loss(grad)`` builds a fresh forward (with autograd when ``grad``) and returns its loss."""
+    """``loss(grad)``: a fresh forward (with autograd when ``grad``), on fresh leaves. ``step()`` runs the step;
+    ``step.prepare()`` the untimed part, returning what to time (mode ``backward``: the forward's ``backward``)."""
 
     def __init__(self, loss, mode: str):
         if mode not in MODES:
@@ -43,8 +48,8 @@ class Step:
 
 
 class Floor:
-    """The GEMM floor: the forward's similarities per direction; ``backward()`` recomputes them and does
-    the two weighted products ``P T``, ``P^T x`` (:func:`floor_gemm_count`)."""
+    """The GEMM floor: per direction ``(rows, cols, ref_rows, ref_cols)`` the forward's similarities; its
+    ``backward()`` recomputes them and does the two weighted products ``P T``, ``P^T x``."""
 
     def __init__(self, directions):
         self.directions = directions
@@ -64,12 +69,10 @@ class Floor:
 
 
 def floor_gemm_count(B: int, N: int, ref: bool = True, mode: str = "forward_backward") -> int:
-    """``[B, d] x [d, N]``-sized products of the floor: per direction, the forward's similarities (2 with a
-    reference, 1 without), the backward's recomputation and two weighted products (4, 3). One process has
-    one direction (the text anchors' matrix is the transpose); a distributed shard two."""
-    per_direction = {"forward": 2 if ref else 1, "backward": 4 if ref else 3}
-    count = per_direction.get(mode) or per_direction["forward"] + per_direction["backward"]
-    return count * (1 if N == B else 2)
+    """``[B, d] x [d, N]`` products of the floor: per direction (one process: one, a shard: two) the forward's
+    similarities (2 with a reference, 1 without), the backward's recomputation and two weighted products."""
+    forward, backward = (2, 4) if ref else (1, 3)
+    return {"forward": forward, "backward": backward}.get(mode, forward + backward) * (1 if N == B else 2)
 
 
 def make_inputs(B, N, d, dr, dtype, ref, device, seed=0):
@@ -80,33 +83,88 @@ def make_inputs(B, N, d, dr, dtype, ref, device, seed=0):
             for k, w in widths.items()}, (N - B) // 2
 
 
+@contextlib.contextmanager
+def process_group_of_one():
+    """A process group the body opens (the authors' selection needs one) is destroyed on the way out, and
+    the environment variables of torch.distributed are left as they were."""
+    import torch.distributed as dist
+    env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    had = dist.is_available() and dist.is_initialized()
+    try:
+        yield
+    finally:
+        if not had and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.update({k: v for k, v in env.items() if v is not None})
+        for k in (k for k, v in env.items() if v is None):
+            os.environ.pop(k, None)
+
+
+def _selection(backend, img, txt, ref_img, ref_txt):
+    """``dk.jest_select``, or (``backend`` "authors") their ``jointly_sample_batch_softmax`` in a process group
+    of one (an in-memory store), as their train.py runs it."""
+    if backend != "authors":
+        import drrho_kernels as dk
+        g = torch.Generator().manual_seed(0)
+        return lambda grad: dk.jest_select(img, txt, ref_img, ref_txt, 14.0, ref_scale=100.0, generator=g,
+                                           backend=backend, **JEST)
+    import warnings
+
+    import torch.distributed as dist
+
+    from .authors import jest_namespace
+    ns, where = jest_namespace()
+    if ns is None:
+        raise ImportError(f"authors: {where}")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+    def select(grad):
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)   # their torch.distributed.nn.all_gather
+            ns["jointly_sample_batch_softmax"]([ref_img, ref_txt], [img, txt], {"t": 100.0}, {"t": 14.0}, **JEST)
+    return select
+
+
 def make_step(impl: str, B: int, N: int, d: int = 512, dr: int = 512, dtype: str = "float32", ref: bool = True,
-              device: str = "cpu", mode: str = "forward_backward", seed: int = 0):
-    """Build the inputs once; return ``(step, output_bytes)`` (module doc)."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
-    distributed = N != B
-    if distributed and impl in SQUARE_ONLY:
+              device: str = "cpu", mode: str = "forward_backward", seed: int = 0, autocast: str | None = None):
+    """``(step, output_bytes)``, the inputs built once; ``autocast``: the forward under ``torch.autocast(device,
+    autocast)`` on ``dtype`` inputs, as a mixed-precision training step runs it."""
+    if not known(impl):
+        raise ValueError(f"impl: expected one of {IMPLS} or <backend>/<{'|'.join(VARIANTS)}>, got {impl!r}")
+    distributed, (backend, _, variant) = N != B, impl.partition("/")
+    if distributed and square_only(impl):
         raise ValueError(f"{impl}: only the single-process shape (N == B) is benchmarked")
     cols, offset = make_inputs(B, N, d, dr, DTYPES[dtype], ref, device, seed)
+    if impl == "gemm_floor" and autocast:     # under autocast: the same products on inputs in the autocast dtype
+        cols = {k: v.to(DTYPES[autocast]) for k, v in cols.items()}
     rows = {k.replace("_all", ""): v[offset:offset + B] for k, v in cols.items()}
     refs = {k: v for k, v in rows.items() if k.startswith("ref_")}
     ref_cols = {k: v for k, v in cols.items() if k.startswith("ref_")} if distributed else {}
-    u = torch.zeros(B, device=device)
-    elem = DTYPES[dtype].itemsize
+    u, elem = torch.zeros(B, device=device), DTYPES[dtype].itemsize
     column_grads = distributed and impl in FUSED + ("unfused",)
     output_bytes = 0 if mode == "forward" else (2 * B * d + (2 * N * d if column_grads else 0)) * elem
 
-    def with_leaves(fn):
-        # detach(): new leaves sharing the inputs' storage, so every run allocates fresh gradients but
-        # neither copies nor counts the inputs.
+    def with_leaves(fn):    # detach(): new leaves on the inputs' storage: fresh gradients, no copy of the inputs
         def loss(grad):
             x, t = (rows[k].detach().requires_grad_(grad) for k in ("img", "txt"))
             col = {k: cols[k].detach().requires_grad_(grad) for k in ("img_all", "txt_all")} if distributed else {}
-            return fn(x, t, torch.tensor(14.0, device=device, requires_grad=grad), col)
+            with torch.autocast(device, dtype=DTYPES.get(autocast), enabled=autocast is not None):
+                return fn(x, t, torch.tensor(14.0, device=device, requires_grad=grad), col)
         return loss
 
-    if impl in FUSED:
+    if variant == "jest":
+        return Step(_selection(backend, *(rows[k] for k in ("img", "txt", "ref_img", "ref_txt"))), mode), 0
+    if variant:                                                      # the module's forms, distillation
+        import drrho_kernels as dk
+        crit = dk.DRRhoCLIPLoss(B, gamma=0.8, backend=backend, distill_weight=float(variant == "distill"),
+                                temperature="individual" if variant == "individual" else "global")
+        crit.set_epoch(1)
+        index = torch.arange(B, device=device)
+        scales = {"individual": lambda s: (), "per_direction": lambda s: (
+            (s, torch.tensor(12.0, device=device, requires_grad=s.requires_grad)),)}.get(variant, lambda s: (s,))
+        loss = with_leaves(lambda x, t, s, col: crit(x, t, index, *scales(s), **refs))
+    elif impl in FUSED:
         import drrho_kernels as dk
         loss = with_leaves(lambda x, t, s, col: dk.drrho_clip_loss(
             x, t, s, u, u, **refs, **col, **ref_cols, offset=offset, backend=impl)[0])
@@ -116,17 +174,10 @@ def make_step(impl: str, B: int, N: int, d: int = 512, dr: int = 512, dtype: str
     elif impl == "clip_ce":
         loss = with_leaves(lambda x, t, s, col: baselines.clip_cross_entropy(x, t, s))
     elif impl == "gemm_floor":
-        directions = [(rows["img"], cols["txt_all"], refs.get("ref_img"), cols.get("ref_txt_all"))]
-        if distributed:
-            directions.append((rows["txt"], cols["img_all"], refs.get("ref_txt"), cols.get("ref_img_all")))
+        directions = [(rows[a], cols[b + "_all"], rows.get("ref_" + a), cols.get(f"ref_{b}_all"))
+                      for a, b in (("img", "txt"), ("txt", "img"))[:1 + distributed]]
         output_bytes = 0 if mode == "forward" else len(directions) * (B + N) * d * elem
         loss = lambda grad: Floor(directions)                        # noqa: E731
-    elif impl == "inf_cl":
-        from inf_cl import cal_inf_loss                              # optional; ImportError when absent
-        head = next(h for h in (256, 128, 64, 32, 16) if d % h == 0)
-        # CLIP needs both directions: Inf-CL computes one cross-entropy per call.
-        loss = with_leaves(lambda x, t, s, col: (cal_inf_loss(x, t, scale=s, head_dim=head)
-                                                 + cal_inf_loss(t, x, scale=s, head_dim=head)) / 2)
     else:                                                            # authors
         from .authors import load_module
         module, where = load_module()

@@ -56,16 +56,23 @@ def test_quick_sweep_json_and_plots(out_dir):
     assert set(skipped) <= {"cpp", "triton"} and "TRITON_INTERPRET" not in skipped.get("triton", ""), skipped
     for impl in ("torch", "unfused", "gemm_floor", "clip_ce", *({"cpp", "triton"} - set(skipped))):
         for mode in steps.MODES:                               # the backward too: measured, never derived
-            [r] = find(impl, mode, B=32, N=32)
+            [r] = find(impl, mode, B=32, N=32, slice="square")
             assert r["status"] == "ok" and 1 <= r["n_repeat"] <= 3 and 0 < r["p20_s"] <= r["median_s"] <= r["p80_s"], r
             assert not r.get("derived")
-    fb = find("torch", "forward_backward", B=32, N=32)[0]
+    fb = find("torch", "forward_backward", B=32, N=32, slice="square")[0]
     assert fb["peak_extra_bytes"] is not None and fb["speedup_vs_unfused"] > 0 and fb["time_over_floor"] > 0
     assert find("triton", "forward", B=32)[0]["interpreter"] is True
     assert find("gemm_floor", "backward", B=32)[0]["floor_gemms"] == 4
-    if "cpp" not in skipped:
-        profile = find("cpp", "forward_backward", B=32, N=32)[0]["cpp_profile"]
-        assert {"similarity_gemm", "weighted_gemm", "other"} <= set(profile["phases_cpu_s"]), profile
+    # under bfloat16 autocast (float32 features), the family's module forms and the selection: measured, with
+    # their ratios to the others of their slice
+    for impl in ("unfused", "gemm_floor", "torch", *({"cpp"} - set(skipped))):
+        [r] = find(impl, "forward_backward", autocast="bfloat16")
+        assert r["status"] == "ok" and r["slice"] == "autocast" and r["dtype"] == "float32", r
+        assert set(r["time_over"]) == {"unfused", "gemm_floor", "torch", *({"cpp"} - set(skipped))} - {impl}
+    family = [r for r in rows if r["slice"] == "family"]
+    assert {r["impl"] for r in family} == {"torch/module", "torch/per_direction", "torch/individual", "torch/distill"}
+    assert all(r["status"] == "ok" and r["time_over"]["torch/module"] > 0 for r in family if r["impl"] != "torch/module")
+    assert find("torch/jest", "forward")[0]["status"] == "ok"
     # The distributed shard (N = 3B): clip_ce is skipped with a reason, the fused and unfused run.
     assert find("clip_ce", "forward", B=16, N=48)[0]["status"] == "skipped"
     assert find("torch", "backward", B=16, N=48)[0]["status"] == "ok"
@@ -73,7 +80,7 @@ def test_quick_sweep_json_and_plots(out_dir):
     guard = find("unfused", "forward", B=1 << 20)[0]
     assert guard["status"] == "OOM" and guard["oom_predicted"] and guard["reason"].endswith("not run"), guard
 
-    written = plot.main([str(out), "--out-dir", str(out_dir / "png"), "--no-hbm"])
+    written = plot.main([str(out), "--out-dir", str(out_dir / "png")])
     assert {p.name.split("_")[1] for p in written} == {"time", "memory", "speedup"}, written
     assert all(p.stat().st_size > 10_000 for p in written)
 
@@ -207,8 +214,23 @@ def test_presets_and_grid_flags(monkeypatch):
     args = sweep.parse_args(["--cpu-half"])
     assert (args.repeat, args.min_repeat, args.point_budget) == (5, 1, 60.0)
     args = sweep.parse_args(["--cpu-step"])
-    assert (args.repeat, args.point_budget, args.profile, args.memory_modes) == (7, 0, True, ["forward_backward"])
-    assert sweep.parse_args(["--quick"]).repeat == 3 and sweep.parse_args(["--full-cpu"]).profile is False
+    assert (args.repeat, args.point_budget, args.memory_modes) == (7, 0, ["forward_backward"])
+    assert sweep.parse_args(["--quick"]).repeat == 3 and sweep.parse_args(["--full-cpu"]).point_budget == 20
+    # --cpu-autocast (issue 21): B = N = 4096 (the authors' SogCLRLoss with DRRHO_AUTHORS_REPO) and the paper's
+    # per-rank shape, 640 anchors of 5120 columns (ours, the unfused stand-in), float32 under bfloat16 autocast
+    ac = sweep.expand(sweep.preset_slices("cpu-autocast"), "cpu")
+    assert {(p["B"], p["N"], p["dtype"], p["autocast"], p["mode"]) for p in ac} == {
+        (4096, 4096, "float32", "bfloat16", "forward_backward"), (640, 5120, "float32", "bfloat16", "forward_backward")}
+    assert {p["impl"] for p in ac if p["B"] == 4096} == {"cpp", "torch", "unfused", "gemm_floor", "authors"}
+    assert {p["impl"] for p in ac if p["B"] == 640} == {"cpp", "torch", "unfused", "gemm_floor"}
+    assert sweep.parse_args(["--cpu-autocast"]).point_budget == 0 and not any(p["_memory"] for p in ac)
+    # the family (was benchmarks.family): the module's forms, distillation, the selection against the authors'
+    assert {p["impl"] for p in sweep.expand(sweep.preset_slices("temperatures"), "cpu")} == {
+        "cpp/module", "cpp/per_direction", "cpp/individual"}
+    assert {p["impl"] for p in sweep.expand(sweep.preset_slices("distill"), "cpu")} == {"cpp/module", "cpp/distill"}
+    sel = sweep.expand(sweep.preset_slices("selection"), "cpu")
+    assert {(p["impl"], p["B"], p["mode"]) for p in sel} == {(i, b, "forward") for i in ("cpp/jest", "authors/jest")
+                                                             for b in (4096, 16384)}
     args = sweep.parse_args(["--B", "64", "--N-factor", "1", "2", "--ref", "--no-ref"])
     assert args.repeat == 7 and args.point_budget == 20
     custom = sweep.Slice("custom", B=args.B, n_factor=args.N_factor, d=[16], dtypes=["float32"], refs=[True, False])
@@ -228,7 +250,7 @@ def test_harness_reports_oom_from_a_fresh_process():
 
 
 def test_plots_from_made_up_rows(out_dir):
-    """All four figures, OOM points included (the HBM one from the real cost model, when triton is here)."""
+    """All three figures, OOM points included."""
     rows = []
     for B in (1024, 2048, 4096):
         for impl, t in (("torch", 3e-9), ("unfused", 9e-9), ("gemm_floor", 1e-9)):
@@ -240,12 +262,7 @@ def test_plots_from_made_up_rows(out_dir):
     meta = {"date": "2026-01-01T00:00:00+00:00", "commit": "abc", "cpu": "Test CPU", "torch_threads": 2}
     path = out_dir / "sweep_test.json"
     path.write_text(json.dumps({"meta": meta, "config": {"ram_guard_bytes": 20 << 30}, "rows": rows}))
-    kinds = {p.name.split("_")[2] for p in plot.plot_file(path, out_dir)}
-    try:
-        import triton  # noqa: F401
-        assert kinds == {"time", "memory", "speedup", "hbm"}, kinds
-    except ImportError:
-        assert kinds == {"time", "memory", "speedup"}, kinds
+    assert {p.name.split("_")[2] for p in plot.plot_file(path, out_dir)} == {"time", "memory", "speedup"}
 
 
 def test_markdown_tables_print_time_memory_and_oom(out_dir, capsys):
@@ -267,21 +284,18 @@ def test_markdown_tables_print_time_memory_and_oom(out_dir, capsys):
     assert not list(out_dir.glob("*.png"))
 
 
-def test_committed_sweep_still_tables_and_plots(capsys, monkeypatch):
+def test_committed_sweep_still_tables_and_plots(capsys):
     """The committed CPU sweep (backward derived, from before it was measured) gives the README's table rows,
     and its time figure says the backward panel is derived (a measured one does not)."""
     [path] = RESULTS.glob("sweep_cpu-amd-epyc-2t_2026-11-23.json")
     plot.main([str(path), "--markdown"])
     assert "| 4096 | 4096 | 782 ms / 7.8 MiB | 998 ms / 47.8 MiB |" in capsys.readouterr().out
-    figures = []
-    monkeypatch.setattr(plot, "_save", lambda fig, path, written: figures.append(fig))
-    payload = plot.load(path)
+    figures, payload = [], plot.load(path)
     key = ("float32", 512, 512, True, 1)
-    plot.plot_time(payload["meta"], key, plot.groups(payload["rows"])[key], None, [])
-    plot.plot_time(payload["meta"], key, [dict(r, derived=False) for r in plot.groups(payload["rows"])[key]], None, [])
+    figures.append(plot.figure(payload["meta"], key, "time", plot.groups(payload["rows"])[key], None, []))
+    figures.append(plot.figure(payload["meta"], key, "time", [dict(r, derived=False)
+                                                              for r in plot.groups(payload["rows"])[key]], None, []))
     titles = [[ax.get_title() for ax in fig.axes] for fig in figures]
-    for fig in figures:
-        plot.plt.close(fig)
     assert titles[0][1].startswith("backward (derived") and titles[1][1] == "backward", titles
 
 
@@ -325,28 +339,26 @@ def test_no_machine_paths_in_the_benchmarks():
 
 
 @pytest.mark.parametrize("preset", ["distill", "selection"])
-def test_family_benchmark_writes_its_ratios(preset, out_dir):
-    """The family benchmark end to end at a toy size: every case measured (memory in its own process,
-    time interleaved) and the ratio against its base written. The selection preset times the authors'
-    function (with DRRHO_AUTHORS_REPO set) in a process group of its own: none is left behind, nor the
-    variables of torch.distributed, nor another torch thread count."""
+def test_family_presets_at_a_toy_size(preset, out_dir):
+    """The family's cases (was benchmarks.family) through the sweep at a toy size: each measured (memory in its
+    own process, time interleaved) with its ratio to the others. The selection times the authors' function
+    (with DRRHO_AUTHORS_REPO set) in a process group of its own: none is left behind, nor the variables of
+    torch.distributed, nor another torch thread count."""
     import torch.distributed as dist
 
-    from benchmarks import authors, family
+    from benchmarks import authors
     out, env, threads = out_dir / "family.json", dict(os.environ), torch.get_num_threads()
-    assert family.main([preset, "--B", "64", "--sizes", "64", "--d", "16", "--dr", "8", "--repeat", "1",
-                        "--backend", "torch", "--out", str(out)]) == 0
+    impls, mode = {"distill": (["torch/module", "torch/distill"], "forward_backward"),
+                   "selection": (["torch/jest", "authors/jest"], "forward")}[preset]
+    sweep.main(["--B", "64", "--d", "16", "--dr", "8", "--impls", *impls, "--modes", mode, "--memory-modes", mode,
+                "--repeat", "1", "--min-repeat", "1", "--no-progress", "--out", str(out)])
     assert not (dist.is_available() and dist.is_initialized())
     assert dict(os.environ) == env and torch.get_num_threads() == threads
-    rep = json.loads(out.read_text())
-    names = {"distill": {"without", "with_distill"}, "selection": {"ours_b64"}}[preset]
-    if preset == "selection" and authors.jest_namespace()[0] is not None:
-        names.add("authors_b64")
-        assert rep["ratios"]["authors_b64/ours"] > 0
-    assert names <= set(rep["results"])
-    for name in names:
-        assert rep["results"][name]["time"]["median_s"] > 0, rep["results"][name]
-        assert rep["results"][name]["memory"]["peak_extra_bytes"] >= 0
-    if preset == "distill":
-        assert rep["ratios"]["with_distill/without"] > 0
-    assert rep["meta"]["torch"] == torch.__version__
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    theirs = preset == "selection" and authors.jest_namespace()[0] is not None
+    assert rows["authors/jest" if preset == "selection" else "torch/distill"]["status"] == ("ok" if theirs or
+                                                                                           preset == "distill" else "skipped")
+    for name in [i for i in impls if rows[i]["status"] == "ok"]:
+        assert rows[name]["median_s"] > 0 and rows[name]["peak_extra_bytes"] >= 0, rows[name]
+    ratio = ("torch/distill", "torch/module") if preset == "distill" else ("authors/jest", "torch/jest")
+    assert preset == "selection" and not theirs or rows[ratio[0]]["time_over"][ratio[1]] > 0

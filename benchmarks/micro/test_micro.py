@@ -1,10 +1,6 @@
-"""Microbenchmarks (pytest-benchmark): forward and forward + backward of the fused backends (cpp, torch;
-triton on CUDA) beside the unfused loss and the GEMM floor at small shapes, one group per shape, dtype and
-mode, so that ``--benchmark-compare`` shows a regression between commits (benchmarks/README.md).
-
-    python -m pytest benchmarks/micro --benchmark-only --benchmark-autosave     # .benchmarks/ (git-ignored)
-    python -m pytest benchmarks/micro --benchmark-only --benchmark-compare      # against the last autosave
-"""
+"""Microbenchmarks (pytest-benchmark): forward and forward + backward of the fused backends (triton on CUDA),
+the unfused loss and the GEMM floor at small shapes, a group per shape, dtype and mode, for
+``--benchmark-compare`` between commits (benchmarks/README.md)."""
 import functools
 import sys
 from pathlib import Path
