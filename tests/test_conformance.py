@@ -30,7 +30,8 @@ import pytest
 import torch
 
 import drrho_kernels as dk
-from spec_oracle import Case, make_case, oracle
+from helpers import rel_err
+from spec_oracle import Case, log_mean_exp_negatives, make_case, negatives, oracle, update_u
 
 EMBEDDINGS = ("img", "txt", "ref_img", "ref_txt", "img_all", "txt_all", "ref_img_all", "ref_txt_all")
 
@@ -177,17 +178,6 @@ def run(case: Case, backend: str, dtype, *, column_grads=True, loss_scale=1.0) -
     return {k: (v.detach().double().cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
 
 
-def rel_err(got, want, dtype=None) -> float:
-    """Norm-wise relative error; for half dtypes, entries below the smallest normal number count as 0."""
-    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    if dtype in (torch.float16, torch.bfloat16):
-        tiny = torch.finfo(dtype).tiny
-        got, want = np.where(np.abs(want) < tiny, 0.0, got), np.where(np.abs(want) < tiny, 0.0, want)
-        if not np.any(want):
-            return float(np.linalg.norm(got)) / (tiny * math.sqrt(want.size))
-    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-300))
-
-
 def scale_grad_error(got: float, want: dict, case: Case | None = None, *, scale=None, rho=None) -> float:
     """Error of dL/ds against ``|dL/ds| + 1e-3 (|A| + rho + |U|) / s^2`` (docs/SPEC.md, Appendix A);
     ``want`` holds the true loss, u and dL/ds; the scale and rho come from ``case`` or are given."""
@@ -293,16 +283,16 @@ HALF_ACCUMULATION = {torch.float16: lambda: clustered(8.0, 0.003), torch.bfloat1
 
 def u_from_half_similarities(case: Case, dtype) -> np.ndarray:
     """The image anchors' new u that a kernel computes if it rounds its similarity tiles ``x T^T`` and
-    ``xr Tr^T`` to ``dtype`` before use (the pairs' own similarities kept exact): float64 NumPy."""
+    ``xr Tr^T`` to ``dtype`` before use (the pairs' own similarities kept exact): float64 NumPy, with part 1's
+    ``l`` and moving average (``spec_oracle``) on the rounded margins."""
     x, t, xr, tr = (getattr(case, k).double().numpy() for k in ("img", "txt", "ref_img", "ref_txt"))
     half = lambda a: torch.from_numpy(a).to(dtype).double().numpy()   # noqa: E731
     d = case.logit_scale * (half(x @ t.T) - half(xr @ tr.T) - ((x * t).sum(1) - (xr * tr).sum(1))[:, None])
-    np.fill_diagonal(d, -np.inf)
-    top = d.max(1)
-    l = np.logaddexp(math.log(case.eps), top + np.log(np.exp(d - top[:, None]).sum(1) / d.shape[1]))
+    B = d.shape[0]
+    l = log_mean_exp_negatives(d, negatives(B, B, 0), case.eps)
     u_old = case.u_img.double().numpy()
     assert np.all(np.isfinite(u_old) & (u_old != 0))                    # every entry set: the blend applies
-    return np.logaddexp(u_old + math.log1p(-case.gamma), l + math.log(case.gamma))
+    return update_u(l, u_old, case.gamma)
 
 
 @pytest.mark.parametrize("backend,dtype", backend_dtypes([torch.float16, torch.bfloat16]))
