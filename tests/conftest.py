@@ -56,13 +56,10 @@ def _seed():
 @pytest.fixture(scope="session")
 def results_dir(tmp_path_factory) -> Path:
     """Where tests write result files: ``$DRRHO_KERNELS_RESULTS`` (created if missing), else a temporary
-    directory of this session."""
-    named = _named_results_dir()
-    if named:
-        path = Path(named)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-    return tmp_path_factory.mktemp("results")
+    directory of this session; resolved by ``benchmarks.harness.results_dir``, the one place that reads the
+    variable for writing (the benchmark tests call it with a subdirectory per test)."""
+    from benchmarks.harness import results_dir as resolve
+    return resolve(tmp_path_factory.mktemp("results"))
 
 
 # ------------------------------------------------------------------------------------------- the guard
@@ -120,11 +117,12 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-# Set by pytest for each test, or by torch / Triton themselves at their first use of a feature (process-wide
-# settings of theirs, e.g. the optimizers import torch._inductor, which names its cache directory): not
-# the tests' doing, left as they are.
+# Set by pytest for each test, or by a library itself at its first use or import (process-wide settings of
+# theirs: the optimizers import torch._inductor, which names its cache directory; scikit-learn and joblib set
+# KMP_INIT_AT_FORK at import): not the tests' doing, left as they are.
 _LIBRARY_VARIABLES = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "CUBLAS_WORKSPACE_CONFIG",
-                      "KMP_DUPLICATE_LIB_OK", "TORCH_WARM_POOL", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"}
+                      "KMP_DUPLICATE_LIB_OK", "TORCH_WARM_POOL", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR",
+                      "KMP_INIT_AT_FORK"}
 
 
 def _environment() -> dict:
