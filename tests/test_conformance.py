@@ -85,6 +85,19 @@ def backend_dtypes(dtypes, backends=None):
             if not (b.values[0] == "triton" and dtype == torch.float64)]
 
 
+# Triton's interpreter takes seconds per call at B = 37, d = 40: the developers' loop (-m "not slow") runs the
+# temperature forms, distillation and per-sample outputs on Triton at the other sizes, the whole suite at this one.
+SLOW_ON = {("triton", "single-B37-d40-dr23")}
+
+
+def backend_dtype_cases(dtypes, names, backends=None):
+    """``(backend, dtype, name)`` parameters, ids ``<backend>-<dtype>-<name>`` (as the two parametrizations
+    they replace), the pairs of ``SLOW_ON`` marked slow."""
+    return [pytest.param(*p.values, name, id=f"{p.id}-{name}",
+                         marks=[*p.marks, *([pytest.mark.slow] if (p.values[0], name) in SLOW_ON else [])])
+            for p in backend_dtypes(dtypes, backends) for name in names]
+
+
 def separated(B=9, N=None, d=16, dr=12, eps=1e-4, seed=0, scale=100.0) -> Case:
     """Well-separated pairs (<x_i, t_i> ~ 0.95, negatives ~ +-0.25) at s = 100: g_i ~ e^-50, so
     ``log(eps + g)`` is ``log(eps)`` to many digits and a kernel that drops eps is far off."""
@@ -464,8 +477,7 @@ def _scale_error(got: float, want: dict, k: str, s: float, rho: float) -> float:
 
 
 @pytest.mark.parametrize("form", ["no_multiply_tau", "per_direction", "per_direction_tied"])
-@pytest.mark.parametrize("name", FORM_CASES)
-@pytest.mark.parametrize("backend,dtype", backend_dtypes([torch.float64, torch.float32, torch.bfloat16], BACKENDS))
+@pytest.mark.parametrize("backend,dtype,name", backend_dtype_cases([torch.float64, torch.float32, torch.bfloat16], FORM_CASES, BACKENDS))
 def test_temperature_form_matches_oracle(backend, name, form, dtype):
     from family_oracle import global_oracle
     case = rounded(CASES[name](), dtype)
@@ -583,8 +595,7 @@ DISTILL_CASES = ["single-ref-B6-d5", "single-B37-d40-dr23", "single-s100", "dist
 
 
 @pytest.mark.parametrize("multiply_tau", [True, False], ids=["multiply_tau", "no_multiply_tau"])
-@pytest.mark.parametrize("name", DISTILL_CASES)
-@pytest.mark.parametrize("backend,dtype", backend_dtypes([torch.float64, torch.float32, torch.bfloat16], BACKENDS))
+@pytest.mark.parametrize("backend,dtype,name", backend_dtype_cases([torch.float64, torch.float32, torch.bfloat16], DISTILL_CASES, BACKENDS))
 def test_distillation_matches_oracle(backend, name, multiply_tau, dtype):
     from family_oracle import sogclr_oracle
     case = rounded(CASES[name](), dtype)
@@ -614,9 +625,11 @@ def test_distillation_matches_oracle(backend, name, multiply_tau, dtype):
         assert err <= bounds.get(k, tol.grad), f"{backend} {name} {k}: {err:.2e} ({errors})"
 
 
-@pytest.mark.parametrize("name", ["single-ref-B6-d5", "single-noref-B7-d9", "single-B37-d40-dr23", "dist-ref-B5-N23-d17-dr9",
-                                  "dist-noref-offset0-B6-N20", "single-eps1e-6-s100"])
-@pytest.mark.parametrize("backend,dtype", backend_dtypes([torch.float64, torch.float32], BACKENDS))
+PER_SAMPLE_CASES = ["single-ref-B6-d5", "single-noref-B7-d9", "single-B37-d40-dr23", "dist-ref-B5-N23-d17-dr9",
+                    "dist-noref-offset0-B6-N20", "single-eps1e-6-s100"]
+
+
+@pytest.mark.parametrize("backend,dtype,name", backend_dtype_cases([torch.float64, torch.float32], PER_SAMPLE_CASES, BACKENDS))
 def test_per_sample_outputs_match_oracle(backend, name, dtype):
     from family_oracle import per_sample_oracle
     case = rounded(CASES[name](), dtype)
