@@ -8,8 +8,11 @@ is read. There is no fallback location: with a variable unset every entry point 
 Runs are described as *jobs* ``{name: (kind, spec)}`` (kinds ``"sogclr"``, ``"fastclip"``, ``"jest"``; the
 spec holds the *global* batch and each rank takes its rows) and executed by :func:`run_jobs` in one of three
 contexts: one process without a process group, one process in a gloo group of size 1 (initialised
-in-process with a FileStore and destroyed afterwards), or ``world_size`` gloo processes started with
-``torch.multiprocessing.spawn``. Results come back per rank as dicts of tensors / floats / strings.
+in-process with a FileStore and destroyed afterwards), or ``world_size`` gloo processes started by the tests'
+one spawn helper (:func:`processes.spawn`: the workers return their results, destroy their group and leave
+with ``os._exit(0)``, so that the abort of a process that imported ``torch.distributed.nn`` in its static
+destructors at exit cannot fail a finished run). Results come back per rank as dicts of tensors / floats /
+strings.
 """
 from __future__ import annotations
 
@@ -59,23 +62,18 @@ def available(*envs: str) -> tuple[bool, str]:
 
 # ----------------------------------------------------------------------------------- process groups
 @contextlib.contextmanager
-def process_group(rank: int = 0, world_size: int = 1, store_file: str | None = None):
-    """A gloo process group over a FileStore, destroyed on exit (refuses to nest in an existing one)."""
+def process_group(rank: int = 0, world_size: int = 1, init_method: str | None = None):
+    """A gloo process group, destroyed on exit (refuses to nest in an existing one); ``init_method`` default:
+    a FileStore in a temporary directory (removed on exit)."""
     if dist.is_initialized():
         raise RuntimeError("a default process group is already initialised in this process")
-    tmp = None
-    if store_file is None:
-        tmp = tempfile.mkdtemp(prefix="pg_")
-        store_file = os.path.join(tmp, "store")
-    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world_size)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.remove(store_file)
-                os.rmdir(tmp)
+    with tempfile.TemporaryDirectory(prefix="pg_") as tmp:
+        dist.init_process_group("gloo", init_method=init_method or f"file://{os.path.join(tmp, 'store')}", rank=rank,
+                                world_size=world_size)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
 
 
 def _rank_rows(n: int, rank: int, world: int) -> slice:
@@ -348,12 +346,12 @@ def _run_all(jobs: dict, rank: int, world: int) -> dict:
     return out
 
 
-def _spawn_main(rank: int, world: int, store_file: str, jobs_file: str, out_dir: str) -> None:
+def _spawn_main(rank: int, world: int, port: int, jobs_file: str) -> dict:
+    """One rank of a spawned run (:func:`processes.spawn`): its results, returned."""
     torch.set_num_threads(1)
     jobs = torch.load(jobs_file, weights_only=False)
-    with process_group(rank, world, store_file):
-        result = _run_all(jobs, rank, world)
-    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    with process_group(rank, world, f"tcp://127.0.0.1:{port}"):
+        return _run_all(jobs, rank, world)
 
 
 def run_jobs(jobs: dict, world_size: int = 1, process_group_: bool = True, spawn: bool = False):
@@ -363,8 +361,9 @@ def run_jobs(jobs: dict, world_size: int = 1, process_group_: bool = True, spawn
     ``world_size == 1``: in this process, inside a gloo group of size 1 (``process_group_=True``, fast_clip's
     intended semantics: gathered features carry no gradient) or without any group (``False``: their
     gathers then return the features themselves, with gradient). ``world_size > 1`` (or ``spawn``): spawned
-    gloo processes (torch.distributed.nn's all_gather backward keeps the group of its forward, so a group
-    destroyed and created again in one process can break the authors' code: spawn avoids it).
+    gloo processes (:func:`processes.spawn`; torch.distributed.nn's all_gather backward keeps the group of its
+    forward, so a group destroyed and created again in one process can break the authors' code: spawn avoids
+    it).
     """
     for kind, _ in jobs.values():
         ok, why = available(*_NEEDS[kind])
@@ -379,13 +378,11 @@ def run_jobs(jobs: dict, world_size: int = 1, process_group_: bool = True, spawn
                 raise RuntimeError("a process group is initialised: cannot run the no-group variant")
             result = _run_all(jobs, 0, 1)
         return {name: [r] for name, r in result.items()}, ""
-    import torch.multiprocessing as mp
+    from processes import spawn
     with tempfile.TemporaryDirectory(prefix="authors_") as tmp:
         jobs_file = os.path.join(tmp, "jobs.pt")
         torch.save(jobs, jobs_file)
-        mp.spawn(_spawn_main, args=(world_size, os.path.join(tmp, "store"), jobs_file, tmp), nprocs=world_size,
-                 join=True)
-        per_rank = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+        per_rank = spawn(_spawn_main, world_size, jobs_file, timeout=300.0, what="the authors' code")
     return {name: [per_rank[r][name] for r in range(world_size)] for name in jobs}, ""
 
 

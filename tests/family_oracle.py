@@ -1,25 +1,31 @@
-"""An independent float64 statement of SPEC.md part 2 (sections 2.1-2.3), for the tests only.
+"""SPEC.md part 2, stated once: an independent float64 oracle of the rest of the family, for the tests only.
 
-Written from SPEC's formulas with dense ``[B, N]`` NumPy matrices and closed-form gradients; it shares
-no code with the package ``drrho_kernels``. It extends ``spec_oracle`` by composition: the inputs are
-the same :class:`spec_oracle.Case` (rows ``img``/``txt`` at ``offset`` among the columns
-``img_all``/``txt_all``; columns ``None`` means one process, ``N = B``), built with
-:func:`spec_oracle.make_case`. Gradients are returned the same way as ``spec_oracle.oracle``: one
-process -> ``d_img``/``d_txt`` hold rows and columns together; distributed shape -> ``d_img``/``d_txt``
-are the row terms and ``d_img_all``/``d_txt_all`` the column terms (what an all-gather with gradient
-would send back to the owners), unless a function says otherwise.
+Written from SPEC's formulas with dense ``[B, N]`` NumPy matrices and closed-form gradients; it shares no
+code with the package (no import of ``drrho_kernels``). It builds on part 1's pieces in ``spec_oracle``
+instead of restating them: the inputs are the same :class:`spec_oracle.Case` (rows ``img``/``txt`` at
+``offset`` among the columns ``img_all``/``txt_all``; columns ``None`` means one process, ``N = B``), built
+with :func:`spec_oracle.make_case`; the margins, the negatives, ``l = log(eps + g)``, the moving average,
+the per-direction statistics ``A``, ``U``, ``w`` and the weighted-margin gradients are part 1's.
+Gradients are returned as ``spec_oracle.pack`` does: one process -> ``d_img``/``d_txt`` hold rows and
+columns together; distributed shape -> ``d_img``/``d_txt`` are the row terms and ``d_img_all``/``d_txt_all``
+the column terms (what an all-gather with gradient would send back to the owners), unless a function
+says otherwise.
 
 Contents
 --------
-- :func:`global_oracle`: the global-temperature forms of SPEC 2.1 (``multiply_tau``, ``no_multiply_tau``,
-  ``per_direction``), value, new ``u`` and gradients w.r.t. the embeddings and the scale(s).
-- :func:`individual_oracle`: one step of per-sample temperatures (iSogCLR / FastCLIP-v2), exactly as
+- 2.1 :func:`global_oracle`: the global-temperature forms (``multiply_tau`` is part 1 itself:
+  :func:`spec_oracle.oracle`; ``no_multiply_tau``; ``per_direction``), value, new ``u`` and gradients;
+  :func:`sogclr_gamma`, the authors' gamma schedule.
+- 2.1 :func:`individual_oracle`: one step of per-sample temperatures (iSogCLR / FastCLIP-v2), exactly as
   fast_clip's ``FastCLIPLossIndividual.local()`` + ``forward()`` driven by fast_clip's ``train.py`` in
   an initialised process group (see its docstring for every rule, and where SPEC's text differs).
-- :func:`distill_oracle` (SPEC 2.2) and :func:`sogclr_oracle` (the authors' ``SogCLRLoss`` total:
-  contrastive part + ``lambda * D`` [``/ s_``]).
-- :func:`per_sample_oracle` (SPEC 2.3 per-anchor outputs) and :func:`jest_oracle` (the authors'
+- 2.2 :func:`distill_oracle` and :func:`sogclr_oracle` (the authors' ``SogCLRLoss`` total: contrastive
+  part + ``lambda * D`` [``/ s_``]).
+- 2.3 :func:`per_sample_oracle` (per-anchor outputs) and :func:`jest_oracle` (the authors'
   ``jointly_sample_batch_softmax`` as plain dense code).
+- 2.4 DRRho risk: independent solvers of the primal problems (:func:`primal_cvar`, :func:`primal_ball`,
+  scipy's ``linprog`` and SLSQP, imported when called), the divergences, the duals and their minimisers
+  (:func:`kl_dual_minimizer`, :func:`chi2_dual_minimizer`), never the package's formulas.
 """
 from __future__ import annotations
 
@@ -29,68 +35,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from spec_oracle import Case, make_case  # noqa: F401  (re-exported: tests build cases from here)
+from spec_oracle import (Case, array, columns, log_mean_exp_negatives, margin_gradients, margins, negatives, oracle,
+                         pack, statistics)
 
 FORMS = ("multiply_tau", "no_multiply_tau", "per_direction")
-
-
-# --------------------------------------------------------------------------------------------- helpers
-def _np(x):
-    return None if x is None else x.detach().double().cpu().numpy()
-
-
-def _columns(case: Case):
-    """Rows, columns (the rows themselves in one process) and reference counterparts as float64 arrays."""
-    x, t = _np(case.img), _np(case.txt)
-    single = case.img_all is None
-    X = x if single else _np(case.img_all)
-    T = t if single else _np(case.txt_all)
-    ref = case.ref_img is not None
-    xr = _np(case.ref_img) if ref else None
-    tr = _np(case.ref_txt) if ref else None
-    Xr = (xr if single else _np(case.ref_img_all)) if ref else None
-    Tr = (tr if single else _np(case.ref_txt_all)) if ref else None
-    return single, x, t, X, T, xr, tr, Xr, Tr
-
-
-def _margins(x, t, X, T, xr=None, tr=None, Xr=None, Tr=None):
-    """SPEC's a^I = (<x_i,T_j> - <x_i,t_i>) - (ref ...), a^T = (<t_i,X_j> - <x_i,t_i>) - (ref ...)."""
-    pos = np.einsum("id,id->i", x, t)
-    aI = x @ T.T - pos[:, None]
-    aT = t @ X.T - pos[:, None]
-    if xr is not None:
-        rpos = np.einsum("id,id->i", xr, tr)
-        aI = aI - (xr @ Tr.T - rpos[:, None])
-        aT = aT - (tr @ Xr.T - rpos[:, None])
-    return aI, aT
-
-
-def _negatives(B, N, offset):
-    neg = np.ones((B, N), dtype=bool)
-    neg[np.arange(B), offset + np.arange(B)] = False
-    return neg
-
-
-def log_mean_exp_negatives(d, neg, eps):
-    """l_i = log(eps + (1/N) sum_{j != p(i)} exp(d_ij)), in log space (running max), N = d.shape[1]."""
-    N = d.shape[1]
-    dm = np.where(neg, d, -np.inf)
-    m = dm.max(axis=1)
-    lse = m + np.log(np.exp(dm - m[:, None]).sum(axis=1))
-    return np.logaddexp(math.log(eps), lse - math.log(N))
-
-
-def update_u_log(l, u_old, gamma):
-    """SPEC part 1's log-domain moving average: l where gamma == 1 or u unset (0, +-inf, NaN)."""
-    u_old = np.asarray(u_old, dtype=np.float64)
-    out = np.empty_like(l)
-    for i in range(len(l)):
-        unset = u_old[i] == 0 or not math.isfinite(u_old[i])
-        if gamma == 1.0 or unset:
-            out[i] = l[i]
-        else:
-            out[i] = np.logaddexp(u_old[i] + math.log(1 - gamma), l[i] + math.log(gamma))
-    return out
 
 
 def sogclr_gamma(epoch: int, gamma: float, schedule: str = "cosine", decay_epochs: int = 10) -> float:
@@ -103,31 +51,21 @@ def sogclr_gamma(epoch: int, gamma: float, schedule: str = "cosine", decay_epoch
     return 0.5 * (1 + math.cos(math.pi * epoch / decay_epochs)) * (1 - gamma) + gamma
 
 
-def _pack(out, single, d_x, d_t, d_X, d_T):
-    if single:
-        out.update(d_img=d_x + d_X, d_txt=d_t + d_T)
-    else:
-        out.update(d_img=d_x, d_txt=d_t, d_img_all=d_X, d_txt_all=d_T)
-    return out
-
-
 # ------------------------------------------------------------------------------- 2.1 global temperatures
 def global_oracle(case: Case, form: str = "multiply_tau", scale_txt: float | None = None,
                   frozen: dict | None = None) -> dict:
     """SPEC 2.1, global temperature: value, new ``u`` and gradients (w and the new u held constant).
 
     ``form``:
-      - ``"multiply_tau"``: part 1, ``L = (A_I + A_T)/s_ + rho/s + (U_I + U_T)/(2s)`` (equals spec_oracle.oracle).
+      - ``"multiply_tau"``: part 1, ``L = (A_I + A_T)/s_ + rho/s + (U_I + U_T)/(2s)``: :func:`spec_oracle.oracle`.
       - ``"no_multiply_tau"``: ``SogCLRLoss(multiply_tau=False)``: ``L = A_I + A_T``; ``rho`` unused.
       - ``"per_direction"``: ``L = sum_k [A_k/s_k_ + U_k/s_k + rho/s_k]`` with ``s_I = case.logit_scale``,
         ``s_T = scale_txt`` (default ``s_I``); ``d^k = s_k a^k``; ``u^k`` from its own ``d^k``.
 
     ``A_k = (1/(B(N-1))) sum_ij w^k_ij d^k_ij``, ``U_k = mean_i u^k_i`` (new u), ``w^k = exp(d^k - u^k)``
-    off the positive. Closed forms, ``c = 1/(B(N-1))``, ``kappa_k = s_k`` for ``no_multiply_tau`` else 1:
+    off the positive (:func:`spec_oracle.statistics`). Embedding gradients: :func:`spec_oracle.margin_gradients`
+    with ``kappa_k = s_k`` for ``no_multiply_tau``, else 1. Scale gradients:
 
-        dL/dx_i = c [kappa_I (sum_j w^I_ij T_j - (sum_j w^I_ij) t_i) - kappa_T (sum_j w^T_ij) t_i]
-        dL/dt_i = c [kappa_T (sum_j w^T_ij X_j - (sum_j w^T_ij) x_i) - kappa_I (sum_j w^I_ij) x_i]
-        dL/dX_j = c kappa_T sum_i w^T_ij t_i,   dL/dT_j = c kappa_I sum_i w^I_ij x_i
         dL/ds   = (A_I + A_T - rho - (U_I + U_T)/2) / s^2      multiply_tau
                 = (A_I + A_T) / s                              no_multiply_tau
         dL/ds_k = (A_k - U_k - rho) / s_k^2                    per_direction (d_s = their sum: one tensor)
@@ -142,50 +80,28 @@ def global_oracle(case: Case, form: str = "multiply_tau", scale_txt: float | Non
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if scale_txt is not None and form != "per_direction":
         raise ValueError("scale_txt is only defined for form='per_direction'")
-    single, x, t, X, T, xr, tr, Xr, Tr = _columns(case)
-    B, N = x.shape[0], X.shape[0]
-    sI = float(case.logit_scale)
-    sT = sI if scale_txt is None else float(scale_txt)
-    aI, aT = _margins(x, t, X, T, xr, tr, Xr, Tr)
-    dI, dT = sI * aI, sT * aT
-    neg = _negatives(B, N, case.offset)
-    lI, lT = log_mean_exp_negatives(dI, neg, case.eps), log_mean_exp_negatives(dT, neg, case.eps)
-    if frozen is None:
-        uI = update_u_log(lI, case.u_img.double().numpy(), case.gamma)
-        uT = update_u_log(lT, case.u_txt.double().numpy(), case.gamma)
-        wI = np.exp(dI - uI[:, None]) * neg
-        wT = np.exp(dT - uT[:, None]) * neg
-    else:
-        uI, uT, wI, wT = frozen["u_img"], frozen["u_txt"], frozen["w_img"], frozen["w_txt"]
-    # the detached scales s_ (frozen: held at the base point, like w and u)
-    dI_, dT_ = (sI, sT) if frozen is None else (frozen["s_img_"], frozen["s_txt_"])
-    c = 1.0 / (B * (N - 1))
-    AI, AT = c * (wI * dI).sum(), c * (wT * dT).sum()
-    UI, UT = uI.mean(), uT.mean()
-    rho = case.rho
-    out = dict(u_img=uI, u_txt=uT, l_img=lI, l_txt=lT, A_img=AI, A_txt=AT, U_img=UI, U_txt=UT,
-               w_img=wI, w_txt=wT, s_img_=sI, s_txt_=sT)
     if form == "multiply_tau":
-        s = sI
-        out["loss"] = (AI + AT) / dI_ + rho / s + (UI + UT) / (2 * s)
-        out["d_s"] = (AI + AT - rho - (UI + UT) / 2) / s ** 2
-        kI = kT = 1.0
-    elif form == "no_multiply_tau":
+        return oracle(case, frozen)                                    # part 1 itself
+    st = statistics(case, scale_txt=scale_txt, frozen=frozen)
+    sI, sT = st["s_img"], st["s_txt"]
+    AI, AT, UI, UT = st["A_img"], st["A_txt"], st["U_img"], st["U_txt"]
+    out = {k: st[k] for k in ("u_img", "u_txt", "l_img", "l_txt", "A_img", "A_txt", "U_img", "U_txt", "w_img",
+                              "w_txt")}
+    out.update(s_img_=sI, s_txt_=sT)
+    kappa = 1.0
+    if form == "no_multiply_tau":
         out["loss"] = AI + AT
         out["d_s"] = (AI + AT) / sI
-        kI = kT = sI
+        kappa = sI
     else:
-        out["loss"] = (AI / dI_ + (UI + rho) / sI) + (AT / dT_ + (UT + rho) / sT)
+        # the detached scales s_ (frozen: held at the base point, like w and u)
+        sI_, sT_ = (sI, sT) if frozen is None else (frozen["s_img_"], frozen["s_txt_"])
+        rho = case.rho
+        out["loss"] = (AI / sI_ + (UI + rho) / sI) + (AT / sT_ + (UT + rho) / sT)
         out["d_s_img"] = (AI - UI - rho) / sI ** 2
         out["d_s_txt"] = (AT - UT - rho) / sT ** 2
         out["d_s"] = out["d_s_img"] + out["d_s_txt"]
-        kI = kT = 1.0
-    rI, rT = wI.sum(1)[:, None], wT.sum(1)[:, None]
-    d_x = c * (kI * (wI @ T - rI * t) - kT * rT * t)
-    d_t = c * (kT * (wT @ X - rT * x) - kI * rI * x)
-    d_X = c * kT * (wT.T @ t)
-    d_T = c * kI * (wI.T @ x)
-    return _pack(out, single, d_x, d_t, d_X, d_T)
+    return pack(out, st["single"], *margin_gradients(st, kappa, kappa))
 
 
 # ------------------------------------------------------------------------------------ 2.2 distillation
@@ -211,7 +127,7 @@ def distill_oracle(case: Case, teacher_scale: float = 100.0, student_scale: floa
     """
     if case.ref_img is None:
         raise ValueError("distillation needs the reference (teacher) embeddings ref_img/ref_txt")
-    single, x, t, X, T, xr, tr, Xr, Tr = _columns(case)
+    single, x, t, X, T, xr, tr, Xr, Tr = columns(case)
     B = x.shape[0]
     s = float(case.logit_scale if student_scale is None else student_scale)
     zI, zT = x @ T.T, t @ X.T
@@ -223,7 +139,7 @@ def distill_oracle(case: Case, teacher_scale: float = 100.0, student_scale: floa
     GI, GT = s * (qI - pI) / (2 * B), s * (qT - pT) / (2 * B)
     out = dict(loss=0.5 * (ceI.mean() + ceT.mean()), ce_img=ceI, ce_txt=ceT,
                d_s=(((qI - pI) * zI).sum() + ((qT - pT) * zT).sum()) / (2 * B))
-    return _pack(out, single, GI @ T, GT @ X, GT.T @ t, GI.T @ x)
+    return pack(out, single, GI @ T, GT @ X, GT.T @ t, GI.T @ x)
 
 
 def sogclr_oracle(case: Case, multiply_tau: bool = True, distill_weight: float | None = None,
@@ -296,7 +212,7 @@ def _individual_step(a, st: TauState, *, gamma, eps, rho, epoch, beta1, beta2, l
                      tau_min, tau_max, grad_clamp):
     """fast_clip ``local()`` for one direction, every anchor of the global batch ([N, N] margins ``a``)."""
     N = a.shape[0]
-    neg = _negatives(N, N, 0)
+    neg = negatives(N, N, 0)
     s = 1.0 / st.tau
     d = s[:, None] * a
     b_new = np.maximum(st.b, d.max(axis=1))               # all columns, the positive (a ~ 0) included
@@ -324,8 +240,8 @@ def _individual_value(x, t, X, T, xr, tr, Xr, Tr, offset, sI, sT, bI, bT, uI, uT
     B, N = x.shape[0], X.shape[0]
     rows = offset + np.arange(B)
     # loss1: the rows as anchors against the gathered columns.
-    aI, aT = _margins(x, t, X, T, xr, tr, Xr, Tr)
-    neg = _negatives(B, N, offset)
+    aI, aT = margins(x, t, X, T, xr, tr, Xr, Tr)
+    neg = negatives(B, N, offset)
     PI = np.exp(sI[rows, None] * aI - bI[rows, None]) * neg / (uI[rows, None] + eps)
     PT = np.exp(sT[rows, None] * aT - bT[rows, None]) * neg / (uT[rows, None] + eps)
     loss1 = (PI.sum() + PT.sum()) / (N - 1) / B
@@ -395,14 +311,14 @@ def individual_oracle(case: Case, state_img: TauState, state_txt: TauState, *, e
     ``tau_*``, ``u_*``, ``b_*``, ``m_*``, ``v_*`` (new), ``grad_tau_*``, ``g_*``; ``frozen`` (pass it back
     to hold scales, b' and u' fixed for finite differences of ``loss``).
     """
-    single, x, t, X, T, xr, tr, Xr, Tr = _columns(case)
+    single, x, t, X, T, xr, tr, Xr, Tr = columns(case)
     N = X.shape[0]
     if len(state_img.tau) != N or len(state_txt.tau) != N:
         raise ValueError(f"states must have one entry per column (N = {N})")
     kw = dict(gamma=case.gamma, eps=case.eps, rho=case.rho, epoch=epoch, beta1=beta1, beta2=beta2,
               lr_tau=lr_tau, eps_tau=eps_tau, tau_min=tau_min, tau_max=tau_max, grad_clamp=grad_clamp)
     if frozen is None:
-        aI, aT = _margins(X, T, X, T, Xr, Tr, Xr, Tr)          # every sample of the global batch as an anchor
+        aI, aT = margins(X, T, X, T, Xr, Tr, Xr, Tr)          # every sample of the global batch as an anchor
         stI, stT = _individual_step(aI, state_img, **kw), _individual_step(aT, state_txt, **kw)
         frozen = dict(sI=stI["s"], sT=stT["s"], bI=stI["state"].b, bT=stT["state"].b, uI=stI["state"].u,
                       uT=stT["state"].u)
@@ -433,18 +349,18 @@ def per_sample_oracle(case: Case, teacher_scale: float = 100.0, ref_scale: float
 
     Note that ``l`` is not ``(target - ref) * s``: the shift is inside the exponent, pair by pair.
     """
-    single, x, t, X, T, xr, tr, Xr, Tr = _columns(case)
+    single, x, t, X, T, xr, tr, Xr, Tr = columns(case)
     B, N = x.shape[0], X.shape[0]
     s = float(case.logit_scale)
-    neg = _negatives(B, N, case.offset)
-    g = global_oracle(case, "multiply_tau")
+    neg = negatives(B, N, case.offset)
+    g = statistics(case)
     out = dict(l_img=g["l_img"], l_txt=g["l_txt"], u_img=g["u_img"], u_txt=g["u_txt"])
-    aI, aT = _margins(x, t, X, T)
+    aI, aT = margins(x, t, X, T)
     out["target_img"] = log_mean_exp_negatives(s * aI, neg, case.eps) / s
     out["target_txt"] = log_mean_exp_negatives(s * aT, neg, case.eps) / s
     if xr is not None:
         sr = s if ref_scale is None else float(ref_scale)
-        rI, rT = _margins(xr, tr, Xr, Tr)
+        rI, rT = margins(xr, tr, Xr, Tr)
         out["ref_img"] = log_mean_exp_negatives(sr * rI, neg, case.eps) / sr
         out["ref_txt"] = log_mean_exp_negatives(sr * rT, neg, case.eps) / sr
         D = distill_oracle(case, teacher_scale)
@@ -488,8 +404,7 @@ def jest_oracle(ref_img, ref_txt, img, txt, *, learner_scale: float, ref_scale: 
 
     Returns per rank ``dict(inds, diag, cond, n_draws)`` (``cond``: one array per later chunk).
     """
-    R, Rt, X, T = (np.asarray(_np(a) if torch.is_tensor(a) else a, dtype=np.float64)
-                   for a in (ref_img, ref_txt, img, txt))
+    R, Rt, X, T = (array(a) for a in (ref_img, ref_txt, img, txt))
     N = X.shape[0]
     if N % world_size:
         raise ValueError(f"N = {N} is not a multiple of world_size = {world_size}")
@@ -527,3 +442,104 @@ def jest_oracle(ref_img, ref_txt, img, txt, *, learner_scale: float, ref_scale: 
         for st in ranks:
             st["inds"].append(st.pop("new"))
     return [dict(inds=np.concatenate(st["inds"]), diag=st["diag"], cond=st["cond"], n_draws=n) for st in ranks]
+
+
+# ------------------------------------------------------------------------------ 2.4 DRRho risk
+# Independent solvers of the primal problems max_p sum_i p_i h_i over the form's set of weights (scipy's
+# linprog for CVaR, SLSQP for the divergence balls), and the duals minimised by root finding: never the
+# package's formulas. scipy is imported when they are called.
+
+def kl_to_uniform(p) -> float:
+    """``KL(p, 1/n) = sum_i p_i log(n p_i)``."""
+    from scipy import special
+    return float(special.xlogy(p, len(p) * p).sum())
+
+
+def chi2_to_uniform(p) -> float:
+    """``(1/n) sum_i (1/2)(n p_i - 1)^2``."""
+    n = len(p)
+    return float(np.mean(0.5 * (n * p - 1.0) ** 2))
+
+
+def primal_cvar(h, alpha):
+    """``max p.h`` over ``sum p = 1``, ``0 <= p <= 1 / (alpha n)``: a linear program. ``(value, p)``."""
+    from scipy import optimize
+    n = len(h)
+    res = optimize.linprog(-h, A_eq=np.ones((1, n)), b_eq=[1.0], bounds=[(0.0, 1.0 / (alpha * n))] * n,
+                           method="highs")
+    assert res.status == 0, res.message
+    return -res.fun, res.x
+
+
+def primal_ball(h, radius, divergence):
+    """``max p.h`` over the simplex with ``divergence(p) <= radius`` (``"kl"`` or ``"chi2"``), by SLSQP from the
+    uniform weights. ``(value, p)``."""
+    from scipy import optimize
+    n = len(h)
+    if divergence == "kl":
+        div, div_grad, low = kl_to_uniform, (lambda p: np.log(n * p) + 1.0), 1e-12
+    else:
+        div, div_grad, low = chi2_to_uniform, (lambda p: n * p - 1.0), 0.0
+    constraints = [dict(type="eq", fun=lambda p: p.sum() - 1.0, jac=lambda p: np.ones(n)),
+                   dict(type="ineq", fun=lambda p: radius - div(p), jac=lambda p: -div_grad(p))]
+    res = optimize.minimize(lambda p: -p @ h, np.full(n, 1.0 / n), jac=lambda p: -h, method="SLSQP",
+                            bounds=[(low, 1.0)] * n, constraints=constraints, options=dict(ftol=1e-14, maxiter=2000))
+    # status 8 ("positive directional derivative for linesearch"): SLSQP cannot improve at ftol = 1e-14 (seen
+    # with scipy 1.17 at a tied maximum); accepted only where the point is feasible to 1e-10
+    feasible = abs(res.x.sum() - 1.0) < 1e-10 and radius - div(res.x) > -1e-10 and res.x.min() >= low - 1e-12
+    assert res.success or (res.status == 8 and feasible), res.message
+    return float(res.x @ h), res.x
+
+
+def kl_regularized(h, tau) -> float:
+    """The KL-regularized form ``tau log((1/n) sum_i exp(h_i / tau))``."""
+    from scipy import special
+    return tau * (special.logsumexp(h / tau) - math.log(len(h)))
+
+
+def kl_dual(h, radius, tau) -> float:
+    """``tau log mean exp(h / tau) + tau r``: the KL-constrained dual at one temperature (weak duality bound)."""
+    return kl_regularized(h, tau) + tau * radius
+
+
+def kl_dual_minimizer(h, radius) -> float:
+    """The temperature where the dual's derivative ``log mean e^(h/tau) - E_softmax[h] / tau + r`` vanishes.
+
+    A root of the derivative (brentq, to machine precision), not a minimisation (only sqrt(eps)-precise).
+    """
+    from scipy import optimize, special
+
+    def derivative(log_tau):
+        tau = math.exp(log_tau)
+        return special.logsumexp(h / tau) - math.log(len(h)) - special.softmax(h / tau) @ h / tau + radius
+    return math.exp(optimize.brentq(derivative, -12, 12, xtol=1e-15, rtol=1e-15, maxiter=500))
+
+
+def chi2_dual(h, radius, eta) -> float:
+    """``eta + sqrt((1 + 2r) mean([h - eta]_+^2))``: the chi-square dual at one ``eta``."""
+    return eta + math.sqrt((1 + 2 * radius) * np.mean(np.maximum(h - eta, 0.0) ** 2))
+
+
+def chi2_dual_minimizer(h, radius) -> float:
+    """The root of the dual's derivative ``1 - sqrt(1 + 2r) mean([h - eta]_+) / sqrt(mean([h - eta]_+^2))``."""
+    from scipy import optimize
+
+    def derivative(eta):
+        excess = np.maximum(h - eta, 0.0)
+        return 1.0 - math.sqrt(1 + 2 * radius) * excess.mean() / math.sqrt(np.mean(excess ** 2))
+    top = h.max()
+    return optimize.brentq(derivative, h.min() - 100.0, top - 1e-9 * max(1.0, abs(top)), xtol=1e-15, rtol=1e-15,
+                           maxiter=500)
+
+
+def risk_optimum_scalar(form, h, kw):
+    """The optimal scalar of a stochastic risk form on ``h`` (CVaR's ``mu``: the ceil(k)-th largest ``h``;
+    KL-constrained ``tau``, chi-square ``eta``: the duals' minimisers); None for the KL-regularized form."""
+    if form == "cvar":
+        k = kw["alpha"] * len(h)
+        return np.sort(h)[::-1][math.ceil(k) - 1]
+    if form == "kl_constrained":
+        return kl_dual_minimizer(h, kw["radius"])
+    if form == "chi2":
+        return chi2_dual_minimizer(h, kw["radius"])
+    return None

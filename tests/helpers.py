@@ -1,11 +1,14 @@
-"""Small test utilities shared by the test files (no package logic here)."""
+"""Small test utilities shared by the test files (no package logic here): the one relative error, and
+evaluations of the public API on an oracle's :class:`spec_oracle.Case`."""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 
 import drrho_kernels as dk
-from spec_oracle import Case, oracle
+from spec_oracle import Case, array, oracle
 
 
 def run_backend(case: Case, backend: str, dtype=torch.float64, scale_grad=True):
@@ -30,10 +33,17 @@ def run_backend(case: Case, backend: str, dtype=torch.float64, scale_grad=True):
     return out
 
 
-def rel_err(got, want) -> float:
-    """Norm-wise relative error (absolute where the reference is ~0)."""
-    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+def rel_err(got, want, dtype=None) -> float:
+    """Norm-wise relative error ``|got - want| / |want|`` of arrays, tensors or numbers, in float64 (absolute
+    where ``want`` is 0). With a half ``dtype`` (the gradients' dtype), entries whose true value lies below
+    the dtype's smallest normal number count as 0."""
+    got, want = array(got), array(want)
+    if dtype in (torch.float16, torch.bfloat16):
+        tiny = torch.finfo(dtype).tiny
+        got, want = np.where(np.abs(want) < tiny, 0.0, got), np.where(np.abs(want) < tiny, 0.0, want)
+        if not np.any(want):
+            return float(np.linalg.norm(got)) / (tiny * math.sqrt(want.size))
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-300))
 
 
 def compare(result: dict, case: Case, *, loss_tol: float, grad_tol: float, u_tol: float) -> dict:

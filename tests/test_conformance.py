@@ -30,7 +30,8 @@ import pytest
 import torch
 
 import drrho_kernels as dk
-from spec_oracle import Case, make_case, oracle
+from helpers import rel_err
+from spec_oracle import Case, log_mean_exp_negatives, make_case, negatives, oracle, update_u
 
 EMBEDDINGS = ("img", "txt", "ref_img", "ref_txt", "img_all", "txt_all", "ref_img_all", "ref_txt_all")
 
@@ -82,6 +83,19 @@ def backend_dtypes(dtypes, backends=None):
     return [pytest.param(b.values[0], dtype, marks=b.marks, id=f"{b.values[0]}-{DTYPE_IDS[dtype]}")
             for b in (BACKENDS if backends is None else backends) for dtype in dtypes
             if not (b.values[0] == "triton" and dtype == torch.float64)]
+
+
+# Triton's interpreter takes seconds per call at B = 37, d = 40: the developers' loop (-m "not slow") runs the
+# temperature forms, distillation and per-sample outputs on Triton at the other sizes, the whole suite at this one.
+SLOW_ON = {("triton", "single-B37-d40-dr23")}
+
+
+def backend_dtype_cases(dtypes, names, backends=None):
+    """``(backend, dtype, name)`` parameters, ids ``<backend>-<dtype>-<name>`` (as the two parametrizations
+    they replace), the pairs of ``SLOW_ON`` marked slow."""
+    return [pytest.param(*p.values, name, id=f"{p.id}-{name}",
+                         marks=[*p.marks, *([pytest.mark.slow] if (p.values[0], name) in SLOW_ON else [])])
+            for p in backend_dtypes(dtypes, backends) for name in names]
 
 
 def separated(B=9, N=None, d=16, dr=12, eps=1e-4, seed=0, scale=100.0) -> Case:
@@ -175,17 +189,6 @@ def run(case: Case, backend: str, dtype, *, column_grads=True, loss_scale=1.0) -
     for k in leaves:
         out["d_" + k] = kw[k].grad.double() / loss_scale
     return {k: (v.detach().double().cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
-
-
-def rel_err(got, want, dtype=None) -> float:
-    """Norm-wise relative error; for half dtypes, entries below the smallest normal number count as 0."""
-    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    if dtype in (torch.float16, torch.bfloat16):
-        tiny = torch.finfo(dtype).tiny
-        got, want = np.where(np.abs(want) < tiny, 0.0, got), np.where(np.abs(want) < tiny, 0.0, want)
-        if not np.any(want):
-            return float(np.linalg.norm(got)) / (tiny * math.sqrt(want.size))
-    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-300))
 
 
 def scale_grad_error(got: float, want: dict, case: Case | None = None, *, scale=None, rho=None) -> float:
@@ -293,16 +296,16 @@ HALF_ACCUMULATION = {torch.float16: lambda: clustered(8.0, 0.003), torch.bfloat1
 
 def u_from_half_similarities(case: Case, dtype) -> np.ndarray:
     """The image anchors' new u that a kernel computes if it rounds its similarity tiles ``x T^T`` and
-    ``xr Tr^T`` to ``dtype`` before use (the pairs' own similarities kept exact): float64 NumPy."""
+    ``xr Tr^T`` to ``dtype`` before use (the pairs' own similarities kept exact): float64 NumPy, with part 1's
+    ``l`` and moving average (``spec_oracle``) on the rounded margins."""
     x, t, xr, tr = (getattr(case, k).double().numpy() for k in ("img", "txt", "ref_img", "ref_txt"))
     half = lambda a: torch.from_numpy(a).to(dtype).double().numpy()   # noqa: E731
     d = case.logit_scale * (half(x @ t.T) - half(xr @ tr.T) - ((x * t).sum(1) - (xr * tr).sum(1))[:, None])
-    np.fill_diagonal(d, -np.inf)
-    top = d.max(1)
-    l = np.logaddexp(math.log(case.eps), top + np.log(np.exp(d - top[:, None]).sum(1) / d.shape[1]))
+    B = d.shape[0]
+    l = log_mean_exp_negatives(d, negatives(B, B, 0), case.eps)
     u_old = case.u_img.double().numpy()
     assert np.all(np.isfinite(u_old) & (u_old != 0))                    # every entry set: the blend applies
-    return np.logaddexp(u_old + math.log1p(-case.gamma), l + math.log(case.gamma))
+    return update_u(l, u_old, case.gamma)
 
 
 @pytest.mark.parametrize("backend,dtype", backend_dtypes([torch.float16, torch.bfloat16]))
@@ -474,8 +477,7 @@ def _scale_error(got: float, want: dict, k: str, s: float, rho: float) -> float:
 
 
 @pytest.mark.parametrize("form", ["no_multiply_tau", "per_direction", "per_direction_tied"])
-@pytest.mark.parametrize("name", FORM_CASES)
-@pytest.mark.parametrize("backend,dtype", backend_dtypes([torch.float64, torch.float32, torch.bfloat16], BACKENDS))
+@pytest.mark.parametrize("backend,dtype,name", backend_dtype_cases([torch.float64, torch.float32, torch.bfloat16], FORM_CASES, BACKENDS))
 def test_temperature_form_matches_oracle(backend, name, form, dtype):
     from family_oracle import global_oracle
     case = rounded(CASES[name](), dtype)
@@ -593,8 +595,7 @@ DISTILL_CASES = ["single-ref-B6-d5", "single-B37-d40-dr23", "single-s100", "dist
 
 
 @pytest.mark.parametrize("multiply_tau", [True, False], ids=["multiply_tau", "no_multiply_tau"])
-@pytest.mark.parametrize("name", DISTILL_CASES)
-@pytest.mark.parametrize("backend,dtype", backend_dtypes([torch.float64, torch.float32, torch.bfloat16], BACKENDS))
+@pytest.mark.parametrize("backend,dtype,name", backend_dtype_cases([torch.float64, torch.float32, torch.bfloat16], DISTILL_CASES, BACKENDS))
 def test_distillation_matches_oracle(backend, name, multiply_tau, dtype):
     from family_oracle import sogclr_oracle
     case = rounded(CASES[name](), dtype)
@@ -624,9 +625,11 @@ def test_distillation_matches_oracle(backend, name, multiply_tau, dtype):
         assert err <= bounds.get(k, tol.grad), f"{backend} {name} {k}: {err:.2e} ({errors})"
 
 
-@pytest.mark.parametrize("name", ["single-ref-B6-d5", "single-noref-B7-d9", "single-B37-d40-dr23", "dist-ref-B5-N23-d17-dr9",
-                                  "dist-noref-offset0-B6-N20", "single-eps1e-6-s100"])
-@pytest.mark.parametrize("backend,dtype", backend_dtypes([torch.float64, torch.float32], BACKENDS))
+PER_SAMPLE_CASES = ["single-ref-B6-d5", "single-noref-B7-d9", "single-B37-d40-dr23", "dist-ref-B5-N23-d17-dr9",
+                    "dist-noref-offset0-B6-N20", "single-eps1e-6-s100"]
+
+
+@pytest.mark.parametrize("backend,dtype,name", backend_dtype_cases([torch.float64, torch.float32], PER_SAMPLE_CASES, BACKENDS))
 def test_per_sample_outputs_match_oracle(backend, name, dtype):
     from family_oracle import per_sample_oracle
     case = rounded(CASES[name](), dtype)

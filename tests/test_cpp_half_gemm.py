@@ -11,7 +11,8 @@ fallback and the emulated brgemm layouts always run) against the float64 oracle 
 tolerances, on the conformance cases and on shapes that span several chunks, 64-column blocks and
 odd row counts; the upcast path is exactly the float32 computation; the selection logic (modes,
 errors, the CPU-flag rule, the timed self-test, the environment variable read once at first use).
-In-process tests switch paths with ``cpp._redecide_half_gemm`` and restore the environment's choice.
+In-process tests switch paths with ``cpp._redecide_half_gemm`` and restore the environment's choice
+(once per run of tests that force the same path: deciding ``auto`` again takes about a second).
 
 Skipped (with the reason) only when the extension was not built.
 """
@@ -46,24 +47,53 @@ def _restore():
         cpp._redecide_half_gemm(dt, "")
 
 
+def _at(mode: str) -> bool:
+    """Whether both half dtypes run with ``mode`` now (``cpp.half_gemm``: no new decision)."""
+    return all(cpp.half_gemm(dt)["mode"] == mode for dt in HALF)
+
+
+def _environment_mode() -> str:
+    return (os.environ.get("DRRHO_KERNELS_CPU_HALF_GEMM") or "auto").strip().lower()
+
+
 @pytest.fixture
 def restore_choice():
     yield
     _restore()
 
 
+_FORCED: dict = {}      # mode -> the infos of its last forcing
+
+
 @pytest.fixture(params=PATHS)
 def path(request):
-    """Force a path for both half dtypes; skip (with the reason) where it cannot run on this CPU."""
-    infos = {dt: cpp._redecide_half_gemm(dt, request.param) for dt in HALF}
-    try:
-        bad = [info for info in infos.values() if info["error"]]
-        if bad:
-            pytest.skip(f"{request.param} cannot run here: {bad[0]['reason']}")
-        want = {"off": {"upcast"}, "on": {"brgemm", "mkl"}}.get(request.param, {request.param})
-        assert all(info["path"] in want for info in infos.values()), infos
-        yield request.param
-    finally:
+    """Force a path for both half dtypes; skip (with the reason) where it cannot run on this CPU. The path
+    stays forced for the next test of the same path (deciding ``auto`` again takes about a second): a test
+    without this fixture, and the end of the module, restore the environment's choice (see below)."""
+    if request.param not in _FORCED or not _at(request.param):
+        _FORCED[request.param] = {dt: cpp._redecide_half_gemm(dt, request.param) for dt in HALF}
+    infos = _FORCED[request.param]
+    bad = [info for info in infos.values() if info["error"]]
+    if bad:
+        pytest.skip(f"{request.param} cannot run here: {bad[0]['reason']}")
+    want = {"off": {"upcast"}, "on": {"brgemm", "mkl"}}.get(request.param, {request.param})
+    assert all(info["path"] in want for info in infos.values()), infos
+    yield request.param
+
+
+@pytest.fixture(autouse=True)
+def _environment_choice(request):
+    """A test that does not force a path runs with the environment's choice."""
+    if "path" not in request.fixturenames and not _at(_environment_mode()):
+        _restore()
+    yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_at_the_end():
+    """The files after this one see the environment's choice."""
+    yield
+    if not _at(_environment_mode()):
         _restore()
 
 

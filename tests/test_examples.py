@@ -102,6 +102,7 @@ def test_help():
         assert form in proc.stdout
 
 
+@pytest.mark.slow        # the example end to end, twice: ~10 s
 def test_quick_run_writes_results_and_plot(tmp_path):
     cmd = [sys.executable, str(EXAMPLE), "--quick", "--seed", "0", "--out", str(tmp_path), "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env(), cwd=ROOT)
@@ -118,6 +119,7 @@ def test_quick_run_writes_results_and_plot(tmp_path):
     assert json.loads((again / "results.json").read_text())["history"] == results["history"]
 
 
+@pytest.mark.slow
 def test_each_temperature_form_and_seeds_driver(tmp_path):
     """``--quick`` with every ``--temperature`` form, two seeds each, in one process (``--temperature all``):
     each run's outputs and learned temperatures, and the mean +- std summary."""
@@ -149,6 +151,7 @@ def test_each_temperature_form_and_seeds_driver(tmp_path):
     assert refs["global"] == refs["per_direction"] == refs["individual"]
 
 
+@pytest.mark.slow
 def test_distill_and_select_targets_with_seeds_driver(tmp_path):
     """``--distill --select`` over two seeds: both extra targets train (outputs, histories, temperatures),
     the summary covers them, and the selection target trains on the selected pairs only: every step's

@@ -17,6 +17,7 @@ EXAMPLE = ROOT / "examples" / "noisy_labels.py"
 METHODS = ("erm", "cvar", "kl", "kl_constrained", "chi2")
 
 
+@pytest.mark.slow        # the example end to end: ~5 s
 def test_quick_run_writes_results_and_plot(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, str(EXAMPLE), "--quick", "--out", str(tmp_path), "--no-progress"]

@@ -12,23 +12,20 @@ tests at the end, which import open_clip and run its model code (skipped when it
 """
 from __future__ import annotations
 
-import os
 import re
-import socket
 import sys
-import time
 import types
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 import drrho_kernels as dk
 from drrho_kernels.integrations.open_clip import (DRRhoOpenCLIPLoss, IndexedDataset, KeyIndex, load_loss_state,
                                                   parse_int_keys, save_loss_state)
+from processes import spawn
 
 ROOT = Path(__file__).resolve().parents[1]
 N, B, D, DR = 40, 8, 6, 4
@@ -388,13 +385,7 @@ def test_task_api_recipe_passes_the_index(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # Distributed: the loss gathers across ranks, DDP wraps the model only (gloo, 2 processes)
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, outdir):
+def _ddp_worker(rank, world, port):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world, timeout=timedelta(seconds=60))
@@ -415,25 +406,16 @@ def _ddp_worker(rank, world, port, outdir):
             sum(losses.values()).backward()
             opt.step()
             values.append(float(losses["drrho_loss"]))
-        torch.save(dict(values=values, params={k: v.detach() for k, v in model.state_dict().items()},
-                        u_img=loss.criterion.u_img, u_txt=loss.criterion.u_txt), os.path.join(outdir, f"{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
+    return dict(values=values, params={k: v.detach().clone() for k, v in model.state_dict().items()},
+                u_img=loss.criterion.u_img.clone(), u_txt=loss.criterion.u_txt.clone())
 
 
 @pytest.mark.slow
-def test_ddp_model_with_the_loss_gathering_equals_one_process(tmp_path):
+def test_ddp_model_with_the_loss_gathering_equals_one_process():
     world = 2
-    ctx = mp.start_processes(_ddp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                if proc.is_alive():
-                    proc.kill()
-            pytest.fail("distributed workers did not finish in 120 s (a hang?)")
-    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(world)]
+    ranks = spawn(_ddp_worker, world, timeout=120.0)
     # One process, the whole global batch.
     images, texts, ref_img, ref_txt = dataset()
     torch.manual_seed(0)

@@ -233,6 +233,7 @@ def _batches(n_steps=3, batch=6, data_size=16):
 TOL = dict(rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.slow        # torch.compile: seconds per backend, ~15 s for the first compilation of a process
 @pytest.mark.parametrize("backend", FUSED)
 def test_compiled_module_training_step_matches_eager(backend):
     torch.manual_seed(0)
@@ -255,6 +256,7 @@ def test_compiled_module_training_step_matches_eager(backend):
     assert bool((crit.u_img != 0).any())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FUSED)
 def test_compiled_functional_training_step_matches_eager(backend):
     torch.manual_seed(0)

@@ -18,78 +18,13 @@ import torch
 import drrho_kernels as dk
 from drrho_kernels import risk as risk_module
 
-scipy_optimize = pytest.importorskip("scipy.optimize")
+pytest.importorskip("scipy.optimize")
 special = pytest.importorskip("scipy.special")
 
-
-# ------------------------------------------------------------------------------------------------
-# Independent solvers (NumPy / SciPy, float64)
-
-def primal_cvar(h, alpha):
-    """``max p.h`` over ``sum p = 1``, ``0 <= p <= 1 / (alpha n)``: a linear program."""
-    n = len(h)
-    res = scipy_optimize.linprog(-h, A_eq=np.ones((1, n)), b_eq=[1.0], bounds=[(0.0, 1.0 / (alpha * n))] * n,
-                                 method="highs")
-    assert res.status == 0, res.message
-    return -res.fun, res.x
-
-
-def kl_to_uniform(p):
-    return float(special.xlogy(p, len(p) * p).sum())
-
-
-def chi2_to_uniform(p):
-    n = len(p)
-    return float(np.mean(0.5 * (n * p - 1.0) ** 2))
-
-
-def primal_ball(h, radius, divergence):
-    """``max p.h`` over the simplex with ``divergence(p) <= radius``, by SLSQP from the uniform weights."""
-    n = len(h)
-    if divergence == "kl":
-        div, div_grad, low = kl_to_uniform, (lambda p: np.log(n * p) + 1.0), 1e-12
-    else:
-        div, div_grad, low = chi2_to_uniform, (lambda p: n * p - 1.0), 0.0
-    constraints = [dict(type="eq", fun=lambda p: p.sum() - 1.0, jac=lambda p: np.ones(n)),
-                   dict(type="ineq", fun=lambda p: radius - div(p), jac=lambda p: -div_grad(p))]
-    res = scipy_optimize.minimize(lambda p: -p @ h, np.full(n, 1.0 / n), jac=lambda p: -h, method="SLSQP",
-                                  bounds=[(low, 1.0)] * n, constraints=constraints,
-                                  options=dict(ftol=1e-14, maxiter=2000))
-    # status 8 ("positive directional derivative for linesearch"): SLSQP cannot improve at ftol = 1e-14 (seen
-    # with scipy 1.17 at a tied maximum); accepted only where the point is feasible to 1e-10
-    feasible = abs(res.x.sum() - 1.0) < 1e-10 and radius - div(res.x) > -1e-10 and res.x.min() >= low - 1e-12
-    assert res.success or (res.status == 8 and feasible), res.message
-    return float(res.x @ h), res.x
-
-
-def kl_dual(h, radius, tau):
-    """``tau log mean exp(h / tau) + tau r``: the KL-constrained dual at one temperature (weak duality bound)."""
-    return tau * (special.logsumexp(h / tau) - math.log(len(h))) + tau * radius
-
-
-def kl_dual_minimizer(h, radius):
-    """The temperature where the dual's derivative ``log mean e^(h/tau) - E_softmax[h] / tau + r`` vanishes.
-
-    A root of the derivative (brentq, to machine precision), not a minimisation (only sqrt(eps)-precise).
-    """
-    def derivative(log_tau):
-        tau = math.exp(log_tau)
-        return special.logsumexp(h / tau) - math.log(len(h)) - special.softmax(h / tau) @ h / tau + radius
-    return math.exp(scipy_optimize.brentq(derivative, -12, 12, xtol=1e-15, rtol=1e-15, maxiter=500))
-
-
-def chi2_dual(h, radius, eta):
-    return eta + math.sqrt((1 + 2 * radius) * np.mean(np.maximum(h - eta, 0.0) ** 2))
-
-
-def chi2_dual_minimizer(h, radius):
-    """The root of the dual's derivative ``1 - sqrt(1 + 2r) mean([h - eta]_+) / sqrt(mean([h - eta]_+^2))``."""
-    def derivative(eta):
-        excess = np.maximum(h - eta, 0.0)
-        return 1.0 - math.sqrt(1 + 2 * radius) * excess.mean() / math.sqrt(np.mean(excess ** 2))
-    top = h.max()
-    return scipy_optimize.brentq(derivative, h.min() - 100.0, top - 1e-9 * max(1.0, abs(top)), xtol=1e-15,
-                                 rtol=1e-15, maxiter=500)
+# The truth: SPEC 2.4's independent solvers in the part-2 oracle (tests/family_oracle.py)
+from family_oracle import (chi2_dual, chi2_dual_minimizer, chi2_to_uniform, kl_dual, kl_dual_minimizer,  # noqa: E402
+                           kl_regularized, kl_to_uniform, primal_ball, primal_cvar, risk_optimum_scalar)
+from spec_oracle import update_u  # noqa: E402  (part 1's moving average, for the risk's u)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -165,7 +100,7 @@ def test_cvar_alpha_one_is_the_mean_and_small_alpha_the_max():
 def test_kl_regularized_closed_form_and_gibbs_principle(tau):
     h = sample_h(9, seed=4)
     value, weights = exact(h, "kl", tau=tau)
-    assert value == pytest.approx(tau * (special.logsumexp(h / tau) - math.log(9)), rel=1e-13)
+    assert value == pytest.approx(kl_regularized(h, tau), rel=1e-13)
     np.testing.assert_allclose(weights, special.softmax(h / tau), rtol=1e-12)
     # The softmax weights attain max_p p.h - tau KL(p, 1/n), and no other weights do better.
     assert weights @ h - tau * kl_to_uniform(weights) == pytest.approx(value, rel=1e-12)
@@ -283,7 +218,7 @@ def test_float32_matches_float64(form, kw):
 def test_large_h_over_tau_stays_finite(dtype):
     h = np.array([1000.0, 999.0, 990.0, 0.0])                          # h / tau = 1000 at tau = 1
     value, weights = exact(h, "kl", dtype=dtype, tau=1.0)
-    want = 1000.0 + special.logsumexp(h - 1000.0) - math.log(4)
+    want = kl_regularized(h, 1.0)                                     # 1000 + log mean e^(h - 1000)
     assert value == pytest.approx(want, rel=1e-6 if dtype == torch.float32 else 1e-14)
     np.testing.assert_allclose(weights, special.softmax(h), atol=1e-6)
     for form, kw in (("kl_constrained", dict(radius=0.5)), ("chi2", dict(radius=0.5)), ("cvar", dict(alpha=0.5))):
@@ -387,18 +322,6 @@ def test_module_bad_arguments(case, kwargs, exc, words):
 # ------------------------------------------------------------------------------------------------
 # Stochastic forms
 
-def optimum_scalar(form, h, kw):
-    """The optimal scalar of the form on ``h``, from the independent solvers."""
-    if form == "cvar":
-        k = kw["alpha"] * len(h)
-        return np.sort(h)[::-1][math.ceil(k) - 1]                 # the ceil(k)-th largest h
-    if form == "kl_constrained":
-        return kl_dual_minimizer(h, kw["radius"])
-    if form == "chi2":
-        return chi2_dual_minimizer(h, kw["radius"])
-    return None
-
-
 SCALAR = {"cvar": "mu", "kl_constrained": "tau", "chi2": "eta"}
 REDUCTIONS = [("cvar", dict(alpha=0.3)), ("cvar", dict(alpha=0.5)), ("kl", dict(tau=0.6)),
               ("kl_constrained", dict(radius=0.25)), ("chi2", dict(radius=0.3)), ("chi2", dict(radius=1e-3))]
@@ -414,7 +337,7 @@ def test_stochastic_form_reduces_to_the_exact_form(form, kw):
     want_value, want_weights = exact(h, form, **kw)
     risk = dk.DRRhoRisk(form, gamma=1.0, **kw).double()
     risk.u.fill_(123.0) if hasattr(risk, "u") else None             # a stale estimate: gamma = 1 replaces it
-    scalar = optimum_scalar(form, h, kw)
+    scalar = risk_optimum_scalar(form, h, kw)
     if scalar is not None:
         with torch.no_grad():
             getattr(risk, SCALAR[form]).fill_(scalar)
@@ -439,8 +362,8 @@ def test_kl_moving_average_follows_the_log_domain_rule():
         loss = torch.tensor(h, requires_grad=True)
         objective = risk(loss)
         objective.backward()
-        log_inner = special.logsumexp(h / tau) - math.log(6)
-        u = log_inner if u is None else math.log((1 - gamma) * math.exp(u) + gamma * math.exp(log_inner))
+        log_inner = kl_regularized(h, tau) / tau
+        u = update_u(np.array([log_inner]), np.array([0.0 if u is None else u]), gamma)[0]   # part 1's rule
         assert risk.u.item() == pytest.approx(u, rel=1e-13)
         assert objective.item() == pytest.approx(tau * u, rel=1e-13)
         np.testing.assert_allclose(loss.grad.numpy(), np.exp(h / tau - u) / 6, rtol=1e-12)

@@ -12,24 +12,21 @@ from __future__ import annotations
 
 import io
 import os
+import time
+from datetime import timedelta
 
-os.environ.setdefault("TRITON_INTERPRET", "1")   # before drrho_kernels is imported, here and in children
+import pytest
+import torch
+import torch.distributed as dist
 
-from datetime import timedelta  # noqa: E402
-
-import time  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-import drrho_kernels as dk  # noqa: E402
-from drrho_kernels.parallel import schemes as ddk  # noqa: E402
-from drrho_kernels.parallel.sharded_state import RULE, ShardLayout  # noqa: E402
-from processes import spawn  # noqa: E402
+import drrho_kernels as dk
+from drrho_kernels.parallel import schemes as ddk
+from drrho_kernels.parallel.sharded_state import RULE, ShardLayout
+from processes import spawn
 
 B, D, DR, STEPS = 3, 5, 4, 3
-WORLD_SIZES = (2, 4)
+# W = 4 (its spawn resumes from W = 2's checkpoint) is slow: the developers' loop runs W = 2.
+WORLD_SIZES = (2, pytest.param(4, marks=pytest.mark.slow, id="W4"))
 FORMS = ("global", "per_direction", "individual", "distill")
 CONFIGS = [(form, scheme, None) for form in FORMS for scheme in ddk.SCHEMES] + [("global", "gather_u", "cpu")]
 INDIVIDUAL = ("u_img", "u_txt", "tau_img", "tau_txt", "bound_img", "bound_txt", "tau_m_img", "tau_m_txt",
@@ -201,28 +198,36 @@ def _worker(rank, world, port, outdir, previous):
         results["after_errors"] = [train(make(c, s, data_size), c, world, rank, 1, data_size, seed=3)[0]["loss"]
                                    for s in ("replicated", "sharded")]
     finally:
-        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
         dist.destroy_process_group()
+    return results
 
 
 # ------------------------------------------------------------------------------------------------
 # Test side.
 
-def _spawn(world, outdir, previous=None, timeout=150.0):
-    spawn(_worker, world, str(outdir), previous and str(previous), timeout=timeout)
-    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+class _Runs:
+    """The workers' results per world size, spawned at first use (W = 4 after W = 2, from its checkpoint)."""
+
+    def __init__(self, tmp_path_factory):
+        self.factory, self.results, self.dirs = tmp_path_factory, {}, {}
+
+    def __getitem__(self, world):
+        if world not in self.results:
+            previous = None
+            if world == 4:
+                self[2]
+                previous = self.dirs[2]
+            outdir = self.factory.mktemp(f"sharded_w{world}")
+            start = time.monotonic()
+            self.results[world] = spawn(_worker, world, str(outdir), previous and str(previous))
+            self.dirs[world] = outdir
+            print(f"\nW = {world}: workers took {time.monotonic() - start:.1f} s")
+        return self.results[world]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    out, previous = {"dirs": {}}, None
-    for world in WORLD_SIZES:                   # W = 4 resumes from W = 2's checkpoint
-        start = time.monotonic()
-        outdir = tmp_path_factory.mktemp(f"sharded_w{world}")
-        out[world] = _spawn(world, outdir, previous)
-        out["dirs"][world] = previous = outdir
-        print(f"\nW = {world}: workers took {time.monotonic() - start:.1f} s")
-    return out
+    return _Runs(tmp_path_factory)
 
 
 def _equal_steps(got, want, where):
@@ -297,8 +302,10 @@ def test_checkpoint_resumes_bit_exact(runs, world):
             _equal_states(res["b_state"], res["a_state"], (world, name))
 
 
+@pytest.mark.slow
 def test_recut_for_another_world_size_resumes_like_replicated(runs):
-    saved = lambda what: torch.load(runs["dirs"][2] / f"reshard_{what}.pt", weights_only=True)  # noqa: E731
+    runs[4]
+    saved = lambda what: torch.load(runs.dirs[2] / f"reshard_{what}.pt", weights_only=True)  # noqa: E731
     merged = dk.merge_state_shards([saved("shard1"), saved("shard0")])
     _equal_states(merged, saved("replicated0"), "W = 2 shards merged vs W = 2 replicated")
     for rank, r in enumerate(runs[4]):          # W = 4 loaded split_state(merge_state_shards(W = 2 shards), 4)

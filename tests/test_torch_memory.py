@@ -3,6 +3,8 @@ import pytest
 
 from benchmarks.harness import peak_extra_rss
 
+pytestmark = pytest.mark.slow       # fresh processes that allocate up to a GiB: 4-30 s each
+
 MiB = 2 ** 20
 
 
