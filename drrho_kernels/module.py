@@ -255,11 +255,13 @@ class DRRhoCLIPLoss(nn.Module):
             return
         state_index = to_device(index, self.u_img.device)
         packed = packed.to(device=self.u_img.device, dtype=torch.float32)
-        for row, name in enumerate(self.state_names):
-            getattr(self, name).index_copy_(0, state_index, packed[row])
+        for name, rows in zip(self.state_names, packed.unbind(0)):
+            getattr(self, name).index_copy_(0, state_index, rows)
 
     def _complete_writes(self, needed=None, wait: bool = False) -> None:
         """Store the pending host write-backs that are done, that hold entries ``needed`` now, or all (``wait``)."""
+        if not self._pending_writes:
+            return
         keep = []
         for index, host, done in self._pending_writes:
             overlap = needed is not None and bool(np.intersect1d(index.numpy(), needed.cpu().numpy()).size)
@@ -293,7 +295,7 @@ class DRRhoCLIPLoss(nn.Module):
         if self.process_group is None:
             index, state = self._read_state(img, index)
             logit_scale, tau_state = self._form(logit_scale, state)
-            p = resolved(validate(img, txt, logit_scale, state["u"][0], state["u"][1],
+            p = resolved(validate(img, txt, logit_scale, *state["u"].unbind(0),
                                   self._step_options(return_per_sample), ref_img=ref_img, ref_txt=ref_txt,
                                   tau_state=tau_state))
             loss, new, *per_sample = compute_loss(p, per_sample=return_per_sample)

@@ -124,3 +124,23 @@ def test_unavailable_backend_is_a_clear_error():
         call(dict(base(), backend="cpp", img=torch.randn(4, 3, device="meta"), txt=torch.randn(4, 3, device="meta"),
                   logit_scale=1.0, u_img=torch.zeros(4, device="meta"), u_txt=torch.zeros(4, device="meta"),
                   ref_img=None, ref_txt=None))
+
+
+@pytest.mark.parametrize("n", [6, 513, 5000], ids=["python", "numpy-edge", "numpy"])
+def test_index_checks_at_every_size(n):
+    """The CPU index's range and repeats: checked in Python at a small batch, in NumPy at a large one
+    (``validate.SMALL_INDEX``); the same answers either way, ends and middle alike."""
+    from drrho_kernels.loss import validate
+    assert (n <= validate.SMALL_INDEX) == (n == 6)            # both paths are exercised
+    index = torch.randperm(3 * n, generator=torch.Generator().manual_seed(n))[:n]
+    assert torch.equal(validate.check_index(index.int(), n, 3 * n), index)
+    for at, value, exc, words in ((0, -1, IndexError, "got -1"), (n - 1, 3 * n, IndexError, f"got {3 * n}"),
+                                  (n // 2, None, ValueError, "distinct")):
+        bad = index.clone()
+        bad[at] = bad[0 if at else 1] if value is None else value
+        with pytest.raises(exc, match=words):
+            validate.check_index(bad, n, 3 * n)
+    repeated = torch.cat([index[:-1], index[:1]])
+    with pytest.raises(ValueError, match="across the global batch"):
+        validate.check_global_index(repeated, rank=0)
+    validate.check_global_index(index, rank=0)

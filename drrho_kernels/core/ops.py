@@ -346,10 +346,9 @@ def loss_args(backend: str, wdsum: torch.Tensor, tiles: TileInputs, weights: Wei
     """The arguments of ``drrho::loss`` (its schema's order) for :func:`loss`."""
     t = temperature
     s_img, s_txt = (None, None) if t.kind == "individual" else (
-        t.scale_img.reshape(()), None if t.kind == "global" else t.scale_txt.reshape(()))
+        t.scale_img, None if t.kind == "global" else t.scale_txt)            # 0-d (validate.check_scales)
     form = [float(TEMPERATURES.index(t.kind)), float(t.multiply_tau), float(rho), float(distill_weight)]
-    return (wdsum, h, h_ds, u_new.detach(), None if wsum is None else wsum.detach(), s_img, s_txt, *as_args(tiles),
-            *as_args(weights), form, backend)
+    return (wdsum, h, h_ds, u_new, wsum, s_img, s_txt, *as_args(tiles), *as_args(weights), form, backend)
 
 
 def loss(backend: str, wdsum: torch.Tensor, tiles: TileInputs, weights: Weights, **form) -> torch.Tensor:

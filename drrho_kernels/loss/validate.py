@@ -74,8 +74,12 @@ def check_all_finite(**tensors) -> None:
     """:func:`check_finite` of every named tensor (None: absent) with one read of the host: the sum of their
     norms is finite exactly when every entry is, unless finite values overflow it; only then, or when one
     is not finite, each tensor is checked by itself to name it (a small step's checks cost one op, not 24)."""
-    given = [x.detach() for x in tensors.values() if x is not None and _data_checks_enabled(x)]
-    if given and not math.isfinite(float(torch.stack(torch._foreach_norm(given)).sum())):
+    given = [x for x in tensors.values() if x is not None and _data_checks_enabled(x)]
+    if not given:
+        return
+    with torch.no_grad():
+        total = float(torch.stack(torch._foreach_norm(given)).sum())
+    if not math.isfinite(total):
         for name, x in tensors.items():
             if x is not None:
                 check_finite(name, x)
@@ -99,6 +103,12 @@ def _check_pair(name_a: str, a, name_b: str, b):
     if (a is None) != (b is None):
         given, missing = (name_a, name_b) if a is not None else (name_b, name_a)
         raise ValueError(f"{given} and {missing}: expected both or neither, got {given} without {missing}")
+
+
+def _constant(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` detached, in ``dtype``; itself when it is already (no op: a small step's time is its ops)."""
+    x = x.detach() if x.requires_grad else x
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _check_rows(name: str, x: torch.Tensor, rows: int, width: int, width_name: str) -> None:
@@ -127,7 +137,7 @@ def check_logit_scale(logit_scale, device: torch.device, dtype: torch.dtype, nam
         value = logit_scale.item()
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name}: expected a finite value > 0 (s = 1/tau), got {value!r}")
-    return logit_scale.reshape(())
+    return logit_scale if logit_scale.dim() == 0 else logit_scale.reshape(())
 
 
 def check_scales(logit_scale, device: torch.device, dtype: torch.dtype, multiply_tau) -> Temperature:
@@ -276,7 +286,7 @@ def check_rows(img, txt, logit_scale, u_img, u_txt, options: LossOptions, *, ref
         ref_img = _check_reference("ref_img", ref_img, batch, None, img, "dr")
         ref_txt = _check_reference("ref_txt", ref_txt, batch, ref_img.shape[1], img, "dr of ref_img")
         # The reference model gets no gradient and is computed in the embeddings' precision.
-        ref_img, ref_txt = (r.detach().to(img.dtype) for r in (ref_img, ref_txt))
+        ref_img, ref_txt = (_constant(r, img.dtype) for r in (ref_img, ref_txt))
     if options.tau is None:
         if tau_state is not None:       # per-sample temperatures need their hyper-parameters
             raise TypeError(f"tau_options: expected a TauOptions, got {_describe(None)}")
@@ -391,26 +401,34 @@ def check_index(index, batch: int, data_size: int) -> torch.Tensor:
         raise ValueError(f"index: expected shape ({batch},) (one dataset index per row of img), "
                          f"got {_describe(index)}")
     if _data_checks_enabled(index) and index.numel() > 0:
-        ordered = np.sort(index.numpy())                # host data, read in place; its ends are the range
-        lo, hi = int(ordered[0]), int(ordered[-1])
+        lo, hi, repeats = range_and_repeats(index)
         if lo < 0 or hi >= data_size:
             bad = lo if lo < 0 else hi
             raise IndexError(f"index: expected dataset indices in [0, {data_size}) (data_size), got {bad}")
-        if (ordered[1:] == ordered[:-1]).any():
+        if repeats:
             raise ValueError("index: expected distinct dataset indices within a batch (each sample has "
                              "one u entry), got repeated indices")
     return index.long()
 
 
-def _repeats(index: torch.Tensor) -> bool:
-    """Whether a host index holds a value twice (NumPy, on the tensor's own memory)."""
+SMALL_INDEX = 512
+
+
+def range_and_repeats(index: torch.Tensor) -> tuple[int, int, bool]:
+    """``(min, max, whether a value repeats)`` of a non-empty host index, read on the host with no aten op: in
+    Python up to ``SMALL_INDEX`` entries, in NumPy above. Measured here (one thread): at 64 entries inside a
+    module step the Python check takes 10 us and NumPy's sort 30 us (code the step runs nowhere else, cold
+    in the caches), at 32768 entries 2.4 ms against 0.18 ms."""
+    if index.numel() <= SMALL_INDEX:
+        values = index.tolist()
+        return min(values), max(values), len(set(values)) != len(values)
     ordered = np.sort(index.numpy())
-    return bool((ordered[1:] == ordered[:-1]).any())
+    return int(ordered[0]), int(ordered[-1]), bool((ordered[1:] == ordered[:-1]).any())
 
 
 def check_global_index(index_all: torch.Tensor, rank: int) -> None:
     """The gathered indices of the global batch (host copies) are distinct: each sample has one state entry."""
-    if _data_checks_enabled(index_all) and _repeats(index_all):
+    if _data_checks_enabled(index_all) and index_all.numel() and range_and_repeats(index_all)[2]:
         raise ValueError("index: expected distinct dataset indices across the global batch (each sample "
                          "has one u entry), got a sample on more than one rank or twice "
                          f"(raised on every rank; this is rank {rank})")
