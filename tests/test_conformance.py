@@ -169,19 +169,26 @@ def rounded(case: Case, dtype) -> Case:
     return dataclasses.replace(case, **{k: r(getattr(case, k)) for k in EMBEDDINGS})
 
 
-def run(case: Case, backend: str, dtype, *, column_grads=True, loss_scale=1.0) -> dict:
-    """Loss, new state and every gradient through the public API (float64 NumPy), and their dtypes."""
+def on_device(case: Case, backend: str, dtype, *, column_grads=True, leaves=True):
+    """``(kwargs of the public call, the leaves with gradient, the state dtype)`` of the case on the backend's
+    device: embeddings in ``dtype``, ``u`` in the accumulation dtype, the rows (and columns) as leaves."""
     device = DEVICES[backend]
     kw = case.kwargs(dtype=dtype)
     for k in EMBEDDINGS:
         if kw[k] is not None:
             kw[k] = kw[k].to(device)
-    leaves = ["img", "txt"] + (["img_all", "txt_all"] if column_grads and kw["img_all"] is not None else [])
-    for k in leaves:
+    names = ["img", "txt"] + (["img_all", "txt_all"] if column_grads and kw["img_all"] is not None else [])
+    for k in names if leaves else ():
         kw[k].requires_grad_(True)
-    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    kw["u_img"], kw["u_txt"] = (kw[k].to(device=device, dtype=state_dtype) for k in ("u_img", "u_txt"))
-    s = torch.tensor(float(case.logit_scale), dtype=state_dtype, device=device, requires_grad=True)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    kw["u_img"], kw["u_txt"] = (kw[k].to(device=device, dtype=acc) for k in ("u_img", "u_txt"))
+    return kw, (names if leaves else []), acc
+
+
+def run(case: Case, backend: str, dtype, *, column_grads=True, loss_scale=1.0) -> dict:
+    """Loss, new state and every gradient through the public API (float64 NumPy), and their dtypes."""
+    kw, leaves, state_dtype = on_device(case, backend, dtype, column_grads=column_grads)
+    s = torch.tensor(float(case.logit_scale), dtype=state_dtype, device=DEVICES[backend], requires_grad=True)
     loss, u_img, u_txt = dk.drrho_clip_loss(logit_scale=s, backend=backend, **kw)
     (loss * loss_scale).backward()
     out = dict(loss=loss.item(), u_img=u_img, u_txt=u_txt, d_s=s.grad.item() / loss_scale,
@@ -451,15 +458,7 @@ FORM_CASES = ["single-ref-B6-d5", "single-B37-d40-dr23", "single-s100", "single-
 def run_form(case: Case, backend: str, dtype, form: str, s_txt: float | None):
     """``run`` for a global temperature form: ``form`` "no_multiply_tau" or "per_direction" (``s_txt``)."""
     device = DEVICES[backend]
-    kw = case.kwargs(dtype=dtype)
-    for k in EMBEDDINGS:
-        if kw[k] is not None:
-            kw[k] = kw[k].to(device)
-    leaves = ["img", "txt"] + (["img_all", "txt_all"] if kw["img_all"] is not None else [])
-    for k in leaves:
-        kw[k].requires_grad_(True)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    kw["u_img"], kw["u_txt"] = (kw[k].to(device=device, dtype=acc) for k in ("u_img", "u_txt"))
+    kw, leaves, acc = on_device(case, backend, dtype)
     scales = [torch.tensor(float(v), dtype=acc, device=device, requires_grad=True)
               for v in ((case.logit_scale, s_txt) if form == "per_direction" else (case.logit_scale,))]
     loss, u_img, u_txt = dk.drrho_clip_loss(logit_scale=tuple(scales) if len(scales) == 2 else scales[0],
@@ -602,15 +601,7 @@ def test_distillation_matches_oracle(backend, name, multiply_tau, dtype):
     weight, teacher = 0.7, 50.0
     want = sogclr_oracle(case, multiply_tau=multiply_tau, distill_weight=weight, teacher_scale=teacher)
     device = DEVICES[backend]
-    kw = case.kwargs(dtype=dtype)
-    for k in EMBEDDINGS:
-        if kw[k] is not None:
-            kw[k] = kw[k].to(device)
-    leaves = ["img", "txt"] + (["img_all", "txt_all"] if kw["img_all"] is not None else [])
-    for k in leaves:
-        kw[k].requires_grad_(True)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    kw["u_img"], kw["u_txt"] = (kw[k].to(device=device, dtype=acc) for k in ("u_img", "u_txt"))
+    kw, leaves, acc = on_device(case, backend, dtype)
     s = torch.tensor(float(case.logit_scale), dtype=acc, device=device, requires_grad=True)
     loss, u_img, _ = dk.drrho_clip_loss(logit_scale=s, backend=backend, multiply_tau=multiply_tau,
                                         distill_weight=weight, distill_scale=teacher, **kw)
@@ -634,13 +625,7 @@ def test_per_sample_outputs_match_oracle(backend, name, dtype):
     from family_oracle import per_sample_oracle
     case = rounded(CASES[name](), dtype)
     want = per_sample_oracle(case, teacher_scale=100.0)
-    device = DEVICES[backend]
-    kw = case.kwargs(dtype=dtype)
-    for k in EMBEDDINGS:
-        if kw[k] is not None:
-            kw[k] = kw[k].to(device)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    kw["u_img"], kw["u_txt"] = (kw[k].to(device=device, dtype=acc) for k in ("u_img", "u_txt"))
+    kw, _, acc = on_device(case, backend, dtype, leaves=False)
     out = dk.drrho_clip_loss(logit_scale=float(case.logit_scale), backend=backend, return_per_sample=True, **kw)
     plain = dk.drrho_clip_loss(logit_scale=float(case.logit_scale), backend=backend, **kw)
     assert out.loss.item() == pytest.approx(plain[0].item(), rel=1e-12, abs=1e-12)   # the loss does not change
