@@ -1,8 +1,6 @@
-"""Ahead-of-time compilation report of the Triton kernels, no GPU needed (docs/RESULTS.md, "Compiled ahead of
-time"): each variant of ``kernels.VARIANTS`` at each candidate tile (``--default-tiles``: the first only), dtype,
-width and target compiled by ``triton.compile``; from the binaries registers, spills, shared memory / LDS, the
-matrix instructions, the float32 dot precision, occupancy; ``problems`` says what fails. No TRITON_INTERPRET."""
-from __future__ import annotations
+"""Ahead-of-time compilation report, no GPU: each variant of ``kernels.VARIANTS`` at each candidate tile, dtype,
+width and target compiled by ``triton.compile``; registers, spills, shared memory, matrix instructions, float32 dot
+precision and occupancy read from the binaries; ``problems``: what fails (docs/RESULTS.md, "Compiled ahead of time")."""
 
 import argparse
 import concurrent.futures as cf
@@ -22,8 +20,7 @@ _INTS = {"B", "N", "offset", "n_groups", "n_splits", "panel_cols", "part_cols", 
 
 
 def jobs(archs, variants=tuple(K.VARIANTS), dtypes=("bf16", "fp16", "fp32"), widths=WIDTHS, default_tiles=False):
-    """``(variant, dtype, arch, tiles, d, dr)`` to compile: every candidate (or the first), once with d = dr = None
-    for a kernel without widths."""
+    """``(variant, dtype, arch, tiles, d, dr)`` to compile (d = dr = None: a kernel without widths)."""
     out = []
     for name in variants:
         v = K.VARIANTS[name]
@@ -40,7 +37,7 @@ def _cuobjdump() -> str:
 
 
 def dot_precisions(ttir: str) -> list[str]:
-    """The ``inputPrecision`` of every ``tt.dot`` (unprinted: the default, ieee), sorted, deduplicated."""
+    """The ``inputPrecision`` of every ``tt.dot`` (unprinted: ieee), sorted, deduplicated."""
     return sorted({(re.search(r"inputPrecision = (\w+)", line) or [None, "ieee"])[1]
                    for line in ttir.splitlines() if re.search(r"\btt\.dot\b", line)})
 
@@ -95,9 +92,8 @@ def compile_one(job) -> dict:
 
 
 def problems(row: dict) -> list[str]:
-    """What fails in one row: no compile, spills to memory (AMD: VGPRs parked in AGPRs, a register move,
-    are allowed), shared memory / LDS over the limit, registers that do not fit the workgroup, no matrix
-    instruction in a kernel with a dot, float32 dots at another precision than the launcher's."""
+    """What fails in one row: no compile, spills to memory (AMD: VGPRs parked in AGPRs allowed), shared memory over
+    the limit, registers over the workgroup's, no matrix instruction, float32 dots not at the launcher's precision."""
     if "error" in row:
         return [row["error"]]
     arch = K.parse_arch(row["arch"])
@@ -117,7 +113,7 @@ def problems(row: dict) -> list[str]:
 
 
 def unavailable(arch) -> str | None:
-    """Why this Triton cannot compile (and read the binaries) for ``arch``; None when it can."""
+    """Why this Triton cannot compile for ``arch`` and read the binary; None when it can."""
     from triton.backends import backends
     vendor = "amd" if K.HW[arch].amd else "nvidia"
     if vendor not in backends:
@@ -164,13 +160,13 @@ def main(argv=None) -> int:
     for out, group in groups.items():
         if group := [a for a in group if a in archs and a not in missing]:
             report = run(jobs(group, args.variants, args.dtypes, widths, args.default_tiles), args.workers)
-            print(f"triton {report['triton']}: {report['compiles']} compiles in {report['wall_s']} s")
             for r in report["rows"]:
-                print(f"{r['kernel']:<26}{r['D'] or '-':>5} {r['dtype']:<5}{r['arch']:<7}{r['config']:<38}" + (
-                    f"{r.get('registers', '-'):>4} regs {r.get('spill_bytes', '-'):>3} spill "
-                    f"{r.get('shared_bytes', 0) / 1024:6.1f} KiB {r.get('programs_per_unit', '-')}/SM  ")
-                    + "; ".join(r["problems"]))
-            print(f"written {harness.write_json(out, report)}")
+                print(f"{r['kernel']:<26}{r['D'] or '-':>5} {r['dtype']:<5}{r['arch']:<7}{r['config']:<38}"
+                      f"{r.get('registers', '-'):>4} regs {r.get('spill_bytes', '-'):>3} spill "
+                      f"{r.get('shared_bytes', 0) / 1024:6.1f} KiB {r.get('programs_per_unit', '-')}/SM  "
+                      + "; ".join(r["problems"]))
+            print(f"triton {report['triton']}: {report['compiles']} compiles in {report['wall_s']} s, written "
+                  f"{harness.write_json(out, report)}")
             bad |= any(r["problems"] for r in report["rows"])
     return int(bad)
 

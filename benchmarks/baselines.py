@@ -1,7 +1,5 @@
-"""The baselines: :func:`unfused_drrho_loss`, the loss as the authors' ``SogCLRLoss.forward`` computes it
-(Optimization-AI/DRRho-CLIP, rewritten from their sequence of operations, no code copied: a dozen ``[B, N]``
-matrices and autograd), and :func:`clip_cross_entropy`, open_clip's CLIP loss (the GEMM floor: ``steps.Floor``)."""
-from __future__ import annotations
+"""The baselines: the loss as the authors' ``SogCLRLoss`` computes it (their sequence of operations rewritten, no
+code copied: a dozen ``[B, N]`` matrices and autograd) and open_clip's CLIP loss."""
 
 import math
 
@@ -12,12 +10,10 @@ import torch.nn.functional as F
 def unfused_drrho_loss(img, txt, logit_scale, u_img, u_txt, ref_img=None, ref_txt=None, *, img_all=None,
                        txt_all=None, ref_img_all=None, ref_txt_all=None, offset=0, gamma=0.8, eps=1e-14,
                        rho=8.0):
-    """``(loss, u_img_new, u_txt_new)`` as ``SogCLRLoss`` with ``multiply_tau``; the columns default to the rows
-    (one process), else the rows are compared with the gathered global batch as in their distributed forward."""
-    img_all = img if img_all is None else img_all
-    txt_all = txt if txt_all is None else txt_all
-    ref_img_all = ref_img if ref_img_all is None else ref_img_all
-    ref_txt_all = ref_txt if ref_txt_all is None else ref_txt_all
+    """``(loss, u_img_new, u_txt_new)`` as ``SogCLRLoss`` with ``multiply_tau``; the columns (the gathered global
+    batch) default to the rows (one process)."""
+    img_all, txt_all, ref_img_all, ref_txt_all = (a if b is None else b for a, b in (
+        (img, img_all), (txt, txt_all), (ref_img, ref_img_all), (ref_txt, ref_txt_all)))
     B, N = img.shape[0], img_all.shape[0]
     sim_image = img @ txt_all.T
     sim_text = txt @ img_all.T
@@ -58,7 +54,7 @@ def unfused_drrho_loss(img, txt, logit_scale, u_img, u_txt, ref_img=None, ref_tx
 
 
 def clip_cross_entropy(img, txt, logit_scale):
-    """open_clip's ClipLoss in one process: mean of the two cross-entropies of ``s x t^T``."""
+    """open_clip's ClipLoss in one process."""
     logits = logit_scale * img @ txt.T
     labels = torch.arange(img.shape[0], device=img.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2

@@ -1,8 +1,6 @@
-"""Analytic cost of one DRRho-CLIP step (forward + backward) on a GPU, no timing: the fused Triton kernels
-(``kernels.VARIANTS`` as the launcher runs them, with and without the column split), the unfused loss (the
-authors' sequence, also under autocast) and the GEMM floor: FLOPs, exponentials, HBM bytes, launches and a
-modelled time (docs/RESULTS.md, "The cost model"). ``python -m benchmarks.cost_model`` -> results/cost_model.json."""
-from __future__ import annotations
+"""Modelled cost of one DRRho-CLIP forward + backward on an H100, no timing: our Triton kernels (with and without
+the column split), the unfused loss (also under autocast) and the GEMM floor: FLOPs, exponentials, HBM bytes,
+launches, time in waves (docs/RESULTS.md, "The cost model"). -> results/cost_model.json"""
 
 import argparse
 import functools
@@ -16,9 +14,7 @@ from . import kernels as K
 
 F32 = 4
 DISTILL_EXPS = 2     # per score and direction: exp(s <x, T>) of the student, exp(t_d <xr, Tr>) of the teacher
-# One kernel launch back to back on an H100: a few microseconds of launch latency (NVIDIA's CUDA Graphs
-# blog, "Getting Started with CUDA Graphs", measures ~3-4 us per short kernel); an assumption, not measured.
-LAUNCH_S = 4e-6
+LAUNCH_S = 4e-6     # per launch, an assumption (~3-4 us in NVIDIA's "Getting Started with CUDA Graphs")
 OCCUPANCY = harness.RESULTS_DIR / "triton_aot_default_tiles_sm90_3.9.0.json"
 _PROXY = dict(B=6, N=14, d=5, dr=9)     # distinct values: every tensor dimension names its symbol
 
@@ -32,9 +28,8 @@ def _occupancy() -> dict:
 
 
 def wave_time(programs: int, per_sm: int, sms: int, t_bound: float) -> float:
-    """Seconds of a kernel whose ``programs`` would take ``t_bound`` on the whole GPU: ``ceil(programs / (sms x
-    per_sm))`` waves (the tail counted whole), each as long as the busiest SM's programs (``per_sm``, fewer in a
-    single wave with fewer programs) take at its share of the GPU's rates."""
+    """Seconds of ``programs`` that take ``t_bound`` on the whole GPU: its waves (the tail counted whole), each as
+    long as the busiest SM's programs take at its share of the GPU's rates."""
     return K._cdiv(programs, sms * per_sm) * min(per_sm, K._cdiv(programs, sms)) * sms / programs * t_bound
 
 
@@ -49,9 +44,8 @@ def _roofline(flops, hbm_bytes, exps, dtype, arch=90) -> dict:
 
 
 def _launch(role, v, s, t, *, exps_per_score=1, hbm_bytes, ppu=None, launches=1, **extra):
-    """FLOPs (tensor-core, executed), exponentials, HBM bytes and modelled time of one launch of variant ``v``
-    (``v`` None: torch operations filling the GPU, ``launches`` of them); ``hbm_bytes(waves)`` counts the inner
-    vectors once per wave of resident row programs (a split's parts share the inner vectors out)."""
+    """Executed FLOPs, exponentials, HBM bytes (``hbm_bytes(waves)``) and time of one launch of variant ``v`` (None:
+    ``launches`` torch operations filling the GPU)."""
     dt = {v: k for k, v in K.DTYPES.items()}[s.dtype]
     units, grid = K.HW[s.arch].units, v.grid(s, t) if v else (K.HW[s.arch].units,)
     has_d = v is not None and "D" in v.fn.arg_names
@@ -70,12 +64,9 @@ def _launch(role, v, s, t, *, exps_per_score=1, hbm_bytes, ppu=None, launches=1,
 
 def triton_kernels(B, N, d, dr=None, dtype="bfloat16", ref=True, column_grads=None, arch=90,
                    programs_per_sm=None, tiles=None, distill=False, split=True):
-    """Per-launch costs of one forward + backward. ``column_grads`` (default ``N != B``): the scheme that gathers
-    with gradient (row kernel without fold + column kernel); else the row kernel folds the column anchors' terms
-    (``gather_u``; one process). ``tiles``: ``{"fwd" | "fwdt" | "bwd": Tiles}`` instead of the default (first)
-    candidates; ``programs_per_sm``: instead of the occupancy; ``split=False``: no column split. ``distill``
-    (needs ``ref``): the same products, ``DISTILL_EXPS`` more exponentials per score and the rows' two
-    log-sum-exps per direction as extra per-row vectors."""
+    """Per-launch costs of one forward + backward. ``column_grads`` (default ``N != B``): row and column kernels,
+    else the row kernel folds the columns' terms; ``tiles``: ``{"fwd" | "fwdt" | "bwd": Tiles}`` instead of the
+    first candidates; ``split=False``: no column split; ``distill`` (needs ``ref``): more exponentials and vectors."""
     if distill and not ref:
         raise ValueError("distill: the teacher is the reference model (ref=True)")
     extra, nstat = DISTILL_EXPS * distill, 12 if distill else 3
@@ -93,9 +84,8 @@ def triton_kernels(B, N, d, dr=None, dtype="bfloat16", ref=True, column_grads=No
     epilogue = _trace("ours", "float32", ref, N != B, distill=distill)
     ks = [_launch("epilogue (torch)", None, s, None, launches=len(epilogue), hbm_bytes=lambda w: 0)]
     if N == B and not column_grads and K.tiles.transposed_forward_runs(s.dtype, arch, distill):
-        # margins, then each score tile once for both directions (two exps per score), then the merge. HBM: the
-        # columns once (a group's panel is shared in L2), the rows once per panel, scale [2, B] and margins [B],
-        # the partials written once and read by the merge; the slots' read-modify-writes stay in L2
+        # margins, each score tile once for both directions, the merge. HBM: the columns once (a panel is shared in
+        # L2), the rows once per panel, scale and margins, the partials written and merged
         plan, tt = K.plan(s, v["fwd_t"]), tile(v["fwd_t"])
         n_panels = K._cdiv(K._cdiv(K._cdiv(B, tt.BN), plan.groups), max(1, plan.panel_cols // tt.BN))
         partial = plan.partial_bytes(B)
@@ -113,9 +103,8 @@ def triton_kernels(B, N, d, dr=None, dtype="bfloat16", ref=True, column_grads=No
             merge = "fwd_merge_extra" if distill else "fwd_merge"
             ks.append(launch(merge, K.VARIANTS[merge], hbm_bytes=lambda w: F32 * 2 * nstat * B * (parts + 1)))
         ks.append(_launch("fwd_positives", None, s, None, hbm_bytes=lambda w: 2 * vec(B) + 2 * F32 * B))
-    # the backward: per row scale, norm, gain, wsum [2, B] and margins [B]; a fold's columns (one process: the
-    # rows' own) scale, norm, gain [2, N], margins [N]; each d-slice program re-reads its outer rows, the partner
-    # rows once per slice in the epilogue. Split: float32 partials [S, n, d] summed (and cast) by torch
+    # backward: per-row vectors (a fold: the columns' too); each d-slice re-reads its outer rows, the inner ones
+    # once per wave; split: float32 partials [S, n, d] summed (and cast) by torch
     for role, n_out, n_in in (("bwd_row", B, N), *((("bwd_col", N, B),) if column_grads else ())):
         fold = role == "bwd_row" and not column_grads
         var = v[role + "_fold" * fold]
@@ -135,8 +124,7 @@ def triton_kernels(B, N, d, dr=None, dtype="bfloat16", ref=True, column_grads=No
 
 
 def triton_cost(B, N, d, dr=None, dtype="bfloat16", ref=True, column_grads=None, arch=90, **kw) -> dict:
-    """Totals, per-launch costs and the modelled time ``t_s`` of one fused forward + backward (``t_bound_s``:
-    the totals' roofline, no waves or launches)."""
+    """Totals, per-launch costs and time ``t_s`` of one fused step (``t_bound_s``: the totals' roofline)."""
     ks = triton_kernels(B, N, d, dr, dtype, ref, column_grads, arch, **kw)
     flops, hbm, exps = (sum(k[f] for k in ks) for f in ("flops", "hbm_bytes", "exps"))
     return dict(impl="triton", flops=flops, hbm_bytes=hbm, exps=exps, kernels=ks, t_s=sum(k["t_s"] for k in ks),
@@ -144,9 +132,7 @@ def triton_cost(B, N, d, dr=None, dtype="bfloat16", ref=True, column_grads=None,
 
 
 def floor_cost(B, N, d, dr=None, dtype="bfloat16", ref=True, column_grads=None) -> dict:
-    """The GEMM floor (``steps.Floor``) and the compulsory traffic: per distinct score matrix (one in one process,
-    two for a shard) the similarities, their recomputation and the two weighted products; the scheme that
-    gathers ``u`` needs no column product. Every input read once per pass, gradients written once."""
+    """The GEMM floor (``steps.Floor``; ``gather_u``: no column product) and the compulsory traffic."""
     dr_eff = (d if dr is None else dr) if ref else 0
     column_grads = (N != B) if column_grads is None else column_grads
     elem = getattr(torch, dtype).itemsize
@@ -163,10 +149,8 @@ def floor_cost(B, N, d, dr=None, dtype="bfloat16", ref=True, column_grads=None) 
 
 @functools.lru_cache(maxsize=None)
 def _trace(kind: str, dtype: str, ref: bool, distributed: bool, autocast: str | None = None, distill=False):
-    """Aten operations (each a launch) of one forward + backward at the proxy shape: ``(op, reads, writes, mm)``
-    with ``(symbols, itemsize)`` per tensor; views move no data, a broadcast (stride 0) dimension is not read.
-    ``kind`` "unfused": ``baselines.unfused_drrho_loss`` (CPU, under ``torch.autocast("cpu", autocast)``);
-    "ours": ``drrho_clip_loss`` on meta tensors (no value checks, as on a GPU) with its fused ops left out."""
+    """Aten operations (each a launch) of a step at the proxy shape, ``(op, reads, writes, mm)``, tensors as
+    ``(symbols, itemsize)``: ``baselines.unfused_drrho_loss`` ("unfused") or our epilogue ("ours", on meta tensors)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from . import baselines, steps
@@ -209,8 +193,7 @@ def _trace(kind: str, dtype: str, ref: bool, distributed: bool, autocast: str | 
 
 
 def unfused_cost(B, N, d, dr=None, dtype="bfloat16", ref=True, autocast=None) -> dict:
-    """FLOPs, HBM bytes, launches and modelled time of ``baselines.unfused_drrho_loss`` forward + backward at
-    this shape, on ``dtype`` inputs under ``autocast`` (None: none)."""
+    """FLOPs, HBM bytes, launches and time of ``baselines.unfused_drrho_loss`` on ``dtype`` inputs under ``autocast``."""
     real = dict(B=B, N=N, d=d, dr=d if dr is None else dr)
     size = lambda syms: math.prod(real.get(s, s) if isinstance(s, str) else s for s in syms)  # noqa: E731
     ops = _trace("unfused", dtype, ref, N != B, autocast)
@@ -230,14 +213,13 @@ SHAPES = tuple(dict(B=B, N=N, d=d, dr=dr, **({} if grads else dict(column_grads=
 
 
 def report(shapes=SHAPES, dtypes=("bfloat16", "float32")) -> dict:
-    """Per shape and dtype: ours (split and not), with distillation, the unfused loss in the dtype and, beside
-    bfloat16, on float32 inputs under bfloat16 autocast (the authors' sequence as their training runs it)."""
+    """Per shape and dtype: ours (split and not), the floor, the unfused loss in the dtype and (bfloat16) on float32
+    inputs under bfloat16 autocast (the authors' sequence as their training runs it)."""
     rows = []
     for shape, dtype in ((s, t) for s in shapes for t in dtypes):
         plain = {k: shape[k] for k in ("B", "N", "d", "dr")}
         rows.append(dict(shape=shape, dtype=dtype, triton=triton_cost(**shape, dtype=dtype),
                          triton_unsplit=triton_cost(**shape, dtype=dtype, split=False),
-                         triton_distill=triton_cost(**shape, dtype=dtype, distill=True),
                          unfused=unfused_cost(**plain, dtype=dtype), floor=floor_cost(**shape, dtype=dtype),
                          **({"unfused_autocast": unfused_cost(**plain, dtype="float32", autocast=dtype)}
                             if dtype == "bfloat16" else {})))
@@ -245,8 +227,8 @@ def report(shapes=SHAPES, dtypes=("bfloat16", "float32")) -> dict:
 
 
 def markdown(rep: dict) -> str:
-    """Every shape and dtype: modelled H100 time of ours after and before the column split, its ratios to the
-    floor, the unfused loss and (bfloat16) the authors' sequence under autocast; **bold**: slower than theirs."""
+    """Per shape and dtype: our time after and before the split, its ratios to the floor and the unfused loss (also
+    under autocast); **bold**: slower than theirs."""
     out = []
     for r in rep["rows"]:
         s, tri = r["shape"], r["triton"]
@@ -257,22 +239,16 @@ def markdown(rep: dict) -> str:
         waves = "/".join(str(k["waves"]) for k in tri["kernels"] if k["tiles"])
         out.append([shape, r["dtype"], f"{tri['t_s'] * 1e3:.3f} ms ({tri['bound_by']}; waves {waves})",
                     f"{r['triton_unsplit']['t_s'] * 1e3:.3f} ms", cell["floor"], cell["unfused"],
-                    cell.get("unfused_autocast", "-"), f"{r['triton_distill']['t_s'] / tri['t_s']:.2f}x"])
+                    cell.get("unfused_autocast", "-")])
     return harness.markdown(["shape", "dtype", "Triton, modelled (bound; waves per kernel)", "before the split",
-                             "/ GEMM floor", "/ unfused loss", "/ authors' under autocast", "with distillation"], out)
+                             "/ GEMM floor", "/ unfused loss", "/ authors' under autocast"], out)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=harness.RESULTS_DIR / "cost_model.json")
-    parser.add_argument("--markdown", action="store_true", help="the table only (default: each launch too)")
     args, rep = parser.parse_args(argv), report()
-    for r in [] if args.markdown else rep["rows"]:
-        print(r["shape"], r["dtype"], *(f"\n  {k['kernel']} {k['tiles']} grid {k['grid']}: {k['programs_per_sm']}/SM, "
-                                       f"{k['waves']} waves, {k['t_s'] * 1e6:.1f} us ({k['bound_by']})"
-                                       for k in r["triton"]["kernels"]))
-    print(markdown(rep))
-    print(f"written {harness.write_json(args.out, rep)}")
+    print(f"{markdown(rep)}\nwritten {harness.write_json(args.out, rep)}")
     return 0
 
 

@@ -1,7 +1,5 @@
-"""The one description of the Triton kernels and of the GPUs they target, for the static tools (``aot_report``,
-``cost_model``): ``VARIANTS``, each kernel variant as the launchers run it (jit function, path flags, tiles,
-grid, score tiles, column parts), ``PATHS``, the variants of each path of a step, ``HW``, the targets' facts."""
-from __future__ import annotations
+"""The Triton kernels and their GPUs for the static tools: ``VARIANTS``, each kernel variant as the launchers run
+it; ``PATHS``, the variants of each path of a step; ``HW``, the targets' facts."""
 
 from collections import namedtuple
 from dataclasses import dataclass
@@ -31,18 +29,16 @@ class Hardware(namedtuple("Hardware", "name units lanes smem_per_block smem_per_
 # bytes/s, L2 MiB, clock, the matrix instruction in the compiled code. MI250X: both GCDs (a ROCm device: one, half).
 HW = {arch: Hardware(name, units, lanes, smem * KiB, unit_smem * KiB, regs, warps, *peaks, hbm, l2 * MiB, clock, instr)
       for arch, (name, units, lanes, smem, unit_smem, regs, warps, peaks, hbm, l2, clock, instr) in {
-          80: ("A100 SXM (dense)", 108, 32, 163, 164, 65536, 64, (19.5e12, 156e12, 312e12), 2.039e12, 40, 1.41e9,
-               "mma.sync"),
-          90: ("H100 SXM (dense)", 132, 32, 227, 228, 65536, 64, (66.9e12, 494.7e12, 989.4e12), 3.35e12, 50, 1.83e9,
-               "wgmma.mma_async"),
-          100: ("B200 HGX (dense)", 148, 32, 227, 228, 65536, 64, (80e12, 1100e12, 2250e12), 8e12, 126, 1.965e9,
-                "tcgen05.mma"),
-          "gfx90a": ("MI250X (dense, both GCDs)", 220, 64, 64, 64, 512, 8, (95.7e12, None, 383.0e12), 3.2768e12, 16,
-                     1.7e9, "v_mfma"),
-          "gfx942": ("MI300X (dense)", 304, 64, 64, 64, 512, 8, (163.4e12, 653.7e12, 1307.4e12), 5.3e12, 32, 2.1e9,
-                     "v_mfma"),
-          "gfx950": ("MI355X (dense)", 256, 64, 160, 160, 512, 8, (157.3e12, None, 2516.6e12), 8e12, 32, 2.4e9,
-                     "v_mfma")}.items()}
+    80: ("A100 SXM (dense)", 108, 32, 163, 164, 65536, 64, (19.5e12, 156e12, 312e12), 2.039e12, 40, 1.41e9, "mma.sync"),
+    90: ("H100 SXM (dense)", 132, 32, 227, 228, 65536, 64, (66.9e12, 494.7e12, 989.4e12), 3.35e12, 50, 1.83e9,
+         "wgmma.mma_async"),
+    100: ("B200 HGX (dense)", 148, 32, 227, 228, 65536, 64, (80e12, 1100e12, 2250e12), 8e12, 126, 1.965e9,
+          "tcgen05.mma"),
+    "gfx90a": ("MI250X (dense, both GCDs)", 220, 64, 64, 64, 512, 8, (95.7e12, None, 383.0e12), 3.2768e12, 16, 1.7e9,
+               "v_mfma"),
+    "gfx942": ("MI300X (dense)", 304, 64, 64, 64, 512, 8, (163.4e12, 653.7e12, 1307.4e12), 5.3e12, 32, 2.1e9, "v_mfma"),
+    "gfx950": ("MI355X (dense)", 256, 64, 160, 160, 512, 8, (157.3e12, None, 2516.6e12), 8e12, 32, 2.4e9, "v_mfma"),
+}.items()}
 FAMILIES = {"nvidia": (80, 90, 100), "amd": ("gfx90a", "gfx942", "gfx950")}
 
 
@@ -61,15 +57,14 @@ def target(arch):
 
 
 def fp32_dot_flops(arch, precision: str | None = None) -> float | None:
-    """Peak FLOP/s of float32 dots at ``precision`` (default: the one the launcher uses on ``arch``)."""
+    """Peak FLOP/s of float32 dots at ``precision`` (default: the launcher's on ``arch``)."""
     fmt, products = PRODUCTS[precision or launch.fp32_precision(arch)]
     peak = HW[arch].peak_flops[fmt]
     return None if peak is None else peak / products
 
 
 def occupancy(arch, registers: int, num_warps: int, shared: int) -> dict:
-    """Resident programs per SM / CU (``programs_per_unit``) from registers (VGPRs), shared memory (LDS)
-    and the warp (wave) slots, and what limits them."""
+    """Resident programs per SM / CU (``programs_per_unit``) from registers, shared memory and warp slots."""
     hw = HW[arch]
     if hw.amd:      # VGPRs in granules of 8; a workgroup's waves spread over the CU's 4 SIMDs
         by = {"lds": -(-(hw.smem_per_unit // shared if shared else 64) * num_warps // 4),
@@ -87,8 +82,7 @@ def occupancy(arch, registers: int, num_warps: int, shared: int) -> dict:
 
 @dataclass(frozen=True)
 class Shape:
-    """One step's launches: ``B`` rows against ``N`` columns, widths ``d`` and ``dr`` (0: no reference);
-    ``split`` False: ``tiles.column_splits`` forced to 1 (the kernels before the column split)."""
+    """One step: ``B`` rows against ``N`` columns, widths ``d``, ``dr`` (0: no reference); ``split``: column split."""
     B: int
     N: int
     d: int
@@ -121,7 +115,6 @@ class Variant:
         return tiles.candidates(self.kernel, d, dr, dtype, arch, self.flags)
 
     def constexprs(self, t, d, dr, dtype: torch.dtype, arch) -> dict:
-        """Every constexpr the launcher passes (those of the kernel only)."""
         c = dict(D=d, DR=dr, **self.flags, **t.meta(), **launch.dot_flags(dtype, arch), SCALE_P=dtype == torch.float16)
         return {k: v for k, v in c.items() if k in self.fn.arg_names}
 
@@ -129,7 +122,6 @@ class Variant:
         return self.grid_of(s, t, self)
 
     def parts(self, s: Shape, t) -> int:
-        """Into how many parts the launch cuts its columns (1: not split)."""
         return self.parts_of(self.grid(s, t)) if self.parts_of else 1
 
     def tile_flops(self, t, d: int, dr: int) -> tuple[int, int]:
@@ -139,20 +131,20 @@ class Variant:
 
 
 def plan(s: Shape, v: Variant | None = None) -> tiles.Plan:
-    """The one-process forward's plan on ``s.arch``, from the largest tiles of its path's candidates."""
+    """The one-process forward's plan on ``s.arch`` for its largest candidate tiles."""
     cands, hw = (v or VARIANTS["fwd_t"]).candidates(s.d, s.dr, s.dtype, s.arch), HW[s.arch]
     return tiles.transposed_plan(s.B, max(c.BM for c in cands), max(c.BN for c in cands),
                                  (s.d + s.dr) * s.dtype.itemsize, hw.units, hw.l2_bytes)
 
 
 def split_parts(s: Shape, is_row: bool, distill: bool) -> int:
-    """The backward's inner parts (``backward.backward_splits``; 1: the unsplit variant runs)."""
+    """The backward's inner parts (1: the unsplit variant runs)."""
     n_out, n_in = (s.B, s.N) if is_row else (s.N, s.B)
-    return backward.backward_splits(n_out, n_in, s.d, s.dr, s.dtype, distill, s.arch, HW[s.arch].units) if s.split else 1
+    return s.split and backward.backward_splits(n_out, n_in, s.d, s.dr, s.dtype, distill, s.arch, HW[s.arch].units) or 1
 
 
 def _forward(s, t, v):
-    """(row blocks, 2 directions, column parts: ``forward.forward_splits`` on this target)."""
+    """(row blocks, 2 directions, column parts)."""
     parts = forward.forward_splits(s.B, s.N, s.d, s.dr, s.dtype, v.flags["EXTRA"], s.arch, HW[s.arch].units)
     return (_cdiv(s.B, t.BM), 2, parts if s.split else 1)
 
@@ -164,8 +156,7 @@ def _backward(s, t, v):
 
 
 def _every_inner_block(s, t, v):
-    """Every outer block against every inner block (the column parts share them out), per direction and
-    output slice: N columns (forward, row kernel), B rows (column kernel)."""
+    """Score tiles: every outer block against every inner block, per direction and output slice."""
     (n_out, n_in), slices = (s.B, s.N) if v.flags.get("IS_ROW", True) else (s.N, s.B), _cdiv(s.d, t.BD) if t.BD else 1
     return _cdiv(n_out, t.BM) * 2 * slices * _cdiv(n_in, t.BN)
 
@@ -196,8 +187,7 @@ VARIANTS = {v.name: v for v in (
       for split in (False, True) for distill in (False, True)
       for side, fold in (("row", True), ("row", False), ("col", False))),
 )}
-# The variant of each kernel role on each path of a step: plain; per-sample outputs (the EXTRA forward);
-# distillation (EXTRA forward, DISTILL backward).
+# Each kernel role's variant on each path: plain, per-sample outputs (EXTRA forward), distillation (+ DISTILL backward)
 ROLES = ("fwd", "fwd_t_margin", "fwd_t", "fwd_t_merge", "bwd_row_fold", "bwd_row", "bwd_col")
 _EXTRA = ("fwd_extra", "fwd_t_margin", "fwd_t_extra", "fwd_t_merge_extra")
 PATHS = {"plain": dict(zip(ROLES, ROLES)), "per_sample": dict(zip(ROLES, _EXTRA + ROLES[4:])),

@@ -1,7 +1,5 @@
-"""The step factory: ``make_step(impl, B, N, ...) -> (step, output_bytes)`` of an implementation (``IMPLS``, or
-``<backend>/<variant>``: ``VARIANTS``, and "authors/jest"), shape, mode and autocast; N > B: one process of a
-distributed step (docs/RESULTS.md, "How the benchmarks measure")."""
-from __future__ import annotations
+"""``make_step(impl, B, N, ...) -> (step, output_bytes)``: one implementation's step (N > B: one process of a
+distributed step), for the sweep, the memory processes and the microbenchmarks."""
 
 import contextlib
 import os
@@ -30,8 +28,7 @@ def square_only(impl: str) -> bool:
 
 
 class Step:
-    """``loss(grad)``: a fresh forward (with autograd when ``grad``), on fresh leaves. ``step()`` runs the step;
-    ``step.prepare()`` the untimed part, returning what to time (mode ``backward``: the forward's ``backward``)."""
+    """``loss(grad)``: a fresh forward on fresh leaves; ``prepare()`` runs the untimed part, returns what to time."""
 
     def __init__(self, loss, mode: str):
         if mode not in MODES:
@@ -48,35 +45,29 @@ class Step:
 
 
 class Floor:
-    """The GEMM floor: per direction ``(rows, cols, ref_rows, ref_cols)`` the forward's similarities; its
-    ``backward()`` recomputes them and does the two weighted products ``P T``, ``P^T x``."""
+    """The GEMM floor: per direction the similarities; ``backward()`` recomputes them, does ``P T`` and ``P^T x``."""
 
     def __init__(self, directions):
         self.directions = directions
-        for d in directions:
-            self.similarities(*d)
+        self.backward(weighted=False)
 
-    @staticmethod
-    def similarities(rows, cols, ref_rows, ref_cols):
-        if ref_rows is not None:
-            ref_rows @ ref_cols.T
-        return rows @ cols.T
-
-    def backward(self):
+    def backward(self, weighted=True):
         for rows, cols, ref_rows, ref_cols in self.directions:
-            sim = self.similarities(rows, cols, ref_rows, ref_cols)
-            sim @ cols, sim.T @ rows
+            if ref_rows is not None:
+                ref_rows @ ref_cols.T
+            sim = rows @ cols.T
+            if weighted:
+                sim @ cols, sim.T @ rows
 
 
 def floor_gemm_count(B: int, N: int, ref: bool = True, mode: str = "forward_backward") -> int:
-    """``[B, d] x [d, N]`` products of the floor: per direction (one process: one, a shard: two) the forward's
-    similarities (2 with a reference, 1 without), the backward's recomputation and two weighted products."""
+    """``[B, d] x [d, N]`` products of the floor (a shard: both directions)."""
     forward, backward = (2, 4) if ref else (1, 3)
     return {"forward": forward, "backward": backward}.get(mode, forward + backward) * (1 if N == B else 2)
 
 
 def make_inputs(B, N, d, dr, dtype, ref, device, seed=0):
-    """The columns ``{img_all, txt_all[, ref_img_all, ref_txt_all]}`` (unit rows) and the rows' offset."""
+    """The columns ``{img_all, txt_all[, ref_img_all, ref_txt_all]}`` (unit rows), the rows' offset."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     widths = {"img_all": d, "txt_all": d, **({"ref_img_all": dr, "ref_txt_all": dr} if ref else {})}
     return {k: torch.nn.functional.normalize(torch.randn(N, w, generator=g), dim=1).to(device=device, dtype=dtype)
@@ -85,8 +76,7 @@ def make_inputs(B, N, d, dr, dtype, ref, device, seed=0):
 
 @contextlib.contextmanager
 def process_group_of_one():
-    """A process group the body opens (the authors' selection needs one) is destroyed on the way out, and
-    the environment variables of torch.distributed are left as they were."""
+    """A process group the body opens is destroyed after, torch.distributed's variables restored."""
     import torch.distributed as dist
     env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     had = dist.is_available() and dist.is_initialized()
@@ -101,8 +91,7 @@ def process_group_of_one():
 
 
 def _selection(backend, img, txt, ref_img, ref_txt):
-    """``dk.jest_select``, or (``backend`` "authors") their ``jointly_sample_batch_softmax`` in a process group
-    of one (an in-memory store), as their train.py runs it."""
+    """``dk.jest_select``, or (``backend`` "authors") theirs in a gloo group of one, as their train.py runs it."""
     if backend != "authors":
         import drrho_kernels as dk
         g = torch.Generator().manual_seed(0)
@@ -128,8 +117,7 @@ def _selection(backend, img, txt, ref_img, ref_txt):
 
 def make_step(impl: str, B: int, N: int, d: int = 512, dr: int = 512, dtype: str = "float32", ref: bool = True,
               device: str = "cpu", mode: str = "forward_backward", seed: int = 0, autocast: str | None = None):
-    """``(step, output_bytes)``, the inputs built once; ``autocast``: the forward under ``torch.autocast(device,
-    autocast)`` on ``dtype`` inputs, as a mixed-precision training step runs it."""
+    """``(step, output_bytes)``, the inputs built once; ``autocast``: the forward under it on ``dtype`` inputs."""
     if not known(impl):
         raise ValueError(f"impl: expected one of {IMPLS} or <backend>/<{'|'.join(VARIANTS)}>, got {impl!r}")
     distributed, (backend, _, variant) = N != B, impl.partition("/")

@@ -6,7 +6,6 @@ The tree (``git ls-files -co --exclude-standard``) is synced into a work directo
 anew) and the C++ extension built there with every C++ mutant compiled in as a schema (``drrho_mutant_on("<name>")
 ? <mutant> : <original>``, switched on by ``DRRHO_MUTANT``). A mutant's text must occur exactly once (else STALE).
 KILLED: its tests fail (``every``: all of them) and pass on the unmutated copy; SURVIVED: they pass; ERROR: else."""
-from __future__ import annotations
 
 import argparse
 import fnmatch
@@ -260,24 +259,20 @@ def main(argv=None) -> int:
     failure = build_cpp(work, [m for m in chosen if m.path.endswith(".cpp") and apply(ROOT, m, write=False)], log)
     log(failure or "")
     results = []
-    for m in chosen:
+    for i, m in enumerate(chosen, 1):            # the mutant, its bug, the result, the first failing test, its margin
         results.append((m, r := run_mutant(work, m, a.timeout, failure is None)))
-        log(f"  {m.name:34s} {r['status']:8s} {r.get('seconds', 0):5.0f} s  {r.get('killer', r.get('detail'))[:150]}")
+        log(f"{i:3d} {m.name} ({m.what}): {r['status']} in {r.get('seconds', 0):.0f} s, "
+            f"{r.get('killer') or r.get('detail', '').split(chr(10))[0]} {r.get('margin', '')}")
     kills = [r for _, r in results if r["status"] == "KILLED"]      # the killing tests on the unmutated copy
     ids = sorted({t for r in kills for t in r["killer"].split()})
     rc, out, failing, counts, seconds = run_pytest(work, ids, timeout=a.timeout) if ids else (0, "", [], {}, 0)
-    log(f"  confirmation: {len(ids)} killing tests on the unmutated copy in {seconds:.0f} s: {counts}")
+    log(f"confirmation: {len(ids)} killing tests on the unmutated copy in {seconds:.0f} s: {counts}")
     for r in kills:
         r["confirmed"] = rc in (0, 1) and not set(r["killer"].split()) & set(failing)
-    rows = [("#", "mutant", "the bug", "result", "killed by (first failing test)", "margin", "s")] + [
-        (str(i), m.name, m.what, r["status"] + " (UNCONFIRMED)" * (r.get("confirmed") is False),
-         r.get("killer") or r.get("detail", "").split("\n")[0], r.get("margin", ""), f"{r.get('seconds', 0):.0f}")
-        for i, (m, r) in enumerate(results, 1)]
-    widths = [max(len(row[c]) for row in rows) for c in range(7)]
-    log("\n" + "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows))
-    bad = [(m, r) for m, r in results if r["status"] != "KILLED" or r.get("confirmed") is False]
+    bad = [(m, r) for m, r in results if r["status"] != "KILLED" or not r["confirmed"]]
     for m, r in bad:
-        log(f"\n--- {m.name}: {r['status']}\n{r.get('detail', '')}")
+        log(f"\n--- {m.name}: {r['status']}{' (UNCONFIRMED: the test fails unmutated)' * (r['status'] == 'KILLED')}"
+            f"\n{r.get('detail', '')}")
     log(f"\n{len(results) - len(bad)} of {len(results)} mutants killed (and confirmed); "
         f"{sum(r['status'] == 'SURVIVED' for _, r in results)} survived; {time.monotonic() - start:.0f} s in all")
     return int(bool(bad))

@@ -1,6 +1,5 @@
-"""Microbenchmarks (pytest-benchmark): forward and forward + backward of the fused backends (triton on CUDA),
-the unfused loss and the GEMM floor at small shapes, a group per shape, dtype and mode, for
-``--benchmark-compare`` between commits (benchmarks/README.md)."""
+"""Microbenchmarks (pytest-benchmark) of the fused backends (triton: CUDA only), the unfused loss and the GEMM floor
+at small shapes, a group per shape, dtype and mode, for ``--benchmark-compare`` between commits."""
 import functools
 import sys
 from pathlib import Path
@@ -32,10 +31,6 @@ def test_loss(benchmark, B, d, dtype, mode, impl):
         pytest.skip(unavailable(impl))
     step, _ = steps.make_step(impl, B, B, d, d, dtype, True, DEVICE, mode)
     benchmark.group = f"B=N={B} d={d} {dtype} {mode}"
-    benchmark.extra_info.update(B=B, d=d, dtype=dtype, mode=mode, impl=impl, device=DEVICE, threads=torch.get_num_threads())
-
-    def run():
-        step()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-    benchmark(run)
+    benchmark.extra_info.update(B=B, d=d, dtype=dtype, mode=mode, impl=impl, device=DEVICE,
+                                threads=torch.get_num_threads())
+    benchmark(lambda: (step(), DEVICE == "cuda" and torch.cuda.synchronize()))
