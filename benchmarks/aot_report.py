@@ -21,14 +21,9 @@ _INTS = {"B", "N", "offset", "n_groups", "n_splits", "panel_cols", "part_cols", 
 
 def jobs(archs, variants=tuple(K.VARIANTS), dtypes=("bf16", "fp16", "fp32"), widths=WIDTHS, default_tiles=False):
     """``(variant, dtype, arch, tiles, d, dr)`` to compile (d = dr = None: a kernel without widths)."""
-    out = []
-    for name in variants:
-        v = K.VARIANTS[name]
-        for (d, dr), dt, arch in ((w, dt, a) for w in (widths if "D" in v.fn.arg_names else ((None, None),))
-                                  for dt in dtypes for a in archs):
-            out += [(name, dt, arch, t, d, dr) for t in v.candidates(d or 0, dr or 0, K.DTYPES[dt], arch)
-                    [:1 if default_tiles else None]]
-    return out
+    return [(v.name, dt, arch, t, d, dr) for v in map(K.VARIANTS.get, variants)
+            for d, dr in (widths if "D" in v.fn.arg_names else ((None, None),)) for dt in dtypes for arch in archs
+            for t in v.candidates(d or 0, dr or 0, K.DTYPES[dt], arch)[:1 if default_tiles else None]]
 
 
 def _cuobjdump() -> str:
@@ -68,7 +63,8 @@ def compile_one(job) -> dict:
     if hw.amd:
         asm = k.asm["amdgcn"]
         block = asm[asm.index(".amdgpu_metadata"):asm.index(".end_amdgpu_metadata")]
-        meta = {a: int(b) for a, b in re.findall(r"^\s*-?\s*\.(\w+):\s+(\d+)\s*$", block[block.index(".kernels:"):], re.M)}
+        block = block[block.index(".kernels:"):]
+        meta = {a: int(b) for a, b in re.findall(r"^\s*-?\s*\.(\w+):\s+(\d+)\s*$", block, re.M)}
         instrs = re.findall(r"^\s*(v_mfma\w*)", asm, re.M)
         regs, spill = meta["vgpr_count"], meta.get("private_segment_fixed_size", 0)
         shared = max(shared, meta.get("group_segment_fixed_size", 0))
@@ -160,12 +156,10 @@ def main(argv=None) -> int:
     for out, group in groups.items():
         if group := [a for a in group if a in archs and a not in missing]:
             report = run(jobs(group, args.variants, args.dtypes, widths, args.default_tiles), args.workers)
-            for r in report["rows"]:
-                print(f"{r['kernel']:<26}{r['D'] or '-':>5} {r['dtype']:<5}{r['arch']:<7}{r['config']:<38}"
-                      f"{r.get('registers', '-'):>4} regs {r.get('spill_bytes', '-'):>3} spill "
-                      f"{r.get('shared_bytes', 0) / 1024:6.1f} KiB {r.get('programs_per_unit', '-')}/SM  "
-                      + "; ".join(r["problems"]))
-            print(f"triton {report['triton']}: {report['compiles']} compiles in {report['wall_s']} s, written "
+            for r in (r for r in report["rows"] if r["problems"]):
+                print(f"{r['kernel']} {r['dtype']} {r['arch']} D={r['D']} {r['config']}: {'; '.join(r['problems'])}")
+            print(f"triton {report['triton']}: {report['compiles']} compiles in {report['wall_s']} s, "
+                  f"{sum(map(bool, (r['problems'] for r in report['rows'])))} with problems, written "
                   f"{harness.write_json(out, report)}")
             bad |= any(r["problems"] for r in report["rows"])
     return int(bad)

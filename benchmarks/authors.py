@@ -9,11 +9,8 @@ import subprocess
 import types
 from pathlib import Path
 
-ENV = DRRHO_ENV = "DRRHO_AUTHORS_REPO"
-FASTCLIP_ENV = "FASTCLIP_REPO"
-LOSS_PATH = "src/fast_clip/loss.py"
-TRAIN_PATH = "src/training/train.py"
-DIST_PATH = "src/training/distributed.py"
+DRRHO_ENV, FASTCLIP_ENV = "DRRHO_AUTHORS_REPO", "FASTCLIP_REPO"
+LOSS_PATH, TRAIN_PATH, DIST_PATH = "src/fast_clip/loss.py", "src/training/train.py", "src/training/distributed.py"
 JEST_FUNCTIONS = ("softmax_neg", "softmax_nll", "jointly_sample_batch_softmax")
 
 

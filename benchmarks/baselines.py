@@ -15,22 +15,18 @@ def unfused_drrho_loss(img, txt, logit_scale, u_img, u_txt, ref_img=None, ref_tx
     img_all, txt_all, ref_img_all, ref_txt_all = (a if b is None else b for a, b in (
         (img, img_all), (txt, txt_all), (ref_img, ref_img_all), (ref_txt, ref_txt_all)))
     B, N = img.shape[0], img_all.shape[0]
-    sim_image = img @ txt_all.T
-    sim_text = txt @ img_all.T
+    sim_image, sim_text = img @ txt_all.T, txt @ img_all.T
     diag_sim = (img * txt).sum(-1, keepdim=True)
-    diff_image = (sim_image - diag_sim) * logit_scale
-    diff_text = (sim_text - diag_sim) * logit_scale
+    diff_image, diff_text = (sim_image - diag_sim) * logit_scale, (sim_text - diag_sim) * logit_scale
     if ref_img is not None:
-        ref_sim_image = ref_img @ ref_txt_all.T
-        ref_sim_text = ref_txt @ ref_img_all.T
+        ref_sim_image, ref_sim_text = ref_img @ ref_txt_all.T, ref_txt @ ref_img_all.T
         ref_diag = (ref_img * ref_txt).sum(-1, keepdim=True)
         diff_image = diff_image - (ref_sim_image - ref_diag) * logit_scale
         diff_text = diff_text - (ref_sim_text - ref_diag) * logit_scale
     u_img, u_txt = u_img.reshape(-1, 1).to(diff_image.dtype), u_txt.reshape(-1, 1).to(diff_image.dtype)
     with torch.no_grad():
         mask_inv = F.one_hot(torch.arange(B, device=img.device) + offset, N).to(diff_image.dtype)
-        mask = 1 - mask_inv
-        shift = math.log(eps * N)
+        mask, shift = 1 - mask_inv, math.log(eps * N)
         lse_image = torch.logsumexp(diff_image + mask_inv * shift - shift, dim=-1, keepdim=True) + math.log(eps)
         lse_text = torch.logsumexp(diff_text + mask_inv * shift - shift, dim=-1, keepdim=True) + math.log(eps)
     if gamma == 1.0:
@@ -44,8 +40,7 @@ def unfused_drrho_loss(img, txt, logit_scale, u_img, u_txt, ref_img=None, ref_tx
             return torch.where(unset, lse, new)
         u_img, u_txt = update(u_img, lse_image), update(u_txt, lse_text)
     with torch.no_grad():
-        weight_image = torch.exp(diff_image - u_img)
-        weight_text = torch.exp(diff_text - u_txt)
+        weight_image, weight_text = torch.exp(diff_image - u_img), torch.exp(diff_text - u_txt)
     loss_image = (diff_image * weight_image * mask).sum(-1, keepdim=True) / (N - 1)
     loss_text = (diff_text * weight_text * mask).sum(-1, keepdim=True) / (N - 1)
     loss = (loss_image + loss_text).mean()

@@ -35,7 +35,7 @@ def wave_time(programs: int, per_sm: int, sms: int, t_bound: float) -> float:
 
 def _roofline(flops, hbm_bytes, exps, dtype, arch=90) -> dict:
     hw = K.HW[arch]
-    peak = K.fp32_dot_flops(arch) if dtype == "float32" else hw.peak_flops["bf16"]
+    peak = K.fp32_dot_flops(arch) if dtype in ("float32", "fp32") else hw.peak_flops["bf16"]
     t = {"t_tensor_s": flops / peak, "t_hbm_s": hbm_bytes / hw.hbm_bytes_per_s,
          "t_exp_s": exps / (hw.units * hw.clock_hz * hw.exp_per_clk)}
     bound = max(t, key=t.get)
@@ -54,9 +54,9 @@ def _launch(role, v, s, t, *, exps_per_score=1, hbm_bytes, ppu=None, launches=1,
     programs, parts = math.prod(grid), v.parts(s, t) if v else 1
     n, score, weighted = (v.tiles_of(s, t, v), *v.tile_flops(t, s.d, s.dr)) if v and v.has_dot else (0, 0, 0)
     cost = dict(flops=n * (score + weighted), score_flops=n * score, weighted_flops=n * weighted,
-                exps=n * t.BM * t.BN * exps_per_score if n else 0, hbm_bytes=hbm_bytes(K._cdiv(programs // parts, units * ppu)))
-    roof = _roofline(cost["flops"], cost["hbm_bytes"], cost["exps"], "float32" if dt == "fp32" else "bfloat16",
-                     s.arch)
+                exps=n * t.BM * t.BN * exps_per_score if n else 0,
+                hbm_bytes=hbm_bytes(K._cdiv(programs // parts, units * ppu)))
+    roof = _roofline(cost["flops"], cost["hbm_bytes"], cost["exps"], dt, s.arch)
     return dict(kernel=role, grid=list(grid), tiles=t.name if v else None, programs=programs, programs_per_sm=ppu,
                 waves=K._cdiv(programs, units * ppu), parts=parts, launches=launches, **cost, **extra,
                 bound_by=roof["bound_by"], t_s=wave_time(programs, ppu, units, roof["t_bound_s"]) + launches * LAUNCH_S)
@@ -74,12 +74,8 @@ def triton_kernels(B, N, d, dr=None, dtype="bfloat16", ref=True, column_grads=No
     s = K.Shape(B, N, d, dr if ref else 0, getattr(torch, dtype), arch, split)
     column_grads = (N != B) if column_grads is None else column_grads
     v = {role: K.VARIANTS[name] for role, name in K.PATHS["distill" if distill else "plain"].items()}
-
-    def tile(var):
-        return (tiles or {}).get(var.kernel) or var.candidates(d, s.dr, s.dtype, arch)[0]
-
-    def launch(role, var, **kw):
-        return _launch(role, var, s, tile(var), ppu=programs_per_sm, **kw)
+    tile = lambda var: (tiles or {}).get(var.kernel) or var.candidates(d, s.dr, s.dtype, arch)[0]    # noqa: E731
+    launch = lambda role, var, **kw: _launch(role, var, s, tile(var), ppu=programs_per_sm, **kw)  # noqa: E731
     vec = lambda n: n * (d + s.dr) * s.dtype.itemsize            # noqa: E731  target + reference vectors
     epilogue = _trace("ours", "float32", ref, N != B, distill=distill)
     ks = [_launch("epilogue (torch)", None, s, None, launches=len(epilogue), hbm_bytes=lambda w: 0)]
@@ -133,11 +129,9 @@ def triton_cost(B, N, d, dr=None, dtype="bfloat16", ref=True, column_grads=None,
 
 def floor_cost(B, N, d, dr=None, dtype="bfloat16", ref=True, column_grads=None) -> dict:
     """The GEMM floor (``steps.Floor``; ``gather_u``: no column product) and the compulsory traffic."""
-    dr_eff = (d if dr is None else dr) if ref else 0
+    dr_eff, elem = (d if dr is None else dr) if ref else 0, getattr(torch, dtype).itemsize
     column_grads = (N != B) if column_grads is None else column_grads
-    elem = getattr(torch, dtype).itemsize
-    matrices = 1 if N == B else 2
-    weighted = 2 if (N == B or column_grads) else 1
+    matrices, weighted = 1 if N == B else 2, 2 if (N == B or column_grads) else 1
     flops = matrices * (2 * (2 * B * N * (d + dr_eff)) + weighted * (2 * B * N * d))
     inputs = (B * (d + dr_eff) * 2 + (N * (d + dr_eff) * 2 if N != B else 0)) * elem
     hbm = 2 * inputs + (2 * B * d + (2 * N * d if column_grads else 0)) * elem
@@ -193,7 +187,7 @@ def _trace(kind: str, dtype: str, ref: bool, distributed: bool, autocast: str | 
 
 
 def unfused_cost(B, N, d, dr=None, dtype="bfloat16", ref=True, autocast=None) -> dict:
-    """FLOPs, HBM bytes, launches and time of ``baselines.unfused_drrho_loss`` on ``dtype`` inputs under ``autocast``."""
+    """FLOPs, HBM bytes, launches and time of the unfused loss on ``dtype`` inputs under ``autocast``."""
     real = dict(B=B, N=N, d=d, dr=d if dr is None else dr)
     size = lambda syms: math.prod(real.get(s, s) if isinstance(s, str) else s for s in syms)  # noqa: E731
     ops = _trace("unfused", dtype, ref, N != B, autocast)

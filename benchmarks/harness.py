@@ -32,10 +32,8 @@ def first_line(exc: BaseException) -> str:
 
 
 def is_oom(error, returncode: int = 0) -> bool:
-    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
-        return True
-    text = str(error).lower()
-    return returncode in (-9, 137) or any(s in text for s in ("out of memory", "memoryerror", "allocate memory"))
+    return (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError" or returncode in (-9, 137)
+            or any(s in str(error).lower() for s in ("out of memory", "memoryerror", "allocate memory")))
 
 
 def markdown(header, rows) -> str:
@@ -154,23 +152,25 @@ def _measure_here(target: str, kwargs: dict) -> dict:
     step()
     gc.collect()
     before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    Path("/proc/self/clear_refs").write_text("5")      # the high-water mark reset
     step()
     return _extra((_status_kib("VmHWM") - before) * 1024, output_bytes)
 
 
 def peak_extra_rss(target: str, kwargs: dict, *, threads: int | None = None, timeout: float = 1800) -> dict:
     """Peak extra RSS of the step ``target`` (``"module:function"`` -> ``(step, output_bytes)``) builds, in a fresh
-    process (``MALLOC_MMAP_THRESHOLD_``: glibc unmaps freed blocks), or ``{"error": "OOM" | message}``."""
+    process (``MALLOC_MMAP_THRESHOLD_``: glibc unmaps freed blocks), or ``{"error": "OOM" | "timeout ..." | ...}``."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536"),
            **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.harness", target, json.dumps(kwargs)], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-        return {"error": "OOM" if is_oom(proc.stderr or "", proc.returncode) else tail[0]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.harness", target, json.dumps(kwargs)],
+                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f} s"}
+    if proc.returncode == 0:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+    return {"error": "OOM" if is_oom(proc.stderr or "", proc.returncode) else tail[0]}
 
 
 def cuda_peak_extra(step, output_bytes: int) -> dict:
@@ -185,9 +185,6 @@ def cuda_peak_extra(step, output_bytes: int) -> dict:
 
 
 if __name__ == "__main__":
-    try:                       # this measurement process is the OOM killer's first choice, not a neighbour
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("1000")
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):      # this measurement process is the OOM killer's first choice, not a neighbour
+        Path("/proc/self/oom_score_adj").write_text("1000")
     print(json.dumps(_measure_here(sys.argv[1], json.loads(sys.argv[2]))))

@@ -161,12 +161,8 @@ def _every_inner_block(s, t, v):
     return _cdiv(n_out, t.BM) * 2 * slices * _cdiv(n_in, t.BN)
 
 
-def _rows(s, t, v):
-    return (_cdiv(s.B, t.BM),)
-
-
-def _directions(s, t, v):
-    return (_cdiv(s.B, t.BM), 2)
+_rows = lambda s, t, v: (_cdiv(s.B, t.BM),)                                  # noqa: E731
+_directions = lambda s, t, v: (_cdiv(s.B, t.BM), 2)                           # noqa: E731
 
 
 _FT = forward_transposed

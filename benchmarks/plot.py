@@ -50,7 +50,7 @@ def groups(rows: list[dict]) -> dict:
 def describe(key) -> str:
     dtype, d, dr, ref, ratio = key
     refs = f"with reference (dr={dr})" if ref else ("without reference" if ref is False else "")
-    return f"{dtype}, d={d}, {refs}, " + ("N = B (one process)" if ratio == 1 else f"N = {ratio:g} B (distributed shard)")
+    return f"{dtype}, d={d}, {refs}, " + ("N = B (one process)" if ratio == 1 else f"N = {ratio:g} B (a shard)")
 
 
 def _impls(rows):
@@ -73,7 +73,7 @@ def figure(meta, key, kind, rows, path, written, guard=None):
             ok = sorted((r for r in sel if r["status"] == "ok" and (r.get(value) or 0) > 0), key=lambda r: r["B"])
             label = ("GEMM floor" + (f" ({ok[0]['floor_gemms']} products)" if ok and ok[0].get("floor_gemms") else "")
                      if floor else impl + " (interpreter)" * any(r.get("interpreter") for r in ok))
-            bs, ooms, drawn = [r["B"] for r in ok], sorted({r["B"] for r in sel if r["status"] == "OOM"}), drawn + len(ok)
+            bs, ooms, drawn = [r["B"] for r in ok], {r["B"] for r in sel if r["status"] == "OOM"}, drawn + len(ok)
             ax.plot(bs, [r[value] * scale for r in ok], "--" if floor else "-", marker=marker, ms=12 if floor else 5,
                     color=color, label=label if ok or ooms else None, lw=1.5)
             if kind == "time" and ok and all(r.get("p20_s") is not None and r.get("p80_s") is not None for r in ok):
@@ -89,7 +89,7 @@ def figure(meta, key, kind, rows, path, written, guard=None):
         ax.set_yscale("log", base=base)
         ax.grid(True, which="both", alpha=0.3)
         if guard:
-            ax.axhline(guard / MIB, color="gray", ls=":", lw=1, label=f"memory limit of the run ({guard / 2**30:.0f} GiB)")
+            ax.axhline(guard / MIB, color="gray", ls=":", lw=1, label=f"the run's guard ({guard / 2**30:.0f} GiB)")
         if kind == "speedup":
             ax.axhline(1.0, color="gray", lw=1)
         ax.legend(fontsize=8, loc="best")

@@ -31,8 +31,6 @@ class Step:
     """``loss(grad)``: a fresh forward on fresh leaves; ``prepare()`` runs the untimed part, returns what to time."""
 
     def __init__(self, loss, mode: str):
-        if mode not in MODES:
-            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         self.loss, self.mode = loss, mode
 
     def prepare(self):
@@ -90,6 +88,13 @@ def process_group_of_one():
             os.environ.pop(k, None)
 
 
+def _theirs(loaded):
+    """The authors' code from a loader's ``(code, where)``; ImportError (the reason) without a snapshot."""
+    if loaded[0] is None:
+        raise ImportError(f"authors: {loaded[1]}")
+    return loaded[0]
+
+
 def _selection(backend, img, txt, ref_img, ref_txt):
     """``dk.jest_select``, or (``backend`` "authors") theirs in a gloo group of one, as their train.py runs it."""
     if backend != "authors":
@@ -102,9 +107,7 @@ def _selection(backend, img, txt, ref_img, ref_txt):
     import torch.distributed as dist
 
     from .authors import jest_namespace
-    ns, where = jest_namespace()
-    if ns is None:
-        raise ImportError(f"authors: {where}")
+    ns = _theirs(jest_namespace())
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
@@ -118,8 +121,9 @@ def _selection(backend, img, txt, ref_img, ref_txt):
 def make_step(impl: str, B: int, N: int, d: int = 512, dr: int = 512, dtype: str = "float32", ref: bool = True,
               device: str = "cpu", mode: str = "forward_backward", seed: int = 0, autocast: str | None = None):
     """``(step, output_bytes)``, the inputs built once; ``autocast``: the forward under it on ``dtype`` inputs."""
-    if not known(impl):
-        raise ValueError(f"impl: expected one of {IMPLS} or <backend>/<{'|'.join(VARIANTS)}>, got {impl!r}")
+    if not known(impl) or mode not in MODES:
+        raise ValueError(f"impl, mode: expected one of {IMPLS} or <backend>/<{'|'.join(VARIANTS)}>, one of {MODES}; "
+                         f"got {impl!r}, {mode!r}")
     distributed, (backend, _, variant) = N != B, impl.partition("/")
     if distributed and square_only(impl):
         raise ValueError(f"{impl}: only the single-process shape (N == B) is benchmarked")
@@ -129,7 +133,7 @@ def make_step(impl: str, B: int, N: int, d: int = 512, dr: int = 512, dtype: str
     rows = {k.replace("_all", ""): v[offset:offset + B] for k, v in cols.items()}
     refs = {k: v for k, v in rows.items() if k.startswith("ref_")}
     ref_cols = {k: v for k, v in cols.items() if k.startswith("ref_")} if distributed else {}
-    u, elem = torch.zeros(B, device=device), DTYPES[dtype].itemsize
+    u, elem, index = torch.zeros(B, device=device), DTYPES[dtype].itemsize, torch.arange(B, device=device)
     column_grads = distributed and impl in FUSED + ("unfused",)
     output_bytes = 0 if mode == "forward" else (2 * B * d + (2 * N * d if column_grads else 0)) * elem
 
@@ -143,17 +147,15 @@ def make_step(impl: str, B: int, N: int, d: int = 512, dr: int = 512, dtype: str
 
     if variant == "jest":
         return Step(_selection(backend, *(rows[k] for k in ("img", "txt", "ref_img", "ref_txt"))), mode), 0
+    import drrho_kernels as dk
     if variant:                                                      # the module's forms, distillation
-        import drrho_kernels as dk
         crit = dk.DRRhoCLIPLoss(B, gamma=0.8, backend=backend, distill_weight=float(variant == "distill"),
                                 temperature="individual" if variant == "individual" else "global")
         crit.set_epoch(1)
-        index = torch.arange(B, device=device)
         scales = {"individual": lambda s: (), "per_direction": lambda s: (
             (s, torch.tensor(12.0, device=device, requires_grad=s.requires_grad)),)}.get(variant, lambda s: (s,))
         loss = with_leaves(lambda x, t, s, col: crit(x, t, index, *scales(s), **refs))
     elif impl in FUSED:
-        import drrho_kernels as dk
         loss = with_leaves(lambda x, t, s, col: dk.drrho_clip_loss(
             x, t, s, u, u, **refs, **col, **ref_cols, offset=offset, backend=impl)[0])
     elif impl == "unfused":
@@ -168,12 +170,8 @@ def make_step(impl: str, B: int, N: int, d: int = 512, dr: int = 512, dtype: str
         loss = lambda grad: Floor(directions)                        # noqa: E731
     else:                                                            # authors
         from .authors import load_module
-        module, where = load_module()
-        if module is None:
-            raise ImportError(f"authors: {where}")
-        crit = module.SogCLRLoss(B, gamma=0.8, gamma_schedule="cosine", gamma_decay_epochs=10, rho=8.0,
-                                 device=torch.device(device))
-        index = torch.arange(B, device=device)
+        crit = _theirs(load_module()).SogCLRLoss(B, gamma=0.8, gamma_schedule="cosine", gamma_decay_epochs=10,
+                                                 rho=8.0, device=torch.device(device))
         ref_features = (refs["ref_img"], refs["ref_txt"]) if refs else None
         loss = with_leaves(lambda x, t, s, col: crit(features=(x, t), indices=(index, index), logit_scale=s,
                                                      offset=0, ref_features=ref_features)[0])

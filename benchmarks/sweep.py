@@ -3,12 +3,10 @@ grid -> ``benchmarks/results/sweep_<device-tag>_<date>[_<preset>].json`` (docs/R
 measure")."""
 
 import argparse
-import dataclasses
 import gc
 import itertools
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,28 +17,17 @@ from .steps import MODES
 DEFAULT_IMPLS = {"cpu": ["torch", "cpp", "unfused", "clip_ce", "gemm_floor"],
                  "cuda": ["triton", "torch", "unfused", "clip_ce", "gemm_floor"]}
 GIB = 1 << 30
-DEFAULTS = dict(repeat=7, min_repeat=3, point_budget=20.0, threads=None, timeout=1800.0,
-                memory_modes=["forward_backward"], wait_idle=0.0)
+DEFAULTS = dict(repeat=7, min_repeat=3, point_budget=20.0, threads=None, timeout=1800.0, memory_modes=[MODES[2]])
 
 
-@dataclasses.dataclass
-class Slice:
-    """A cartesian grid; ``N``: absolute column counts, else N = round(``n_factor`` * B)."""
-    name: str
-    B: list
-    d: list = dataclasses.field(default_factory=lambda: [512])
-    dtypes: list = dataclasses.field(default_factory=lambda: ["float32"])
-    refs: list = dataclasses.field(default_factory=lambda: [True])
-    n_factor: list = dataclasses.field(default_factory=lambda: [1])
-    N: list | None = None
-    dr: int | None = None                      # None: dr = d
-    modes: list = dataclasses.field(default_factory=lambda: list(MODES))
-    impls: list | None = None                  # None: the device's defaults
-    memory: bool = True                        # CPU: measure memory (fresh processes)
-    autocast: str | None = None                # the forward under torch.autocast(device, autocast)
+# A slice of points: the cartesian product of its lists (N: absolute column counts, else round(n_factor * B); dr
+# None: d; impls None: the device's defaults; memory: the CPU's fresh-process memory runs; autocast: of the forward)
+SLICE = dict(d=[512], dtypes=["float32"], refs=[True], n_factor=[1], N=None, dr=None, modes=list(MODES), impls=None,
+             memory=True, autocast=None)
 
-    def columns(self, B):
-        return [n for n in self.N if n >= B] if self.N else sorted({max(B, round(f * B)) for f in self.n_factor})
+
+def grid(name: str, B: list, **kw) -> dict:
+    return {**SLICE, "name": name, "B": B, **kw}
 
 
 def presets() -> dict:
@@ -50,47 +37,48 @@ def presets() -> dict:
     family = ["torch/module", "torch/per_direction", "torch/individual", "torch/distill"]
     return {
         "quick": (None, dict(repeat=3, min_repeat=1, point_budget=2.0, threads=1), "toy shapes, every code path", [
-            Slice("square", B=[32], d=[16]), Slice("shard", B=[16], n_factor=[3], d=[16], dtypes=bf, refs=[False],
+            grid("square", B=[32], d=[16]), grid("shard", B=[16], n_factor=[3], d=[16], dtypes=bf, refs=[False],
                                                    memory=False),
-            Slice("autocast", B=[32], d=[16], impls=ac, autocast="bfloat16", **one),
-            Slice("family", B=[32], d=[16], impls=family, **one),
-            Slice("selection", B=[32], d=[16], modes=["forward"], impls=["torch/jest"], memory=False),
-            Slice("oom-guard", B=[1 << 20], d=[16], impls=["unfused"], modes=["forward"])]),   # never runs
+            grid("autocast", B=[32], d=[16], impls=ac, autocast="bfloat16", **one),
+            grid("family", B=[32], d=[16], impls=family, **one),
+            grid("selection", B=[32], d=[16], modes=["forward"], impls=["torch/jest"], memory=False),
+            grid("oom-guard", B=[1 << 20], d=[16], impls=["unfused"], modes=["forward"])]),   # never runs
         "cpu-step": ("cpu", every_round, "one CPU step, B = N = 4096, float32", [
-            Slice("cpu-step", B=[4096], modes=fb, impls=["gemm_floor", "unfused", "torch", "cpp"] + theirs)]),
+            grid("cpu-step", B=[4096], modes=fb, impls=["gemm_floor", "unfused", "torch", "cpp"] + theirs)]),
         # B = N = 4096, then the paper's per-rank shape (the unfused loss standing in for the authors' SogCLRLoss)
         "cpu-autocast": ("cpu", every_round, "float32 features under bfloat16 autocast (issue 21)", [
-            Slice("step", B=[4096], impls=ac + theirs, autocast="bfloat16", **one),
-            Slice("per-rank", B=[640], N=[5120], impls=ac, autocast="bfloat16", **one)]),
+            grid("step", B=[4096], impls=ac + theirs, autocast="bfloat16", **one),
+            grid("per-rank", B=[640], N=[5120], impls=ac, autocast="bfloat16", **one)]),
         "temperatures": ("cpu", every_round, "DRRhoCLIPLoss: one scale, one per direction, per-sample", [
-            Slice("temperatures", B=[4096], modes=fb, impls=["cpp/module", "cpp/per_direction", "cpp/individual"])]),
+            grid("temperatures", B=[4096], modes=fb, impls=["cpp/module", "cpp/per_direction", "cpp/individual"])]),
         "distill": ("cpu", every_round, "DRRhoCLIPLoss with and without distillation", [
-            Slice("distill", B=[4096], modes=fb, impls=["cpp/module", "cpp/distill"])]),
+            grid("distill", B=[4096], modes=fb, impls=["cpp/module", "cpp/distill"])]),
         "selection": ("cpu", every_round, "dk.jest_select against the authors' selection", [
-            Slice("selection", B=[4096, 16384], modes=["forward"], impls=["cpp/jest"] + [f"{a}/jest" for a in theirs])]),
+            grid("selection", B=[4096, 16384], modes=["forward"], impls=["cpp/jest"] + [f"{a}/jest" for a in theirs])]),
         "full-cuda": ("cuda", {}, "the GPU sweep", [
-            Slice("main", B=[1024 << k for k in range(8)], dtypes=bf), Slice("fp32", B=[4096, 16384]),
-            Slice("width", B=[4096, 16384], d=[256, 1024], dtypes=bf),
-            Slice("noref", B=[4096, 16384], dtypes=bf, refs=[False]),
-            Slice("shard", B=[1024, 4096], n_factor=[16], dtypes=bf)]),
+            grid("main", B=[1024 << k for k in range(8)], dtypes=bf), grid("fp32", B=[4096, 16384]),
+            grid("width", B=[4096, 16384], d=[256, 1024], dtypes=bf),
+            grid("noref", B=[4096, 16384], dtypes=bf, refs=[False]),
+            grid("shard", B=[1024, 4096], n_factor=[16], dtypes=bf)]),
     }
 
 
-def preset_slices(name: str) -> list[Slice]:
+def preset_slices(name: str) -> list[dict]:
     return presets()[name][3]
 
 
-def expand(slices: list[Slice], device: str, impl_filter=None, mode_filter=None) -> list[dict]:
+def expand(slices: list[dict], device: str, impl_filter=None, mode_filter=None) -> list[dict]:
     """All points of the slices, small shapes first in each; ``impl_filter`` narrows a slice's own impls."""
     points, seen = [], set()
     for sl in slices:
-        impls = [i for i in sl.impls if not impl_filter or i in impl_filter] if sl.impls else \
+        impls = [i for i in sl["impls"] if not impl_filter or i in impl_filter] if sl["impls"] else \
             list(impl_filter or DEFAULT_IMPLS[device])
-        for dtype, d, ref, B in itertools.product(sl.dtypes, sl.d, sl.refs, sorted(sl.B)):
-            for N, impl, mode in itertools.product(sl.columns(B), impls, sl.modes):
+        for dtype, d, ref, B in itertools.product(sl["dtypes"], sl["d"], sl["refs"], sorted(sl["B"])):
+            cols = [n for n in sl["N"] if n >= B] if sl["N"] else sorted({max(B, round(f * B)) for f in sl["n_factor"]})
+            for N, impl, mode in itertools.product(cols, impls, sl["modes"]):
                 r = None if impl in steps.NO_REF else ref
-                p = {"impl": impl, "mode": mode, "B": B, "N": N, "d": d, "dr": (sl.dr or d) if r else None,
-                     "dtype": dtype, "ref": r, "autocast": sl.autocast, "slice": sl.name, "_memory": sl.memory}
+                p = {"impl": impl, "mode": mode, "B": B, "N": N, "d": d, "dr": (sl["dr"] or d) if r else None,
+                     "dtype": dtype, "ref": r, "autocast": sl["autocast"], "slice": sl["name"], "_memory": sl["memory"]}
                 if (not mode_filter or mode in mode_filter) and tuple(p.values())[:9] not in seen:
                     seen.add(tuple(p.values())[:9])
                     points.append(p)
@@ -141,11 +129,8 @@ def _apply(row: dict, res, when: str = "") -> None:
 
 
 def measure_memory_cpu(row: dict, args) -> dict:
-    try:
-        return harness.peak_extra_rss("benchmarks.steps:make_step", step_kwargs(row, "cpu"), threads=args.threads,
-                                      timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {args.timeout:.0f} s"}
+    return harness.peak_extra_rss("benchmarks.steps:make_step", step_kwargs(row, "cpu"), threads=args.threads,
+                                  timeout=args.timeout)
 
 
 def timing_groups(rows: list[dict]) -> list[list[dict]]:
@@ -222,11 +207,10 @@ def parse_args(argv=None):
             (ap, "device", dict(choices=("auto", "cpu", "cuda"), default="auto")),
             (ap, "repeat", dict(type=int, help="timed rounds per group (default 7; --quick 3)")),
             (ap, "min-repeat", dict(type=int, help="at least this many rounds (default 3; --quick 1)")),
-            (ap, "point-budget", dict(type=float, help="seconds of rounds per group before --repeat is cut (0: never)")),
+            (ap, "point-budget", dict(type=float, help="seconds of rounds per group, then fewer (0: never)")),
             (ap, "threads", dict(type=int, help="torch / OpenMP threads (default: torch's; --quick 1)")),
             (ap, "ram-gb", dict(type=float, help="RAM guard in GiB (default 0.9 x MemAvailable)")),
             (ap, "timeout", dict(type=float, help="seconds before a memory process is abandoned (default 1800)")),
-            (ap, "wait-idle", dict(type=float, help="minutes to wait at most for a quiet machine (load < 1) first")),
             (ap, "out", dict(help="output .json file, or a folder (default benchmarks/results/)")),
             (ap, "no-memory", dict(action="store_true", help="CPU: no fresh-process memory runs")),
             (ap, "no-progress", dict(action="store_true", help="no progress lines"))):
@@ -254,16 +238,13 @@ def main(argv=None) -> Path | None:
         os.environ.setdefault("TRITON_INTERPRET", "1")    # before triton is imported, here and in the children
     if args.threads:
         torch.set_num_threads(args.threads)
-    slices = preset_slices(args.preset) if args.preset else [Slice(
+    slices = preset_slices(args.preset) if args.preset else [grid(
         "custom", B=args.B or [512, 1024, 2048], n_factor=args.N_factor or [1], N=args.N, d=args.d or [512],
         dr=args.dr, dtypes=args.dtype or ["float32"], refs=sorted(set(args.refs or [True]), reverse=True),
         autocast=args.autocast)]
     for sl in slices if args.preset == "quick" and device == "cpu" and not args.impls else ():
-        sl.impls = sl.impls or DEFAULT_IMPLS["cpu"] + ["triton"]
-    points, started = expand(slices, device, args.impls, args.modes), time.perf_counter()
-    while os.getloadavg()[0] >= 1.0 and time.perf_counter() - started < 60 * args.wait_idle:
-        time.sleep(15)
-    meta = {**harness.machine_info(device), "waited_for_idle_s": round(time.perf_counter() - started, 1)}
+        sl["impls"] = sl["impls"] or DEFAULT_IMPLS["cpu"] + ["triton"]
+    points, meta = expand(slices, device, args.impls, args.modes), harness.machine_info(device)
     with open("/proc/meminfo") as f:
         ram = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)}
     ram_guard = (torch.cuda.get_device_properties(0).total_memory if device == "cuda" else
@@ -277,7 +258,7 @@ def main(argv=None) -> Path | None:
     path = Path(args.out) if args.out and args.out.endswith(".json") else \
         Path(args.out or harness.RESULTS_DIR) / f"sweep_{tag}_{meta['date'][:10]}{suffix}.json"
     config = {"argv": sys.argv[1:] if argv is None else list(argv), "preset": args.preset, "device": device,
-              "slices": [dataclasses.asdict(s) for s in slices], "impls": impls, "repeat": args.repeat,
+              "slices": slices, "impls": impls, "repeat": args.repeat,
               "min_repeat": args.min_repeat, "point_budget_s": args.point_budget, "threads": args.threads,
               "ram_guard_bytes": int(ram_guard), "skipped_impls": unavailable, "memory": not args.no_memory}
     rows, todo, started = [], [], time.perf_counter()
@@ -292,8 +273,8 @@ def main(argv=None) -> Path | None:
                                                  f"{p['impl']} is defined for one process only (N == B)"):
             row.update(status="skipped", reason=why)
         elif row["predicted_peak_bytes"] > ram_guard:
-            row.update(status="OOM", oom_predicted=True, reason=f"predicted peak {row['predicted_peak_bytes'] / GIB:.1f}"
-                                                                f" GiB > guard {ram_guard / GIB:.1f} GiB; not run")
+            row.update(status="OOM", oom_predicted=True, reason=f"predicted peak {predict_peak_bytes(p) / GIB:.1f} GiB "
+                                                                f"> guard {ram_guard / GIB:.1f} GiB; not run")
         else:
             todo.append(row)
         rows.append(row)
@@ -302,12 +283,11 @@ def main(argv=None) -> Path | None:
     for r in rows:
         r.pop("_memory", None)
     count, total = iter(range(1, len(todo) + len(mem_todo) + 1)), len(todo) + len(mem_todo)
-    progress = (lambda what, p: None) if args.no_progress else lambda what, p: print(
-        f"[{next(count)}/{total}] {what} " + " ".join(f"{k}={p[k]}" for k in (
-            "impl", "mode", "B", "N", "d", "dtype", "ref", "autocast")), flush=True)
+    progress = (lambda what, p: None) if args.no_progress else lambda what, p: print(f"[{next(count)}/{total}]", *(
+        f"{k}={p[k]}" for k in ("impl", "mode", "B", "N", "d", "dtype", "ref", "autocast", "status", what)), flush=True)
     for row in mem_todo:                               # phase 1 (CPU): fresh-process memory, out of memory
         _apply(row, measure_memory_cpu(row, args))
-        progress("memory", row)
+        progress("peak_extra_bytes", row)
     shape = lambda r: (r["impl"], r["B"], r["N"], r["d"], r["dr"], r["dtype"])                 # noqa: E731
     oom_shapes = {shape(r) for r in mem_todo if r["status"] == "OOM"}
     for group in timing_groups(todo):                  # phase 2: timing, in this process, interleaved
@@ -317,14 +297,10 @@ def main(argv=None) -> Path | None:
                 _apply(row, measure_memory_cpu(row, args))   # a sibling ran out: a fresh process first
         measure_group([r for r in group if r["status"] == "ok"], args, device)
         for row in group:
-            progress("time", row)
+            progress("median_s", row)
     add_ratios(rows)
     meta.update(wall_s=round(time.perf_counter() - started, 1), load_average_after=os.getloadavg())
     harness.write_json(path, payload)
-    for r in (r for r in rows if r["mode"] == "forward_backward" or "jest" in r["impl"]):   # the summary
-        print(f"{r['impl']:<20} B={r['B']:<6} N={r['N']:<6} d={r['d']:<5} {r['dtype']:<9} ref={r['ref']!s:<5} "
-              f"{r['status']:<8}" + (f"{r['median_s'] * 1e3:10.2f} ms  " if r["median_s"] else "") + " ".join(
-                  f"/ {i} {v:.2f}x" for i, v in r["time_over"].items()))
     print(f"wrote {path} ({meta['wall_s']:.0f} s)")
     return path
 

@@ -1,11 +1,6 @@
-"""Mutation check of the tests: plant one bug at a time (``TABLE``) in a copy of the tree, run its tests.
-
-    python tools/mutants.py [--only 'cpp-*' eps-dropped] [--list] [--fresh]   # ~10 min on 2 cores (+2.5 min build)
-
-The tree (``git ls-files -co --exclude-standard``) is synced into a work directory kept between runs (``--fresh``:
-anew) and the C++ extension built there with every C++ mutant compiled in as a schema (``drrho_mutant_on("<name>")
-? <mutant> : <original>``, switched on by ``DRRHO_MUTANT``). A mutant's text must occur exactly once (else STALE).
-KILLED: its tests fail (``every``: all of them) and pass on the unmutated copy; SURVIVED: they pass; ERROR: else."""
+"""Mutation check: plant one bug of ``TABLE`` at a time in a copy of the tree (kept between runs; the C++ mutants
+compiled in, switched on by ``DRRHO_MUTANT``) and run its tests (docs/TESTING.md, "Mutation check"). KILLED: they
+fail (``every``: all of them) and pass unmutated; SURVIVED: they pass; STALE: its text is not found exactly once."""
 
 import argparse
 import fnmatch
@@ -209,7 +204,7 @@ def run_pytest(work: Path, args: list, mutant: str | None = None, stop_first: bo
 
 
 def run_mutant(work: Path, m: Mutant, timeout: float, cpp_ready: bool) -> dict:
-    """``{status, killer, detail, margin (the largest error / bound a failing assertion printed), seconds}``."""
+    """``{status, killer (the first failing test), detail, seconds}``."""
     if apply(ROOT, m, write=False) is None:
         return dict(status="STALE", detail="anchor not found exactly once in the working tree")
     if m.path.endswith(".cpp") and not cpp_ready:
@@ -220,9 +215,7 @@ def run_mutant(work: Path, m: Mutant, timeout: float, cpp_ready: bool) -> dict:
     finally:
         if original is not None:
             (work / m.path).write_text(original)
-    ratios = [float(a) / float(b) for a, b in re.findall(r"relative error ([0-9.eE+-]+) > ([0-9.eE+-]+)", out)
-              if float(b) > 0]
-    r = dict(seconds=seconds, margin=f"{max(ratios):.3g}x" if ratios else "")
+    r = dict(seconds=seconds)
     if rc == 1 and failed and not (m.every and counts.get("passed")):
         return dict(r, status="KILLED", killer=" ".join(failed) if m.every else failed[0])
     if (rc == 1 and failed) or (rc == 0 and counts.get("passed")):
@@ -259,10 +252,10 @@ def main(argv=None) -> int:
     failure = build_cpp(work, [m for m in chosen if m.path.endswith(".cpp") and apply(ROOT, m, write=False)], log)
     log(failure or "")
     results = []
-    for i, m in enumerate(chosen, 1):            # the mutant, its bug, the result, the first failing test, its margin
+    for i, m in enumerate(chosen, 1):
         results.append((m, r := run_mutant(work, m, a.timeout, failure is None)))
         log(f"{i:3d} {m.name} ({m.what}): {r['status']} in {r.get('seconds', 0):.0f} s, "
-            f"{r.get('killer') or r.get('detail', '').split(chr(10))[0]} {r.get('margin', '')}")
+            f"{r.get('killer') or r.get('detail', '').splitlines()[0]}")
     kills = [r for _, r in results if r["status"] == "KILLED"]      # the killing tests on the unmutated copy
     ids = sorted({t for r in kills for t in r["killer"].split()})
     rc, out, failing, counts, seconds = run_pytest(work, ids, timeout=a.timeout) if ids else (0, "", [], {}, 0)
