@@ -49,9 +49,8 @@ def compile_one(job) -> dict:
     unset = [n for i, n in enumerate(v.fn.arg_names) if v.fn.params[i].is_constexpr and n not in constexprs]
     if unset:           # a flag the kernel gained and the registry does not state: never compile it as None
         return {**row, "error": f"constexprs {unset} are not set by kernels.VARIANTS[{name!r}]"}
-    signature = {n: "constexpr" if v.fn.params[i].is_constexpr else f"*{dt}" if n in _EMBEDDINGS
-                 else "*fp32" if n.startswith("p_") else "i32" if n in _INTS else "fp32"
-                 for i, n in enumerate(v.fn.arg_names)}
+    signature = {n: "constexpr" if v.fn.params[i].is_constexpr else f"*{dt}" if n in _EMBEDDINGS else "*fp32"
+                 if n.startswith("p_") else "i32" if n in _INTS else "fp32" for i, n in enumerate(v.fn.arg_names)}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(v.fn.arg_names) if n.startswith("p_")}
     try:
         k = triton.compile(ASTSource(fn=v.fn, signature=signature, constexprs=constexprs, attrs=attrs),
@@ -81,10 +80,9 @@ def compile_one(job) -> dict:
         instrs = re.findall(rf"{re.escape(hw.matrix_instr)}[\w.:]*", k.asm["ptx"])     # issued under a predicate too
         regs, spill = usage["REG"], usage["LOCAL"] + usage["STACK"]
         row.update(local_bytes=usage["LOCAL"], stack_bytes=usage["STACK"])
-    return {**row, "registers": regs, "spill_bytes": spill, "shared_bytes": shared,
-            "shared_limit_bytes": hw.smem_per_block, "mma_count": len(instrs), "mma_instrs": sorted(set(instrs)),
-            "fp32_dot_precision": dot_precisions(k.asm["ttir"]) if dt == "fp32" else None,
-            **K.occupancy(arch, regs, t.num_warps, shared)}
+    return {**row, "registers": regs, "spill_bytes": spill, "shared_bytes": shared, "shared_limit_bytes":
+            hw.smem_per_block, "mma_count": len(instrs), "mma_instrs": sorted(set(instrs)), "fp32_dot_precision":
+            dot_precisions(k.asm["ttir"]) if dt == "fp32" else None, **K.occupancy(arch, regs, t.num_warps, shared)}
 
 
 def problems(row: dict) -> list[str]:
@@ -125,9 +123,9 @@ def run(todo: list, workers: int = 2) -> dict:
     archs = list(dict.fromkeys(j[2] for j in todo))
     return {"provenance": {**harness.machine_info(None), "gpu": None, "widths": sorted({j[4:] for j in todo if j[4]}),
                            "generated": "triton.compile for GPUTargets on a CPU machine; no kernel ran"},
-            "triton": triton.__version__, "archs": [K.label(a) for a in archs], "compiles": len(rows),
-            "fp32_precision": {K.label(a): K.launch.fp32_precision(a) for a in archs},
-            "wall_s": round(time.perf_counter() - t0, 1), "workers": workers, "rows": rows}
+            "triton": triton.__version__, "archs": [K.label(a) for a in archs], "compiles": len(rows), "fp32_precision":
+            {K.label(a): K.launch.fp32_precision(a) for a in archs}, "wall_s": round(time.perf_counter() - t0, 1),
+            "workers": workers, "rows": rows}
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,8 @@ import math
 
 import torch
 
+import drrho_kernels as dk
+
 from . import harness
 from . import kernels as K
 
@@ -53,9 +55,8 @@ def _launch(role, v, s, t, *, exps_per_score=1, hbm_bytes, ppu=None, launches=1,
                                     t.name), 1) if v else 1)
     programs, parts = math.prod(grid), v.parts(s, t) if v else 1
     n, score, weighted = (v.tiles_of(s, t, v), *v.tile_flops(t, s.d, s.dr)) if v and v.has_dot else (0, 0, 0)
-    cost = dict(flops=n * (score + weighted), score_flops=n * score, weighted_flops=n * weighted,
-                exps=n * t.BM * t.BN * exps_per_score if n else 0,
-                hbm_bytes=hbm_bytes(K._cdiv(programs // parts, units * ppu)))
+    cost = dict(flops=n * (score + weighted), score_flops=n * score, weighted_flops=n * weighted, exps=n * t.BM *
+                t.BN * exps_per_score if n else 0, hbm_bytes=hbm_bytes(K._cdiv(programs // parts, units * ppu)))
     roof = _roofline(cost["flops"], cost["hbm_bytes"], cost["exps"], dt, s.arch)
     return dict(kernel=role, grid=list(grid), tiles=t.name if v else None, programs=programs, programs_per_sm=ppu,
                 waves=K._cdiv(programs, units * ppu), parts=parts, launches=launches, **cost, **extra,
@@ -177,7 +178,6 @@ def _trace(kind: str, dtype: str, ref: bool, distributed: bool, autocast: str | 
     u, s = torch.zeros(P["B"], device=device), torch.tensor(14.0, requires_grad=True, device=device)
     with Trace(), torch.autocast("cpu", dtype=getattr(torch, autocast or "bfloat16"), enabled=autocast is not None):
         if kind == "ours":
-            import drrho_kernels as dk
             loss = dk.drrho_clip_loss(x, t, s, u, u, ref_img=rx, ref_txt=rt, offset=off, backend="torch",
                                       distill_weight=float(distill), **(cols if distributed else {}))[0]
         else:
@@ -212,11 +212,10 @@ def report(shapes=SHAPES, dtypes=("bfloat16", "float32")) -> dict:
     rows = []
     for shape, dtype in ((s, t) for s in shapes for t in dtypes):
         plain = {k: shape[k] for k in ("B", "N", "d", "dr")}
-        rows.append(dict(shape=shape, dtype=dtype, triton=triton_cost(**shape, dtype=dtype),
-                         triton_unsplit=triton_cost(**shape, dtype=dtype, split=False),
-                         unfused=unfused_cost(**plain, dtype=dtype), floor=floor_cost(**shape, dtype=dtype),
-                         **({"unfused_autocast": unfused_cost(**plain, dtype="float32", autocast=dtype)}
-                            if dtype == "bfloat16" else {})))
+        rows.append(dict(shape=shape, dtype=dtype, triton=triton_cost(**shape, dtype=dtype), triton_unsplit=
+                         triton_cost(**shape, dtype=dtype, split=False), unfused=unfused_cost(**plain, dtype=dtype),
+                         floor=floor_cost(**shape, dtype=dtype), **({"unfused_autocast": unfused_cost(
+                             **plain, dtype="float32", autocast=dtype)} if dtype == "bfloat16" else {})))
     return dict(hardware=K.HW[90]._asdict(), launch_s=LAUNCH_S, model=__doc__, rows=rows)
 
 

@@ -41,10 +41,9 @@ def markdown(header, rows) -> str:
 
 
 def git_commit() -> str:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    try:
-        return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "-uno") else "")
+    try:                    # the short hash, "-dirty" with uncommitted changes to tracked files
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--exclude", "*"], cwd=REPO_ROOT,
+                              capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -76,12 +75,9 @@ def machine_info(device: str | None = "cpu") -> dict:
 
 def write_json(path, payload: dict) -> Path:
     """``payload`` to ``path`` through a temporary file renamed over it (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
+    (tmp := Path(path).with_suffix(".json.tmp")).parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    tmp.replace(path)
-    return path
+    return tmp.replace(path)
 
 
 def results_dir(fallback: Path, name: str = "") -> Path:

@@ -2,8 +2,6 @@
 it; ``PATHS``, the variants of each path of a step; ``HW``, the targets' facts."""
 
 from collections import namedtuple
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -23,22 +21,19 @@ class Hardware(namedtuple("Hardware", "name units lanes smem_per_block smem_per_
     peak_flops = property(lambda self: dict(fp32=self.fp32, tf32=self.tf32, bf16=self.bf16))   # None: no such unit
 
 
-# Vendors' data sheets, dense: SMs / CUs, lanes per warp / wavefront, shared memory / LDS (KiB) per program (Triton's
-# limit) and per SM / CU, registers (NVIDIA: 32-bit per SM; AMD: VGPRs per lane, ArchVGPRs + AGPRs), warps per SM
-# (AMD: waves per SIMD, 4 SIMDs per CU), peak FLOP/s of fp32 (NVIDIA: CUDA cores), tf32 and bf16 products, HBM
-# bytes/s, L2 MiB, clock, the matrix instruction in the compiled code. MI250X: both GCDs (a ROCm device: one, half).
+# Vendors' data sheets, dense peaks: SMs / CUs, lanes per warp / wavefront, shared memory / LDS (KiB) per program
+# (Triton's limit) and per SM / CU, registers (NVIDIA: 32-bit per SM; AMD: VGPRs per lane, ArchVGPRs + AGPRs), warps
+# per SM (AMD: waves per SIMD, 4 SIMDs per CU), peak FLOP/s of fp32 (NVIDIA: CUDA cores), tf32 and bf16 products,
+# HBM bytes/s, L2 MiB, clock, the matrix instruction in the compiled code. MI250X: both GCDs (a ROCm device: one).
 HW = {arch: Hardware(name, units, lanes, smem * KiB, unit_smem * KiB, regs, warps, *peaks, hbm, l2 * MiB, clock, instr)
       for arch, (name, units, lanes, smem, unit_smem, regs, warps, peaks, hbm, l2, clock, instr) in {
-    80: ("A100 SXM (dense)", 108, 32, 163, 164, 65536, 64, (19.5e12, 156e12, 312e12), 2.039e12, 40, 1.41e9, "mma.sync"),
-    90: ("H100 SXM (dense)", 132, 32, 227, 228, 65536, 64, (66.9e12, 494.7e12, 989.4e12), 3.35e12, 50, 1.83e9,
+    80: ("A100 SXM", 108, 32, 163, 164, 65536, 64, (19.5e12, 156e12, 312e12), 2.039e12, 40, 1.41e9, "mma.sync"),
+    90: ("H100 SXM", 132, 32, 227, 228, 65536, 64, (66.9e12, 494.7e12, 989.4e12), 3.35e12, 50, 1.83e9,
          "wgmma.mma_async"),
-    100: ("B200 HGX (dense)", 148, 32, 227, 228, 65536, 64, (80e12, 1100e12, 2250e12), 8e12, 126, 1.965e9,
-          "tcgen05.mma"),
-    "gfx90a": ("MI250X (dense, both GCDs)", 220, 64, 64, 64, 512, 8, (95.7e12, None, 383.0e12), 3.2768e12, 16, 1.7e9,
-               "v_mfma"),
-    "gfx942": ("MI300X (dense)", 304, 64, 64, 64, 512, 8, (163.4e12, 653.7e12, 1307.4e12), 5.3e12, 32, 2.1e9, "v_mfma"),
-    "gfx950": ("MI355X (dense)", 256, 64, 160, 160, 512, 8, (157.3e12, None, 2516.6e12), 8e12, 32, 2.4e9, "v_mfma"),
-}.items()}
+    100: ("B200 HGX", 148, 32, 227, 228, 65536, 64, (80e12, 1100e12, 2250e12), 8e12, 126, 1.965e9, "tcgen05.mma"),
+    "gfx90a": ("MI250X", 220, 64, 64, 64, 512, 8, (95.7e12, None, 383.0e12), 3.2768e12, 16, 1.7e9, "v_mfma"),
+    "gfx942": ("MI300X", 304, 64, 64, 64, 512, 8, (163.4e12, 653.7e12, 1307.4e12), 5.3e12, 32, 2.1e9, "v_mfma"),
+    "gfx950": ("MI355X", 256, 64, 160, 160, 512, 8, (157.3e12, None, 2516.6e12), 8e12, 32, 2.4e9, "v_mfma")}.items()}
 FAMILIES = {"nvidia": (80, 90, 100), "amd": ("gfx90a", "gfx942", "gfx950")}
 
 
@@ -80,32 +75,20 @@ def occupancy(arch, registers: int, num_warps: int, shared: int) -> dict:
             "limited_by": min(by, key=by.get)}
 
 
-@dataclass(frozen=True)
-class Shape:
-    """One step: ``B`` rows against ``N`` columns, widths ``d``, ``dr`` (0: no reference); ``split``: column split."""
-    B: int
-    N: int
-    d: int
-    dr: int = 0
-    dtype: torch.dtype = torch.bfloat16
-    arch: int | str = 90
-    split: bool = True
+# One step: B rows against N columns, widths d, dr (0: no reference); split False: tiles.column_splits forced to 1
+Shape = namedtuple("Shape", "B N d dr dtype arch split", defaults=(0, torch.bfloat16, 90, True))
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    fn: object                  # the @triton.jit function
-    kernel: str                 # its tiles: "fwd", "fwdt", "bwd" (autotuned tables), "margin", "merge" (one)
-    flags: dict                 # path constexprs
-    grid_of: Callable           # (shape, tiles, variant) -> the launcher's grid
-    tiles_of: Callable | None = None   # (shape, tiles, variant) -> [BM, BN] score tiles per launch
-    weighted: bool = False      # each score tile also feeds a [BM, BN] x [BN, BD] product (the backward)
-    parts_of: Callable | None = None   # grid -> its column parts (tiles.column_splits), None: not split
+class Variant(namedtuple("Variant", "name fn kernel flags grid_of tiles_of weighted parts_of",
+                         defaults=(None, False, None))):
+    """A kernel as a launcher runs it: ``fn``, the @triton.jit function; ``kernel``, its tiles ("fwd", "fwdt", "bwd":
+    autotuned tables; "margin", "merge": one); ``flags``, the path constexprs; ``grid_of(shape, tiles, variant)``, the
+    launcher's grid; ``tiles_of`` (same arguments), its [BM, BN] score tiles (None: no dot); ``weighted``: each score
+    tile also feeds a [BM, BN] x [BN, BD] product; ``parts_of(grid)``, its column parts (None: not split)."""
 
     @property
     def has_dot(self) -> bool:

@@ -20,20 +20,11 @@ KINDS = {   # kind: (value, scale, y label, log base of y, title)
     "memory": ("peak_extra_bytes", 1 / MIB, "peak extra memory (MiB), gradients excluded", 10,
                "peak extra memory vs B (forward + backward)"),
     "speedup": ("speedup_vs_unfused", 1, "speedup over the unfused loss (t_unfused / t)", 2,
-                "speedup over the unfused loss (forward + backward)"),
-}
+                "speedup over the unfused loss (forward + backward)")}
 
 
 def load(path) -> dict:
-    payload = json.loads(Path(path).read_text())
-    if not all(k in payload for k in ("meta", "config", "rows")):
-        raise SystemExit(f"{path}: not a sweep result (needs meta, config, rows)")
-    return payload
-
-
-def caption(meta: dict) -> str:
-    machine = meta.get("gpu") or f"{meta.get('cpu', 'CPU')}, {meta.get('torch_threads')} threads"
-    return f"{machine}, {meta.get('date', '')[:10]}, commit {meta.get('commit')}"
+    return json.loads(Path(path).read_text())                # a sweep's JSON: meta, config, rows
 
 
 def groups(rows: list[dict]) -> dict:
@@ -47,10 +38,12 @@ def groups(rows: list[dict]) -> dict:
     return dict(sorted(out.items(), key=lambda kv: str(kv[0])))
 
 
-def describe(key) -> str:
+def caption(meta: dict, key) -> str:
     dtype, d, dr, ref, ratio = key
+    machine = meta.get("gpu") or f"{meta.get('cpu', 'CPU')}, {meta.get('torch_threads')} threads"
     refs = f"with reference (dr={dr})" if ref else ("without reference" if ref is False else "")
-    return f"{dtype}, d={d}, {refs}, " + ("N = B (one process)" if ratio == 1 else f"N = {ratio:g} B (a shard)")
+    return (f"{machine} | {meta.get('date', '')[:10]} | commit {meta.get('commit')}\n{dtype}, d={d}, {refs}, "
+            + ("N = B (one process)" if ratio == 1 else f"N = {ratio:g} B (a shard)"))
 
 
 def _impls(rows):
@@ -93,7 +86,7 @@ def figure(meta, key, kind, rows, path, written, guard=None):
         if kind == "speedup":
             ax.axhline(1.0, color="gray", lw=1)
         ax.legend(fontsize=8, loc="best")
-    fig.suptitle(f"{what}\n{caption(meta)}\n{describe(key)}", fontsize=9)
+    fig.suptitle(f"{what}\n{caption(meta, key)}", fontsize=9)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)

@@ -3,8 +3,12 @@ distributed step), for the sweep, the memory processes and the microbenchmarks."
 
 import contextlib
 import os
+from unittest import mock
 
 import torch
+import torch.distributed as dist
+
+import drrho_kernels as dk
 
 from . import baselines
 
@@ -74,18 +78,14 @@ def make_inputs(B, N, d, dr, dtype, ref, device, seed=0):
 
 @contextlib.contextmanager
 def process_group_of_one():
-    """A process group the body opens is destroyed after, torch.distributed's variables restored."""
-    import torch.distributed as dist
-    env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    """A process group the body opens is destroyed after it, the environment restored."""
     had = dist.is_available() and dist.is_initialized()
-    try:
-        yield
-    finally:
-        if not had and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-        os.environ.update({k: v for k, v in env.items() if v is not None})
-        for k in (k for k, v in env.items() if v is None):
-            os.environ.pop(k, None)
+    with mock.patch.dict(os.environ):
+        try:
+            yield
+        finally:
+            if not had and dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def _theirs(loaded):
@@ -98,13 +98,10 @@ def _theirs(loaded):
 def _selection(backend, img, txt, ref_img, ref_txt):
     """``dk.jest_select``, or (``backend`` "authors") theirs in a gloo group of one, as their train.py runs it."""
     if backend != "authors":
-        import drrho_kernels as dk
         g = torch.Generator().manual_seed(0)
         return lambda grad: dk.jest_select(img, txt, ref_img, ref_txt, 14.0, ref_scale=100.0, generator=g,
                                            backend=backend, **JEST)
     import warnings
-
-    import torch.distributed as dist
 
     from .authors import jest_namespace
     ns = _theirs(jest_namespace())
@@ -147,7 +144,6 @@ def make_step(impl: str, B: int, N: int, d: int = 512, dr: int = 512, dtype: str
 
     if variant == "jest":
         return Step(_selection(backend, *(rows[k] for k in ("img", "txt", "ref_img", "ref_txt"))), mode), 0
-    import drrho_kernels as dk
     if variant:                                                      # the module's forms, distillation
         crit = dk.DRRhoCLIPLoss(B, gamma=0.8, backend=backend, distill_weight=float(variant == "distill"),
                                 temperature="individual" if variant == "individual" else "global")

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from . import harness, steps
 from .steps import MODES
 
@@ -34,14 +36,12 @@ def presets() -> dict:
     """``{name: (device, option defaults, what, slices)}``."""
     theirs, fb, bf = ["authors"] * bool(os.environ.get("DRRHO_AUTHORS_REPO")), ["forward_backward"], ["bfloat16"]
     ac, one, every_round = ["cpp", "torch", "unfused", "gemm_floor"], dict(modes=fb, memory=False), dict(point_budget=0)
-    family = ["torch/module", "torch/per_direction", "torch/individual", "torch/distill"]
+    family, toy = ["torch/module", "torch/per_direction", "torch/individual", "torch/distill"], dict(B=[32], d=[16])
     return {
         "quick": (None, dict(repeat=3, min_repeat=1, point_budget=2.0, threads=1), "toy shapes, every code path", [
-            grid("square", B=[32], d=[16]), grid("shard", B=[16], n_factor=[3], d=[16], dtypes=bf, refs=[False],
-                                                   memory=False),
-            grid("autocast", B=[32], d=[16], impls=ac, autocast="bfloat16", **one),
-            grid("family", B=[32], d=[16], impls=family, **one),
-            grid("selection", B=[32], d=[16], modes=["forward"], impls=["torch/jest"], memory=False),
+            grid("square", **toy), grid("shard", B=[16], n_factor=[3], d=[16], dtypes=bf, refs=[False], memory=False),
+            grid("autocast", **toy, impls=ac, autocast="bfloat16", **one), grid("family", **toy, impls=family, **one),
+            grid("selection", **toy, modes=["forward"], impls=["torch/jest"], memory=False),
             grid("oom-guard", B=[1 << 20], d=[16], impls=["unfused"], modes=["forward"])]),   # never runs
         "cpu-step": ("cpu", every_round, "one CPU step, B = N = 4096, float32", [
             grid("cpu-step", B=[4096], modes=fb, impls=["gemm_floor", "unfused", "torch", "cpp"] + theirs)]),
@@ -59,8 +59,7 @@ def presets() -> dict:
             grid("main", B=[1024 << k for k in range(8)], dtypes=bf), grid("fp32", B=[4096, 16384]),
             grid("width", B=[4096, 16384], d=[256, 1024], dtypes=bf),
             grid("noref", B=[4096, 16384], dtypes=bf, refs=[False]),
-            grid("shard", B=[1024, 4096], n_factor=[16], dtypes=bf)]),
-    }
+            grid("shard", B=[1024, 4096], n_factor=[16], dtypes=bf)])}
 
 
 def preset_slices(name: str) -> list[dict]:
@@ -69,20 +68,19 @@ def preset_slices(name: str) -> list[dict]:
 
 def expand(slices: list[dict], device: str, impl_filter=None, mode_filter=None) -> list[dict]:
     """All points of the slices, small shapes first in each; ``impl_filter`` narrows a slice's own impls."""
-    points, seen = [], set()
+    points = {}                                        # the first of equal points
     for sl in slices:
         impls = [i for i in sl["impls"] if not impl_filter or i in impl_filter] if sl["impls"] else \
             list(impl_filter or DEFAULT_IMPLS[device])
         for dtype, d, ref, B in itertools.product(sl["dtypes"], sl["d"], sl["refs"], sorted(sl["B"])):
             cols = [n for n in sl["N"] if n >= B] if sl["N"] else sorted({max(B, round(f * B)) for f in sl["n_factor"]})
-            for N, impl, mode in itertools.product(cols, impls, sl["modes"]):
+            modes = [m for m in sl["modes"] if not mode_filter or m in mode_filter]
+            for N, impl, mode in itertools.product(cols, impls, modes):
                 r = None if impl in steps.NO_REF else ref
                 p = {"impl": impl, "mode": mode, "B": B, "N": N, "d": d, "dr": (sl["dr"] or d) if r else None,
                      "dtype": dtype, "ref": r, "autocast": sl["autocast"], "slice": sl["name"], "_memory": sl["memory"]}
-                if (not mode_filter or mode in mode_filter) and tuple(p.values())[:9] not in seen:
-                    seen.add(tuple(p.values())[:9])
-                    points.append(p)
-    return points
+                points.setdefault(tuple(p.values())[:9], p)
+    return list(points.values())
 
 
 # [B, N] matrices alive at the peak (forward, with backward), bounding the measured ones
@@ -143,7 +141,6 @@ def timing_groups(rows: list[dict]) -> list[list[dict]]:
 
 def measure_group(group: list[dict], args, device: str) -> None:
     """Time the rows of one group interleaved (on CUDA each one's memory first); a failure is that row's result."""
-    import torch
     built = {}
     with steps.process_group_of_one():
         for row in group:
@@ -229,7 +226,6 @@ def main(argv=None) -> Path | None:
     """CPU: each point's memory in a fresh process (a point predicted above the RAM guard is ``OOM``, not run);
     then per group (slice, shape, mode) the times, interleaved; the JSON is rewritten after every group."""
     args = parse_args(argv)
-    import torch
     want = presets()[args.preset][0] if args.preset else None
     device = args.device if args.device != "auto" else want or ("cuda" if torch.cuda.is_available() else "cpu")
     if (device == "cuda" and not torch.cuda.is_available()) or (want and device != want):
