@@ -1,6 +1,5 @@
-"""Ahead-of-time compilation report, no GPU: each variant of ``kernels.VARIANTS`` at each candidate tile, dtype,
-width and target compiled by ``triton.compile``; registers, spills, shared memory, matrix instructions, float32 dot
-precision and occupancy read from the binaries; ``problems``: what fails (docs/RESULTS.md, "Compiled ahead of time")."""
+"""Triton kernels compiled ahead of time for every GPU target, no GPU: registers, spills, shared memory, matrix
+instructions, float32 dot precision, occupancy; ``problems``: what fails (docs/RESULTS.md, "Compiled ahead of time")."""
 
 import argparse
 import concurrent.futures as cf
@@ -86,8 +85,7 @@ def compile_one(job) -> dict:
 
 
 def problems(row: dict) -> list[str]:
-    """What fails in one row: no compile, spills to memory (AMD: VGPRs parked in AGPRs allowed), shared memory over
-    the limit, registers over the workgroup's, no matrix instruction, float32 dots not at the launcher's precision."""
+    """What fails in a row: no compile, spills, too much shared memory, no matrix instruction, another precision."""
     if "error" in row:
         return [row["error"]]
     arch = K.parse_arch(row["arch"])

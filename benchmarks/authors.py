@@ -66,8 +66,7 @@ def _add_probes(fn: ast.FunctionDef, placed: set) -> ast.FunctionDef:
 
 @functools.lru_cache(maxsize=None)
 def jest_namespace():
-    """``(namespace, where)``: ``JEST_FUNCTIONS`` taken out of DRRho-CLIP's train.py with ``ast`` (train.py imports
-    the whole training stack), with probes on the scores (set ``ns["__probe__"]`` to record them)."""
+    """``(namespace, where)``: ``JEST_FUNCTIONS`` taken out of train.py by ``ast``, with probes (``__probe__``)."""
     source, where = read_source(DRRHO_ENV, TRAIN_PATH)
     if source is None:
         return None, where

@@ -1,5 +1,4 @@
-"""The baselines: the loss as the authors' ``SogCLRLoss`` computes it (their sequence of operations rewritten, no
-code copied: a dozen ``[B, N]`` matrices and autograd) and open_clip's CLIP loss."""
+"""The baselines: the authors' ``SogCLRLoss`` sequence of operations (rewritten, no code copied), open_clip's loss."""
 
 import math
 
@@ -10,8 +9,7 @@ import torch.nn.functional as F
 def unfused_drrho_loss(img, txt, logit_scale, u_img, u_txt, ref_img=None, ref_txt=None, *, img_all=None,
                        txt_all=None, ref_img_all=None, ref_txt_all=None, offset=0, gamma=0.8, eps=1e-14,
                        rho=8.0):
-    """``(loss, u_img_new, u_txt_new)`` as ``SogCLRLoss`` with ``multiply_tau``; the columns (the gathered global
-    batch) default to the rows (one process)."""
+    """``(loss, u_img_new, u_txt_new)`` as ``SogCLRLoss`` with ``multiply_tau``; the columns default to the rows."""
     img_all, txt_all, ref_img_all, ref_txt_all = (a if b is None else b for a, b in (
         (img, img_all), (txt, txt_all), (ref_img, ref_img_all), (ref_txt, ref_txt_all)))
     B, N = img.shape[0], img_all.shape[0]

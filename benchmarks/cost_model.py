@@ -30,8 +30,7 @@ def _occupancy() -> dict:
 
 
 def wave_time(programs: int, per_sm: int, sms: int, t_bound: float) -> float:
-    """Seconds of ``programs`` that take ``t_bound`` on the whole GPU: its waves (the tail counted whole), each as
-    long as the busiest SM's programs take at its share of the GPU's rates."""
+    """Seconds of ``programs`` taking ``t_bound`` on the GPU: whole waves, each the busiest SM's share."""
     return K._cdiv(programs, sms * per_sm) * min(per_sm, K._cdiv(programs, sms)) * sms / programs * t_bound
 
 
@@ -46,8 +45,7 @@ def _roofline(flops, hbm_bytes, exps, dtype, arch=90) -> dict:
 
 
 def _launch(role, v, s, t, *, exps_per_score=1, hbm_bytes, ppu=None, launches=1, **extra):
-    """Executed FLOPs, exponentials, HBM bytes (``hbm_bytes(waves)``) and time of one launch of variant ``v`` (None:
-    ``launches`` torch operations filling the GPU)."""
+    """Executed FLOPs, exponentials, HBM bytes and time of a launch of ``v`` (None: ``launches`` torch ops)."""
     dt = {v: k for k, v in K.DTYPES.items()}[s.dtype]
     units, grid = K.HW[s.arch].units, v.grid(s, t) if v else (K.HW[s.arch].units,)
     has_d = v is not None and "D" in v.fn.arg_names
@@ -144,8 +142,7 @@ def floor_cost(B, N, d, dr=None, dtype="bfloat16", ref=True, column_grads=None) 
 
 @functools.lru_cache(maxsize=None)
 def _trace(kind: str, dtype: str, ref: bool, distributed: bool, autocast: str | None = None, distill=False):
-    """Aten operations (each a launch) of a step at the proxy shape, ``(op, reads, writes, mm)``, tensors as
-    ``(symbols, itemsize)``: ``baselines.unfused_drrho_loss`` ("unfused") or our epilogue ("ours", on meta tensors)."""
+    """Aten ops (each a launch) of the unfused loss or our epilogue ("ours", on meta tensors) at the proxy shape."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from . import baselines, steps
@@ -207,8 +204,7 @@ SHAPES = tuple(dict(B=B, N=N, d=d, dr=dr, **({} if grads else dict(column_grads=
 
 
 def report(shapes=SHAPES, dtypes=("bfloat16", "float32")) -> dict:
-    """Per shape and dtype: ours (split and not), the floor, the unfused loss in the dtype and (bfloat16) on float32
-    inputs under bfloat16 autocast (the authors' sequence as their training runs it)."""
+    """Per shape and dtype: ours (split and not), the floor, the unfused loss (bfloat16: also under autocast)."""
     rows = []
     for shape, dtype in ((s, t) for s in shapes for t in dtypes):
         plain = {k: shape[k] for k in ("B", "N", "d", "dr")}
@@ -220,8 +216,7 @@ def report(shapes=SHAPES, dtypes=("bfloat16", "float32")) -> dict:
 
 
 def markdown(rep: dict) -> str:
-    """Per shape and dtype: our time after and before the split, its ratios to the floor and the unfused loss (also
-    under autocast); **bold**: slower than theirs."""
+    """Per shape and dtype: our time after and before the split, its ratios; **bold**: slower than theirs."""
     out = []
     for r in rep["rows"]:
         s, tri = r["shape"], r["triton"]

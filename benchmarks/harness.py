@@ -111,8 +111,7 @@ def timed(step, device: str = "cpu") -> float:
 
 def time_steps(steps: dict, *, device: str = "cpu", repeat: int = 7, min_repeat: int = 3,
                budget: float | None = None) -> dict:
-    """``{key: summary | exception}`` of ``steps`` interleaved: a warm-up each (a CPU one over LONG_STEP_S kept as
-    a sample), then ``repeat`` rounds, fewer (>= ``min_repeat``) if the slowest warm-up x ``repeat`` > ``budget``."""
+    """``{key: summary | exception}`` of ``steps`` interleaved: a warm-up each, then rounds (fewer past ``budget``)."""
     first, samples, failed = {}, {}, {}
     for r in range(-1, repeat):                        # round -1: the warm-up runs
         for key, step in steps.items():
@@ -154,8 +153,7 @@ def _measure_here(target: str, kwargs: dict) -> dict:
 
 
 def peak_extra_rss(target: str, kwargs: dict, *, threads: int | None = None, timeout: float = 1800) -> dict:
-    """Peak extra RSS of the step ``target`` (``"module:function"`` -> ``(step, output_bytes)``) builds, in a fresh
-    process (``MALLOC_MMAP_THRESHOLD_``: glibc unmaps freed blocks), or ``{"error": "OOM" | "timeout ..." | ...}``."""
+    """Peak extra RSS of the step ``target`` (``"module:function"``) builds in a fresh process, or ``{"error"}``."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536"),
            **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     try:

@@ -52,8 +52,7 @@ def _impls(rows):
 
 
 def figure(meta, key, kind, rows, path, written, guard=None):
-    """One figure of ``kind`` (``KINDS``; time: a panel per mode with the p20-p80 band): a line per implementation
-    (the floor dashed), its OOM points as ``x`` at the top edge; ``guard``: the run's memory limit, dotted."""
+    """A figure (``KINDS``; time: a panel per mode): a line per implementation, OOM as ``x``, the memory guard."""
     value, scale, ylabel, base, what = KINDS[kind]
     modes = [m for m in MODE_TITLES if any(r["mode"] == m for r in rows)] if kind == "time" else ["forward_backward"]
     fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 4.9) if kind == "time" else (6.8, 5.2),

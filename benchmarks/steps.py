@@ -1,5 +1,4 @@
-"""``make_step(impl, B, N, ...) -> (step, output_bytes)``: one implementation's step (N > B: one process of a
-distributed step), for the sweep, the memory processes and the microbenchmarks."""
+"""``make_step(impl, B, N, ...) -> (step, output_bytes)``: an implementation's step (N > B: one process's)."""
 
 import contextlib
 import os

@@ -163,8 +163,7 @@ def measure_group(group: list[dict], args, device: str) -> None:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Ratios to the rows of the same slice, shape, dtype, autocast and mode: ``time_over`` {impl: t / t_impl},
-    ``speedup_vs_unfused``, ``time_over_floor`` and ``time_over_floor_per_round_median``."""
+    """Ratios to the rows of the same slice, shape, dtype, autocast and mode (``time_over``: to each impl)."""
     ok = [c for c in rows if c["status"] == "ok" and c["median_s"]]
     for r in rows:
         same = sorted((c for c in ok if r in ok and c is not r and all(c.get(k) == r.get(k) for k in (
@@ -223,8 +222,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> Path | None:
-    """CPU: each point's memory in a fresh process (a point predicted above the RAM guard is ``OOM``, not run);
-    then per group (slice, shape, mode) the times, interleaved; the JSON is rewritten after every group."""
+    """Per group of points (slice, shape, mode): memory in fresh processes (CPU), then the times, interleaved."""
     args = parse_args(argv)
     want = presets()[args.preset][0] if args.preset else None
     device = args.device if args.device != "auto" else want or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -137,8 +137,7 @@ MUTANTS = parse()
 
 
 def sync_copy(work: Path) -> None:
-    """Copy the tree's changed files into ``work`` (a new mtime: the C++ build sees them), remove those gone from
-    the tree; build outputs stay."""
+    """Copy the tree's changed files into ``work`` (a new mtime: rebuilt), remove those gone; build outputs stay."""
     out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
                          capture_output=True).stdout
     files = {p for p in out.decode().split("\0") if p and (ROOT / p).is_file()}

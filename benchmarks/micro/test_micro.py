@@ -1,5 +1,4 @@
-"""Microbenchmarks (pytest-benchmark) of the fused backends (triton: CUDA only), the unfused loss and the GEMM floor
-at small shapes, a group per shape, dtype and mode, for ``--benchmark-compare`` between commits."""
+"""Microbenchmarks (pytest-benchmark) at small shapes, a group per shape, dtype and mode: --benchmark-compare."""
 import functools
 import sys
 from pathlib import Path
