@@ -130,7 +130,6 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--family", choices=("nvidia", "amd", "all"), default="nvidia")
     p.add_argument("--archs", nargs="*", help="targets instead of the family's: 80 90 100 gfx90a gfx942 gfx950")
-    p.add_argument("--variants", nargs="*", default=list(K.VARIANTS))
     p.add_argument("--dtypes", nargs="*", default=["bf16", "fp16", "fp32"])
     p.add_argument("--widths", nargs="*", metavar="D:DR", help=f"default {' '.join(f'{d}:{r}' for d, r in WIDTHS)}")
     p.add_argument("--default-tiles", action="store_true", help="the first candidate only (what runs untuned)")
@@ -142,22 +141,20 @@ def main(argv=None) -> int:
     widths = tuple(tuple(int(v) for v in w.split(":")) for w in args.widths) if args.widths else WIDTHS
     archs = [K.parse_arch(a) for a in args.archs] if args.archs else [
         a for f, fam in K.FAMILIES.items() if args.family in (f, "all") for a in fam]
-    missing = {a: unavailable(a) for a in archs if unavailable(a)}
-    for a, why in missing.items():
-        print(f"aot_report: skipping {K.label(a)}: {why}", file=sys.stderr)
+    if missing := {a: why for a in archs if (why := unavailable(a))}:
+        print("\n".join(f"aot_report: skipping {K.label(a)}: {why}" for a, why in missing.items()), file=sys.stderr)
     import triton
     groups = {args.out: archs} if args.out else {harness.RESULTS_DIR / f"triton_aot{'_amd' * (f == 'amd')}_"
                                                  f"{triton.__version__}.json": fam for f, fam in K.FAMILIES.items()}
     bad = bool(missing)
     for out, group in groups.items():
         if group := [a for a in group if a in archs and a not in missing]:
-            report = run(jobs(group, args.variants, args.dtypes, widths, args.default_tiles), args.workers)
+            report = run(jobs(group, K.VARIANTS, args.dtypes, widths, args.default_tiles), args.workers)
             for r in (r for r in report["rows"] if r["problems"]):
                 print(f"{r['kernel']} {r['dtype']} {r['arch']} D={r['D']} {r['config']}: {'; '.join(r['problems'])}")
-            print(f"triton {report['triton']}: {report['compiles']} compiles in {report['wall_s']} s, "
-                  f"{sum(map(bool, (r['problems'] for r in report['rows'])))} with problems, written "
-                  f"{harness.write_json(out, report)}")
-            bad |= any(r["problems"] for r in report["rows"])
+            bad |= (n := sum(bool(r["problems"]) for r in report["rows"])) > 0
+            print(f"triton {report['triton']}: {report['compiles']} compiles in {report['wall_s']} s, {n} with "
+                  f"problems, written {harness.write_json(out, report)}")
     return int(bad)
 
 

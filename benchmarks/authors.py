@@ -16,8 +16,7 @@ JEST_FUNCTIONS = ("softmax_neg", "softmax_nll", "jointly_sample_batch_softmax")
 
 def read_source(env: str, relpath: str) -> tuple[str | None, str]:
     """``(text, where)`` of ``relpath`` in the snapshot named by ``$env``, or ``(None, why not)``."""
-    value = os.environ.get(env)
-    if not value:
+    if not (value := os.environ.get(env)):
         return None, f"{env} is not set (a checkout or bare git dir of the authors' repository)"
     root = Path(value)
     if (root / relpath).is_file():

@@ -148,10 +148,8 @@ def _trace(kind: str, dtype: str, ref: bool, distributed: bool, autocast: str | 
     from . import baselines, steps
     P = dict(_PROXY, **({} if distributed else {"N": _PROXY["B"]}))
     names = {P["B"]: "B", P["N"]: "N", P["d"]: "d", P["dr"]: "dr"}
-
-    def symbols(t, read):
-        return tuple(names.get(s, s) for s, st in zip(t.shape, t.stride()) if not (read and st == 0))
-    ops = []
+    ops, symbols = [], lambda t, read: tuple(names.get(s, s) for s, st in zip(t.shape, t.stride()) if not (
+        read and st == 0))                             # a broadcast (stride 0) dimension is not read
 
     class Trace(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -122,10 +122,9 @@ def time_steps(steps: dict, *, device: str = "cpu", repeat: int = 7, min_repeat:
             except Exception as exc:                   # noqa: BLE001 (a failing step is a result)
                 failed[key] = exc
                 continue
-            if r < 0:
-                first[key], samples[key] = t, [t] if device == "cpu" and t >= LONG_STEP_S else []
-            else:
-                samples[key].append(t)
+            first.setdefault(key, t)
+            if r >= 0 or (device == "cpu" and t >= LONG_STEP_S):       # a long warm-up is a sample
+                samples.setdefault(key, []).append(t)
         if r < 0 and budget and first and max(first.values()) * repeat > budget:
             repeat = max(min_repeat, int(budget / max(max(first.values()), 1e-9)))
     return {**{k: {**summarize(samples[k]), "first_run_counted": first[k] >= LONG_STEP_S and device == "cpu"}

@@ -126,20 +126,17 @@ def split_parts(s: Shape, is_row: bool, distill: bool) -> int:
     return s.split and backward.backward_splits(n_out, n_in, s.d, s.dr, s.dtype, distill, s.arch, HW[s.arch].units) or 1
 
 
-def _forward(s, t, v):
-    """(row blocks, 2 directions, column parts)."""
+def _forward(s, t, v):                            # (row blocks, 2 directions, column parts)
     parts = forward.forward_splits(s.B, s.N, s.d, s.dr, s.dtype, v.flags["EXTRA"], s.arch, HW[s.arch].units)
     return (_cdiv(s.B, t.BM), 2, parts if s.split else 1)
 
 
-def _backward(s, t, v):
-    """(outer blocks, 2 directions x inner parts, output slices)."""
+def _backward(s, t, v):                           # (outer blocks, 2 directions x inner parts, output slices)
     parts = split_parts(s, v.flags["IS_ROW"], v.flags["DISTILL"]) if v.flags["SPLIT"] else 1
     return (_cdiv(s.B if v.flags["IS_ROW"] else s.N, t.BM), 2 * parts, _cdiv(s.d, t.BD))
 
 
-def _every_inner_block(s, t, v):
-    """Score tiles: every outer block against every inner block, per direction and output slice."""
+def _every_inner_block(s, t, v):                  # score tiles: outer x inner blocks, per direction and slice
     (n_out, n_in), slices = (s.B, s.N) if v.flags.get("IS_ROW", True) else (s.N, s.B), _cdiv(s.d, t.BD) if t.BD else 1
     return _cdiv(n_out, t.BM) * 2 * slices * _cdiv(n_in, t.BN)
 

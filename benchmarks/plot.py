@@ -80,10 +80,9 @@ def figure(meta, key, kind, rows, path, written, guard=None):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=base)
         ax.grid(True, which="both", alpha=0.3)
-        if guard:
-            ax.axhline(guard / MIB, color="gray", ls=":", lw=1, label=f"the run's guard ({guard / 2**30:.0f} GiB)")
-        if kind == "speedup":
-            ax.axhline(1.0, color="gray", lw=1)
+        if guard or kind == "speedup":                 # the run's memory guard, dotted; speedup 1
+            ax.axhline(guard / MIB if guard else 1.0, color="gray", ls=":" if guard else "-", lw=1,
+                       label=f"the run's guard ({guard / 2**30:.0f} GiB)" if guard else None)
         ax.legend(fontsize=8, loc="best")
     fig.suptitle(f"{what}\n{caption(meta, key)}", fontsize=9)
     fig.tight_layout()

@@ -239,8 +239,7 @@ def main(argv=None) -> Path | None:
     for sl in slices if args.preset == "quick" and device == "cpu" and not args.impls else ():
         sl["impls"] = sl["impls"] or DEFAULT_IMPLS["cpu"] + ["triton"]
     points, meta = expand(slices, device, args.impls, args.modes), harness.machine_info(device)
-    with open("/proc/meminfo") as f:
-        ram = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)}
+    ram = {k: int(v.split()[0]) * 1024 for k, v in (ln.split(":", 1) for ln in Path("/proc/meminfo").open())}
     ram_guard = (torch.cuda.get_device_properties(0).total_memory if device == "cuda" else
                  args.ram_gb * GIB if args.ram_gb else 0.9 * ram.get("MemAvailable", ram.get("MemTotal", 1 << 62)))
     tag = harness.slug(meta["gpu"]) if device == "cuda" else f"cpu-{harness.slug(meta['cpu'])}-{meta['torch_threads']}t"
@@ -251,11 +250,9 @@ def main(argv=None) -> Path | None:
     suffix = "" if args.preset == "full-cuda" else f"_{args.preset or 'custom'}"
     path = Path(args.out) if args.out and args.out.endswith(".json") else \
         Path(args.out or harness.RESULTS_DIR) / f"sweep_{tag}_{meta['date'][:10]}{suffix}.json"
-    config = {"argv": sys.argv[1:] if argv is None else list(argv), "preset": args.preset, "device": device,
-              "slices": slices, "impls": impls, "repeat": args.repeat,
-              "min_repeat": args.min_repeat, "point_budget_s": args.point_budget, "threads": args.threads,
-              "ram_guard_bytes": int(ram_guard), "skipped_impls": unavailable, "memory": not args.no_memory}
-    rows, todo, started = [], [], time.perf_counter()
+    config = {**vars(args), "argv": sys.argv[1:] if argv is None else list(argv), "device": device, "slices": slices,
+              "impls": impls, "ram_guard_bytes": int(ram_guard), "skipped_impls": unavailable}
+    rows, started = [], time.perf_counter()
     payload = {"meta": meta, "config": config, "rows": rows}
     for p in points:
         row = {**p, **dict.fromkeys(("reason", "median_s", "p20_s", "p80_s", "n_repeat", "peak_extra_bytes")),
@@ -269,13 +266,10 @@ def main(argv=None) -> Path | None:
         elif row["predicted_peak_bytes"] > ram_guard:
             row.update(status="OOM", oom_predicted=True, reason=f"predicted peak {predict_peak_bytes(p) / GIB:.1f} GiB "
                                                                 f"> guard {ram_guard / GIB:.1f} GiB; not run")
-        else:
-            todo.append(row)
         rows.append(row)
-    mem_todo = [r for r in todo if r.pop("_memory") and r["mode"] in args.memory_modes and device == "cpu"
-                and not args.no_memory]
-    for r in rows:
-        r.pop("_memory", None)
+    todo = [r for r in rows if r["status"] == "ok"]
+    mem_todo = [r for r in rows if r.pop("_memory") and r["status"] == "ok" and r["mode"] in args.memory_modes
+                and device == "cpu" and not args.no_memory]
     count, total = iter(range(1, len(todo) + len(mem_todo) + 1)), len(todo) + len(mem_todo)
     progress = (lambda what, p: None) if args.no_progress else lambda what, p: print(f"[{next(count)}/{total}]", *(
         f"{k}={p[k]}" for k in ("impl", "mode", "B", "N", "d", "dtype", "ref", "autocast", "status", what)), flush=True)

@@ -171,20 +171,17 @@ def apply(root: Path, m: Mutant, schema: bool = False, write: bool = True) -> st
 
 
 def build_cpp(work: Path, cpp_mutants: list, log) -> str | None:
-    """Build the extension in the copy with the C++ mutants' schema; None on success, else the reason."""
+    """Build the extension in the copy with the C++ mutants' schema (the next sync restores the source); None on
+    success, else the reason."""
     path = work / FILES["cpp"]
-    original = path.read_text()
-    try:
-        path.write_text(original.replace("namespace drrho::cpu {", CPP_HELPER + "namespace drrho::cpu {", 1))
-        if any(apply(work, m, schema=True) is None for m in cpp_mutants):
-            return "a C++ mutant is stale in the copy"
-        start = time.monotonic()
-        proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=work,
-                              env=dict(_env(work), DRRHO_KERNELS_BUILD_CPP="1"), capture_output=True, text=True)
-        log(f"  C++ build in the copy: {time.monotonic() - start:.0f} s, exit {proc.returncode}")
-        return None if proc.returncode == 0 else "the C++ build failed:\n" + (proc.stdout + proc.stderr)[-3000:]
-    finally:
-        path.write_text(original)      # the schema stays only in the compiled library
+    path.write_text(path.read_text().replace("namespace drrho::cpu {", CPP_HELPER + "namespace drrho::cpu {", 1))
+    if any(apply(work, m, schema=True) is None for m in cpp_mutants):
+        return "a C++ mutant is stale in the copy"
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=work,
+                          env=dict(_env(work), DRRHO_KERNELS_BUILD_CPP="1"), capture_output=True, text=True)
+    log(f"  C++ build in the copy: {time.monotonic() - start:.0f} s, exit {proc.returncode}")
+    return None if proc.returncode == 0 else "the C++ build failed:\n" + (proc.stdout + proc.stderr)[-3000:]
 
 
 def run_pytest(work: Path, args: list, mutant: str | None = None, stop_first: bool = False, timeout: float = 400):
@@ -202,7 +199,7 @@ def run_pytest(work: Path, args: list, mutant: str | None = None, stop_first: bo
     return rc, out, re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.M), counts, time.monotonic() - start
 
 
-def run_mutant(work: Path, m: Mutant, timeout: float, cpp_ready: bool) -> dict:
+def run_mutant(work: Path, m: Mutant, cpp_ready: bool) -> dict:
     """``{status, killer (the first failing test), detail, seconds}``."""
     if apply(ROOT, m, write=False) is None:
         return dict(status="STALE", detail="anchor not found exactly once in the working tree")
@@ -210,7 +207,7 @@ def run_mutant(work: Path, m: Mutant, timeout: float, cpp_ready: bool) -> dict:
         return dict(status="ERROR", detail="the C++ extension did not build in the copy")
     original = None if m.path.endswith(".cpp") else apply(work, m)
     try:
-        rc, out, failed, counts, seconds = run_pytest(work, m.tests, original is None and m.name, not m.every, timeout)
+        rc, out, failed, counts, seconds = run_pytest(work, m.tests, original is None and m.name, not m.every)
     finally:
         if original is not None:
             (work / m.path).write_text(original)
@@ -226,9 +223,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--list", action="store_true", help="print the mutants and exit")
     ap.add_argument("--only", nargs="+", metavar="PATTERN", help="mutants whose name matches (fnmatch)")
-    ap.add_argument("--workdir", type=Path, help="the copy (default: a fixed directory under the system temp)")
     ap.add_argument("--fresh", action="store_true", help="delete the copy first (full C++ rebuild)")
-    ap.add_argument("--timeout", type=float, default=400.0, help="seconds per test run (default 400)")
     a = ap.parse_args(argv)
     chosen = [m for m in MUTANTS if not a.only or any(fnmatch.fnmatch(m.name, p) for p in a.only)]
     for m in chosen if a.list else ():
@@ -237,8 +232,7 @@ def main(argv=None) -> int:
     if a.list or not chosen:
         return 0 if chosen else 2
     start, log = time.monotonic(), lambda s: print(s, flush=True)
-    work = a.workdir or Path(tempfile.gettempdir()) / "drrho_kernels_mutants" / hashlib.sha1(
-        bytes(ROOT)).hexdigest()[:10]
+    work = Path(tempfile.gettempdir()) / "drrho_kernels_mutants" / hashlib.sha1(bytes(ROOT)).hexdigest()[:10]
     if a.fresh and work.exists():
         shutil.rmtree(work)
     log(f"mutants: {len(chosen)}; copy of {ROOT} in {work}")
@@ -252,12 +246,12 @@ def main(argv=None) -> int:
     log(failure or "")
     results = []
     for i, m in enumerate(chosen, 1):
-        results.append((m, r := run_mutant(work, m, a.timeout, failure is None)))
+        results.append((m, r := run_mutant(work, m, failure is None)))
         log(f"{i:3d} {m.name} ({m.what}): {r['status']} in {r.get('seconds', 0):.0f} s, "
             f"{r.get('killer') or r.get('detail', '').splitlines()[0]}")
     kills = [r for _, r in results if r["status"] == "KILLED"]      # the killing tests on the unmutated copy
     ids = sorted({t for r in kills for t in r["killer"].split()})
-    rc, out, failing, counts, seconds = run_pytest(work, ids, timeout=a.timeout) if ids else (0, "", [], {}, 0)
+    rc, out, failing, counts, seconds = run_pytest(work, ids) if ids else (0, "", [], {}, 0)
     log(f"confirmation: {len(ids)} killing tests on the unmutated copy in {seconds:.0f} s: {counts}")
     for r in kills:
         r["confirmed"] = rc in (0, 1) and not set(r["killer"].split()) & set(failing)
