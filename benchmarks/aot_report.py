@@ -121,9 +121,9 @@ def run(todo: list, workers: int = 2) -> dict:
     archs = list(dict.fromkeys(j[2] for j in todo))
     return {"provenance": {**harness.machine_info(None), "gpu": None, "widths": sorted({j[4:] for j in todo if j[4]}),
                            "generated": "triton.compile for GPUTargets on a CPU machine; no kernel ran"},
-            "triton": triton.__version__, "archs": [K.label(a) for a in archs], "compiles": len(rows), "fp32_precision":
-            {K.label(a): K.launch.fp32_precision(a) for a in archs}, "wall_s": round(time.perf_counter() - t0, 1),
-            "workers": workers, "rows": rows}
+            "triton": triton.__version__, "archs": [K.label(a) for a in archs], "compiles": len(rows), "rows": rows,
+            "fp32_precision": {K.label(a): K.launch.fp32_precision(a) for a in archs}, "workers": workers,
+            "wall_s": round(time.perf_counter() - t0, 1)}
 
 
 def main(argv=None) -> int:

@@ -161,8 +161,7 @@ VARIANTS = {v.name: v for v in (
               dict(HAS_REF=True, IS_ROW=side == "row", FOLD=fold, DISTILL=distill, SPLIT=split), _backward,
               _every_inner_block, weighted=True, parts_of=lambda g: g[1] // 2)
       for split in (False, True) for distill in (False, True)
-      for side, fold in (("row", True), ("row", False), ("col", False))),
-)}
+      for side, fold in (("row", True), ("row", False), ("col", False))))}
 # Each kernel role's variant on each path: plain, per-sample outputs (EXTRA forward), distillation (+ DISTILL backward)
 ROLES = ("fwd", "fwd_t_margin", "fwd_t", "fwd_t_merge", "bwd_row_fold", "bwd_row", "bwd_col")
 _EXTRA = ("fwd_extra", "fwd_t_margin", "fwd_t_extra", "fwd_t_merge_extra")

@@ -17,10 +17,8 @@ MODE_TITLES = {"forward": "forward", "backward": "backward", "forward_backward":
 MIB = 2 ** 20
 KINDS = {   # kind: (value, scale, y label, log base of y, title)
     "time": ("median_s", 1e3, "time per step (ms)", 10, "DRRho-CLIP loss: time per step vs B"),
-    "memory": ("peak_extra_bytes", 1 / MIB, "peak extra memory (MiB), gradients excluded", 10,
-               "peak extra memory vs B (forward + backward)"),
-    "speedup": ("speedup_vs_unfused", 1, "speedup over the unfused loss (t_unfused / t)", 2,
-                "speedup over the unfused loss (forward + backward)")}
+    "memory": ("peak_extra_bytes", 1 / MIB, "MiB (gradients excluded)", 10, "peak extra memory (forward + backward)"),
+    "speedup": ("speedup_vs_unfused", 1, "t_unfused / t", 2, "speedup over the unfused loss (forward + backward)")}
 
 
 def load(path) -> dict:

@@ -233,9 +233,8 @@ def main(argv=None) -> Path | None:
     if args.threads:
         torch.set_num_threads(args.threads)
     slices = preset_slices(args.preset) if args.preset else [grid(
-        "custom", B=args.B or [512, 1024, 2048], n_factor=args.N_factor or [1], N=args.N, d=args.d or [512],
-        dr=args.dr, dtypes=args.dtype or ["float32"], refs=sorted(set(args.refs or [True]), reverse=True),
-        autocast=args.autocast)]
+        "custom", B=args.B or [512, 1024, 2048], n_factor=args.N_factor or [1], N=args.N, d=args.d or [512], dr=args.dr,
+        dtypes=args.dtype or ["float32"], refs=sorted(set(args.refs or [True]), reverse=True), autocast=args.autocast)]
     for sl in slices if args.preset == "quick" and device == "cpu" and not args.impls else ():
         sl["impls"] = sl["impls"] or DEFAULT_IMPLS["cpu"] + ["triton"]
     points, meta = expand(slices, device, args.impls, args.modes), harness.machine_info(device)

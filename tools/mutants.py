@@ -28,108 +28,100 @@ FILES = {"epilogue": "drrho_kernels/core/epilogue.py", "schedule": "drrho_kernel
              "forward", "backward", "forward_transposed", "helpers", "__init__")}}
 TESTS = dict(C="tests/test_conformance.py", D="tests/test_distributed.py", X="tests/test_cpp.py",
              V="tests/test_validation.py", I="tests/test_triton_interpreter.py", O="test_backend_matches_oracle and")
-# Per mutant: name | file (FILES) | pytest arguments ({C}: TESTS) | the bug [| every: killed only if every selected
-# test fails], then a line per change "~ old => new" (\n: a newline; C++: {on}, the schema's condition; no change
-# line: the previous mutant's). The epilogue's mutants plant a bug every fused backend runs; the tests pick the path.
+# name (the bug) | file (FILES) | pytest arguments ({C}: TESTS) [| every: killed only if all fail], then each change
+# "~ old => new", the first on that line if it fits (\n: a newline; C++: {on}, the schema's switch; none: the previous
+# mutant's). The epilogue's mutants plant a bug every backend runs; their tests pick the path.
 TABLE = r"""
-eps-dropped | epilogue | {C} -k "{O} torch and eps1e" | log(eps + g) computed as log(g)
+eps-dropped | epilogue | {C} -k "{O} torch and eps1e"
 ~ return torch.logaddexp(log_mean, torch.full_like(log_mean, math.log(eps))) => return log_mean
-triton-eps-dropped | epilogue | {C} -k "{O} triton and eps1e" | eps dropped in the epilogue; the Triton tests only
-cpp-eps-dropped | epilogue | {C} {X} -k "cpp and eps1e" | eps dropped in the epilogue; the C++ tests only
-unset-only-zero | epilogue | {C} -k "{O} torch and special-u" | a stored u of NaN or +-inf is not unset
-~ return u / u != 1 => return u == 0
-cpp-unset-only-zero | epilogue | {C} {X} -k "cpp and special" | the unset rule; the C++ tests only
-unset-nan-missed | epilogue | {C} -k "{O} torch and special-u" | NaN u blended instead of restarted
-~ return u / u != 1 => return (u == 0) | torch.isinf(u)
-gamma-swapped | epilogue | {C} -k "{O} torch and single-ref" | (1 - gamma) and gamma swapped
+triton-eps-dropped | epilogue | {C} -k "{O} triton and eps1e"
+cpp-eps-dropped | epilogue | {C} {X} -k "cpp and eps1e"
+unset-only-zero | epilogue | {C} -k "{O} torch and special-u" ~ return u / u != 1 => return u == 0
+cpp-unset-only-zero | epilogue | {C} {X} -k "cpp and special"
+unset-nan-missed | epilogue | {C} -k "{O} torch and special-u" ~ return u / u != 1 => return (u == 0) | torch.isinf(u)
+gamma-swapped | epilogue | {C} -k "{O} torch and single-ref"
 ~ (u_old + math.log1p(-gamma), l_new + math.log(gamma)) => (u_old + math.log(gamma), l_new + math.log1p(-gamma))
-gamma-schedule-length | schedule | tests/test_spec_math.py | cosine schedule one epoch too long
+gamma-schedule-length | schedule | tests/test_spec_math.py
 ~ math.cos(math.pi * epoch / decay_epochs) => math.cos(math.pi * epoch / (decay_epochs + 1))
-weights-unscaled | epilogue | {C} -k "{O} torch and single-ref" | sum_j w_j without its exp(M - u) factor
+weights-unscaled | epilogue | {C} -k "{O} torch and single-ref"
 ~ return u_new, scale * sumexp, scale * sumexp_d => return u_new, sumexp, scale * sumexp_d
-individual-reset-rule | epilogue | {C} -k "test_individual_temperatures and torch" | linear u below 1e-35 (and 0) kept
+individual-reset-rule | epilogue | {C} -k "test_individual_temperatures and torch"
 ~ reset = ~torch.isfinite(u_old) | (u_old < RESET_BELOW) => reset = ~torch.isfinite(u_old)
-individual-no-clamp | epilogue | {C} -k "test_individual_temperatures and torch" | temperature gradient not clamped
+individual-no-clamp | epilogue | {C} -k "test_individual_temperatures and torch"
 ~ .clamp(\n        -options.grad_clamp, options.grad_clamp) =>
-distill-h-unscaled | epilogue | {C} -k "test_distillation and torch" | cross-entropy without the student's scale
-~ h=lse_q - s * p_y => h=lse_q - p_y
-loss-u-not-halved | epilogue | {C} -k "{O} torch and single-ref" | (U_I + U_T)/s instead of /(2s)
+distill-h-unscaled | epilogue | {C} -k "test_distillation and torch" ~ h=lse_q - s * p_y => h=lse_q - p_y
+loss-u-not-halved | epilogue | {C} -k "{O} torch and single-ref"
 ~ u_new.sum().mul_(0.5 / batch) => u_new.sum().mul_(1.0 / batch)
-loss-rho-detached | epilogue | {C} -k "{O} torch and single-ref" | rho / s without its gradient in s
+loss-rho-detached | epilogue | {C} -k "{O} torch and single-ref"
 ~ else 0.0, rest.mul_(inv).mul_(inv).neg_()\n => else 0.0, (rest - rho).mul_(inv).mul_(inv).neg_()\n
-loss-pairs-N | epilogue | {C} -k "{O} torch and single-ref" | 1/(B N) instead of 1/(B (N - 1))
+loss-pairs-N | epilogue | {C} -k "{O} torch and single-ref"
 ~ per_pair = 1.0 / (batch * (n_columns - 1)) => per_pair = 1.0 / (batch * n_columns)
-per-direction-scale-mixed | epilogue | {C} -k "test_temperature_form and torch and per_direction" | U_T, rho over s_img
+per-direction-scale-mixed | epilogue | {C} -k "test_temperature_form and torch and per_direction"
 ~ return (((terms + rest) * inv).sum(), => return ((terms * inv).sum() + rest.sum() * inv[0],
 ~ rest.mul_(inv).mul_(inv).neg_()) => torch.stack([rest.sum(), 0 * rest[1]]).mul_(inv[0] ** 2).neg_())
-torch-positive-offset | torch | {C} -k "{O} torch and dist" | positive at column i, not offset + i
+torch-positive-offset | torch | {C} -k "{O} torch and dist"
 ~ return rows, rows + (r0 + offset) => return rows, rows + r0
-torch-positive-kept-in-backward | torch | {C} -k "{O} torch and dist" | backward weight of the positive not zeroed
+torch-positive-kept-in-backward | torch | {C} -k "{O} torch and dist"
 ~ gain[kk, r], True)\n            p[positive] = 0.0\n => gain[kk, r], True)\n
-reference-positive-offset | reference | {C} -k "{O} reference and dist" | dense reference: positive ignores offset
+reference-positive-offset | reference | {C} -k "{O} reference and dist"
 ~ device=x.device), k.offset + torch.arange(B, => device=x.device), torch.arange(B,
-triton-positive-offset | triton/forward | {C} -k "{O} triton and dist and f32" | Triton forward: positive ignores offset
-~ o_pos = o_m + offset => o_pos = o_m
-triton-positive-kept-in-backward | triton/backward | {C} -k "{O} triton and f32" | Triton backward: a positive's weight
+triton-positive-offset | triton/forward | {C} -k "{O} triton and dist and f32" ~ o_pos = o_m + offset => o_pos = o_m
+triton-positive-kept-in-backward | triton/backward | {C} -k "{O} triton and f32"
 ~ m_w = m_in & (o_n[None, :] != o_pos[:, None]) => m_w = m_in
-triton-transposed-diagonal | triton/forward_transposed | {C} -k "{O} triton and single and f32" | diagonal a negative
+triton-transposed-diagonal | triton/forward_transposed | {C} -k "{O} triton and single and f32"
 ~ m_neg = m_m[:, None] & m_n[None, :] & (o_m[:, None] != o_n[None, :]) => m_neg = m_m[:, None] & m_n[None, :]
-cpp-positive-offset | cpp | {C} -k "{O} cpp and dist" | C++ forward: positive ignores offset
+cpp-positive-offset | cpp | {C} -k "{O} cpp and dist"
 ~ const int64_t p = offset + r0 + i; => const int64_t p = {on} ? r0 + i : offset + r0 + i;
-cpp-positive-kept-in-backward | cpp | {C} -k "{O} cpp" | C++ backward: the positive's weight not zeroed
+cpp-positive-kept-in-backward | cpp | {C} -k "{O} cpp"
 ~ if (offset + r < N) p[offset + r] = T(0); => if (!{on} && offset + r < N) p[offset + r] = T(0);
-torch-ref-sign | torch | {C} -k "{O} torch and single-ref" | S = y + z (every path without the parts apart)
+torch-ref-sign | torch | {C} -k "{O} torch and single-ref"
 ~ y.addmm_(ref_rows[r0:r1].to(acc), ref_cols.T, alpha=-1.0) => y.addmm_(ref_rows[r0:r1].to(acc), ref_cols.T, alpha=1.0)
-torch-margin-unshifted | torch | {C} -k "{O} torch and ref" | margin without the reference pair's similarity
-~     margin = pos[0] - pos[1]\n =>     margin = pos[0]\n
-triton-ref-sign | triton/helpers | {C} -k "{O} triton and dist-ref and f32" | Triton score tile: reference added
+torch-margin-unshifted | torch | {C} -k "{O} torch and ref" ~     margin = pos[0] - pos[1]\n =>     margin = pos[0]\n
+triton-ref-sign | triton/helpers | {C} -k "{O} triton and dist-ref and f32"
 ~ b_s = -_panel_dot(b_s, p_or, => b_s = _panel_dot(b_s, p_or,
-cpp-ref-sign | cpp | {C} -k "{O} cpp and ref" | C++ similarity: reference added
-~ /*beta=*/1, /*alpha=*/-1); => /*beta=*/1, /*alpha=*/{on} ? 1 : -1);
-cpp-margin-sign | cpp | {C} -k "{O} cpp and ref" | C++ margin: m = y_i + z_i
+cpp-ref-sign | cpp | {C} -k "{O} cpp and ref" ~ /*beta=*/1, /*alpha=*/-1); => /*beta=*/1, /*alpha=*/{on} ? 1 : -1);
+cpp-margin-sign | cpp | {C} -k "{O} cpp and ref"
 ~ at::Tensor margin = positives[0] - positives[1]; => at::Tensor margin = positives[0] + ({on} ? 1 : -1) * positives[1];
-triton-online-no-rescale | triton/helpers | {C} -k "{O} triton and B37 and f32" | running sum not rescaled by a new max
+triton-online-no-rescale | triton/helpers | {C} -k "{O} triton and B37 and f32"
 ~ b_e = b_e * b_alpha + tl.sum(b_p, axis=AXIS) => b_e = b_e + tl.sum(b_p, axis=AXIS)
-torch-similarity-rounded-to-half | torch | {C} -k "test_half_tolerance and torch" | scores rounded to f16 / bf16 | every
+torch-similarity-rounded-to-half | torch | {C} -k "test_half_tolerance and torch" | every
 ~     y = rows[r0:r1].to(acc) @ cols.T\n =>     y = (rows[r0:r1].to(acc) @ cols.T).to(rows.dtype).to(acc)\n
 ~ ref_rows[r0:r1].to(acc) @ ref_cols.T\n => (ref_rows[r0:r1].to(acc) @ ref_cols.T).to(rows.dtype).to(acc)\n
-dist-offset-zero | schemes | {D} -k "W2 and test_mean_loss" | every rank's positives at columns 0..B-1
+dist-offset-zero | schemes | {D} -k "W2 and test_mean_loss"
 ~ n_columns, offset = world * batch, rank * batch => n_columns, offset = world * batch, 0
-dist-fold-local-margins | schemes | {D} -k "W2 and test_mean_loss and gather_u" | gather_u fold: this rank's margins
+dist-fold-local-margins | schemes | {D} -k "W2 and test_mean_loss and gather_u"
 ~ col_margin=packed[:, col - 1]) => col_margin=terms.margin.repeat(n_columns // terms.margin.numel()))
-dist-fold-state-misordered | schemes | {D} -k "W2 and test_mean_loss and gather_u" | gathered u in the wrong order
+dist-fold-state-misordered | schemes | {D} -k "W2 and test_mean_loss and gather_u"
 ~ columns["col_log_norm"] = state_all["u"]\n => columns["col_log_norm"] = state_all["u"].roll(terms.margin.numel(), 1)\n
-dist-gather-grad-not-summed | collectives | {D} -k "W2 and test_mean_loss and gather_grad" | own slice, no sum
+dist-gather-grad-not-summed | collectives | {D} -k "W2 and test_mean_loss and gather_grad"
 ~ reduce_scatter(grad, ctx.group, ctx.what + "_grad") => grad.chunk(dist.get_world_size())[dist.get_rank()]
-validate-offset | validate | {V} | offset up to N accepted
-~ if not 0 <= offset <= n_columns - batch: => if not 0 <= offset <= n_columns:
-validate-finite | validate | {V} | non-finite embeddings accepted
-~ if _data_checks_enabled(x) and not bool(torch.isfinite(x).all()): => if False:
-validate-gamma-zero | validate | {V} | gamma = 0 accepted
+validate-offset | validate | {V} ~ if not 0 <= offset <= n_columns - batch: => if not 0 <= offset <= n_columns:
+validate-finite | validate | {V} ~ if _data_checks_enabled(x) and not bool(torch.isfinite(x).all()): => if False:
+validate-gamma-zero | validate | {V}
 ~ "gamma", gamma, low=0.0, high=1.0, low_open=True) => "gamma", gamma, low=0.0, high=1.0, low_open=False)
-cpp-validate-offset | cpp | {X} -k direct_op | C++ op: offset not checked
+cpp-validate-offset | cpp | {X} -k direct_op
 ~ TORCH_CHECK((0 <= offset && offset <= N - B) || => TORCH_CHECK({on} || (0 <= offset && offset <= N - B) ||
-triton-validate-device | triton/__init__ | {I} -k need | Triton op: CPU tensors without the interpreter
+triton-validate-device | triton/__init__ | {I} -k need
 ~ if tiles.img.device.type == "cpu" and not INTERPRETING: => if False:
-triton-validate-float64 | triton/__init__ | {I} -k "need or float64" | Triton op: float64 tensors accepted
-~ if tiles.img.dtype == torch.float64: => if False:
+triton-validate-float64 | triton/__init__ | {I} -k "need or float64" ~ if tiles.img.dtype == torch.float64: => if False:
 """
 
 
-Mutant = namedtuple("Mutant", "name path tests what every changes")      # changes: [(old, new)]
+Mutant = namedtuple("Mutant", "name path tests every changes")      # changes: [(old, new)]
 
 
 def parse(table: str = TABLE) -> list:
     out = []
     for line in table.strip().splitlines():
-        if line.startswith("~ "):
-            old, _, new = line[2:].partition(" =>")
+        head, _, change = ("", "", line[2:]) if line.startswith("~ ") else line.partition(" ~ ")
+        if head:
+            name, path, tests, *every = (f.strip() for f in head.split(" | "))
+            if out and not out[-1].changes:
+                out[-1].changes.extend(out[-2].changes)
+            out.append(Mutant(name, FILES[path], shlex.split(tests.format(**TESTS)), every == ["every"], []))
+        if change:
+            old, _, new = change.partition(" =>")
             out[-1].changes.append((old.replace("\\n", "\n"), new[1:].replace("\\n", "\n")))
-            continue
-        name, path, tests, what, *every = (f.strip() for f in line.split(" | "))
-        if out and not out[-1].changes:
-            out[-1].changes.extend(out[-2].changes)
-        out.append(Mutant(name, FILES[path], shlex.split(tests.format(**TESTS)), what, every == ["every"], []))
     return out
 
 
@@ -228,7 +220,7 @@ def main(argv=None) -> int:
     chosen = [m for m in MUTANTS if not a.only or any(fnmatch.fnmatch(m.name, p) for p in a.only)]
     for m in chosen if a.list else ():
         stale = " (STALE)" if apply(ROOT, m, write=False) is None else ""
-        print(f"{m.name:34s} {m.path}{stale}\n    {m.what}\n    pytest {shlex.join(m.tests)}")
+        print(f"{m.name:34s} {m.path}{stale}\n    pytest {shlex.join(m.tests)}")
     if a.list or not chosen:
         return 0 if chosen else 2
     start, log = time.monotonic(), lambda s: print(s, flush=True)
@@ -247,7 +239,7 @@ def main(argv=None) -> int:
     results = []
     for i, m in enumerate(chosen, 1):
         results.append((m, r := run_mutant(work, m, failure is None)))
-        log(f"{i:3d} {m.name} ({m.what}): {r['status']} in {r.get('seconds', 0):.0f} s, "
+        log(f"{i:3d} {m.name}: {r['status']} in {r.get('seconds', 0):.0f} s, "
             f"{r.get('killer') or r.get('detail', '').splitlines()[0]}")
     kills = [r for _, r in results if r["status"] == "KILLED"]      # the killing tests on the unmutated copy
     ids = sorted({t for r in kills for t in r["killer"].split()})
