@@ -39,6 +39,7 @@ def dot_precisions(ttir: str) -> list[str]:
 def compile_one(job) -> dict:
     """One job's row; a compile failure is a row with ``error``, never an exception."""
     import triton
+    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     name, dt, arch, t, d, dr = job
     v, hw, dtype = K.VARIANTS[name], K.HW[arch], K.DTYPES[dt]
@@ -53,8 +54,8 @@ def compile_one(job) -> dict:
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(v.fn.arg_names) if n.startswith("p_")}
     try:
         k = triton.compile(ASTSource(fn=v.fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                           target=K.target(arch), options=dict(num_warps=t.num_warps, num_stages=t.num_stages,
-                                                               enable_fp_fusion=K.launch.FP_FUSION))
+                           target=GPUTarget("hip" if hw.amd else "cuda", arch, hw.lanes), options=dict(
+                               num_warps=t.num_warps, num_stages=t.num_stages, enable_fp_fusion=K.launch.FP_FUSION))
     except Exception as exc:   # noqa: BLE001 (a configuration that does not compile is a finding)
         return {**row, "error": harness.first_line(exc)[:300]}
     shared = int(k.metadata.shared)

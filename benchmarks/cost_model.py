@@ -14,8 +14,7 @@ import drrho_kernels as dk
 from . import harness
 from . import kernels as K
 
-F32 = 4
-DISTILL_EXPS = 2     # per score and direction: exp(s <x, T>) of the student, exp(t_d <xr, Tr>) of the teacher
+F32, DISTILL_EXPS = 4, 2     # DISTILL_EXPS per score and direction: exp(s <x, T>), exp(t_d <xr, Tr>) of the teacher
 LAUNCH_S = 4e-6     # per launch, an assumption (~3-4 us in NVIDIA's "Getting Started with CUDA Graphs")
 OCCUPANCY = harness.RESULTS_DIR / "triton_aot_default_tiles_sm90_3.9.0.json"
 _PROXY = dict(B=6, N=14, d=5, dr=9)     # distinct values: every tensor dimension names its symbol
@@ -168,8 +167,7 @@ def _trace(kind: str, dtype: str, ref: bool, distributed: bool, autocast: str | 
     cols, off = steps.make_inputs(P["B"], P["N"], P["d"], P["dr"], getattr(torch, dtype), ref, device)
     x, t = (cols[k][off:off + P["B"]].clone().requires_grad_() for k in ("img_all", "txt_all"))
     rx, rt = (cols[k][off:off + P["B"]] if ref else None for k in ("ref_img_all", "ref_txt_all"))
-    for k in ("img_all", "txt_all"):
-        cols[k].requires_grad_(distributed)
+    cols.update({k: cols[k].requires_grad_(distributed) for k in ("img_all", "txt_all")})
     u, s = torch.zeros(P["B"], device=device), torch.tensor(14.0, requires_grad=True, device=device)
     with Trace(), torch.autocast("cpu", dtype=getattr(torch, autocast or "bfloat16"), enabled=autocast is not None):
         if kind == "ours":
@@ -226,17 +224,17 @@ def markdown(rep: dict) -> str:
         out.append([shape, r["dtype"], f"{tri['t_s'] * 1e3:.3f} ms ({tri['bound_by']}; waves {waves})",
                     f"{r['triton_unsplit']['t_s'] * 1e3:.3f} ms", cell["floor"], cell["unfused"],
                     cell.get("unfused_autocast", "-")])
-    return harness.markdown(["shape", "dtype", "Triton, modelled (bound; waves per kernel)", "before the split",
-                             "/ GEMM floor", "/ unfused loss", "/ authors' under autocast"], out)
+    head = ["shape", "dtype", "Triton, modelled (bound; waves per kernel)", "before the split", "/ GEMM floor",
+            "/ unfused loss", "/ authors' under autocast"]
+    return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in [head, ["---"] * len(head), *out])
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=harness.RESULTS_DIR / "cost_model.json")
     args, rep = parser.parse_args(argv), report()
     print(f"{markdown(rep)}\nwritten {harness.write_json(args.out, rep)}")
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

@@ -1,4 +1,4 @@
-"""What the benchmarks share: interleaved timing, peak memory, the run's metadata, JSON and Markdown."""
+"""What the benchmarks share: interleaved timing, peak memory, the run's metadata and JSON."""
 
 import contextlib
 import datetime
@@ -33,10 +33,6 @@ def first_line(exc: BaseException) -> str:
 def is_oom(error, returncode: int = 0) -> bool:
     return (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError" or returncode in (-9, 137)
             or any(s in str(error).lower() for s in ("out of memory", "memoryerror", "allocate memory")))
-
-
-def markdown(header, rows) -> str:
-    return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in [header, ["---"] * len(header), *rows])
 
 
 def git_commit() -> str:

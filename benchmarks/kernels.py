@@ -46,16 +46,10 @@ def parse_arch(text):
     return str(text) if str(text).startswith("gfx") else int(str(text).removeprefix("sm_"))
 
 
-def target(arch):
-    from triton.backends.compiler import GPUTarget
-    return GPUTarget("hip" if HW[arch].amd else "cuda", arch, HW[arch].lanes)
-
-
 def fp32_dot_flops(arch, precision: str | None = None) -> float | None:
     """Peak FLOP/s of float32 dots at ``precision`` (default: the launcher's on ``arch``)."""
     fmt, products = PRODUCTS[precision or launch.fp32_precision(arch)]
-    peak = HW[arch].peak_flops[fmt]
-    return None if peak is None else peak / products
+    return None if (peak := HW[arch].peak_flops[fmt]) is None else peak / products
 
 
 def occupancy(arch, registers: int, num_warps: int, shared: int) -> dict:

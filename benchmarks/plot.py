@@ -36,28 +36,15 @@ def groups(rows: list[dict]) -> dict:
     return dict(sorted(out.items(), key=lambda kv: str(kv[0])))
 
 
-def caption(meta: dict, key) -> str:
-    dtype, d, dr, ref, ratio = key
-    machine = meta.get("gpu") or f"{meta.get('cpu', 'CPU')}, {meta.get('torch_threads')} threads"
-    refs = f"with reference (dr={dr})" if ref else ("without reference" if ref is False else "")
-    return (f"{machine} | {meta.get('date', '')[:10]} | commit {meta.get('commit')}\n{dtype}, d={d}, {refs}, "
-            + ("N = B (one process)" if ratio == 1 else f"N = {ratio:g} B (a shard)"))
-
-
-def _impls(rows):
-    present = {r["impl"] for r in rows}
-    return [i for i in STYLE if i in present] + sorted(present - set(STYLE))
-
-
 def figure(meta, key, kind, rows, path, written, guard=None):
     """A figure (``KINDS``; time: a panel per mode): a line per implementation, OOM as ``x``, the memory guard."""
-    value, scale, ylabel, base, what = KINDS[kind]
+    (value, scale, ylabel, base, what), present = KINDS[kind], {r["impl"] for r in rows}
     modes = [m for m in MODE_TITLES if any(r["mode"] == m for r in rows)] if kind == "time" else ["forward_backward"]
     fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 4.9) if kind == "time" else (6.8, 5.2),
                              squeeze=False)
     for ax, mode in zip(axes[0], modes):
         drawn, top = 0, ax.get_xaxis_transform()           # x in data, y in axes fractions
-        for impl in _impls(rows):
+        for impl in [i for i in STYLE if i in present] + sorted(present - set(STYLE)):
             (color, marker), floor = STYLE.get(impl, ("tab:cyan", "*")), impl == "gemm_floor"
             sel = [r for r in rows if r["impl"] == impl and r["mode"] == mode]
             ok = sorted((r for r in sel if r["status"] == "ok" and (r.get(value) or 0) > 0), key=lambda r: r["B"])
@@ -82,7 +69,11 @@ def figure(meta, key, kind, rows, path, written, guard=None):
             ax.axhline(guard / MIB if guard else 1.0, color="gray", ls=":" if guard else "-", lw=1,
                        label=f"the run's guard ({guard / 2**30:.0f} GiB)" if guard else None)
         ax.legend(fontsize=8, loc="best")
-    fig.suptitle(f"{what}\n{caption(meta, key)}", fontsize=9)
+    (dtype, d, dr, ref, ratio), cpu = key, f"{meta.get('cpu')}, {meta.get('torch_threads')} threads"
+    refs = f"with reference (dr={dr})" if ref else ("without reference" if ref is False else "")
+    fig.suptitle(f"{what}\n{meta.get('gpu') or cpu} | {meta.get('date', '')[:10]} | commit {meta.get('commit')}\n"
+                 f"{dtype}, d={d}, {refs}, " + ("N = B (one process)" if ratio == 1 else f"N = {ratio:g} B (a shard)"),
+                 fontsize=9)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)

@@ -117,12 +117,10 @@ def _selection(backend, img, txt, ref_img, ref_txt):
 def make_step(impl: str, B: int, N: int, d: int = 512, dr: int = 512, dtype: str = "float32", ref: bool = True,
               device: str = "cpu", mode: str = "forward_backward", seed: int = 0, autocast: str | None = None):
     """``(step, output_bytes)``, the inputs built once; ``autocast``: the forward under it on ``dtype`` inputs."""
-    if not known(impl) or mode not in MODES:
-        raise ValueError(f"impl, mode: expected one of {IMPLS} or <backend>/<{'|'.join(VARIANTS)}>, one of {MODES}; "
-                         f"got {impl!r}, {mode!r}")
     distributed, (backend, _, variant) = N != B, impl.partition("/")
-    if distributed and square_only(impl):
-        raise ValueError(f"{impl}: only the single-process shape (N == B) is benchmarked")
+    if not known(impl) or mode not in MODES or (distributed and square_only(impl)):
+        raise ValueError(f"impl {impl!r}, mode {mode!r}: expected {IMPLS} or <backend>/<{'|'.join(VARIANTS)}>, {MODES}"
+                         f" (N == B only for {SQUARE_ONLY} and every variant)")
     cols, offset = make_inputs(B, N, d, dr, DTYPES[dtype], ref, device, seed)
     if impl == "gemm_floor" and autocast:     # under autocast: the same products on inputs in the autocast dtype
         cols = {k: v.to(DTYPES[autocast]) for k, v in cols.items()}

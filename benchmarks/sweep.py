@@ -62,10 +62,6 @@ def presets() -> dict:
             grid("shard", B=[1024, 4096], n_factor=[16], dtypes=bf)])}
 
 
-def preset_slices(name: str) -> list[dict]:
-    return presets()[name][3]
-
-
 def expand(slices: list[dict], device: str, impl_filter=None, mode_filter=None) -> list[dict]:
     """All points of the slices, small shapes first in each; ``impl_filter`` narrows a slice's own impls."""
     points = {}                                        # the first of equal points
@@ -100,15 +96,12 @@ def predict_peak_bytes(p: dict) -> int:
 
 
 def probe(impl: str, device: str) -> str | None:
-    """None when ``impl`` passes a smoke run on ``device`` here, else why not."""
-    if not steps.known(impl):
-        return f"unknown impl {impl!r}"
+    """None when ``impl`` passes a smoke run on ``device`` here (an unknown one fails it), else why not."""
     try:
         with steps.process_group_of_one():
             steps.make_step(impl, 16, 16, 16, 16, "float32", True, device, MODES[0 if "jest" in impl else 2])[0]()
     except Exception as exc:                           # noqa: BLE001 (a backend's own explanation)
         return f"{impl} failed a smoke run ({harness.first_line(exc)})"
-    return None
 
 
 def step_kwargs(p: dict, device: str) -> dict:
@@ -206,7 +199,6 @@ def parse_args(argv=None):
             (ap, "point-budget", dict(type=float, help="seconds of rounds per group, then fewer (0: never)")),
             (ap, "threads", dict(type=int, help="torch / OpenMP threads (default: torch's; --quick 1)")),
             (ap, "ram-gb", dict(type=float, help="RAM guard in GiB (default 0.9 x MemAvailable)")),
-            (ap, "timeout", dict(type=float, help="seconds before a memory process is abandoned (default 1800)")),
             (ap, "out", dict(help="output .json file, or a folder (default benchmarks/results/)")),
             (ap, "no-memory", dict(action="store_true", help="CPU: no fresh-process memory runs")),
             (ap, "no-progress", dict(action="store_true", help="no progress lines"))):
@@ -216,7 +208,7 @@ def parse_args(argv=None):
                                                                    "autocast")):
         ap.error("grid flags define a custom slice: not with a preset (--impls and --modes narrow a preset)")
     for name, value in {**DEFAULTS, **(presets()[args.preset][1] if args.preset else {})}.items():
-        if getattr(args, name) is None:
+        if getattr(args, name, None) is None:
             setattr(args, name, value)
     return args
 
@@ -232,7 +224,7 @@ def main(argv=None) -> Path | None:
         os.environ.setdefault("TRITON_INTERPRET", "1")    # before triton is imported, here and in the children
     if args.threads:
         torch.set_num_threads(args.threads)
-    slices = preset_slices(args.preset) if args.preset else [grid(
+    slices = presets()[args.preset][3] if args.preset else [grid(
         "custom", B=args.B or [512, 1024, 2048], n_factor=args.N_factor or [1], N=args.N, d=args.d or [512], dr=args.dr,
         dtypes=args.dtype or ["float32"], refs=sorted(set(args.refs or [True]), reverse=True), autocast=args.autocast)]
     for sl in slices if args.preset == "quick" and device == "cpu" and not args.impls else ():

@@ -188,20 +188,24 @@ def test_memory_prediction_brackets_a_24gb_machine():
     assert not under, under
 
 
+def preset(name):
+    return sweep.presets()[name][3]
+
+
 def test_presets_and_grid_flags(monkeypatch):
-    points = sweep.expand(sweep.preset_slices("full-cuda"), "cuda")
+    points = sweep.expand(preset("full-cuda"), "cuda")
     assert max(p["B"] for p in points if p["slice"] == "main" and p["impl"] == "triton") >= 131072
     assert {p["d"] for p in points} == {256, 512, 1024} and {p["mode"] for p in points} == set(steps.MODES)
     assert any(p["N"] != p["B"] for p in points) and {p["dtype"] for p in points} == {"float32", "bfloat16"}
     assert {p["ref"] for p in points} == {True, False, None}
     # --cpu-step: the old cpu_step measurement, authors included when DRRHO_AUTHORS_REPO is set
     monkeypatch.delenv("DRRHO_AUTHORS_REPO", raising=False)
-    step_points = sweep.expand(sweep.preset_slices("cpu-step"), "cpu")
+    step_points = sweep.expand(preset("cpu-step"), "cpu")
     assert [p["impl"] for p in step_points] == ["gemm_floor", "unfused", "torch", "cpp"]
     assert {(p["B"], p["N"], p["d"], p["dr"], p["dtype"], p["ref"], p["mode"]) for p in step_points} == {
         (4096, 4096, 512, 512, "float32", True, "forward_backward")}
     monkeypatch.setenv("DRRHO_AUTHORS_REPO", "somewhere")
-    assert "authors" in [p["impl"] for p in sweep.expand(sweep.preset_slices("cpu-step"), "cpu")]
+    assert "authors" in [p["impl"] for p in sweep.expand(preset("cpu-step"), "cpu")]
     # the retired --cpu-half as docs/RESULTS.md reproduces it with plain arguments: B = 4096 in bfloat16 and
     # float32 timed as one group, then cpp against the unfused loss in bfloat16, no memory runs
     plain = ["--modes", "forward_backward", "--no-memory", "--repeat", "5", "--min-repeat", "1", "--point-budget", "60"]
@@ -219,17 +223,17 @@ def test_presets_and_grid_flags(monkeypatch):
     assert sweep.parse_args(["--quick"]).repeat == 3 and sweep.parse_args(["--full-cuda"]).point_budget == 20
     # --cpu-autocast (issue 21): B = N = 4096 (the authors' SogCLRLoss with DRRHO_AUTHORS_REPO) and the paper's
     # per-rank shape, 640 anchors of 5120 columns (ours, the unfused stand-in), float32 under bfloat16 autocast
-    ac = sweep.expand(sweep.preset_slices("cpu-autocast"), "cpu")
+    ac = sweep.expand(preset("cpu-autocast"), "cpu")
     assert {(p["B"], p["N"], p["dtype"], p["autocast"], p["mode"]) for p in ac} == {
         (4096, 4096, "float32", "bfloat16", "forward_backward"), (640, 5120, "float32", "bfloat16", "forward_backward")}
     assert {p["impl"] for p in ac if p["B"] == 4096} == {"cpp", "torch", "unfused", "gemm_floor", "authors"}
     assert {p["impl"] for p in ac if p["B"] == 640} == {"cpp", "torch", "unfused", "gemm_floor"}
     assert sweep.parse_args(["--cpu-autocast"]).point_budget == 0 and not any(p["_memory"] for p in ac)
     # the family (was benchmarks.family): the module's forms, distillation, the selection against the authors'
-    assert {p["impl"] for p in sweep.expand(sweep.preset_slices("temperatures"), "cpu")} == {
+    assert {p["impl"] for p in sweep.expand(preset("temperatures"), "cpu")} == {
         "cpp/module", "cpp/per_direction", "cpp/individual"}
-    assert {p["impl"] for p in sweep.expand(sweep.preset_slices("distill"), "cpu")} == {"cpp/module", "cpp/distill"}
-    sel = sweep.expand(sweep.preset_slices("selection"), "cpu")
+    assert {p["impl"] for p in sweep.expand(preset("distill"), "cpu")} == {"cpp/module", "cpp/distill"}
+    sel = sweep.expand(preset("selection"), "cpu")
     assert {(p["impl"], p["B"], p["mode"]) for p in sel} == {(i, b, "forward") for i in ("cpp/jest", "authors/jest")
                                                              for b in (4096, 16384)}
     args = sweep.parse_args(["--B", "64", "--N-factor", "1", "2", "--ref", "--no-ref"])
