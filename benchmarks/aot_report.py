@@ -1,8 +1,5 @@
-"""Ahead-of-time compilation report of the Triton kernels, no GPU needed (docs/RESULTS.md, "Compiled ahead of
-time"): each variant of ``kernels.VARIANTS`` at each candidate tile (``--default-tiles``: the first only), dtype,
-width and target compiled by ``triton.compile``; from the binaries registers, spills, shared memory / LDS, the
-matrix instructions, the float32 dot precision, occupancy; ``problems`` says what fails. No TRITON_INTERPRET."""
-from __future__ import annotations
+"""Triton kernels compiled ahead of time for every GPU target, no GPU: registers, spills, shared memory, matrix
+instructions, float32 dot precision, occupancy; ``problems``: what fails (docs/RESULTS.md, "Compiled ahead of time")."""
 
 import argparse
 import concurrent.futures as cf
@@ -22,16 +19,10 @@ _INTS = {"B", "N", "offset", "n_groups", "n_splits", "panel_cols", "part_cols", 
 
 
 def jobs(archs, variants=tuple(K.VARIANTS), dtypes=("bf16", "fp16", "fp32"), widths=WIDTHS, default_tiles=False):
-    """``(variant, dtype, arch, tiles, d, dr)`` to compile: every candidate (or the first), once with d = dr = None
-    for a kernel without widths."""
-    out = []
-    for name in variants:
-        v = K.VARIANTS[name]
-        for (d, dr), dt, arch in ((w, dt, a) for w in (widths if "D" in v.fn.arg_names else ((None, None),))
-                                  for dt in dtypes for a in archs):
-            out += [(name, dt, arch, t, d, dr) for t in v.candidates(d or 0, dr or 0, K.DTYPES[dt], arch)
-                    [:1 if default_tiles else None]]
-    return out
+    """``(variant, dtype, arch, tiles, d, dr)`` to compile (d = dr = None: a kernel without widths)."""
+    return [(v.name, dt, arch, t, d, dr) for v in map(K.VARIANTS.get, variants)
+            for d, dr in (widths if "D" in v.fn.arg_names else ((None, None),)) for dt in dtypes for arch in archs
+            for t in v.candidates(d or 0, dr or 0, K.DTYPES[dt], arch)[:1 if default_tiles else None]]
 
 
 def _cuobjdump() -> str:
@@ -40,7 +31,7 @@ def _cuobjdump() -> str:
 
 
 def dot_precisions(ttir: str) -> list[str]:
-    """The ``inputPrecision`` of every ``tt.dot`` (unprinted: the default, ieee), sorted, deduplicated."""
+    """The ``inputPrecision`` of every ``tt.dot`` (unprinted: ieee), sorted, deduplicated."""
     return sorted({(re.search(r"inputPrecision = (\w+)", line) or [None, "ieee"])[1]
                    for line in ttir.splitlines() if re.search(r"\btt\.dot\b", line)})
 
@@ -48,6 +39,7 @@ def dot_precisions(ttir: str) -> list[str]:
 def compile_one(job) -> dict:
     """One job's row; a compile failure is a row with ``error``, never an exception."""
     import triton
+    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     name, dt, arch, t, d, dr = job
     v, hw, dtype = K.VARIANTS[name], K.HW[arch], K.DTYPES[dt]
@@ -57,21 +49,21 @@ def compile_one(job) -> dict:
     unset = [n for i, n in enumerate(v.fn.arg_names) if v.fn.params[i].is_constexpr and n not in constexprs]
     if unset:           # a flag the kernel gained and the registry does not state: never compile it as None
         return {**row, "error": f"constexprs {unset} are not set by kernels.VARIANTS[{name!r}]"}
-    signature = {n: "constexpr" if v.fn.params[i].is_constexpr else f"*{dt}" if n in _EMBEDDINGS
-                 else "*fp32" if n.startswith("p_") else "i32" if n in _INTS else "fp32"
-                 for i, n in enumerate(v.fn.arg_names)}
+    signature = {n: "constexpr" if v.fn.params[i].is_constexpr else f"*{dt}" if n in _EMBEDDINGS else "*fp32"
+                 if n.startswith("p_") else "i32" if n in _INTS else "fp32" for i, n in enumerate(v.fn.arg_names)}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(v.fn.arg_names) if n.startswith("p_")}
     try:
         k = triton.compile(ASTSource(fn=v.fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                           target=K.target(arch), options=dict(num_warps=t.num_warps, num_stages=t.num_stages,
-                                                               enable_fp_fusion=K.launch.FP_FUSION))
+                           target=GPUTarget("hip" if hw.amd else "cuda", arch, hw.lanes), options=dict(
+                               num_warps=t.num_warps, num_stages=t.num_stages, enable_fp_fusion=K.launch.FP_FUSION))
     except Exception as exc:   # noqa: BLE001 (a configuration that does not compile is a finding)
         return {**row, "error": harness.first_line(exc)[:300]}
     shared = int(k.metadata.shared)
     if hw.amd:
         asm = k.asm["amdgcn"]
         block = asm[asm.index(".amdgpu_metadata"):asm.index(".end_amdgpu_metadata")]
-        meta = {a: int(b) for a, b in re.findall(r"^\s*-?\s*\.(\w+):\s+(\d+)\s*$", block[block.index(".kernels:"):], re.M)}
+        block = block[block.index(".kernels:"):]
+        meta = {a: int(b) for a, b in re.findall(r"^\s*-?\s*\.(\w+):\s+(\d+)\s*$", block, re.M)}
         instrs = re.findall(r"^\s*(v_mfma\w*)", asm, re.M)
         regs, spill = meta["vgpr_count"], meta.get("private_segment_fixed_size", 0)
         shared = max(shared, meta.get("group_segment_fixed_size", 0))
@@ -88,16 +80,13 @@ def compile_one(job) -> dict:
         instrs = re.findall(rf"{re.escape(hw.matrix_instr)}[\w.:]*", k.asm["ptx"])     # issued under a predicate too
         regs, spill = usage["REG"], usage["LOCAL"] + usage["STACK"]
         row.update(local_bytes=usage["LOCAL"], stack_bytes=usage["STACK"])
-    return {**row, "registers": regs, "spill_bytes": spill, "shared_bytes": shared,
-            "shared_limit_bytes": hw.smem_per_block, "mma_count": len(instrs), "mma_instrs": sorted(set(instrs)),
-            "fp32_dot_precision": dot_precisions(k.asm["ttir"]) if dt == "fp32" else None,
-            **K.occupancy(arch, regs, t.num_warps, shared)}
+    return {**row, "registers": regs, "spill_bytes": spill, "shared_bytes": shared, "shared_limit_bytes":
+            hw.smem_per_block, "mma_count": len(instrs), "mma_instrs": sorted(set(instrs)), "fp32_dot_precision":
+            dot_precisions(k.asm["ttir"]) if dt == "fp32" else None, **K.occupancy(arch, regs, t.num_warps, shared)}
 
 
 def problems(row: dict) -> list[str]:
-    """What fails in one row: no compile, spills to memory (AMD: VGPRs parked in AGPRs, a register move,
-    are allowed), shared memory / LDS over the limit, registers that do not fit the workgroup, no matrix
-    instruction in a kernel with a dot, float32 dots at another precision than the launcher's."""
+    """What fails in a row: no compile, spills, too much shared memory, no matrix instruction, another precision."""
     if "error" in row:
         return [row["error"]]
     arch = K.parse_arch(row["arch"])
@@ -117,7 +106,7 @@ def problems(row: dict) -> list[str]:
 
 
 def unavailable(arch) -> str | None:
-    """Why this Triton cannot compile (and read the binaries) for ``arch``; None when it can."""
+    """Why this Triton cannot compile for ``arch`` and read the binary; None when it can."""
     from triton.backends import backends
     vendor = "amd" if K.HW[arch].amd else "nvidia"
     if vendor not in backends:
@@ -133,16 +122,15 @@ def run(todo: list, workers: int = 2) -> dict:
     archs = list(dict.fromkeys(j[2] for j in todo))
     return {"provenance": {**harness.machine_info(None), "gpu": None, "widths": sorted({j[4:] for j in todo if j[4]}),
                            "generated": "triton.compile for GPUTargets on a CPU machine; no kernel ran"},
-            "triton": triton.__version__, "archs": [K.label(a) for a in archs], "compiles": len(rows),
-            "fp32_precision": {K.label(a): K.launch.fp32_precision(a) for a in archs},
-            "wall_s": round(time.perf_counter() - t0, 1), "workers": workers, "rows": rows}
+            "triton": triton.__version__, "archs": [K.label(a) for a in archs], "compiles": len(rows), "rows": rows,
+            "fp32_precision": {K.label(a): K.launch.fp32_precision(a) for a in archs}, "workers": workers,
+            "wall_s": round(time.perf_counter() - t0, 1)}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--family", choices=("nvidia", "amd", "all"), default="nvidia")
     p.add_argument("--archs", nargs="*", help="targets instead of the family's: 80 90 100 gfx90a gfx942 gfx950")
-    p.add_argument("--variants", nargs="*", default=list(K.VARIANTS))
     p.add_argument("--dtypes", nargs="*", default=["bf16", "fp16", "fp32"])
     p.add_argument("--widths", nargs="*", metavar="D:DR", help=f"default {' '.join(f'{d}:{r}' for d, r in WIDTHS)}")
     p.add_argument("--default-tiles", action="store_true", help="the first candidate only (what runs untuned)")
@@ -154,24 +142,20 @@ def main(argv=None) -> int:
     widths = tuple(tuple(int(v) for v in w.split(":")) for w in args.widths) if args.widths else WIDTHS
     archs = [K.parse_arch(a) for a in args.archs] if args.archs else [
         a for f, fam in K.FAMILIES.items() if args.family in (f, "all") for a in fam]
-    missing = {a: unavailable(a) for a in archs if unavailable(a)}
-    for a, why in missing.items():
-        print(f"aot_report: skipping {K.label(a)}: {why}", file=sys.stderr)
+    if missing := {a: why for a in archs if (why := unavailable(a))}:
+        print("\n".join(f"aot_report: skipping {K.label(a)}: {why}" for a, why in missing.items()), file=sys.stderr)
     import triton
     groups = {args.out: archs} if args.out else {harness.RESULTS_DIR / f"triton_aot{'_amd' * (f == 'amd')}_"
                                                  f"{triton.__version__}.json": fam for f, fam in K.FAMILIES.items()}
     bad = bool(missing)
     for out, group in groups.items():
         if group := [a for a in group if a in archs and a not in missing]:
-            report = run(jobs(group, args.variants, args.dtypes, widths, args.default_tiles), args.workers)
-            print(f"triton {report['triton']}: {report['compiles']} compiles in {report['wall_s']} s")
-            for r in report["rows"]:
-                print(f"{r['kernel']:<26}{r['D'] or '-':>5} {r['dtype']:<5}{r['arch']:<7}{r['config']:<38}" + (
-                    f"{r.get('registers', '-'):>4} regs {r.get('spill_bytes', '-'):>3} spill "
-                    f"{r.get('shared_bytes', 0) / 1024:6.1f} KiB {r.get('programs_per_unit', '-')}/SM  ")
-                    + "; ".join(r["problems"]))
-            print(f"written {harness.write_json(out, report)}")
-            bad |= any(r["problems"] for r in report["rows"])
+            report = run(jobs(group, K.VARIANTS, args.dtypes, widths, args.default_tiles), args.workers)
+            for r in (r for r in report["rows"] if r["problems"]):
+                print(f"{r['kernel']} {r['dtype']} {r['arch']} D={r['D']} {r['config']}: {'; '.join(r['problems'])}")
+            bad |= (n := sum(bool(r["problems"]) for r in report["rows"])) > 0
+            print(f"triton {report['triton']}: {report['compiles']} compiles in {report['wall_s']} s, {n} with "
+                  f"problems, written {harness.write_json(out, report)}")
     return int(bad)
 
 

@@ -1,7 +1,6 @@
-"""What the benchmarks share: interleaved timing, peak memory (a fresh process on the CPU, in process on CUDA),
-the run's metadata, JSON and Markdown (docs/RESULTS.md, "How the benchmarks measure")."""
-from __future__ import annotations
+"""What the benchmarks share: interleaved timing, peak memory, the run's metadata and JSON."""
 
+import contextlib
 import datetime
 import gc
 import importlib
@@ -28,34 +27,24 @@ def slug(text: str) -> str:
 
 
 def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
 
 
 def is_oom(error, returncode: int = 0) -> bool:
-    """An exception (or a child's stderr text and exit code) that means out of memory."""
-    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
-        return True
-    text = str(error).lower()
-    return returncode in (-9, 137) or any(s in text for s in ("out of memory", "memoryerror", "allocate memory"))
-
-
-def markdown(header, rows) -> str:
-    """A Markdown table of ``rows`` (sequences of cells) under ``header``."""
-    return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in [header, ["---"] * len(header), *rows])
+    return (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError" or returncode in (-9, 137)
+            or any(s in str(error).lower() for s in ("out of memory", "memoryerror", "allocate memory")))
 
 
 def git_commit() -> str:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    try:
-        return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "-uno") else "")
+    try:                    # the short hash, "-dirty" with uncommitted changes to tracked files
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--exclude", "*"], cwd=REPO_ROOT,
+                              capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
 def machine_info(device: str | None = "cpu") -> dict:
-    """Date, commit, versions, CPU, threads, load; the C++ build (CPU) or the GPU (CUDA); None: static tools."""
+    """Date, commit, versions, CPU, threads, load; the C++ build (CPU) or the GPU (CUDA); None: neither."""
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
         flags = next(line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
@@ -66,11 +55,8 @@ def machine_info(device: str | None = "cpu") -> dict:
             "python": platform.python_version(), "torch": torch.__version__, "triton": None, "cpu": cpu,
             "cpu_simd_flags": simd, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "device": device, "load_average": os.getloadavg(), "triton_interpreter": os.environ.get("TRITON_INTERPRET")}
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except ImportError:
-        pass
+    with contextlib.suppress(ImportError):
+        info["triton"] = importlib.import_module("triton").__version__
     if device == "cuda":
         info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
                     gpu_memory_bytes=torch.cuda.get_device_properties(0).total_memory)
@@ -83,35 +69,29 @@ def machine_info(device: str | None = "cpu") -> dict:
 
 
 def write_json(path, payload: dict) -> Path:
-    """Write ``payload`` to ``path`` (a temporary file renamed over it: never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
+    """``payload`` to ``path`` through a temporary file renamed over it (never half-written)."""
+    (tmp := Path(path).with_suffix(".json.tmp")).parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    tmp.replace(path)
-    return path
+    return tmp.replace(path)
 
 
 def results_dir(fallback: Path, name: str = "") -> Path:
     """Where a test writes its outputs: ``$DRRHO_KERNELS_RESULTS/<name>`` if set, else ``fallback``."""
-    root = os.environ.get("DRRHO_KERNELS_RESULTS")
-    out = Path(root) / name if root else Path(fallback)
+    out = Path(root) / name if (root := os.environ.get("DRRHO_KERNELS_RESULTS")) else Path(fallback)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
 def summarize(samples) -> dict:
-    """Median, p20, p80, count, and the samples in round order (``samples_s``: per-round ratios)."""
     p20, _, _, p80 = statistics.quantiles(samples, n=5, method="inclusive") if len(samples) > 1 else [samples[0]] * 4
     return {"median_s": statistics.median(samples), "p20_s": p20, "p80_s": p80, "n_repeat": len(samples),
             "samples_s": [float(t) for t in samples]}
 
 
 def timed(step, device: str = "cpu") -> float:
-    """Seconds of one sample: ``step.prepare()`` untimed (on CUDA also an L2 flush), then what it returns."""
-    fn = step.prepare()
+    """Seconds of what ``step.prepare()`` (untimed; on CUDA then an L2 flush) returns."""
+    fn, t0 = step.prepare(), time.perf_counter()
     if device != "cuda":
-        t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0
     _L2_FLUSH.setdefault("buf", torch.empty(256 << 20, dtype=torch.int8, device="cuda")).zero_()
@@ -126,9 +106,7 @@ def timed(step, device: str = "cpu") -> float:
 
 def time_steps(steps: dict, *, device: str = "cpu", repeat: int = 7, min_repeat: int = 3,
                budget: float | None = None) -> dict:
-    """``{key: summary | exception}`` of ``steps`` interleaved: a warm-up each (on CUDA it compiles and
-    autotunes; a long CPU one is kept as a sample, ``first_run_counted``), then ``repeat`` rounds, fewer
-    (>= ``min_repeat``) if the slowest warm-up x ``repeat`` exceeds ``budget`` s. A step that raises drops out."""
+    """``{key: summary | exception}`` of ``steps`` interleaved: a warm-up each, then rounds (fewer past ``budget``)."""
     first, samples, failed = {}, {}, {}
     for r in range(-1, repeat):                        # round -1: the warm-up runs
         for key, step in steps.items():
@@ -139,10 +117,9 @@ def time_steps(steps: dict, *, device: str = "cpu", repeat: int = 7, min_repeat:
             except Exception as exc:                   # noqa: BLE001 (a failing step is a result)
                 failed[key] = exc
                 continue
-            if r < 0:
-                first[key], samples[key] = t, [t] if device == "cpu" and t >= LONG_STEP_S else []
-            else:
-                samples[key].append(t)
+            first.setdefault(key, t)
+            if r >= 0 or (device == "cpu" and t >= LONG_STEP_S):       # a long warm-up is a sample
+                samples.setdefault(key, []).append(t)
         if r < 0 and budget and first and max(first.values()) * repeat > budget:
             repeat = max(min_repeat, int(budget / max(max(first.values()), 1e-9)))
     return {**{k: {**summarize(samples[k]), "first_run_counted": first[k] >= LONG_STEP_S and device == "cpu"}
@@ -150,38 +127,38 @@ def time_steps(steps: dict, *, device: str = "cpu", repeat: int = 7, min_repeat:
 
 
 def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
+
+
+def _extra(raw: int, output_bytes: int) -> dict:
+    return {"peak_raw_bytes": raw, "output_bytes": output_bytes, "peak_extra_bytes": max(raw - output_bytes, 0)}
 
 
 def _measure_here(target: str, kwargs: dict) -> dict:
-    """In the fresh process: the step ``target(**kwargs)`` builds runs, the high-water mark is reset
-    (``/proc/self/clear_refs``), the step runs again."""
+    """In the fresh process: the step runs, the high-water mark is reset, the step runs again."""
     module, name = target.split(":")
     step, output_bytes = getattr(importlib.import_module(module), name)(**kwargs)
     step()
     gc.collect()
     before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    Path("/proc/self/clear_refs").write_text("5")      # the high-water mark reset
     step()
-    raw = (_status_kib("VmHWM") - before) * 1024
-    return {"peak_raw_bytes": raw, "output_bytes": output_bytes, "peak_extra_bytes": max(raw - output_bytes, 0)}
+    return _extra((_status_kib("VmHWM") - before) * 1024, output_bytes)
 
 
 def peak_extra_rss(target: str, kwargs: dict, *, threads: int | None = None, timeout: float = 1800) -> dict:
-    """Peak extra resident memory of one step in a fresh process (``target``: ``"module:function"``
-    returning ``(step, output_bytes)``): ``{"peak_extra_bytes", "peak_raw_bytes", "output_bytes"}`` or
-    ``{"error": "OOM" | message}``; raises ``subprocess.TimeoutExpired`` after ``timeout`` s.
-    ``MALLOC_MMAP_THRESHOLD_`` makes glibc unmap freed large blocks (RSS follows live memory)."""
+    """Peak extra RSS of the step ``target`` (``"module:function"``) builds in a fresh process, or ``{"error"}``."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536"),
            **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.harness", target, json.dumps(kwargs)], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-        return {"error": "OOM" if is_oom(proc.stderr or "", proc.returncode) else tail[0]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.harness", target, json.dumps(kwargs)],
+                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f} s"}
+    if proc.returncode == 0:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+    return {"error": "OOM" if is_oom(proc.stderr or "", proc.returncode) else tail[0]}
 
 
 def cuda_peak_extra(step, output_bytes: int) -> dict:
@@ -192,14 +169,10 @@ def cuda_peak_extra(step, output_bytes: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
     step()
     torch.cuda.synchronize()
-    raw = torch.cuda.max_memory_allocated() - before
-    return {"peak_raw_bytes": raw, "output_bytes": output_bytes, "peak_extra_bytes": max(raw - output_bytes, 0)}
+    return _extra(torch.cuda.max_memory_allocated() - before, output_bytes)
 
 
 if __name__ == "__main__":
-    try:                       # this measurement process is the OOM killer's first choice, not a neighbour
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("1000")
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):      # this measurement process is the OOM killer's first choice, not a neighbour
+        Path("/proc/self/oom_score_adj").write_text("1000")
     print(json.dumps(_measure_here(sys.argv[1], json.loads(sys.argv[2]))))

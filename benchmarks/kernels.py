@@ -1,11 +1,7 @@
-"""The one description of the Triton kernels and of the GPUs they target, for the static tools (``aot_report``,
-``cost_model``): ``VARIANTS``, each kernel variant as the launchers run it (jit function, path flags, tiles,
-grid, score tiles, column parts), ``PATHS``, the variants of each path of a step, ``HW``, the targets' facts."""
-from __future__ import annotations
+"""The Triton kernels and their GPUs for the static tools: ``VARIANTS``, each kernel variant as the launchers run
+it; ``PATHS``, the variants of each path of a step; ``HW``, the targets' facts."""
 
 from collections import namedtuple
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -25,24 +21,19 @@ class Hardware(namedtuple("Hardware", "name units lanes smem_per_block smem_per_
     peak_flops = property(lambda self: dict(fp32=self.fp32, tf32=self.tf32, bf16=self.bf16))   # None: no such unit
 
 
-# Vendors' data sheets, dense: SMs / CUs, lanes per warp / wavefront, shared memory / LDS (KiB) per program (Triton's
-# limit) and per SM / CU, registers (NVIDIA: 32-bit per SM; AMD: VGPRs per lane, ArchVGPRs + AGPRs), warps per SM
-# (AMD: waves per SIMD, 4 SIMDs per CU), peak FLOP/s of fp32 (NVIDIA: CUDA cores), tf32 and bf16 products, HBM
-# bytes/s, L2 MiB, clock, the matrix instruction in the compiled code. MI250X: both GCDs (a ROCm device: one, half).
+# Vendors' data sheets, dense peaks: SMs / CUs, lanes per warp / wavefront, shared memory / LDS (KiB) per program
+# (Triton's limit) and per SM / CU, registers (NVIDIA: 32-bit per SM; AMD: VGPRs per lane, ArchVGPRs + AGPRs), warps
+# per SM (AMD: waves per SIMD, 4 SIMDs per CU), peak FLOP/s of fp32 (NVIDIA: CUDA cores), tf32 and bf16 products,
+# HBM bytes/s, L2 MiB, clock, the matrix instruction in the compiled code. MI250X: both GCDs (a ROCm device: one).
 HW = {arch: Hardware(name, units, lanes, smem * KiB, unit_smem * KiB, regs, warps, *peaks, hbm, l2 * MiB, clock, instr)
       for arch, (name, units, lanes, smem, unit_smem, regs, warps, peaks, hbm, l2, clock, instr) in {
-          80: ("A100 SXM (dense)", 108, 32, 163, 164, 65536, 64, (19.5e12, 156e12, 312e12), 2.039e12, 40, 1.41e9,
-               "mma.sync"),
-          90: ("H100 SXM (dense)", 132, 32, 227, 228, 65536, 64, (66.9e12, 494.7e12, 989.4e12), 3.35e12, 50, 1.83e9,
-               "wgmma.mma_async"),
-          100: ("B200 HGX (dense)", 148, 32, 227, 228, 65536, 64, (80e12, 1100e12, 2250e12), 8e12, 126, 1.965e9,
-                "tcgen05.mma"),
-          "gfx90a": ("MI250X (dense, both GCDs)", 220, 64, 64, 64, 512, 8, (95.7e12, None, 383.0e12), 3.2768e12, 16,
-                     1.7e9, "v_mfma"),
-          "gfx942": ("MI300X (dense)", 304, 64, 64, 64, 512, 8, (163.4e12, 653.7e12, 1307.4e12), 5.3e12, 32, 2.1e9,
-                     "v_mfma"),
-          "gfx950": ("MI355X (dense)", 256, 64, 160, 160, 512, 8, (157.3e12, None, 2516.6e12), 8e12, 32, 2.4e9,
-                     "v_mfma")}.items()}
+    80: ("A100 SXM", 108, 32, 163, 164, 65536, 64, (19.5e12, 156e12, 312e12), 2.039e12, 40, 1.41e9, "mma.sync"),
+    90: ("H100 SXM", 132, 32, 227, 228, 65536, 64, (66.9e12, 494.7e12, 989.4e12), 3.35e12, 50, 1.83e9,
+         "wgmma.mma_async"),
+    100: ("B200 HGX", 148, 32, 227, 228, 65536, 64, (80e12, 1100e12, 2250e12), 8e12, 126, 1.965e9, "tcgen05.mma"),
+    "gfx90a": ("MI250X", 220, 64, 64, 64, 512, 8, (95.7e12, None, 383.0e12), 3.2768e12, 16, 1.7e9, "v_mfma"),
+    "gfx942": ("MI300X", 304, 64, 64, 64, 512, 8, (163.4e12, 653.7e12, 1307.4e12), 5.3e12, 32, 2.1e9, "v_mfma"),
+    "gfx950": ("MI355X", 256, 64, 160, 160, 512, 8, (157.3e12, None, 2516.6e12), 8e12, 32, 2.4e9, "v_mfma")}.items()}
 FAMILIES = {"nvidia": (80, 90, 100), "amd": ("gfx90a", "gfx942", "gfx950")}
 
 
@@ -55,21 +46,14 @@ def parse_arch(text):
     return str(text) if str(text).startswith("gfx") else int(str(text).removeprefix("sm_"))
 
 
-def target(arch):
-    from triton.backends.compiler import GPUTarget
-    return GPUTarget("hip" if HW[arch].amd else "cuda", arch, HW[arch].lanes)
-
-
 def fp32_dot_flops(arch, precision: str | None = None) -> float | None:
-    """Peak FLOP/s of float32 dots at ``precision`` (default: the one the launcher uses on ``arch``)."""
+    """Peak FLOP/s of float32 dots at ``precision`` (default: the launcher's on ``arch``)."""
     fmt, products = PRODUCTS[precision or launch.fp32_precision(arch)]
-    peak = HW[arch].peak_flops[fmt]
-    return None if peak is None else peak / products
+    return None if (peak := HW[arch].peak_flops[fmt]) is None else peak / products
 
 
 def occupancy(arch, registers: int, num_warps: int, shared: int) -> dict:
-    """Resident programs per SM / CU (``programs_per_unit``) from registers (VGPRs), shared memory (LDS)
-    and the warp (wave) slots, and what limits them."""
+    """Resident programs per SM / CU (``programs_per_unit``) from registers, shared memory and warp slots."""
     hw = HW[arch]
     if hw.amd:      # VGPRs in granules of 8; a workgroup's waves spread over the CU's 4 SIMDs
         by = {"lds": -(-(hw.smem_per_unit // shared if shared else 64) * num_warps // 4),
@@ -85,33 +69,20 @@ def occupancy(arch, registers: int, num_warps: int, shared: int) -> dict:
             "limited_by": min(by, key=by.get)}
 
 
-@dataclass(frozen=True)
-class Shape:
-    """One step's launches: ``B`` rows against ``N`` columns, widths ``d`` and ``dr`` (0: no reference);
-    ``split`` False: ``tiles.column_splits`` forced to 1 (the kernels before the column split)."""
-    B: int
-    N: int
-    d: int
-    dr: int = 0
-    dtype: torch.dtype = torch.bfloat16
-    arch: int | str = 90
-    split: bool = True
+# One step: B rows against N columns, widths d, dr (0: no reference); split False: tiles.column_splits forced to 1
+Shape = namedtuple("Shape", "B N d dr dtype arch split", defaults=(0, torch.bfloat16, 90, True))
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    fn: object                  # the @triton.jit function
-    kernel: str                 # its tiles: "fwd", "fwdt", "bwd" (autotuned tables), "margin", "merge" (one)
-    flags: dict                 # path constexprs
-    grid_of: Callable           # (shape, tiles, variant) -> the launcher's grid
-    tiles_of: Callable | None = None   # (shape, tiles, variant) -> [BM, BN] score tiles per launch
-    weighted: bool = False      # each score tile also feeds a [BM, BN] x [BN, BD] product (the backward)
-    parts_of: Callable | None = None   # grid -> its column parts (tiles.column_splits), None: not split
+class Variant(namedtuple("Variant", "name fn kernel flags grid_of tiles_of weighted parts_of",
+                         defaults=(None, False, None))):
+    """A kernel as a launcher runs it: ``fn``, the @triton.jit function; ``kernel``, its tiles ("fwd", "fwdt", "bwd":
+    autotuned tables; "margin", "merge": one); ``flags``, the path constexprs; ``grid_of(shape, tiles, variant)``, the
+    launcher's grid; ``tiles_of`` (same arguments), its [BM, BN] score tiles (None: no dot); ``weighted``: each score
+    tile also feeds a [BM, BN] x [BN, BD] product; ``parts_of(grid)``, its column parts (None: not split)."""
 
     @property
     def has_dot(self) -> bool:
@@ -121,7 +92,6 @@ class Variant:
         return tiles.candidates(self.kernel, d, dr, dtype, arch, self.flags)
 
     def constexprs(self, t, d, dr, dtype: torch.dtype, arch) -> dict:
-        """Every constexpr the launcher passes (those of the kernel only)."""
         c = dict(D=d, DR=dr, **self.flags, **t.meta(), **launch.dot_flags(dtype, arch), SCALE_P=dtype == torch.float16)
         return {k: v for k, v in c.items() if k in self.fn.arg_names}
 
@@ -129,7 +99,6 @@ class Variant:
         return self.grid_of(s, t, self)
 
     def parts(self, s: Shape, t) -> int:
-        """Into how many parts the launch cuts its columns (1: not split)."""
         return self.parts_of(self.grid(s, t)) if self.parts_of else 1
 
     def tile_flops(self, t, d: int, dr: int) -> tuple[int, int]:
@@ -139,43 +108,35 @@ class Variant:
 
 
 def plan(s: Shape, v: Variant | None = None) -> tiles.Plan:
-    """The one-process forward's plan on ``s.arch``, from the largest tiles of its path's candidates."""
+    """The one-process forward's plan on ``s.arch`` for its largest candidate tiles."""
     cands, hw = (v or VARIANTS["fwd_t"]).candidates(s.d, s.dr, s.dtype, s.arch), HW[s.arch]
     return tiles.transposed_plan(s.B, max(c.BM for c in cands), max(c.BN for c in cands),
                                  (s.d + s.dr) * s.dtype.itemsize, hw.units, hw.l2_bytes)
 
 
 def split_parts(s: Shape, is_row: bool, distill: bool) -> int:
-    """The backward's inner parts (``backward.backward_splits``; 1: the unsplit variant runs)."""
+    """The backward's inner parts (1: the unsplit variant runs)."""
     n_out, n_in = (s.B, s.N) if is_row else (s.N, s.B)
-    return backward.backward_splits(n_out, n_in, s.d, s.dr, s.dtype, distill, s.arch, HW[s.arch].units) if s.split else 1
+    return s.split and backward.backward_splits(n_out, n_in, s.d, s.dr, s.dtype, distill, s.arch, HW[s.arch].units) or 1
 
 
-def _forward(s, t, v):
-    """(row blocks, 2 directions, column parts: ``forward.forward_splits`` on this target)."""
+def _forward(s, t, v):                            # (row blocks, 2 directions, column parts)
     parts = forward.forward_splits(s.B, s.N, s.d, s.dr, s.dtype, v.flags["EXTRA"], s.arch, HW[s.arch].units)
     return (_cdiv(s.B, t.BM), 2, parts if s.split else 1)
 
 
-def _backward(s, t, v):
-    """(outer blocks, 2 directions x inner parts, output slices)."""
+def _backward(s, t, v):                           # (outer blocks, 2 directions x inner parts, output slices)
     parts = split_parts(s, v.flags["IS_ROW"], v.flags["DISTILL"]) if v.flags["SPLIT"] else 1
     return (_cdiv(s.B if v.flags["IS_ROW"] else s.N, t.BM), 2 * parts, _cdiv(s.d, t.BD))
 
 
-def _every_inner_block(s, t, v):
-    """Every outer block against every inner block (the column parts share them out), per direction and
-    output slice: N columns (forward, row kernel), B rows (column kernel)."""
+def _every_inner_block(s, t, v):                  # score tiles: outer x inner blocks, per direction and slice
     (n_out, n_in), slices = (s.B, s.N) if v.flags.get("IS_ROW", True) else (s.N, s.B), _cdiv(s.d, t.BD) if t.BD else 1
     return _cdiv(n_out, t.BM) * 2 * slices * _cdiv(n_in, t.BN)
 
 
-def _rows(s, t, v):
-    return (_cdiv(s.B, t.BM),)
-
-
-def _directions(s, t, v):
-    return (_cdiv(s.B, t.BM), 2)
+_rows = lambda s, t, v: (_cdiv(s.B, t.BM),)                                  # noqa: E731
+_directions = lambda s, t, v: (_cdiv(s.B, t.BM), 2)                           # noqa: E731
 
 
 _FT = forward_transposed
@@ -194,10 +155,8 @@ VARIANTS = {v.name: v for v in (
               dict(HAS_REF=True, IS_ROW=side == "row", FOLD=fold, DISTILL=distill, SPLIT=split), _backward,
               _every_inner_block, weighted=True, parts_of=lambda g: g[1] // 2)
       for split in (False, True) for distill in (False, True)
-      for side, fold in (("row", True), ("row", False), ("col", False))),
-)}
-# The variant of each kernel role on each path of a step: plain; per-sample outputs (the EXTRA forward);
-# distillation (EXTRA forward, DISTILL backward).
+      for side, fold in (("row", True), ("row", False), ("col", False))))}
+# Each kernel role's variant on each path: plain, per-sample outputs (EXTRA forward), distillation (+ DISTILL backward)
 ROLES = ("fwd", "fwd_t_margin", "fwd_t", "fwd_t_merge", "bwd_row_fold", "bwd_row", "bwd_col")
 _EXTRA = ("fwd_extra", "fwd_t_margin", "fwd_t_extra", "fwd_t_merge_extra")
 PATHS = {"plain": dict(zip(ROLES, ROLES)), "per_sample": dict(zip(ROLES, _EXTRA + ROLES[4:])),

@@ -1,12 +1,13 @@
-"""The step factory: ``make_step(impl, B, N, ...) -> (step, output_bytes)`` of an implementation (``IMPLS``, or
-``<backend>/<variant>``: ``VARIANTS``, and "authors/jest"), shape, mode and autocast; N > B: one process of a
-distributed step (docs/RESULTS.md, "How the benchmarks measure")."""
-from __future__ import annotations
+"""``make_step(impl, B, N, ...) -> (step, output_bytes)``: an implementation's step (N > B: one process's)."""
 
 import contextlib
 import os
+from unittest import mock
 
 import torch
+import torch.distributed as dist
+
+import drrho_kernels as dk
 
 from . import baselines
 
@@ -30,12 +31,9 @@ def square_only(impl: str) -> bool:
 
 
 class Step:
-    """``loss(grad)``: a fresh forward (with autograd when ``grad``), on fresh leaves. ``step()`` runs the step;
-    ``step.prepare()`` the untimed part, returning what to time (mode ``backward``: the forward's ``backward``)."""
+    """``loss(grad)``: a fresh forward on fresh leaves; ``prepare()`` runs the untimed part, returns what to time."""
 
     def __init__(self, loss, mode: str):
-        if mode not in MODES:
-            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         self.loss, self.mode = loss, mode
 
     def prepare(self):
@@ -48,35 +46,29 @@ class Step:
 
 
 class Floor:
-    """The GEMM floor: per direction ``(rows, cols, ref_rows, ref_cols)`` the forward's similarities; its
-    ``backward()`` recomputes them and does the two weighted products ``P T``, ``P^T x``."""
+    """The GEMM floor: per direction the similarities; ``backward()`` recomputes them, does ``P T`` and ``P^T x``."""
 
     def __init__(self, directions):
         self.directions = directions
-        for d in directions:
-            self.similarities(*d)
+        self.backward(weighted=False)
 
-    @staticmethod
-    def similarities(rows, cols, ref_rows, ref_cols):
-        if ref_rows is not None:
-            ref_rows @ ref_cols.T
-        return rows @ cols.T
-
-    def backward(self):
+    def backward(self, weighted=True):
         for rows, cols, ref_rows, ref_cols in self.directions:
-            sim = self.similarities(rows, cols, ref_rows, ref_cols)
-            sim @ cols, sim.T @ rows
+            if ref_rows is not None:
+                ref_rows @ ref_cols.T
+            sim = rows @ cols.T
+            if weighted:
+                sim @ cols, sim.T @ rows
 
 
 def floor_gemm_count(B: int, N: int, ref: bool = True, mode: str = "forward_backward") -> int:
-    """``[B, d] x [d, N]`` products of the floor: per direction (one process: one, a shard: two) the forward's
-    similarities (2 with a reference, 1 without), the backward's recomputation and two weighted products."""
+    """``[B, d] x [d, N]`` products of the floor (a shard: both directions)."""
     forward, backward = (2, 4) if ref else (1, 3)
     return {"forward": forward, "backward": backward}.get(mode, forward + backward) * (1 if N == B else 2)
 
 
 def make_inputs(B, N, d, dr, dtype, ref, device, seed=0):
-    """The columns ``{img_all, txt_all[, ref_img_all, ref_txt_all]}`` (unit rows) and the rows' offset."""
+    """The columns ``{img_all, txt_all[, ref_img_all, ref_txt_all]}`` (unit rows), the rows' offset."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     widths = {"img_all": d, "txt_all": d, **({"ref_img_all": dr, "ref_txt_all": dr} if ref else {})}
     return {k: torch.nn.functional.normalize(torch.randn(N, w, generator=g), dim=1).to(device=device, dtype=dtype)
@@ -85,37 +77,33 @@ def make_inputs(B, N, d, dr, dtype, ref, device, seed=0):
 
 @contextlib.contextmanager
 def process_group_of_one():
-    """A process group the body opens (the authors' selection needs one) is destroyed on the way out, and
-    the environment variables of torch.distributed are left as they were."""
-    import torch.distributed as dist
-    env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    """A process group the body opens is destroyed after it, the environment restored."""
     had = dist.is_available() and dist.is_initialized()
-    try:
-        yield
-    finally:
-        if not had and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-        os.environ.update({k: v for k, v in env.items() if v is not None})
-        for k in (k for k, v in env.items() if v is None):
-            os.environ.pop(k, None)
+    with mock.patch.dict(os.environ):
+        try:
+            yield
+        finally:
+            if not had and dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _theirs(loaded):
+    """The authors' code from a loader's ``(code, where)``; ImportError (the reason) without a snapshot."""
+    if loaded[0] is None:
+        raise ImportError(f"authors: {loaded[1]}")
+    return loaded[0]
 
 
 def _selection(backend, img, txt, ref_img, ref_txt):
-    """``dk.jest_select``, or (``backend`` "authors") their ``jointly_sample_batch_softmax`` in a process group
-    of one (an in-memory store), as their train.py runs it."""
+    """``dk.jest_select``, or (``backend`` "authors") theirs in a gloo group of one, as their train.py runs it."""
     if backend != "authors":
-        import drrho_kernels as dk
         g = torch.Generator().manual_seed(0)
         return lambda grad: dk.jest_select(img, txt, ref_img, ref_txt, 14.0, ref_scale=100.0, generator=g,
                                            backend=backend, **JEST)
     import warnings
 
-    import torch.distributed as dist
-
     from .authors import jest_namespace
-    ns, where = jest_namespace()
-    if ns is None:
-        raise ImportError(f"authors: {where}")
+    ns = _theirs(jest_namespace())
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
@@ -128,20 +116,18 @@ def _selection(backend, img, txt, ref_img, ref_txt):
 
 def make_step(impl: str, B: int, N: int, d: int = 512, dr: int = 512, dtype: str = "float32", ref: bool = True,
               device: str = "cpu", mode: str = "forward_backward", seed: int = 0, autocast: str | None = None):
-    """``(step, output_bytes)``, the inputs built once; ``autocast``: the forward under ``torch.autocast(device,
-    autocast)`` on ``dtype`` inputs, as a mixed-precision training step runs it."""
-    if not known(impl):
-        raise ValueError(f"impl: expected one of {IMPLS} or <backend>/<{'|'.join(VARIANTS)}>, got {impl!r}")
+    """``(step, output_bytes)``, the inputs built once; ``autocast``: the forward under it on ``dtype`` inputs."""
     distributed, (backend, _, variant) = N != B, impl.partition("/")
-    if distributed and square_only(impl):
-        raise ValueError(f"{impl}: only the single-process shape (N == B) is benchmarked")
+    if not known(impl) or mode not in MODES or (distributed and square_only(impl)):
+        raise ValueError(f"impl {impl!r}, mode {mode!r}: expected {IMPLS} or <backend>/<{'|'.join(VARIANTS)}>, {MODES}"
+                         f" (N == B only for {SQUARE_ONLY} and every variant)")
     cols, offset = make_inputs(B, N, d, dr, DTYPES[dtype], ref, device, seed)
     if impl == "gemm_floor" and autocast:     # under autocast: the same products on inputs in the autocast dtype
         cols = {k: v.to(DTYPES[autocast]) for k, v in cols.items()}
     rows = {k.replace("_all", ""): v[offset:offset + B] for k, v in cols.items()}
     refs = {k: v for k, v in rows.items() if k.startswith("ref_")}
     ref_cols = {k: v for k, v in cols.items() if k.startswith("ref_")} if distributed else {}
-    u, elem = torch.zeros(B, device=device), DTYPES[dtype].itemsize
+    u, elem, index = torch.zeros(B, device=device), DTYPES[dtype].itemsize, torch.arange(B, device=device)
     column_grads = distributed and impl in FUSED + ("unfused",)
     output_bytes = 0 if mode == "forward" else (2 * B * d + (2 * N * d if column_grads else 0)) * elem
 
@@ -156,16 +142,13 @@ def make_step(impl: str, B: int, N: int, d: int = 512, dr: int = 512, dtype: str
     if variant == "jest":
         return Step(_selection(backend, *(rows[k] for k in ("img", "txt", "ref_img", "ref_txt"))), mode), 0
     if variant:                                                      # the module's forms, distillation
-        import drrho_kernels as dk
         crit = dk.DRRhoCLIPLoss(B, gamma=0.8, backend=backend, distill_weight=float(variant == "distill"),
                                 temperature="individual" if variant == "individual" else "global")
         crit.set_epoch(1)
-        index = torch.arange(B, device=device)
         scales = {"individual": lambda s: (), "per_direction": lambda s: (
             (s, torch.tensor(12.0, device=device, requires_grad=s.requires_grad)),)}.get(variant, lambda s: (s,))
         loss = with_leaves(lambda x, t, s, col: crit(x, t, index, *scales(s), **refs))
     elif impl in FUSED:
-        import drrho_kernels as dk
         loss = with_leaves(lambda x, t, s, col: dk.drrho_clip_loss(
             x, t, s, u, u, **refs, **col, **ref_cols, offset=offset, backend=impl)[0])
     elif impl == "unfused":
@@ -180,12 +163,8 @@ def make_step(impl: str, B: int, N: int, d: int = 512, dr: int = 512, dtype: str
         loss = lambda grad: Floor(directions)                        # noqa: E731
     else:                                                            # authors
         from .authors import load_module
-        module, where = load_module()
-        if module is None:
-            raise ImportError(f"authors: {where}")
-        crit = module.SogCLRLoss(B, gamma=0.8, gamma_schedule="cosine", gamma_decay_epochs=10, rho=8.0,
-                                 device=torch.device(device))
-        index = torch.arange(B, device=device)
+        crit = _theirs(load_module()).SogCLRLoss(B, gamma=0.8, gamma_schedule="cosine", gamma_decay_epochs=10,
+                                                 rho=8.0, device=torch.device(device))
         ref_features = (refs["ref_img"], refs["ref_txt"]) if refs else None
         loss = with_leaves(lambda x, t, s, col: crit(features=(x, t), indices=(index, index), logit_scale=s,
                                                      offset=0, ref_features=ref_features)[0])

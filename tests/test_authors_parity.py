@@ -11,7 +11,7 @@
 A snapshot is a checkout or a bare git directory (its HEAD is read); without one the tests skip with the
 reason. The worst differences are written to ``authors_parity.json`` in the ``results_dir`` fixture's
 directory (``$DRRHO_KERNELS_RESULTS``, else a temporary one; docs/TESTING.md) when the tests run: copy it to
-``benchmarks/results/authors_parity.json`` (cited by the README) to update the committed figures.
+``benchmarks/results/authors_parity.json`` (cited by docs/RESULTS.md) to update the committed figures.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The benchmark tools never rot: the quick sweep and the plots end to end, and the pieces that decide
 what a number means (interleaved timing, the backward timed alone, the floor's products, ratios, the
-memory guard, OOM from a fresh process, presets, tables, the committed results, the authors' snapshot).
+memory guard, OOM from a fresh process, presets, the committed results, the authors' snapshot).
 
 The end-to-end test runs the real command in a subprocess (``python -m benchmarks.sweep --quick``), as
 a user would; the rest check the pieces on fake steps and made-up rows.
@@ -188,52 +188,57 @@ def test_memory_prediction_brackets_a_24gb_machine():
     assert not under, under
 
 
+def preset(name):
+    return sweep.presets()[name][3]
+
+
 def test_presets_and_grid_flags(monkeypatch):
-    points = sweep.expand(sweep.preset_slices("full-cpu"), "cpu")
-    assert max(p["B"] for p in points if p["slice"] == "main" and p["impl"] == "torch") >= 16384
+    points = sweep.expand(preset("full-cuda"), "cuda")
+    assert max(p["B"] for p in points if p["slice"] == "main" and p["impl"] == "triton") >= 131072
     assert {p["d"] for p in points} == {256, 512, 1024} and {p["mode"] for p in points} == set(steps.MODES)
     assert any(p["N"] != p["B"] for p in points) and {p["dtype"] for p in points} == {"float32", "bfloat16"}
     assert {p["ref"] for p in points} == {True, False, None}
     # --cpu-step: the old cpu_step measurement, authors included when DRRHO_AUTHORS_REPO is set
     monkeypatch.delenv("DRRHO_AUTHORS_REPO", raising=False)
-    step_points = sweep.expand(sweep.preset_slices("cpu-step"), "cpu")
+    step_points = sweep.expand(preset("cpu-step"), "cpu")
     assert [p["impl"] for p in step_points] == ["gemm_floor", "unfused", "torch", "cpp"]
     assert {(p["B"], p["N"], p["d"], p["dr"], p["dtype"], p["ref"], p["mode"]) for p in step_points} == {
         (4096, 4096, 512, 512, "float32", True, "forward_backward")}
     monkeypatch.setenv("DRRHO_AUTHORS_REPO", "somewhere")
-    assert "authors" in [p["impl"] for p in sweep.expand(sweep.preset_slices("cpu-step"), "cpu")]
-    # --cpu-half (was benchmarks.cpu_half): B = 4096 in bfloat16 and float32 timed as one group, then the sweep
-    half = sweep.expand(sweep.preset_slices("cpu-half"), "cpu")
-    step = [p for p in half if p["B"] == 4096]
-    assert {(p["impl"], p["dtype"]) for p in step} == {("cpp", "bfloat16"), ("gemm_floor", "bfloat16"),
-                                                        ("unfused", "bfloat16"), ("cpp", "float32"),
-                                                        ("gemm_floor", "float32")}
-    assert len(sweep.timing_groups([dict(p, status="ok") for p in step])) == 1
-    assert {p["B"] for p in half if p["impl"] == "unfused"} == {512, 1024, 2048, 4096, 8192, 16384}
-    assert not any(p["_memory"] for p in half) and {p["mode"] for p in half} == {"forward_backward"}
-    args = sweep.parse_args(["--cpu-half"])
-    assert (args.repeat, args.min_repeat, args.point_budget) == (5, 1, 60.0)
+    assert "authors" in [p["impl"] for p in sweep.expand(preset("cpu-step"), "cpu")]
+    # the retired --cpu-half as docs/RESULTS.md reproduces it with plain arguments: B = 4096 in bfloat16 and
+    # float32 timed as one group, then cpp against the unfused loss in bfloat16, no memory runs
+    plain = ["--modes", "forward_backward", "--no-memory", "--repeat", "5", "--min-repeat", "1", "--point-budget", "60"]
+    for argv, want in ((["--B", "4096", "--dtype", "bfloat16", "float32", "--impls", "cpp", "gemm_floor", "unfused"],
+                        {(i, t) for i in ("cpp", "gemm_floor", "unfused") for t in ("bfloat16", "float32")}),
+                       (["--B", "512", "1024", "2048", "8192", "16384", "--dtype", "bfloat16", "--impls", "cpp",
+                         "unfused"], {("cpp", "bfloat16"), ("unfused", "bfloat16")})):
+        args = sweep.parse_args(argv + plain)
+        assert (args.repeat, args.min_repeat, args.point_budget, args.no_memory) == (5, 1, 60.0, True)
+        half = sweep.expand([sweep.grid("custom", B=args.B, dtypes=args.dtype)], "cpu", args.impls, args.modes)
+        assert {(p["impl"], p["dtype"]) for p in half} == want and {p["mode"] for p in half} == {"forward_backward"}
+        assert len(sweep.timing_groups([dict(p, status="ok") for p in half])) == len(args.B)
     args = sweep.parse_args(["--cpu-step"])
     assert (args.repeat, args.point_budget, args.memory_modes) == (7, 0, ["forward_backward"])
-    assert sweep.parse_args(["--quick"]).repeat == 3 and sweep.parse_args(["--full-cpu"]).point_budget == 20
+    assert sweep.parse_args(["--quick"]).repeat == 3 and sweep.parse_args(["--full-cuda"]).point_budget == 20
     # --cpu-autocast (issue 21): B = N = 4096 (the authors' SogCLRLoss with DRRHO_AUTHORS_REPO) and the paper's
     # per-rank shape, 640 anchors of 5120 columns (ours, the unfused stand-in), float32 under bfloat16 autocast
-    ac = sweep.expand(sweep.preset_slices("cpu-autocast"), "cpu")
+    ac = sweep.expand(preset("cpu-autocast"), "cpu")
     assert {(p["B"], p["N"], p["dtype"], p["autocast"], p["mode"]) for p in ac} == {
         (4096, 4096, "float32", "bfloat16", "forward_backward"), (640, 5120, "float32", "bfloat16", "forward_backward")}
     assert {p["impl"] for p in ac if p["B"] == 4096} == {"cpp", "torch", "unfused", "gemm_floor", "authors"}
     assert {p["impl"] for p in ac if p["B"] == 640} == {"cpp", "torch", "unfused", "gemm_floor"}
     assert sweep.parse_args(["--cpu-autocast"]).point_budget == 0 and not any(p["_memory"] for p in ac)
     # the family (was benchmarks.family): the module's forms, distillation, the selection against the authors'
-    assert {p["impl"] for p in sweep.expand(sweep.preset_slices("temperatures"), "cpu")} == {
+    assert {p["impl"] for p in sweep.expand(preset("temperatures"), "cpu")} == {
         "cpp/module", "cpp/per_direction", "cpp/individual"}
-    assert {p["impl"] for p in sweep.expand(sweep.preset_slices("distill"), "cpu")} == {"cpp/module", "cpp/distill"}
-    sel = sweep.expand(sweep.preset_slices("selection"), "cpu")
+    assert {p["impl"] for p in sweep.expand(preset("distill"), "cpu")} == {"cpp/module", "cpp/distill"}
+    sel = sweep.expand(preset("selection"), "cpu")
     assert {(p["impl"], p["B"], p["mode"]) for p in sel} == {(i, b, "forward") for i in ("cpp/jest", "authors/jest")
                                                              for b in (4096, 16384)}
     args = sweep.parse_args(["--B", "64", "--N-factor", "1", "2", "--ref", "--no-ref"])
     assert args.repeat == 7 and args.point_budget == 20
-    custom = sweep.Slice("custom", B=args.B, n_factor=args.N_factor, d=[16], dtypes=["float32"], refs=[True, False])
+    custom = sweep.grid("custom", B=args.B, n_factor=args.N_factor, d=[16], dtypes=["float32"], refs=[True, False])
     pts = sweep.expand([custom], "cpu", ["torch"], ["forward"])
     assert {(p["N"], p["ref"]) for p in pts} == {(64, True), (128, True), (64, False), (128, False)}
     with pytest.raises(SystemExit):
@@ -265,46 +270,20 @@ def test_plots_from_made_up_rows(out_dir):
     assert {p.name.split("_")[2] for p in plot.plot_file(path, out_dir)} == {"time", "memory", "speedup"}
 
 
-def test_markdown_tables_print_time_memory_and_oom(out_dir, capsys):
-    """`plot --markdown`: one row per B with each implementation's time / memory; OOM stays visible."""
-    rows = [_row("clip_ce", "forward_backward", 0.1, B=1024, ref=None),       # joins the reference group's table
-            _row("torch", "forward_backward", 0.25, B=1024, peak=3 * 2**20),
-            _row("unfused", "forward_backward", 0.0123, B=1024, peak=100 * 2**20),
-            _row("torch", "forward_backward", 2.0, B=4096, peak=5 * 2**20),
-            _row("unfused", "forward_backward", None, status="OOM", B=4096)]
-    meta = {"date": "2026-01-01T00:00:00+00:00", "commit": "abc", "cpu": "Test CPU", "torch_threads": 2}
-    path = out_dir / "sweep_md.json"
-    path.write_text(json.dumps({"meta": meta, "config": {}, "rows": rows}))
-    assert plot.main([str(path), "--markdown"]) == []
-    out = capsys.readouterr().out
-    assert "Test CPU, 2 threads, 2026-01-01, commit abc" in out
-    assert out.count("| B | N |") == 1 and "| B | N | torch | unfused | clip_ce |" in out
-    assert "| 1024 | 1024 | 250 ms / 3.0 MiB | 12.3 ms / 100.0 MiB | 100 ms |" in out
-    assert "| 4096 | 4096 | 2,000 ms / 5.0 MiB | OOM | - |" in out
-    assert not list(out_dir.glob("*.png"))
-
-
-def test_committed_sweep_still_tables_and_plots(capsys):
-    """The committed CPU sweep (backward derived, from before it was measured) gives the README's table rows,
-    and its time figure says the backward panel is derived (a measured one does not)."""
+def test_committed_sweep_still_plots():
+    """The committed CPU sweep (backward derived, from before it was measured) holds docs/RESULTS.md's rows (B =
+    4096: cpp 782 ms / 7.8 MiB, torch 998 ms / 47.8 MiB), and its time figure says the backward panel is derived
+    (a measured one does not)."""
     [path] = RESULTS.glob("sweep_cpu-amd-epyc-2t_2026-11-23.json")
-    plot.main([str(path), "--markdown"])
-    assert "| 4096 | 4096 | 782 ms / 7.8 MiB | 998 ms / 47.8 MiB |" in capsys.readouterr().out
-    figures, payload = [], plot.load(path)
-    key = ("float32", 512, 512, True, 1)
-    figures.append(plot.figure(payload["meta"], key, "time", plot.groups(payload["rows"])[key], None, []))
-    figures.append(plot.figure(payload["meta"], key, "time", [dict(r, derived=False)
-                                                              for r in plot.groups(payload["rows"])[key]], None, []))
+    payload, key = plot.load(path), ("float32", 512, 512, True, 1)
+    rows = plot.groups(payload["rows"])[key]
+    fb = {r["impl"]: r for r in rows if r["mode"] == "forward_backward" and r["B"] == 4096}
+    assert [(round(fb[i]["median_s"] * 1e3), round(fb[i]["peak_extra_bytes"] / 2**20, 1)) for i in ("cpp", "torch")
+            ] == [(782, 7.8), (998, 47.8)]
+    figures = [plot.figure(payload["meta"], key, "time", rows, None, []),
+               plot.figure(payload["meta"], key, "time", [dict(r, derived=False) for r in rows], None, [])]
     titles = [[ax.get_title() for ax in fig.axes] for fig in figures]
     assert titles[0][1].startswith("backward (derived") and titles[1][1] == "backward", titles
-
-
-def test_bytes_table_for_the_readme(capsys):
-    plot.main(["--bytes-table", "256", "8", "512", "512"])
-    out = capsys.readouterr().out
-    assert "| scheme | forward | backward | total per step |" in out
-    assert re.search(r"\| gather_u \| .* \| 0 B \| 7\.04 MiB \|", out), out
-    assert re.search(r"\| gather_grad \| .* \| 3\.50 MiB \| 10\.53 MiB \|", out), out
 
 
 def test_authors_snapshot_comes_from_the_environment_only(tmp_path, monkeypatch):

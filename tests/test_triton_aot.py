@@ -252,7 +252,7 @@ def test_kernels_import_without_a_device_query():
 
 
 # ----------------------------------------------------------------------------------------------
-# The float32 precision study: retired (git history: benchmarks/precision_study.py before this commit); its
+# The float32 precision study: retired (git show 82830af:benchmarks/precision_study.py restores it); its
 # figures stay in benchmarks/results/precision_study.json, its choice in launch.FP32_PRECISION_AMD.
 
 def test_precision_study_figures_and_choice():

@@ -1,7 +1,4 @@
-"""Microbenchmarks (pytest-benchmark): forward and forward + backward of the fused backends (triton on CUDA),
-the unfused loss and the GEMM floor at small shapes, a group per shape, dtype and mode, for
-``--benchmark-compare`` between commits (benchmarks/README.md)."""
-import functools
+"""Microbenchmarks (pytest-benchmark) at small shapes, a group per shape, dtype and mode: --benchmark-compare."""
 import sys
 from pathlib import Path
 
@@ -14,13 +11,8 @@ from benchmarks import steps, sweep  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = ((256, 128), (1024, 256))                # B = N (one process), d = dr, with a reference model
 IMPLS = ("cpp", "torch", "triton", "unfused", "gemm_floor")
-
-
-@functools.lru_cache(maxsize=None)
-def unavailable(impl: str) -> str | None:
-    if impl == "triton" and DEVICE != "cuda":
-        return "triton is benchmarked on CUDA only (the interpreter says nothing about speed)"
-    return sweep.probe(impl, DEVICE)
+UNAVAILABLE = {i: "triton is benchmarked on CUDA only (the interpreter says nothing about speed)" if i == "triton"
+               and DEVICE != "cuda" else sweep.probe(i, DEVICE) for i in IMPLS}
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -28,14 +20,10 @@ def unavailable(impl: str) -> str | None:
 @pytest.mark.parametrize("dtype", ("float32", "bfloat16"))
 @pytest.mark.parametrize("B, d", SHAPES, ids=[f"B{b}-d{d}" for b, d in SHAPES])
 def test_loss(benchmark, B, d, dtype, mode, impl):
-    if unavailable(impl):
-        pytest.skip(unavailable(impl))
+    if UNAVAILABLE[impl]:
+        pytest.skip(UNAVAILABLE[impl])
     step, _ = steps.make_step(impl, B, B, d, d, dtype, True, DEVICE, mode)
     benchmark.group = f"B=N={B} d={d} {dtype} {mode}"
-    benchmark.extra_info.update(B=B, d=d, dtype=dtype, mode=mode, impl=impl, device=DEVICE, threads=torch.get_num_threads())
-
-    def run():
-        step()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-    benchmark(run)
+    benchmark.extra_info.update(B=B, d=d, dtype=dtype, mode=mode, impl=impl, device=DEVICE,
+                                threads=torch.get_num_threads())
+    benchmark(lambda: (step(), DEVICE == "cuda" and torch.cuda.synchronize()))

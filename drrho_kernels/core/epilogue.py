@@ -4,8 +4,8 @@ Everything here works on per-row vectors ``[B]`` or scalars, never on a ``[B, N]
 matrix: the moving-average rule for ``u`` (also the DRRho risk's), the ``log(eps + g)``
 from online log-sum-exp statistics, the epilogue that turns the kernels' per-anchor
 statistics into the new state and the backward's weights (:func:`finish`,
-:func:`finish_extras`, :func:`finish_individual`), and the scalar loss with its derivatives
-(:func:`loss_value`, :func:`loss_derivatives`).
+:func:`finish_extras`, :func:`finish_individual`), and the scalar loss with its slopes
+(:func:`loss_and_slopes`).
 
 The fused kernels (torch, Triton, C++) only reduce tiles: they return each anchor's
 online statistics over its negatives. Everything per anchor that follows is

@@ -352,7 +352,7 @@ def loss_args(backend: str, wdsum: torch.Tensor, tiles: TileInputs, weights: Wei
 
 
 def loss(backend: str, wdsum: torch.Tensor, tiles: TileInputs, weights: Weights, **form) -> torch.Tensor:
-    """The scalar loss of the fused terms (``core.epilogue.loss_value``), differentiable in the embeddings and
+    """The scalar loss of the fused terms (``core.epilogue.loss_and_slopes``), differentiable in the embeddings and
     scales of ``tiles`` and ``temperature`` (weights and ``u`` constant; ``h`` the distillation
     cross-entropies, ``h_ds`` their derivative in the scale; ``wsum`` the per-sample temperatures' value);
     ``form``: the keywords of :func:`loss_args`."""

@@ -7,11 +7,11 @@ tensor-core products, about float32 accuracy): SPEC's 1e-4 against float64 rules
 (docs/DESIGN.md, "Numerics"). AMD has no tf32x3 (its Triton backend accepts ieee, bf16x3, bf16x6, and
 tf32 on gfx942 only): ``FP32_PRECISION_AMD`` per architecture, the fastest precision whose measured
 error on realistic inputs stays a factor 4 below SPEC's tolerance and that passes the float32
-conformance suite (``benchmarks/precision_study.py``, figures in
-``benchmarks/results/precision_study.json``). Half-precision dots take the tensor / matrix cores
-directly. Triton's interpreter ignores ``input_precision`` (it computes in float32) and accepts only
-tf32, tf32x3 and ieee: the interpreter gets ``FP32_PRECISION_NVIDIA``; the precision study emulates
-each precision instead, and the AOT report checks the precision in the compiled code.
+conformance suite (the precision study, since retired: ``git show 82830af:benchmarks/precision_study.py``
+restores it; its figures stay in ``benchmarks/results/precision_study.json``). Half-precision dots take
+the tensor / matrix cores directly. Triton's interpreter ignores ``input_precision`` (it computes in
+float32) and accepts only tf32, tf32x3 and ieee: the interpreter gets ``FP32_PRECISION_NVIDIA``; the
+precision study emulated each precision instead, and the AOT report checks the precision in the compiled code.
 """
 from __future__ import annotations
 
@@ -27,11 +27,12 @@ from .tiles import INTERPRETER_SMS, INTERPRETER_TILES, TUNE_KEYS, Tiles, candida
 
 FP32_PRECISION_NVIDIA = "tf32x3"
 FP32_PRECISION = FP32_PRECISION_NVIDIA          # the name earlier releases exported
-# AMD: per architecture (gfx name without target features), from benchmarks/precision_study.py
-# (benchmarks/results/precision_study.json): bf16x6 = six bfloat16 matrix-core products of
-# a = hi + mid + lo (bf16 parts): float32-level errors (worst 3.3e-6 at s = 100; ieee 3.0e-6), the whole
-# float32 conformance suite passes; 1.3x (gfx942: 218 against 163 TFLOP/s) to 2.7x (gfx950: 419
-# against 157) the peak of ieee's float32 MFMA. gfx90a: ieee, bf16x6 would run at 64 against 96.
+# AMD: per architecture (gfx name without target features), from the retired precision study (figures in
+# benchmarks/results/precision_study.json; git show 82830af:benchmarks/precision_study.py restores it):
+# bf16x6 = six bfloat16 matrix-core products of a = hi + mid + lo (bf16 parts): float32-level errors (worst
+# 3.3e-6 at s = 100; ieee 3.0e-6), the whole float32 conformance suite passes; 1.3x (gfx942: 218 against
+# 163 TFLOP/s) to 2.7x (gfx950: 419 against 157) the peak of ieee's float32 MFMA. gfx90a: ieee, bf16x6
+# would run at 64 against 96.
 # Rejected: tf32 (gfx942 only; 1.1e-3 on realistic inputs) and bf16x3 (1.7e-5 on realistic inputs
 # at d = 512, but 1.8e-4 on the gradients in the conformance suite's s = 100, d = 16 cases).
 FP32_PRECISION_AMD = {"gfx90a": "ieee", "gfx942": "bf16x6", "gfx950": "bf16x6"}

@@ -105,7 +105,8 @@ _FWDT = {
 # AMD (wavefront 64; num_warps counts 64-lane waves). Pruned from ``wave64_seeds`` (the NVIDIA shapes at
 # half the warps, two stages) by compiling every seed, every kernel variant (with and without the EXTRA
 # / DISTILL paths) and dtype for gfx90a, gfx942 and gfx950 with Triton 3.9 (``benchmarks/aot_report.py
-# --family amd --seeds``; the tables then with 3.6 too), float32 at launch.FP32_PRECISION_AMD (ieee on
+# --family amd --seeds``, an option since retired: ``git show d9a341d:benchmarks/aot_report.py``; the tables then
+# with 3.6 too), float32 at launch.FP32_PRECISION_AMD (ieee on
 # gfx90a, bf16x6 on gfx942/gfx950: the six-product split keeps three bfloat16 parts of both operands in
 # registers). Dropped, every one for spills to memory (scratch; VGPRs parked in AGPRs, a register move
 # on CDNA, are allowed: Triton 3.6 does that on the EXTRA forwards): in float32, every seed with BK =
@@ -299,8 +300,8 @@ def every_candidate(kernel: str) -> list[Tiles]:
 
 def wave64_seeds(kernel: str) -> list[Tiles]:
     """The NVIDIA candidates of ``kernel`` moved to 64-lane wavefronts: half the warps (the same
-    threads per program) and two stages (AMD's software pipeliner), where the AMD tables started;
-    ``benchmarks/aot_report.py --seeds`` compiles them all for the AMD targets."""
+    threads per program) and two stages (AMD's software pipeliner), where the AMD tables started (the
+    retired ``benchmarks/aot_report.py --seeds``, ``git show d9a341d:benchmarks/aot_report.py``, compiled them)."""
     nvidia = [t for (fam, gen), table in TABLES[kernel].items() if gen in NVIDIA_GENERATIONS for t in table]
     return list(dict.fromkeys(replace(t, num_warps=max(1, t.num_warps // 2), num_stages=2) for t in nvidia))
 
