@@ -165,6 +165,7 @@ def make_step(impl: str, B: int, N: int, d: int = 512, dr: int = 512, dtype: str
         from .authors import load_module
         crit = _theirs(load_module()).SogCLRLoss(B, gamma=0.8, gamma_schedule="cosine", gamma_decay_epochs=10,
                                                  rho=8.0, device=torch.device(device))
+        crit.adjust_gamma(1)                                         # epoch 1, as the module variants' set_epoch
         ref_features = (refs["ref_img"], refs["ref_txt"]) if refs else None
         loss = with_leaves(lambda x, t, s, col: crit(features=(x, t), indices=(index, index), logit_scale=s,
                                                      offset=0, ref_features=ref_features)[0])
