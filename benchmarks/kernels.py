@@ -117,11 +117,11 @@ def plan(s: Shape, v: Variant | None = None) -> tiles.Plan:
 def split_parts(s: Shape, is_row: bool, distill: bool) -> int:
     """The backward's inner parts (1: the unsplit variant runs)."""
     n_out, n_in = (s.B, s.N) if is_row else (s.N, s.B)
-    return s.split and backward.backward_splits(n_out, n_in, s.d, s.dr, s.dtype, distill, s.arch, HW[s.arch].units) or 1
+    return s.split and backward.backward_splits(n_out, n_in, s.d, s.dr, s.dtype, distill, s.arch, HW[s.arch].units)[0] or 1
 
 
 def _forward(s, t, v):                            # (row blocks, 2 directions, column parts)
-    parts = forward.forward_splits(s.B, s.N, s.d, s.dr, s.dtype, v.flags["EXTRA"], s.arch, HW[s.arch].units)
+    parts = forward.forward_splits(s.B, s.N, s.d, s.dr, s.dtype, v.flags["EXTRA"], s.arch, HW[s.arch].units)[0]
     return (_cdiv(s.B, t.BM), 2, parts if s.split else 1)
 
 

@@ -10,13 +10,13 @@ sharded state), then ``module``, ``risk`` and ``reference`` (selection, the embe
 """
 from ._version import __version__
 from .backends import available_backends
-from .loss.functional import LossOutput, PerSample, drrho_clip_loss  # noqa: E402
-from .module import DRRhoCLIPLoss  # noqa: E402
-from .parallel.sharded_state import merge_state_shards, split_state  # noqa: E402
-from .reference.cache import ReferenceFeatures  # noqa: E402
-from .reference.selection import jest_select, rho_select  # noqa: E402
-from .risk import DRRhoRisk, drrho_risk  # noqa: E402
-from . import distributed, functional, reference_features, selection, sharded_state  # noqa: E402,F401 (earlier paths)
+from .loss.functional import LossOutput, PerSample, drrho_clip_loss
+from .module import DRRhoCLIPLoss
+from .parallel.sharded_state import merge_state_shards, split_state
+from .reference.cache import ReferenceFeatures
+from .reference.selection import jest_select, rho_select
+from .risk import DRRhoRisk, drrho_risk
+from . import distributed, functional, reference_features, selection, sharded_state  # noqa: F401 (earlier paths)
 
 __all__ = ["drrho_clip_loss", "DRRhoCLIPLoss", "available_backends", "PerSample", "LossOutput", "ReferenceFeatures",
            "drrho_risk", "DRRhoRisk", "jest_select", "rho_select", "merge_state_shards", "split_state"]

@@ -242,11 +242,11 @@ class DRRhoCLIPLoss(nn.Module):
     def _write_state(self, index, state: dict) -> None:
         """Store the new state ``[2, B]`` per kind of the samples ``index`` (only once a step has succeeded).
 
-        State in host memory and a step on an accelerator: the new entries are copied to pinned host memory
+        State in host memory and a step on a CUDA device: the new entries are copied to pinned host memory
         without a wait and stored by a later step, as soon as the copy is done or the entries are needed
-        (:meth:`complete_state_writes`, which ``state_dict`` calls)."""
+        (:meth:`complete_state_writes`, which ``state_dict`` calls). Other devices copy at once."""
         packed = state["u"] if len(self._kinds) == 1 else torch.cat([state[kind] for kind in self._kinds])  # [2 n, M]
-        if self.u_img.device.type == "cpu" and packed.device.type != "cpu":
+        if self.u_img.device.type == "cpu" and packed.device.type == "cuda":
             host = torch.empty(packed.shape, dtype=torch.float32, pin_memory=True)
             host.copy_(packed, non_blocking=True)
             done = torch.cuda.Event()
@@ -262,9 +262,9 @@ class DRRhoCLIPLoss(nn.Module):
         """Store the pending host write-backs that are done, that hold entries ``needed`` now, or all (``wait``)."""
         if not self._pending_writes:
             return
-        keep = []
+        keep, needed = [], None if needed is None else needed.cpu().numpy()
         for index, host, done in self._pending_writes:
-            overlap = needed is not None and bool(np.intersect1d(index.numpy(), needed.cpu().numpy()).size)
+            overlap = needed is not None and bool(np.intersect1d(index.numpy(), needed).size)
             if wait or overlap or done.query():
                 done.synchronize()                   # returns at once when the copy is done
                 for row, name in enumerate(self.state_names):

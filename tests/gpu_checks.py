@@ -14,14 +14,13 @@ code with the Triton backend, and the conformance suite checks it against the or
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 import drrho_kernels as dk
 from drrho_kernels.core import ops
 from drrho_kernels.loss.functional import fused_terms, resolved
 from drrho_kernels.loss.validate import check_options, validate
+from helpers import detached
 from test_conformance import scale_grad_error
 
 # (norm-wise relative, the largest per-row relative error) per input dtype: SPEC "Numerics" (float32 1e-4,
@@ -88,17 +87,13 @@ def weighted_products(p, column_grads: bool = False, fold_from=None) -> dict:
     gain = torch.full_like(p.tiles.scale.to(p.acc_dtype), 1.0 / (p.batch * (p.n_columns - 1)))
     col_gain = None if "col_scale" not in cols else torch.full_like(cols["col_scale"].to(p.acc_dtype), gain[0, 0])
     gains = (gain, col_gain, gain if terms.distill else None, col_gain if terms.distill else None)
-    d_img, d_txt, d_img_all, d_txt_all = ops.backward(p.backend, gains, _detached(p.tiles), weights, column_grads)
+    d_img, d_txt, d_img_all, d_txt_all = ops.backward(p.backend, gains, detached(p.tiles), weights, column_grads)
     partner = (gain * weights.wsum.to(p.acc_dtype)).sum(0)[:, None]
     acc = p.acc_dtype
     out = dict(img=d_img.to(acc) + partner * p.tiles.txt.to(acc), txt=d_txt.to(acc) + partner * p.tiles.img.to(acc))
     if column_grads:
         out.update(img_all=d_img_all.to(acc), txt_all=d_txt_all.to(acc))
     return out
-
-
-def _detached(tiles):
-    return dataclasses.replace(tiles, **{k: v.detach() for k, v in vars(tiles).items() if isinstance(v, torch.Tensor)})
 
 
 def errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:

@@ -15,9 +15,7 @@ distillation, per-sample outputs, per-direction and per-sample temperatures, the
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-import os
 import socket
 from datetime import timedelta
 

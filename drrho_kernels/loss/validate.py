@@ -182,7 +182,7 @@ def check_tau_state(state, batch: int, device: torch.device) -> TauState:
         if x.shape != (2, batch) or x.device != device:
             raise ValueError(f"tau_state.{name}: expected shape (2, {batch}) (direction, row) on {device}, "
                              f"got {_describe(x)}")
-    if _data_checks_enabled(state.tau) and not bool((state.tau > 0).all() and torch.isfinite(state.tau).all()):
+    if _data_checks_enabled(state.tau) and not bool(((state.tau > 0) & torch.isfinite(state.tau)).all()):
         raise ValueError("tau_state.tau: expected finite temperatures > 0")
     return state
 

@@ -91,11 +91,10 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-
 from ..core import ops
 from ..core.inputs import TEMPERATURES, LossOptions, TauState, accumulation_dtype, option_items
-from ..loss.functional import compute_loss, fused_terms, loss_from_terms, resolved, state_out
 from ..core.transfer import to_device
+from ..loss.functional import compute_loss, fused_terms, loss_from_terms, resolved, state_out
 from ..loss.validate import (FLOAT_DTYPES, STATE_DTYPES, check_global_index, check_index, check_n_columns,
                              check_options, check_rows, row_scales, with_columns)
 from .collectives import (all_gather, all_gather_with_grad, check_process_group, comm_device, count_bytes,

@@ -42,7 +42,7 @@ from ..backends.common import positive_similarities
 from ..core import ops
 from ..core.inputs import TileInputs, accumulation_dtype
 from ..loss.functional import drrho_clip_loss
-from ..loss.validate import _describe, check_finite, check_int, check_real, check_tensor
+from ..loss.validate import _describe, check_all_finite, check_int, check_real, check_tensor
 from ..parallel.collectives import all_gather, resolve_group
 
 __all__ = ["jest_select", "rho_select", "selection_sizes", "Selection"]
@@ -81,8 +81,7 @@ def _check(img, txt, ref_img, ref_txt, logit_scale, ref_scale, filter_ratio):
     t_l = check_real("logit_scale", logit_scale, low=0.0, low_open=True, high_open=True)
     t_r = check_real("ref_scale", ref_scale, low=0.0, low_open=True, high_open=True)
     f = check_real("filter_ratio", filter_ratio, low=0.0, high=1.0, low_open=True, high_open=True)
-    for name, x in (("img", img), ("txt", txt), ("ref_img", ref_img), ("ref_txt", ref_txt)):
-        check_finite(name, x)
+    check_all_finite(img=img, txt=txt, ref_img=ref_img, ref_txt=ref_txt)
     # under autocast the float32 embeddings enter every product (the diagonal too) at the autocast dtype
     img, txt, ref_img, ref_txt = ops.autocast_embeddings(img.detach(), txt.detach(), ref_img.detach().to(img.dtype),
                                                          ref_txt.detach().to(img.dtype))

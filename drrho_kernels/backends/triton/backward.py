@@ -42,7 +42,7 @@ import triton.language as tl
 
 from .helpers import _dot, _scores, _scores_split
 from .launch import dot_flags, f32, largest_blocks, launch, operands, target_of
-from .tiles import column_splits
+from .tiles import column_splits, part_length
 
 P_EXP = tl.constexpr(14)   # float16 weights fed to a dot stay below 2^14 = 16384 (max 65504)
 C_INIT = tl.constexpr(7.888609052210118e-31)   # 2^-100: initial SCALE_P scale (below any weight that matters)
@@ -220,26 +220,27 @@ def backward(gains, k, w, column_grads: bool):
     return d_img, d_txt, d_img_all, d_txt_all
 
 
-def backward_splits(n_out: int, n_in: int, D: int, DR: int, dtype: torch.dtype, distill: bool, arch, sms: int) -> int:
-    """The inner parts of ``_bwd_kernel`` for ``n_out`` outer and ``n_in`` inner vectors on ``arch`` with ``sms``
-    SMs (``tiles.column_splits``, with the SPLIT path's tiles; the output slices of d count as programs too)."""
+def backward_splits(n_out: int, n_in: int, D: int, DR: int, dtype: torch.dtype, distill: bool, arch,
+                    sms: int) -> tuple[int, int]:
+    """``(parts, inner vectors per part)`` of ``_bwd_kernel`` for ``n_out`` outer and ``n_in`` inner vectors on
+    ``arch`` with ``sms`` SMs (``tiles.column_splits``, with the SPLIT path's tiles; the output slices of d count
+    as programs too). One part: all ``n_in``."""
     bm, bn, bd = largest_blocks("bwd", D, DR, dtype, arch, dict(DISTILL=distill, SPLIT=True))
-    return column_splits(2 * triton.cdiv(n_out, bm) * triton.cdiv(D, bd), n_in, bn, sms)
+    parts = column_splits(2 * triton.cdiv(n_out, bm) * triton.cdiv(D, bd), n_in, bn, sms)
+    return parts, n_in if parts == 1 else part_length(n_in, bn, parts)
 
 
 def _launch_split(tensors, scalars, like_img, like_txt, n_out, n_in, flags):
     """One ``_bwd_kernel`` launch for ``n_out`` outer vectors (``like_*`` give the outputs' shape and dtype),
     cut into the inner parts of :func:`backward_splits`; returns the two gradients."""
     D = like_img.shape[1]
-    splits = backward_splits(n_out, n_in, D, flags["DR"], like_img.dtype, flags["DISTILL"], *target_of(like_img.device))
+    splits, part_inner = backward_splits(n_out, n_in, D, flags["DR"], like_img.dtype, flags["DISTILL"],
+                                         *target_of(like_img.device))
     if splits == 1:
         out_img, out_txt = torch.empty_like(like_img), torch.empty_like(like_txt)
     else:   # float32 partials [S, n_out, D], summed below in part order
         out_img, out_txt = (torch.empty(splits, *like.shape, dtype=torch.float32, device=like.device)
                             for like in (like_img, like_txt))
-    block_n = largest_blocks("bwd", D, flags["DR"], like_img.dtype, target_of(like_img.device)[0],
-                             dict(DISTILL=flags["DISTILL"], SPLIT=True))[1]
-    part_inner = n_in if splits == 1 else triton.cdiv(triton.cdiv(n_in, block_n), splits) * block_n    # whole blocks
     launch(_bwd_kernel, "bwd", lambda tiles: (triton.cdiv(n_out, tiles.BM), 2 * splits, triton.cdiv(D, tiles.BD)),
            (*tensors, out_img, out_txt, *scalars, part_inner), dict(flags, SPLIT=splits > 1))
     if splits == 1:

@@ -36,7 +36,7 @@ from ..common import positive_similarities
 from .helpers import _group_exponent, _merge_parts, _online, _pair_dots, _scores, _scores_split, _store_stats
 from .launch import (INTERPRETING, device_arch, dot_flags, f32, largest_blocks, launch, launch_fixed, operands,
                      target_of)
-from .tiles import column_splits, transposed_forward_runs
+from .tiles import column_splits, part_length, transposed_forward_runs
 
 
 @triton.jit(do_not_specialize=["B", "N", "offset", "part_cols"])
@@ -118,13 +118,10 @@ def forward(k):
     B, D = x.shape
     N = X.shape[0]
     extra = k.with_distill or k.with_alone
-    arch, sms = target_of(x.device)
-    splits = forward_splits(B, N, D, k.ref_dim, x.dtype, extra, arch, sms)
-    block_n = largest_blocks("fwd", D, k.ref_dim, x.dtype, arch, dict(EXTRA=extra))[1]
+    splits, part_cols = forward_splits(B, N, D, k.ref_dim, x.dtype, extra, *target_of(x.device))
     stats = torch.zeros(2, k.n_stats, B, dtype=torch.float32, device=x.device)
     parts = stats if splits == 1 else torch.empty(splits, 2, k.n_stats, B, dtype=torch.float32, device=x.device)
     margin = torch.empty(B, dtype=torch.float32, device=x.device)
-    part_cols = triton.cdiv(triton.cdiv(N, block_n), splits) * block_n      # whole blocks of the largest BN
     args = (x, t, X, T, xr, tr, Xr, Tr, f32(k.scale), parts, margin, B, N, k.offset, float(k.distill_scale), part_cols)
     flags = dict(D=D, DR=k.ref_dim, HAS_REF=k.has_ref, EXTRA=extra, **dot_flags(x.dtype))
     launch(_fwd_kernel, "fwd", lambda tiles: (triton.cdiv(B, tiles.BM), 2, splits), args, flags)
@@ -135,10 +132,13 @@ def forward(k):
     return stats, margin, positive_pairs(k)
 
 
-def forward_splits(B: int, N: int, D: int, DR: int, dtype: torch.dtype, extra: bool, arch, sms: int) -> int:
-    """The column parts of ``_fwd_kernel`` for this shape on ``arch`` with ``sms`` SMs (``tiles.column_splits``)."""
+def forward_splits(B: int, N: int, D: int, DR: int, dtype: torch.dtype, extra: bool, arch,
+                   sms: int) -> tuple[int, int]:
+    """``(parts, columns per part)`` of ``_fwd_kernel`` for this shape on ``arch`` with ``sms`` SMs
+    (``tiles.column_splits``; each part whole blocks of the largest BN among the candidates)."""
     bm, bn, _ = largest_blocks("fwd", D, DR, dtype, arch, dict(EXTRA=extra))
-    return column_splits(2 * triton.cdiv(B, bm), N, bn, sms)
+    parts = column_splits(2 * triton.cdiv(B, bm), N, bn, sms)
+    return parts, part_length(N, bn, parts)
 
 
 @triton.jit(do_not_specialize=["B", "n_splits"])

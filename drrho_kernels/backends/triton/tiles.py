@@ -277,11 +277,17 @@ def candidates(kernel: str, D: int, DR: int, dtype: torch.dtype, arch: int | str
         return [clamp(MARGIN_TILES, D, DR)]
     if kernel == "merge":
         return [MERGE_TILES]
-    table = TABLES[table_name(kernel, flags)][family(dtype), generation(arch)]
-    if flags and flags.get("SPLIT"):
+    return list(_candidates(kernel, D, DR, dtype, arch, table_name(kernel, flags), bool(flags and flags.get("SPLIT"))))
+
+
+@functools.lru_cache(maxsize=None)
+def _candidates(kernel: str, D: int, DR: int, dtype: torch.dtype, arch: int | str, table: str, split: bool) -> tuple:
+    """:func:`candidates`, once per launch class (every launch asks: no table work in a step's host time)."""
+    tiles = TABLES[table][family(dtype), generation(arch)]
+    if split:
         fam = family(dtype)
-        table = [replace(t, BD=min(t.BD, SPLIT_BD[fam]), BN=min(t.BN, SPLIT_BN[fam])) for t in table]
-    return list(dict.fromkeys(clamp(t, D, DR) for t in table))
+        tiles = [replace(t, BD=min(t.BD, SPLIT_BD[fam]), BN=min(t.BN, SPLIT_BN[fam])) for t in tiles]
+    return tuple(dict.fromkeys(clamp(t, D, DR) for t in tiles))
 
 
 def transposed_forward_runs(dtype: torch.dtype, arch: int | str, extra: bool) -> bool:
@@ -333,6 +339,11 @@ def column_splits(row_programs: int, n_columns: int, bn: int, sms: int) -> int:
     blocks = triton.cdiv(n_columns, bn)
     parts = max(1, min(triton.cdiv(target, row_programs), blocks, MAX_PARTS))
     return triton.cdiv(blocks, triton.cdiv(blocks, parts))      # parts of whole blocks, none of them empty
+
+
+def part_length(n_columns: int, bn: int, parts: int) -> int:
+    """The columns of each of ``parts`` parts (whole blocks of ``bn``; the last part may be shorter)."""
+    return triton.cdiv(triton.cdiv(n_columns, bn), parts) * bn
 
 
 @dataclass(frozen=True)
